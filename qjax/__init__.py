@@ -1,0 +1,62 @@
+"""qjax: quantization-aware training for JAX.
+
+The public API is re-exported here; nothing is defined in this file.
+"""
+
+from qjax import estimators, methods
+from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
+from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
+from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
+from qjax.qarray import QArray, pack_bits, unpack_bits
+from qjax.quantize import compute_scale, dequantize, fake_quant, quantize, scale_shape
+from qjax.scales import (
+    AbsMax,
+    MseSearch,
+    Percentile,
+    RmsGaussian,
+    gaussian_clip,
+    gaussian_mse,
+    lsq_init,
+    optimal_gaussian_clip,
+)
+from qjax.spec import LSQ, STE, ClippedSTE, QuantSpec, Trust
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbsMax",
+    "ClippedSTE",
+    "FloatFormat",
+    "IntFormat",
+    "LSQ",
+    "Midrise",
+    "MseSearch",
+    "PerAxis",
+    "PerGroup",
+    "PerRow",
+    "PerTensor",
+    "Percentile",
+    "QArray",
+    "QuantSpec",
+    "RmsGaussian",
+    "STE",
+    "Ternary",
+    "Trust",
+    "compute_scale",
+    "dequantize",
+    "estimators",
+    "fake_quant",
+    "format_from_name",
+    "gaussian_clip",
+    "gaussian_mse",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "lsq_init",
+    "methods",
+    "optimal_gaussian_clip",
+    "pack_bits",
+    "quantize",
+    "random_signs",
+    "scale_shape",
+    "unpack_bits",
+]

@@ -1,0 +1,274 @@
+"""Gradient estimators: fake-quant ops as ``jax.custom_vjp`` with explicit backward masks.
+
+Every op here computes its forward from float32 codes and writes its backward out; none relies
+on autodiff through ``jnp.clip`` or ``round``, nor on the ``x + stop_gradient(q - x)`` trick.
+
+Shapes: ``x`` is any float32 array; ``scale`` (and ``zero_point``, ``offset``, ``alpha``) broadcast
+against it. Cotangents of broadcast parameters are summed back to their own shapes.
+
+* :func:`quantize_dequantize`: ``decode(encode(x / s)) * s`` with the backward of an estimator
+  from :mod:`qjax.spec` (STE, clipped STE, QuEST trust/clip mask); no gradient to the scale.
+* :func:`ste`, :func:`clipped_ste`, :func:`trust`: shorthands for it.
+* :func:`stochastic_rounding`: ``floor(x/s + u)``, ``u ~ U[0, 1)``, identity STE.
+* :func:`lsq`, :func:`lsq_plus`: learned step (and offset) with LSQ's gradients.
+* :func:`pact`: learned clipping level of unsigned activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax import formats as F
+from qjax import spec as SP
+
+__all__ = [
+    "quantize_dequantize",
+    "encode",
+    "decode",
+    "ste",
+    "clipped_ste",
+    "trust",
+    "stochastic_rounding",
+    "lsq",
+    "lsq_plus",
+    "pact",
+]
+
+
+def encode(x, scale, zero_point, fmt: F.Format, noise=None):
+    """Float32 codes of ``x``: nearest-even, or ``floor(x/s + noise)`` when ``noise`` is given.
+
+    ``x / scale`` is computed as ``x * (1 / scale)``: XLA rewrites a division by a broadcast scale
+    into that product under ``jit`` but not always in eager mode, so writing it out makes codes
+    identical in both. Codes of uniform formats pass through int32, so they are canonical integers
+    (no ``-0.0``), the same values a stored :class:`~qjax.QArray` holds.
+    """
+    v = x * (1.0 / scale)
+    q = fmt.encode(v, zero_point) if noise is None else fmt.encode_floor(v + noise, zero_point)
+    if fmt.uniform:
+        q = q.astype(jnp.int32).astype(jnp.float32)
+    return q
+
+
+def decode(q, scale, zero_point, fmt: F.Format):
+    """Values of float32 codes ``q``: ``decode(q) * scale``."""
+    return fmt.decode(q, zero_point) * scale
+
+
+def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``t`` over the axes that were broadcast to reach ``t.shape`` from ``shape``."""
+    lead = t.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        i + lead for i, d in enumerate(shape) if d == 1 and t.shape[i + lead] != 1
+    )
+    return jnp.sum(t, axis=axes, keepdims=True).reshape(shape) if axes else t.reshape(shape)
+
+
+def _mask(x, y, scale, zero_point, fmt, estimator):
+    if isinstance(estimator, SP.ClippedSTE):
+        lo, hi = fmt.range_in_scale_units(zero_point)
+        v = x * (1.0 / scale)
+        return (v >= lo) & (v <= hi)
+    if isinstance(estimator, SP.Trust):
+        if estimator.clip is not None:
+            return jnp.abs(x) <= estimator.clip * fmt.max_level * scale
+        return jnp.abs(y - x) <= estimator.multiplier * 0.5 * scale
+    return None
+
+
+def _zeros_like(a):
+    return None if a is None else jnp.zeros_like(a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _qdq(x, scale, zero_point, noise, fmt, estimator):
+    return decode(encode(x, scale, zero_point, fmt, noise), scale, zero_point, fmt)
+
+
+def _qdq_fwd(x, scale, zero_point, noise, fmt, estimator):
+    y = decode(encode(x, scale, zero_point, fmt, noise), scale, zero_point, fmt)
+    return y, (_mask(x, y, scale, zero_point, fmt, estimator), scale, zero_point, noise)
+
+
+def _qdq_bwd(fmt, estimator, res, g):
+    mask, scale, zero_point, noise = res
+    dx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
+    return dx, jnp.zeros_like(scale), _zeros_like(zero_point), _zeros_like(noise)
+
+
+_qdq.defvjp(_qdq_fwd, _qdq_bwd)
+
+
+def quantize_dequantize(
+    x: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None = None,
+    *,
+    fmt: F.Format | str,
+    estimator: SP.Estimator | str = "ste",
+    noise: jax.Array | None = None,
+) -> jax.Array:
+    """Fake-quantizes float32 ``x`` with a given (non-learned) ``scale``.
+
+    Forward: ``decode(encode(x / scale)) * scale`` (round half to even, or ``floor(x/s + noise)``).
+    Backward (``dx``): ``g`` for STE; ``g * 1[lo <= x/s <= hi]`` for clipped STE;
+    ``g * 1[|y - x| <= m * s / 2]`` for trust, or ``g * 1[|x| <= clip * max_level * s]``.
+    The scale, zero point and noise get zero cotangents (they are statistics, not parameters).
+
+    Args:
+      x: float32 array.
+      scale: float32, broadcastable to ``x`` (the grid step).
+      zero_point: optional float32 integer-valued zero point (integer formats).
+      fmt: the format.
+      estimator: ``STE()``, ``ClippedSTE()``, ``Trust(...)`` or their names.
+      noise: optional ``U[0, 1)`` float32 noise for stochastic rounding.
+    """
+    fmt = F.as_format(fmt)
+    est = SP.as_estimator(estimator)
+    if isinstance(est, SP.LSQ):
+        raise ValueError("the LSQ estimator learns its scale: call qjax.estimators.lsq")
+    return _qdq(x, scale, zero_point, noise, fmt, est)
+
+
+def ste(x, scale, fmt, zero_point=None):
+    """Identity straight-through fake quantization (Bengio et al., 2013)."""
+    return quantize_dequantize(x, scale, zero_point, fmt=fmt, estimator=SP.STE())
+
+
+def clipped_ste(x, scale, fmt, zero_point=None):
+    """Straight-through inside ``[lo, hi]`` (inclusive), zero gradient outside."""
+    return quantize_dequantize(x, scale, zero_point, fmt=fmt, estimator=SP.ClippedSTE())
+
+
+def trust(x, scale, fmt, multiplier: float = 1.0, clip: float | None = None):
+    """QuEST's trust estimator: ``dx = g * 1[|q(x) - x| <= multiplier * scale / 2]``.
+
+    References:
+      Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
+    """
+    return quantize_dequantize(x, scale, fmt=fmt, estimator=SP.Trust(multiplier, clip))
+
+
+def stochastic_rounding(x, scale, key: jax.Array, fmt, zero_point=None):
+    """``floor(x/s + u) * s`` with ``u ~ U[0, 1)`` (float32), identity STE.
+
+    Unbiased inside the range: ``E[y] = x`` and ``Var[y] = s^2 f (1 - f)``, ``f = frac(x/s)``.
+    Fold the training step and shard index into ``key`` so that noise differs across them.
+    """
+    noise = jax.random.uniform(key, jnp.shape(x), jnp.float32)
+    return quantize_dequantize(x, scale, zero_point, fmt=fmt, estimator=SP.STE(), noise=noise)
+
+
+def _lsq_grad_scale(x, scale, fmt, n):
+    if n is None:
+        n = max(1, math.prod(jnp.shape(x)) // math.prod(jnp.shape(scale)))
+    per_step = n
+    return 1.0 / math.sqrt(per_step * fmt.max_level)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lsq(x, scale, offset, fmt, g_scale):
+    q = encode(x - offset, scale, None, fmt)
+    return decode(q, scale, None, fmt) + offset
+
+
+def _lsq_fwd(x, scale, offset, fmt, g_scale):
+    v = (x - offset) * (1.0 / scale)
+    q = encode(x - offset, scale, None, fmt)
+    level = fmt.decode(q)
+    lo, hi = fmt.range_in_scale_units()
+    inside = (v > lo) & (v < hi)
+    return level * scale + offset, (inside, level, v, scale, offset)
+
+
+def _lsq_bwd(fmt, g_scale, res, g):
+    inside, level, v, scale, offset = res
+    dx = jnp.where(inside, g, 0.0)
+    ds = g * (level - jnp.where(inside, v, 0.0)) * g_scale
+    db = jnp.where(inside, 0.0, g) * g_scale
+    return dx, _sum_to(ds, jnp.shape(scale)), _sum_to(db, jnp.shape(offset))
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def _check_lsq_format(fmt):
+    fmt = F.as_format(fmt)
+    if not fmt.uniform:
+        raise ValueError(f"LSQ needs a uniform grid, not the float format {fmt.name}")
+    return fmt
+
+
+def lsq(x: jax.Array, step: jax.Array, fmt: F.Format | str, *, n: int | None = None):
+    """Learned Step Size Quantization: ``round(clip(x/s, -QN, QP)) * s``.
+
+    Gradients: ``dx = g * 1[-QN < x/s < QP]``; ``ds = g * (round(x/s) - x/s)`` inside,
+    ``-QN`` below, ``QP`` above, times ``1/sqrt(N * QP)``. ``N`` defaults to the number of elements
+    per step (``x.size / step.size``); pass ``n`` to override. For a midrise grid the levels are
+    ``q + 1/2`` and the same rule applies with ``decode(q)`` in place of ``round(x/s)``.
+
+    Args:
+      x: float32 array.
+      step: float32 learned step, broadcastable to ``x`` (keep it positive; see
+        :func:`qjax.scales.lsq_init`).
+      fmt: a uniform format (``IntFormat``, ``Midrise``, ``Ternary``) or its name.
+      n: N in the gradient scale.
+
+    References:
+      Esser et al., 2020. Learned Step Size Quantization. ICLR.
+    """
+    fmt = _check_lsq_format(fmt)
+    step = jnp.asarray(step, jnp.float32)
+    return _lsq(x, step, jnp.zeros((), jnp.float32), fmt, _lsq_grad_scale(x, step, fmt, n))
+
+
+def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
+    """LSQ+: ``round(clip((x - b)/s, -QN, QP)) * s + b`` with learned step ``s`` and offset ``b``.
+
+    ``db = g`` outside the range and 0 inside (times the same gradient scale as ``ds``).
+
+    References:
+      Bhalgat et al., 2020. LSQ+: Improving low-bit quantization through learnable offsets and
+      better initialization. CVPR Workshops.
+    """
+    fmt = _check_lsq_format(fmt)
+    step = jnp.asarray(step, jnp.float32)
+    offset = jnp.asarray(offset, jnp.float32)
+    return _lsq(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pact(x, alpha, bits):
+    step = alpha / (2**bits - 1)
+    return jnp.round(jnp.clip(x, 0.0, alpha) / step) * step
+
+
+def _pact_fwd(x, alpha, bits):
+    return _pact(x, alpha, bits), (x, alpha)
+
+
+def _pact_bwd(bits, res, g):
+    x, alpha = res
+    dx = jnp.where((x >= 0) & (x < alpha), g, 0.0)
+    dalpha = jnp.where(x >= alpha, g, 0.0)
+    return dx, _sum_to(dalpha, jnp.shape(alpha))
+
+
+_pact.defvjp(_pact_fwd, _pact_bwd)
+
+
+def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
+    """PACT: ``y = clip(x, 0, alpha)`` rounded to ``2^b - 1`` steps of ``alpha / (2^b - 1)``.
+
+    Gradients: ``dx = g * 1[0 <= x < alpha]``, ``dalpha = g * 1[x >= alpha]``.
+
+    References:
+      Choi et al., 2018. PACT: Parameterized Clipping Activation for Quantized Neural Networks.
+    """
+    bits = F._check_bits(bits)
+    alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), float(jnp.finfo(jnp.float32).tiny))
+    return _pact(x, alpha, bits)

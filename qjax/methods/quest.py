@@ -1,0 +1,144 @@
+"""QuEST: Hadamard normalization, MSE-optimal Gaussian scales and the trust gradient estimator.
+
+Per row (per token for activations, per output channel for weights) of the rotated values:
+``std = sqrt(mean(x^2))``, ``c = a_b * std + 1e-8``, ``step = 2c / (2^b - 1)``; the midrise grid
+``xq = round(clip(x, -c, c)/step + 1/2) * step - step/2``; backward ``g * 1[|xq - x| <= m*step/2]``
+(the trust mask; ``m`` the trust multiplier) or, with ``clip``, ``g * 1[|x| <= clip * c]``.
+
+Hadamard forms: ``"half"`` returns the rotated quantized values (for a matmul both operands are
+rotated along the contraction axis, so ``(xH)(WH)^T = x W^T``); ``"full"`` rotates back;
+``None`` skips the rotation.
+
+References:
+  Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax import formats as F
+from qjax import granularity as G
+from qjax import quantize as Q
+from qjax import scales as S
+from qjax import spec as SP
+from qjax.hadamard import hadamard_transform
+
+__all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
+
+HADAMARD_FORMS = ("half", "full", None)
+
+
+def spec(
+    bits: int,
+    *,
+    hadamard: str | None = "half",
+    trust: float = 1.0,
+    clip: float | None = None,
+    block_size: int = 128,
+    axis: int = -1,
+    hadamard_method: str = "matmul",
+) -> SP.QuantSpec:
+    """The :class:`~qjax.QuantSpec` of QuEST at ``bits`` for rows along ``axis``.
+
+    Args:
+      bits: 1 to 8.
+      hadamard: ``"half"``, ``"full"`` or None.
+      trust: trust multiplier ``m`` (1.0 = half a step, the paper's default).
+      clip: if set, the clip mask ``1[|x| <= clip * c]`` replaces the trust mask (W1A1: 1.3).
+      block_size: Hadamard block (power of two dividing the row length).
+      axis: the row (contraction) axis: quantization statistics and rotation run along it.
+      hadamard_method: ``"matmul"`` (default: dense block matmul, fastest on CPU BLAS and TPU
+        MXUs) or ``"butterfly"`` (O(n log n)); see :func:`qjax.hadamard_transform`.
+    """
+    if hadamard not in HADAMARD_FORMS:
+        raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
+    return SP.QuantSpec(
+        format=F.Midrise(bits),
+        granularity=G.PerRow(axis),
+        scale=S.RmsGaussian(),
+        estimator=SP.Trust(multiplier=trust, clip=clip),
+        hadamard=None if hadamard is None else block_size,
+        hadamard_axis=axis,
+        hadamard_mode="full" if hadamard is None else hadamard,
+        hadamard_method=hadamard_method,
+    )
+
+
+def fake_quant(
+    x: jax.Array,
+    bits: int,
+    hadamard: str | None = "half",
+    trust: float = 1.0,
+    clip: float | None = None,
+    *,
+    block_size: int = 128,
+    axis: int = -1,
+    hadamard_method: str = "matmul",
+) -> jax.Array:
+    """QuEST fake quantization of ``x`` along ``axis`` (same shape and dtype as ``x``).
+
+    With ``hadamard="half"`` the result is in the rotated basis. See :func:`spec`.
+    """
+    s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
+             hadamard_method=hadamard_method)
+    return Q.fake_quant(x, s)
+
+
+def quantize_dense_operands(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    bits_x: int | None,
+    bits_w: int | None,
+    hadamard: str | None = "half",
+    trust: float = 1.0,
+    clip: float | None = None,
+    block_size: int = 128,
+    hadamard_method: str = "matmul",
+) -> tuple[jax.Array, jax.Array]:
+    """Fake-quantized operands of ``x @ kernel`` (Flax layout: ``x (..., K)``, ``kernel (K, N)``).
+
+    Activations are quantized per token along K, the kernel per output column along K (axis 0);
+    both are rotated along K. ``bits_x=None`` (or ``bits_w=None``) leaves that operand in high
+    precision (rotated in the half form so the product is unchanged).
+    """
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must have shape (K, N), got {kernel.shape}")
+    if x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"x's last axis ({x.shape[-1]}) must equal kernel's first axis ({kernel.shape[0]})"
+        )
+
+    def one(a, bits, axis):
+        if bits is not None:
+            return fake_quant(a, bits, hadamard, trust, clip, block_size=block_size, axis=axis,
+                              hadamard_method=hadamard_method)
+        if hadamard == "half":
+            rotated = hadamard_transform(a, block_size, axis=axis, method=hadamard_method)
+            return rotated.astype(a.dtype)
+        return a
+
+    return one(x, bits_x, -1), one(kernel, bits_w, 0)
+
+
+def dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    bits_x: int | None,
+    bits_w: int | None,
+    hadamard: str | None = "half",
+    trust: float = 1.0,
+    clip: float | None = None,
+    block_size: int = 128,
+    hadamard_method: str = "matmul",
+    precision=None,
+) -> jax.Array:
+    """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``."""
+    xq, wq = quantize_dense_operands(
+        x, kernel, bits_x=bits_x, bits_w=bits_w, hadamard=hadamard, trust=trust, clip=clip,
+        block_size=block_size, hadamard_method=hadamard_method,
+    )
+    return jnp.matmul(xq, wq, precision=precision)

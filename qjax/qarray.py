@@ -1,0 +1,135 @@
+"""QArray: a quantized array as a pytree of integer codes, scales and an optional zero point.
+
+Storage of codes (``QArray.codes``), by format:
+
+* 1-, 2- and 4-bit uniform formats (and ternary, stored in 2 bits): packed into ``uint8`` along
+  the last axis, ``8 // bits`` codes per byte, **first code in the lowest bits**. A code ``q`` is
+  stored as the unsigned offset ``q - qmin``. The last axis is zero-padded to a multiple of
+  ``8 // bits``; the true shape is ``QArray.shape``.
+* 3-, 5-, 6-, 7- and 8-bit uniform formats: one code per byte, ``int8`` (signed formats and midrise)
+  or ``uint8`` (unsigned), unpacked.
+* fp8 (``e4m3``, ``e5m2``): the ml_dtypes ``float8_*`` value itself, one per byte.
+* fp4 ``e2m1``: the 4-bit e2m1 bit pattern (sign in bit 3), packed two per byte like int4.
+
+``scale`` is float32 and ``zero_point`` int32 (or None), both shaped like the blocked view with the
+reduced axes kept as 1 (see :mod:`qjax.granularity`). The spec, shape and dtype are static
+(pytree metadata), so a QArray passes through ``jit``, ``vmap`` and Orbax like any pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import formats as F
+from qjax.spec import QuantSpec
+
+__all__ = ["QArray", "pack_bits", "unpack_bits", "codes_to_storage", "storage_to_codes"]
+
+PACKED_BITS = (1, 2, 4)
+_E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def pack_bits(u: jax.Array, bits: int) -> jax.Array:
+    """Packs unsigned codes ``u`` (values in ``[0, 2^bits)``) along the last axis into uint8.
+
+    Args:
+      u: integer array ``(..., n)``.
+      bits: 1, 2 or 4.
+
+    Returns:
+      uint8 ``(..., ceil(n * bits / 8))``; code ``i`` of a byte sits in bits
+      ``[i * bits, (i + 1) * bits)`` (low first); padding codes are 0.
+    """
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS} to pack, got {bits}")
+    per = 8 // bits
+    u = jnp.asarray(u).astype(jnp.uint8)
+    n = u.shape[-1]
+    pad = (-n) % per
+    if pad:
+        u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, pad)])
+    u = u.reshape(u.shape[:-1] + (u.shape[-1] // per, per))
+    shifts = jnp.arange(per, dtype=jnp.uint8) * bits
+    # Codes occupy disjoint bit ranges, so the sum is a bitwise OR.
+    return jnp.sum(u << shifts, axis=-1, dtype=jnp.uint8)
+
+
+def unpack_bits(p: jax.Array, bits: int, n: int) -> jax.Array:
+    """Inverse of :func:`pack_bits`: uint8 ``(..., m)`` -> uint8 codes ``(..., n)``."""
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS} to unpack, got {bits}")
+    per = 8 // bits
+    shifts = jnp.arange(per, dtype=jnp.uint8) * bits
+    u = (p[..., None] >> shifts) & jnp.uint8(2**bits - 1)
+    return u.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :n]
+
+
+def codes_to_storage(q: jax.Array, fmt: F.Format) -> jax.Array:
+    """Float32 codes (unblocked, original shape) -> stored codes (see the module docstring)."""
+    if isinstance(fmt, F.FloatFormat):
+        if fmt.name != "e2m1":
+            return q.astype(fmt.dtype)
+        idx = jnp.sum(jnp.abs(q)[..., None] >= _E2M1_LEVELS[1:], axis=-1, dtype=jnp.uint8)
+        pattern = idx | (jnp.signbit(q).astype(jnp.uint8) << 3)
+        return pack_bits(pattern, 4)
+    bits = F.storage_bits(fmt)
+    if bits in PACKED_BITS:
+        return pack_bits((q - fmt.qmin).astype(jnp.int32), bits)
+    return q.astype(jnp.int8 if fmt.signed else jnp.uint8)
+
+
+def storage_to_codes(c: jax.Array, fmt: F.Format, n: int) -> jax.Array:
+    """Stored codes -> float32 codes; ``n`` is the true size of the last axis."""
+    if isinstance(fmt, F.FloatFormat):
+        if fmt.name != "e2m1":
+            return c.astype(jnp.float32)
+        pattern = unpack_bits(c, 4, n)
+        mag = jnp.asarray(_E2M1_LEVELS)[(pattern & 7).astype(jnp.int32)]
+        return jnp.where((pattern >> 3) == 1, -mag, mag)
+    bits = F.storage_bits(fmt)
+    if bits in PACKED_BITS:
+        return unpack_bits(c, bits, n).astype(jnp.float32) + fmt.qmin
+    return c.astype(jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+    """Quantized array.
+
+    Attributes:
+      codes: stored codes (see the module docstring for the layout per format).
+      scale: float32 scales, shape ``Layout.scale_shape``.
+      zero_point: int32 zero points like ``scale``, or None for symmetric rules.
+      spec: the :class:`~qjax.QuantSpec` that produced it (static).
+      shape: the shape of the quantized array (static; with Hadamard, of the rotated array).
+      dtype: name of the dtype :func:`qjax.dequantize` returns (static).
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes, scales and zero points."""
+        leaves = [self.codes, self.scale]
+        if self.zero_point is not None:
+            leaves.append(self.zero_point)
+        return int(sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in leaves))
+
+    def codes_float32(self) -> jax.Array:
+        """The unpacked codes as float32 integers (or fp values), shape ``self.shape``."""
+        n = self.shape[-1] if self.shape else 1
+        return storage_to_codes(self.codes, self.spec.format, n).reshape(self.shape)

@@ -1,0 +1,182 @@
+"""The pure quantizers: ``quantize``, ``dequantize`` and ``fake_quant``.
+
+For ``x`` and a static :class:`~qjax.QuantSpec`:
+
+1. ``x`` is cast to float32 and, if ``spec.hadamard`` is set, rotated by the block Walsh-Hadamard
+   transform along ``spec.hadamard_axis``.
+2. It is viewed in blocks (:mod:`qjax.granularity`); the scale rule (or a learned ``scale``) gives
+   one scale (and zero point) per block; no gradient flows into a computed scale.
+3. Codes ``q = encode(x / scale)`` (round half to even, or stochastic with ``key``); values
+   ``decode(q) * scale``.
+4. ``hadamard_mode="full"`` rotates back; ``"half"`` leaves values rotated. The result is cast to
+   the input dtype.
+
+Contract (design.md section 2): ``fake_quant(x, spec) == dequantize(quantize(x, spec))`` bit for
+bit, because both run the same float32 ops on the same codes; it holds under ``jit`` and in eager
+mode alike. Across the two modes, XLA may fuse reductions and multiply-adds differently, so
+statistics-based scales and a rotation back can differ in the last ulp. ``fake_quant``'s backward is
+the spec's estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax import estimators as E
+from qjax import granularity as G
+from qjax.hadamard import hadamard_transform
+from qjax.qarray import QArray, codes_to_storage
+from qjax.spec import LSQ, QuantSpec
+
+__all__ = ["quantize", "dequantize", "fake_quant", "compute_scale", "scale_shape"]
+
+
+def _check_x(x) -> jax.Array:
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating array (float32, bfloat16, float16), got {x.dtype}")
+    return x
+
+
+def _check_spec(spec) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
+    return spec
+
+
+def _rotate(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
+    if spec.hadamard is None:
+        return x32
+    return hadamard_transform(
+        x32, spec.hadamard, axis=spec.hadamard_axis, inverse=inverse, method=spec.hadamard_method
+    )
+
+
+def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the scale (and of a learned LSQ step) for an input of ``shape``."""
+    return G.layout(_check_spec(spec).granularity, shape).scale_shape
+
+
+def _prepare(x, spec: QuantSpec):
+    x = _check_x(x)
+    spec = _check_spec(spec)
+    xr = _rotate(x.astype(jnp.float32), spec)
+    xb, lay = G.to_blocks(xr, spec.granularity)
+    return x, xb, lay
+
+
+def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
+    if scale is not None:
+        s = jnp.asarray(scale, jnp.float32)
+        try:
+            s = jnp.broadcast_to(s, lay.scale_shape)
+        except ValueError:
+            raise ValueError(
+                f"scale of shape {s.shape} does not broadcast to the scale shape "
+                f"{lay.scale_shape} of {spec.granularity}"
+            ) from None
+        return s, None
+    if isinstance(spec.estimator, LSQ):
+        raise ValueError("the LSQ estimator learns its step: pass scale=<learned step>")
+    s, z = spec.scale.compute(jax.lax.stop_gradient(xb), lay.reduce_axes, spec.format)
+    return jax.lax.stop_gradient(s), (None if z is None else jax.lax.stop_gradient(z))
+
+
+def _noise(xb, spec: QuantSpec, key):
+    if spec.rounding != "stochastic":
+        return None
+    if key is None:
+        raise ValueError("stochastic rounding needs a PRNG key: pass key=")
+    return jax.random.uniform(key, xb.shape, jnp.float32)
+
+
+def compute_scale(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    """The scale (and zero point) the spec's rule picks for ``x`` (float32, blocked shape).
+
+    Useful to initialise a learned step (LSQ) from a data-driven rule.
+    """
+    _, xb, lay = _prepare(x, spec)
+    return spec.scale.compute(xb, lay.reduce_axes, spec.format)
+
+
+def fake_quant(
+    x: jax.Array,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None = None,
+    scale: jax.Array | None = None,
+) -> jax.Array:
+    """Quantize-dequantize ``x`` with ``spec``; differentiable through the spec's estimator.
+
+    Args:
+      x: floating array (float32, bfloat16 or float16) of any shape.
+      spec: static :class:`~qjax.QuantSpec`.
+      key: PRNG key, required when ``spec.rounding == "stochastic"``.
+      scale: a learned scale (required for the LSQ estimator), broadcastable to
+        :func:`scale_shape`; otherwise the spec's scale rule computes it from ``x``.
+
+    Returns:
+      Array of ``x.shape`` and ``x.dtype``.
+    """
+    x, xb, lay = _prepare(x, spec)
+    s, z = _scale_and_zero(xb, lay, spec, scale)
+    if isinstance(spec.estimator, LSQ):
+        n = spec.estimator.grad_scale_n
+        if n is None:
+            n = lay.block_elements * (math.prod(lay.scale_shape) // max(1, jnp.size(scale)))
+        yb = E.lsq(xb, s, spec.format, n=n)
+    else:
+        yb = E.quantize_dequantize(
+            xb, s, z, fmt=spec.format, estimator=spec.estimator, noise=_noise(xb, spec, key)
+        )
+    y = lay.unblock(yb)
+    if spec.hadamard_mode == "full":
+        y = _rotate(y, spec, inverse=True)
+    return y.astype(x.dtype)
+
+
+def quantize(
+    x: jax.Array,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None = None,
+    scale: jax.Array | None = None,
+) -> QArray:
+    """Quantizes ``x`` to a :class:`~qjax.QArray` (codes packed as :mod:`qjax.qarray` describes).
+
+    Arguments as :func:`fake_quant`. With Hadamard, the codes are of the rotated ``x``.
+    """
+    x, xb, lay = _prepare(x, spec)
+    s, z = _scale_and_zero(xb, lay, spec, scale)
+    q = E.encode(xb, s, z, spec.format, _noise(xb, spec, key))
+    q = lay.unblock(q).reshape(lay.shape or (1,))
+    return QArray(
+        codes=codes_to_storage(q, spec.format),
+        scale=s,
+        zero_point=None if z is None else z.astype(jnp.int32),
+        spec=spec,
+        shape=lay.shape,
+        dtype=jnp.dtype(x.dtype).name,
+    )
+
+
+def dequantize(qa: QArray) -> jax.Array:
+    """Values of a :class:`~qjax.QArray`: ``decode(codes) * scale``, rotated back in full mode.
+
+    Returns:
+      Array of ``qa.shape`` and ``qa.dtype``.
+    """
+    if not isinstance(qa, QArray):
+        raise TypeError(f"qa must be a qjax.QArray, got {type(qa).__name__}")
+    spec = qa.spec
+    lay = G.layout(spec.granularity, qa.shape)
+    q = lay.block(qa.codes_float32())
+    z = None if qa.zero_point is None else qa.zero_point.astype(jnp.float32)
+    y = lay.unblock(E.decode(q, qa.scale, z, spec.format))
+    if spec.hadamard_mode == "full":
+        y = _rotate(y, spec, inverse=True)
+    return y.astype(qa.dtype)

@@ -1,0 +1,258 @@
+"""Scale rules: how a block of values picks its scale (and zero point).
+
+A rule is a frozen dataclass; ``rule.compute(xb, axes, fmt)`` takes the float32 blocked view
+``xb`` (see :mod:`qjax.granularity`), the axes it reduces over and the format, and returns
+``(scale, zero_point)`` shaped like ``xb`` with the reduced axes kept as 1 (``zero_point`` is
+``None`` for symmetric rules). The scale is the grid *step*: an element is stored as
+``code = encode(x / scale)`` and read back as ``decode(code) * scale``.
+
+Rules:
+
+* :class:`AbsMax` ``(symmetric=True)``: ``scale = max|x| / max_level``; asymmetric:
+  ``scale = (max - min) / (qmax - qmin)``, integer ``zero_point = round(qmin - min/scale)``.
+* :class:`RmsGaussian`: ``clip = a * sqrt(mean(x^2)) + 1e-8`` with ``a`` the clipping value that
+  minimises the MSE of a standard Gaussian on the format's grid; ``scale = clip / max_level``.
+* :class:`MseSearch`: the clipping ratio in ``linspace(min_ratio, 1, num_candidates)`` of the
+  absmax that minimises the block's squared error.
+* :class:`Percentile`: ``scale = percentile(|x|, q) / max_level``.
+
+Scales are floored at the smallest normal float32 so that an all-zero block quantizes to zero
+with a finite scale (and denormal flushing cannot turn a scale into 0).
+
+References:
+  Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations
+  (MSE-optimal Gaussian clipping constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import formats as F
+
+__all__ = [
+    "AbsMax",
+    "RmsGaussian",
+    "MseSearch",
+    "Percentile",
+    "ScaleRule",
+    "QUEST_GAUSSIAN_CLIP",
+    "gaussian_clip",
+    "gaussian_mse",
+    "optimal_gaussian_clip",
+    "lsq_init",
+]
+
+_TINY = float(np.finfo(np.float32).tiny)
+RMS_EPS = 1e-8
+_RMS_CAP = 1e16
+
+# design.md section 3: MSE-optimal clipping value a for a midrise grid of 2^bits levels (key:
+# number of levels). Three levels (ternary) is the symmetric 1.585-bit grid.
+QUEST_GAUSSIAN_CLIP: dict[int, float] = {
+    2: 0.7978845587140913,
+    3: 1.2240089519030855,
+    4: 1.4935346200015913,
+    8: 2.051068354131873,
+    16: 2.513930578568423,
+    32: 2.9160938834961225,
+    64: 3.276597282593217,
+    128: 3.6010497188221655,
+    256: 3.884938678807525,
+}
+
+
+def _phi(x: float) -> float:
+    return math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
+
+
+def _cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def gaussian_mse(num_levels: int, clip: float) -> float:
+    """Exact MSE of nearest rounding of ``N(0, 1)`` to ``num_levels`` evenly spaced levels.
+
+    The levels run from ``-clip`` to ``clip``; each decision threshold is the midpoint of two
+    levels. Uses ``int_a^b (x - l)^2 phi = [Phi - x phi]_a^b + 2 l [phi]_a^b + l^2 [Phi]_a^b``.
+    """
+    if num_levels < 2:
+        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    step = 2.0 * clip / (num_levels - 1)
+    levels = [-clip + k * step for k in range(num_levels)]
+    edges = [-math.inf] + [lv + step / 2 for lv in levels[:-1]] + [math.inf]
+    total = 0.0
+    for lv, a, b in zip(levels, edges[:-1], edges[1:], strict=True):
+
+        def xphi(t):
+            return t * _phi(t) if math.isfinite(t) else 0.0
+
+        second = (_cdf(b) - xphi(b)) - (_cdf(a) - xphi(a))
+        first = _phi(b) - _phi(a)
+        zeroth = _cdf(b) - _cdf(a)
+        total += second + 2 * lv * first + lv * lv * zeroth
+    return total
+
+
+@functools.cache
+def optimal_gaussian_clip(num_levels: int) -> float:
+    """Clipping value minimising :func:`gaussian_mse` (golden-section search, tol 1e-12)."""
+    lo, hi = 1e-3, 10.0
+    inv_phi = (math.sqrt(5) - 1) / 2
+    c = hi - inv_phi * (hi - lo)
+    d = lo + inv_phi * (hi - lo)
+    fc, fd = gaussian_mse(num_levels, c), gaussian_mse(num_levels, d)
+    while hi - lo > 1e-12:
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - inv_phi * (hi - lo)
+            fc = gaussian_mse(num_levels, c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + inv_phi * (hi - lo)
+            fd = gaussian_mse(num_levels, d)
+    return (lo + hi) / 2
+
+
+def gaussian_clip(fmt: F.Format) -> float:
+    """The MSE-optimal clipping constant ``a`` (in standard deviations) for ``fmt``'s grid."""
+    if not fmt.uniform:
+        raise ValueError(f"rms_gaussian needs a uniform grid, not the float format {fmt.name}")
+    n = fmt.num_levels
+    return QUEST_GAUSSIAN_CLIP.get(n) or optimal_gaussian_clip(n)
+
+
+def _reduce_max(x, axes):
+    return jnp.max(x, axis=axes, keepdims=True)
+
+
+def _floor_scale(s):
+    return jnp.maximum(s, _TINY)
+
+
+@dataclasses.dataclass(frozen=True)
+class AbsMax:
+    """``scale = max|x| / max_level`` (symmetric) or min/max with an integer zero point."""
+
+    symmetric: bool = True
+
+    def compute(self, xb, axes, fmt):
+        if self.symmetric:
+            if fmt.max_level <= 0:
+                raise ValueError(
+                    f"symmetric absmax needs a format with a positive level, not {fmt.name}; "
+                    "use Midrise(1) for sign quantization or AbsMax(symmetric=False)"
+                )
+            amax = _reduce_max(jnp.abs(xb), axes)
+            return _floor_scale(amax * (1.0 / fmt.max_level)), None
+        if not isinstance(fmt, F.IntFormat):
+            raise ValueError(f"asymmetric absmax needs an IntFormat, got {fmt.name}")
+        # The range always contains 0 so that 0 is exactly representable (zero point is a code).
+        xmin = jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0.0)
+        xmax = jnp.maximum(_reduce_max(xb, axes), 0.0)
+        inv_n = 1.0 / (fmt.qmax - fmt.qmin)
+        # Scaled before subtracting so that a range wider than float32's cannot overflow.
+        scale = _floor_scale(xmax * inv_n - xmin * inv_n)
+        zero_point = jnp.clip(jnp.round(fmt.qmin - xmin * (1.0 / scale)), fmt.qmin, fmt.qmax)
+        return scale, zero_point
+
+
+@dataclasses.dataclass(frozen=True)
+class RmsGaussian:
+    """``scale = (a * sqrt(mean(x^2)) + 1e-8) / max_level``, ``a`` from :func:`gaussian_clip`.
+
+    The RMS is not centred, as QuEST specifies. For the statistic only, ``|x|`` is capped at
+    ``1e16`` so that the sum of squares of any row shorter than ~3e6 cannot overflow float32.
+    """
+
+    def compute(self, xb, axes, fmt):
+        a = gaussian_clip(fmt)
+        capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
+        rms = jnp.sqrt(jnp.mean(jnp.square(capped), axis=axes, keepdims=True))
+        return (a * rms + RMS_EPS) * (1.0 / fmt.max_level), None
+
+
+@dataclasses.dataclass(frozen=True)
+class MseSearch:
+    """Symmetric absmax shrunk by the ratio in ``linspace(min_ratio, 1, n)`` with least MSE."""
+
+    num_candidates: int = 64
+    min_ratio: float = 0.2
+
+    def __post_init__(self):
+        if not isinstance(self.num_candidates, int) or self.num_candidates < 1:
+            raise ValueError(f"num_candidates must be a positive int, got {self.num_candidates}")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
+
+    def compute(self, xb, axes, fmt):
+        base, _ = AbsMax().compute(xb, axes, fmt)
+        ratios = jnp.linspace(self.min_ratio, 1.0, self.num_candidates, dtype=jnp.float32)
+
+        def body(carry, r):
+            best_err, best_scale = carry
+            s = _floor_scale(base * r)
+            err = jnp.sum(jnp.square(fmt.decode(fmt.encode(xb * (1.0 / s))) * s - xb), axis=axes,
+                          keepdims=True)
+            better = err < best_err
+            return (jnp.where(better, err, best_err), jnp.where(better, s, best_scale)), None
+
+        init = (jnp.full(base.shape, jnp.inf, jnp.float32), base)
+        (_, scale), _ = jax.lax.scan(body, init, ratios)
+        return scale, None
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+    """``scale = percentile(|x|, q) / max_level`` with ``q`` in (0, 100]."""
+
+    q: float = 99.9
+
+    def __post_init__(self):
+        if not 0.0 < float(self.q) <= 100.0:
+            raise ValueError(f"percentile q must be in (0, 100], got {self.q}")
+
+    def compute(self, xb, axes, fmt):
+        p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
+        return _floor_scale(p * (1.0 / fmt.max_level)), None
+
+
+ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile
+SCALE_RULE_TYPES = (AbsMax, RmsGaussian, MseSearch, Percentile)
+
+_RULE_NAMES = {
+    "absmax": AbsMax,
+    "absmax_asymmetric": lambda: AbsMax(symmetric=False),
+    "rms_gaussian": RmsGaussian,
+    "mse": MseSearch,
+    "percentile": Percentile,
+}
+
+
+def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
+    """Returns ``rule`` or builds it from a name in ``absmax, absmax_asymmetric, ...``."""
+    if isinstance(rule, SCALE_RULE_TYPES):
+        return rule
+    if isinstance(rule, str) and rule in _RULE_NAMES:
+        return _RULE_NAMES[rule]()
+    raise ValueError(
+        f"unknown scale rule {rule!r}; allowed: {sorted(_RULE_NAMES)} or a rule object"
+    )
+
+
+def lsq_init(v: jax.Array, qmax: int, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """LSQ's initial step ``s0 = 2 * mean|v| / sqrt(QP)`` (float32, reduced over ``axes``).
+
+    References:
+      Esser et al., 2020. Learned Step Size Quantization. ICLR.
+    """
+    if qmax <= 0:
+        raise ValueError(f"qmax must be positive, got {qmax}")
+    m = jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=axes, keepdims=axes is not None)
+    return _floor_scale(2.0 * m / math.sqrt(qmax))

@@ -1,0 +1,147 @@
+"""QuantSpec: the complete, static description of a quantizer.
+
+A :class:`QuantSpec` is a frozen, hashable dataclass, so it can be a static argument of
+``jax.jit`` or a field of a Flax module. Fields may be given as objects or as short names::
+
+    QuantSpec("int4", PerGroup(-1, 32), "absmax", "ste")
+    QuantSpec(Midrise(4), PerRow(-1), RmsGaussian(), Trust(), hadamard=128)
+
+Estimators (the backward rule of the fake-quant op):
+
+* :class:`STE`: identity straight-through, ``dx = g``.
+* :class:`ClippedSTE`: ``dx = g * 1[lo <= x/scale <= hi]``, bounds inclusive, where
+  ``[lo, hi]`` is the unclipped range in units of the scale (``[qmin - z, qmax - z]`` for integers,
+  ``+-max_level`` for midrise, ternary and float grids).
+* :class:`Trust`: QuEST's trust mask ``dx = g * 1[|q(x) - x| <= multiplier * step / 2]``, or
+  with ``clip`` set, the clip mask ``dx = g * 1[|x| <= clip * scale * max_level]``.
+* :class:`LSQ`: learned step size (the scale is a parameter passed to ``fake_quant``).
+
+``rounding`` is ``"nearest"`` (half to even) or ``"stochastic"`` (``floor(v + u)``,
+``u ~ U[0, 1)``; needs a PRNG key). ``hadamard`` is the Walsh-Hadamard block size applied along
+``hadamard_axis`` before quantization, or None; ``hadamard_mode="full"`` rotates back after
+quantizing, ``"half"`` leaves the result rotated (for a matmul whose other operand is rotated too);
+``hadamard_method`` picks the butterfly or the dense block matmul (see :mod:`qjax.hadamard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qjax import formats as F
+from qjax import granularity as G
+from qjax import scales as S
+from qjax.hadamard import METHODS, check_block_size
+
+__all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "Estimator"]
+
+
+@dataclasses.dataclass(frozen=True)
+class STE:
+    """Identity straight-through estimator (Bengio et al., 2013)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippedSTE:
+    """Straight-through inside the representable range (inclusive bounds), zero outside."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """QuEST trust estimator; ``multiplier`` scales the half-step threshold.
+
+    Attributes:
+      multiplier: trust threshold in half steps (1.0 trusts every in-range value and outliers up to
+        half a step beyond the clip; < 1 also masks in-range values near decision boundaries).
+      clip: if set, use the clip mask ``1[|x| <= clip * c]`` (``c`` the clipping value) instead,
+        as in QuEST's W1A1 recipe (``clip=1.3``).
+
+    References:
+      Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
+    """
+
+    multiplier: float = 1.0
+    clip: float | None = None
+
+    def __post_init__(self):
+        if not float(self.multiplier) > 0:
+            raise ValueError(f"trust multiplier must be positive, got {self.multiplier}")
+        if self.clip is not None and not float(self.clip) > 0:
+            raise ValueError(f"trust clip must be positive or None, got {self.clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LSQ:
+    """Learned step size; ``grad_scale_n`` is N in the step-gradient scale ``1/sqrt(N * QP)``.
+
+    ``grad_scale_n=None`` uses the number of elements that share one step.
+
+    References:
+      Esser et al., 2020. Learned Step Size Quantization. ICLR.
+    """
+
+    grad_scale_n: int | None = None
+
+
+Estimator = STE | ClippedSTE | Trust | LSQ
+ESTIMATOR_TYPES = (STE, ClippedSTE, Trust, LSQ)
+_ESTIMATOR_NAMES = {"ste": STE, "clipped_ste": ClippedSTE, "trust": Trust, "lsq": LSQ}
+ROUNDINGS = ("nearest", "stochastic")
+HADAMARD_MODES = ("full", "half")
+
+
+def as_estimator(est: Estimator | str) -> Estimator:
+    if isinstance(est, ESTIMATOR_TYPES):
+        return est
+    if isinstance(est, str) and est in _ESTIMATOR_NAMES:
+        return _ESTIMATOR_NAMES[est]()
+    raise ValueError(
+        f"unknown estimator {est!r}; allowed: {sorted(_ESTIMATOR_NAMES)} or an estimator object"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Format, granularity, scale rule, estimator, rounding and optional Hadamard rotation."""
+
+    format: F.Format | str
+    granularity: G.Granularity | str = dataclasses.field(default_factory=G.PerTensor)
+    scale: S.ScaleRule | str = dataclasses.field(default_factory=S.AbsMax)
+    estimator: Estimator | str = dataclasses.field(default_factory=STE)
+    rounding: str = "nearest"
+    hadamard: int | None = None
+    hadamard_axis: int = -1
+    hadamard_mode: str = "full"
+    hadamard_method: str = "butterfly"
+
+    def __post_init__(self):
+        fmt = F.as_format(self.format)
+        est = as_estimator(self.estimator)
+        object.__setattr__(self, "format", fmt)
+        object.__setattr__(self, "granularity", G.as_granularity(self.granularity))
+        object.__setattr__(self, "scale", S.as_scale_rule(self.scale))
+        object.__setattr__(self, "estimator", est)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding == "stochastic" and not fmt.uniform:
+            raise ValueError(
+                f"stochastic rounding is supported for uniform formats only, not {fmt.name}"
+            )
+        if self.hadamard is not None:
+            check_block_size(self.hadamard)
+        if self.hadamard_method not in METHODS:
+            raise ValueError(
+                f"hadamard_method must be one of {METHODS}, got {self.hadamard_method!r}"
+            )
+        if self.hadamard_mode not in HADAMARD_MODES:
+            raise ValueError(
+                f"hadamard_mode must be one of {HADAMARD_MODES}, got {self.hadamard_mode!r}"
+            )
+        if isinstance(est, (Trust, LSQ)) and not fmt.uniform:
+            raise ValueError(
+                f"{type(est).__name__} needs a uniform grid, not the float format {fmt.name}"
+            )
+        if isinstance(est, LSQ) and isinstance(self.scale, S.AbsMax) and not self.scale.symmetric:
+            raise ValueError("LSQ learns a symmetric step; use a symmetric scale rule for its init")
+
+    def replace(self, **changes) -> QuantSpec:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,130 @@
+"""Tests for qjax.formats: code ranges, midrise levels and mini-float rounding."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import qjax
+from qjax import formats as F
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_int_ranges(bits):
+    s = qjax.IntFormat(bits)
+    u = qjax.IntFormat(bits, signed=False)
+    assert (s.qmin, s.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert (u.qmin, u.qmax) == (0, 2**bits - 1)
+
+
+def test_int_encode_half_to_even_and_saturate():
+    f = qjax.IntFormat(4)
+    v = jnp.array([0.5, 1.5, 2.5, -0.5, -2.5, 6.6, 7.5, -8.4, -100.0, 100.0])
+    np.testing.assert_array_equal(f.encode(v), [0, 2, 2, 0, -2, 7, 7, -8, -8, 7])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_midrise_levels(bits):
+    f = qjax.Midrise(bits)
+    v = jnp.linspace(-(2**bits), 2**bits, 4001)
+    levels = np.unique(np.asarray(f.decode(f.encode(v))))
+    expected = np.arange(-(2**bits - 1), 2**bits, 2) / 2
+    np.testing.assert_array_equal(levels, expected)
+    assert 0.0 not in levels
+
+
+def test_midrise_matches_design_formula():
+    # xq = round(xc/step + 1/2)*step - step/2 with xc = clip(x, -c, c), step = 2c/(2^b - 1).
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 3, 4):
+        c = 1.7
+        step = 2 * c / (2**bits - 1)
+        x = rng.normal(size=1000).astype(np.float32) * 2
+        ref = np.round(np.clip(x, -c, c) / step + 0.5) * step - step / 2
+        f = qjax.Midrise(bits)
+        got = np.asarray(f.decode(f.encode(jnp.asarray(x) / np.float32(step)))) * np.float32(step)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_midrise_zero_goes_to_negative_half_step():
+    f = qjax.Midrise(2)
+    assert float(f.decode(f.encode(jnp.float32(0.0)))) == -0.5
+
+
+def test_ternary():
+    f = qjax.Ternary()
+    np.testing.assert_array_equal(f.encode(jnp.array([-3.0, -0.6, -0.5, 0.4, 0.5, 1.5, 9.0])),
+                                  [-1, -1, 0, 0, 0, 1, 1])
+
+
+@pytest.mark.parametrize(
+    "name,dtype,maxval",
+    [("e4m3", ml_dtypes.float8_e4m3fn, 448.0), ("e5m2", ml_dtypes.float8_e5m2, 57344.0),
+     ("e2m1", ml_dtypes.float4_e2m1fn, 6.0)],
+)
+def test_float_encode_matches_ml_dtypes_rounding(name, dtype, maxval):
+    fmt = qjax.FloatFormat(name)
+    assert fmt.max_level == maxval
+    rng = np.random.default_rng(1)
+    x = np.concatenate([
+        rng.normal(size=4000) * maxval / 4,
+        rng.normal(size=2000) * 2.0 ** rng.integers(-20, 0, size=2000),  # subnormals
+        np.asarray(fmt.levels()) * 1.0,  # exact levels
+    ]).astype(np.float32)
+    # exact ties between neighbouring levels
+    lv = fmt.levels()
+    ties = ((lv[1:] + lv[:-1]) / 2).astype(np.float32)
+    x = np.concatenate([x, ties, -ties])
+    x = x[np.abs(x) <= maxval]
+    ref = x.astype(dtype).astype(np.float32)  # ml_dtypes: round to nearest even
+    got = np.asarray(fmt.encode(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e2m1"])
+def test_float_saturates(name):
+    fmt = qjax.FloatFormat(name)
+    m = fmt.max_level
+    got = np.asarray(fmt.encode(jnp.array([m * 1.01, m * 100, -m * 3, 1e38, -1e38], jnp.float32)))
+    np.testing.assert_array_equal(got, [m, m, -m, m, -m])
+
+
+def test_float_levels():
+    np.testing.assert_array_equal(qjax.FloatFormat("fp4").levels(), [0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    lv = qjax.FloatFormat("e4m3").levels()
+    assert lv[-1] == 448 and lv[1] == 2.0**-9 and len(lv) == 127
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("int4", qjax.IntFormat(4)), ("uint8", qjax.IntFormat(8, signed=False)),
+    ("midrise2", qjax.Midrise(2)), ("ternary", qjax.Ternary()), ("fp8", qjax.FloatFormat("e4m3")),
+    ("FP4", qjax.FloatFormat("e2m1")), ("float8_e5m2", qjax.FloatFormat("e5m2")),
+])
+def test_format_from_name(name, expected):
+    assert qjax.format_from_name(name) == expected
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1, 16])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits"):
+        qjax.IntFormat(bad)
+    with pytest.raises(ValueError, match="bits"):
+        qjax.Midrise(bad)
+
+
+def test_bad_types_and_names():
+    with pytest.raises(TypeError, match="bits"):
+        qjax.IntFormat(4.0)
+    with pytest.raises(TypeError, match="bits"):
+        qjax.IntFormat(True)
+    with pytest.raises(ValueError, match="unknown float format"):
+        qjax.FloatFormat("e3m4")
+    with pytest.raises(ValueError, match="unknown format 'int9'"):
+        qjax.format_from_name("int9")
+    with pytest.raises(TypeError, match="format"):
+        F.as_format(4)
+
+
+def test_formats_are_hashable_static():
+    assert hash(qjax.IntFormat(4)) == hash(qjax.IntFormat(4))
+    assert len({qjax.Midrise(2), qjax.Midrise(2), qjax.Ternary(), qjax.Ternary()}) == 2

@@ -1,0 +1,85 @@
+"""Tests for qjax.qarray: bit packing layout, round trips and the QArray pytree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qjax
+from qjax import qarray as QA
+
+
+def test_pack_layout_low_bits_first():
+    np.testing.assert_array_equal(qjax.pack_bits(jnp.array([1, 2, 3, 0xF]), 4), [0x21, 0xF3])
+    np.testing.assert_array_equal(qjax.pack_bits(jnp.array([1, 0, 3, 2, 1]), 2),
+                                  [0b10_11_00_01, 0b01])
+    np.testing.assert_array_equal(qjax.pack_bits(jnp.array([1, 0, 0, 0, 0, 0, 0, 1, 1]), 1),
+                                  [0b1000_0001, 0b1])
+
+
+@given(bits=st.sampled_from([1, 2, 4]), rows=st.integers(1, 3), n=st.integers(1, 40),
+       seed=st.integers(0, 1000))
+def test_pack_unpack_round_trip(bits, rows, n, seed):
+    u = np.random.default_rng(seed).integers(0, 2**bits, size=(rows, n)).astype(np.uint8)
+    p = qjax.pack_bits(jnp.asarray(u), bits)
+    assert p.dtype == jnp.uint8 and p.shape == (rows, -(-n * bits // 8))
+    np.testing.assert_array_equal(qjax.unpack_bits(p, bits, n), u)
+
+
+def test_pack_bad_bits():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        qjax.pack_bits(jnp.zeros(4, jnp.uint8), 3)
+
+
+@pytest.mark.parametrize("fmt,dtype,last", [
+    ("int4", jnp.uint8, 32), ("uint2", jnp.uint8, 16), ("midrise1", jnp.uint8, 8),
+    ("ternary", jnp.uint8, 16), ("int8", jnp.int8, 64), ("uint8", jnp.uint8, 64),
+    ("int3", jnp.int8, 64), ("e4m3", jnp.float8_e4m3fn, 64), ("e5m2", jnp.float8_e5m2, 64),
+    ("e2m1", jnp.uint8, 32),
+])
+def test_storage_dtype_and_size(fmt, dtype, last):
+    x = jax.random.normal(jax.random.key(0), (3, 64))
+    rule = "absmax_asymmetric" if fmt.startswith("uint") else "absmax"
+    qa = qjax.quantize(x, qjax.QuantSpec(fmt, qjax.PerRow(-1), rule))
+    assert qa.codes.dtype == dtype and qa.codes.shape == (3, last)
+    codes = np.asarray(qa.codes_float32())
+    fmt_obj = qa.spec.format
+    if fmt_obj.uniform:
+        assert codes.min() >= fmt_obj.qmin and codes.max() <= fmt_obj.qmax
+        np.testing.assert_array_equal(codes, np.round(codes))
+    assert qa.nbytes == qa.codes.size * qa.codes.dtype.itemsize + 3 * 4 + (
+        3 * 4 if qa.zero_point is not None else 0)
+
+
+def test_e2m1_codes_are_the_real_bit_patterns():
+    fmt = qjax.FloatFormat("e2m1")
+    vals = jnp.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.5, -6.0])
+    packed = QA.codes_to_storage(vals, fmt)
+    pattern = np.asarray(qjax.unpack_bits(packed, 4, 10))
+    np.testing.assert_array_equal(pattern, [0, 1, 2, 3, 4, 5, 6, 7, 9, 15])
+    np.testing.assert_array_equal(QA.storage_to_codes(packed, fmt, 10), vals)
+
+
+def test_qarray_is_a_pytree_through_jit():
+    x = jax.random.normal(jax.random.key(1), (4, 32))
+    spec = qjax.QuantSpec("int4", qjax.PerGroup(-1, 8))
+    qa = qjax.quantize(x, spec)
+    leaves, treedef = jax.tree_util.tree_flatten(qa)
+    assert len(leaves) == 2  # codes, scale (zero point None)
+    qa2 = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert qa2.spec == spec and qa2.shape == (4, 32) and qa2.dtype == "float32"
+    np.testing.assert_array_equal(jax.jit(qjax.dequantize)(qa), qjax.dequantize(qa))
+    doubled = jax.tree_util.tree_map(lambda a: a, qa)
+    assert isinstance(doubled, qjax.QArray)
+
+
+def test_rank0_and_odd_last_axis():
+    spec = qjax.QuantSpec("int4")
+    x = jnp.float32(0.7)
+    np.testing.assert_array_equal(qjax.dequantize(qjax.quantize(x, spec)), qjax.fake_quant(x, spec))
+    x = jax.random.normal(jax.random.key(2), (2, 7))
+    qa = qjax.quantize(x, spec)
+    assert qa.codes.shape == (2, 4)
+    np.testing.assert_array_equal(qjax.dequantize(qa), qjax.fake_quant(x, spec))
