@@ -57,7 +57,7 @@ def main() -> None:
         fns = {}
         for name, f in cases().items():
             step = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w)), argnums=(0, 1)))
-            fns[name] = lambda step=step: step(x, w)
+            fns[name] = lambda step=step, x=x, w=w: step(x, w)
         med = interleaved_medians(fns, repeats=args.repeats)
         base = med["float32 matmul"]
         for name, t in med.items():
