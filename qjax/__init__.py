@@ -19,7 +19,7 @@ from qjax.scales import (
     lsq_init,
     optimal_gaussian_clip,
 )
-from qjax.spec import LSQ, STE, ClippedSTE, QuantSpec, Trust
+from qjax.spec import LSQ, PACT, STE, ClippedSTE, QuantSpec, Trust
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "IntFormat",
     "LSQ",
     "Midrise",
+    "PACT",
     "MseSearch",
     "PerAxis",
     "PerGroup",

@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import formats as F
 from qjax import spec as SP
@@ -36,7 +37,11 @@ __all__ = [
     "lsq",
     "lsq_plus",
     "pact",
+    "learned_scale_quant",
 ]
+
+
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 def encode(x, scale, zero_point, fmt: F.Format, noise=None):
@@ -166,17 +171,16 @@ def stochastic_rounding(x, scale, key: jax.Array, fmt, zero_point=None):
 def _lsq_grad_scale(x, scale, fmt, n):
     if n is None:
         n = max(1, math.prod(jnp.shape(x)) // math.prod(jnp.shape(scale)))
-    per_step = n
-    return 1.0 / math.sqrt(per_step * fmt.max_level)
+    return 1.0 / math.sqrt(n * fmt.max_level)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lsq(x, scale, offset, fmt, g_scale):
+def _learned(x, scale, offset, fmt, g_scale):
     q = encode(x - offset, scale, None, fmt)
     return decode(q, scale, None, fmt) + offset
 
 
-def _lsq_fwd(x, scale, offset, fmt, g_scale):
+def _learned_fwd(x, scale, offset, fmt, g_scale):
     v = (x - offset) * (1.0 / scale)
     q = encode(x - offset, scale, None, fmt)
     level = fmt.decode(q)
@@ -185,22 +189,70 @@ def _lsq_fwd(x, scale, offset, fmt, g_scale):
     return level * scale + offset, (inside, level, v, scale, offset)
 
 
-def _lsq_bwd(fmt, g_scale, res, g):
+def _learned_bwd(fmt, g_scale, res, g):
     inside, level, v, scale, offset = res
     dx = jnp.where(inside, g, 0.0)
+    # d(level * s)/ds: round(v) - v inside, the clipped level outside.
     ds = g * (level - jnp.where(inside, v, 0.0)) * g_scale
     db = jnp.where(inside, 0.0, g) * g_scale
     return dx, _sum_to(ds, jnp.shape(scale)), _sum_to(db, jnp.shape(offset))
 
 
-_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+_learned.defvjp(_learned_fwd, _learned_bwd)
+
+
+def _pact_scale(alpha, fmt):
+    return alpha * (1.0 / fmt.max_level)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pact(x, alpha, fmt):
+    s = _pact_scale(alpha, fmt)
+    return decode(encode(x, s, None, fmt), s, None, fmt)
+
+
+def _pact_fwd(x, alpha, fmt):
+    s = _pact_scale(alpha, fmt)
+    q = encode(x, s, None, fmt)
+    lo, _ = fmt.range_in_scale_units()
+    # The upper bound is compared with alpha itself, exactly as PACT defines it.
+    above = x >= alpha
+    below = x * (1.0 / s) < lo
+    return decode(q, s, None, fmt), (above, below, alpha)
+
+
+def _pact_bwd(fmt, res, g):
+    above, below, alpha = res
+    dx = jnp.where(above | below, 0.0, g)
+    lo, _ = fmt.range_in_scale_units()
+    dalpha = jnp.where(above, g, 0.0) + jnp.where(below, g * (lo / fmt.max_level), 0.0)
+    return dx, _sum_to(dalpha, jnp.shape(alpha))
+
+
+_pact.defvjp(_pact_fwd, _pact_bwd)
 
 
 def _check_lsq_format(fmt):
     fmt = F.as_format(fmt)
     if not fmt.uniform:
-        raise ValueError(f"LSQ needs a uniform grid, not the float format {fmt.name}")
+        raise ValueError(f"LSQ and PACT need a uniform grid, not the float format {fmt.name}")
     return fmt
+
+
+def learned_scale_quant(x, scale, fmt, estimator: SP.Estimator, *, n: int | None = None):
+    """Fake quantization with a learned parameter, backward by ``estimator``.
+
+    For :class:`~qjax.LSQ` the parameter is the step ``s``; for :class:`~qjax.PACT` it is the
+    clipping level ``alpha`` (the step is ``alpha / max_level``).
+    """
+    fmt = _check_lsq_format(fmt)
+    scale = jnp.asarray(scale, jnp.float32)
+    if isinstance(estimator, SP.PACT):
+        return _pact(x, jnp.maximum(scale, _TINY), fmt)
+    if isinstance(estimator, SP.LSQ):
+        g_scale = _lsq_grad_scale(x, scale, fmt, n)
+        return _learned(x, scale, jnp.zeros((), jnp.float32), fmt, g_scale)
+    raise ValueError(f"learned scales need the LSQ or PACT estimator, got {estimator!r}")
 
 
 def lsq(x: jax.Array, step: jax.Array, fmt: F.Format | str, *, n: int | None = None):
@@ -221,9 +273,7 @@ def lsq(x: jax.Array, step: jax.Array, fmt: F.Format | str, *, n: int | None = N
     References:
       Esser et al., 2020. Learned Step Size Quantization. ICLR.
     """
-    fmt = _check_lsq_format(fmt)
-    step = jnp.asarray(step, jnp.float32)
-    return _lsq(x, step, jnp.zeros((), jnp.float32), fmt, _lsq_grad_scale(x, step, fmt, n))
+    return learned_scale_quant(x, step, fmt, SP.LSQ(), n=n)
 
 
 def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
@@ -238,37 +288,21 @@ def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
     fmt = _check_lsq_format(fmt)
     step = jnp.asarray(step, jnp.float32)
     offset = jnp.asarray(offset, jnp.float32)
-    return _lsq(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))
+    return _learned(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pact(x, alpha, bits):
-    step = alpha / (2**bits - 1)
-    return jnp.round(jnp.clip(x, 0.0, alpha) / step) * step
-
-
-def _pact_fwd(x, alpha, bits):
-    return _pact(x, alpha, bits), (x, alpha)
-
-
-def _pact_bwd(bits, res, g):
-    x, alpha = res
-    dx = jnp.where((x >= 0) & (x < alpha), g, 0.0)
-    dalpha = jnp.where(x >= alpha, g, 0.0)
-    return dx, _sum_to(dalpha, jnp.shape(alpha))
-
-
-_pact.defvjp(_pact_fwd, _pact_bwd)
-
-
-def pact(x: jax.Array, alpha: jax.Array, bits: int) -> jax.Array:
+def pact(x: jax.Array, alpha: jax.Array, bits: int, *, signed: bool = False) -> jax.Array:
     """PACT: ``y = clip(x, 0, alpha)`` rounded to ``2^b - 1`` steps of ``alpha / (2^b - 1)``.
 
-    Gradients: ``dx = g * 1[0 <= x < alpha]``, ``dalpha = g * 1[x >= alpha]``.
+    Gradients: ``dx = g * 1[0 <= x < alpha]``, ``dalpha = g * 1[x >= alpha]``. With
+    ``signed=True`` (for activations that are not ReLU outputs) the grid is the signed integer
+    grid, ``y = clip(round(x / s), qmin, qmax) * s`` with ``s = alpha / qmax``, and
+    ``dalpha = g * qmin / qmax`` below the range.
 
     References:
       Choi et al., 2018. PACT: Parameterized Clipping Activation for Quantized Neural Networks.
     """
-    bits = F._check_bits(bits)
-    alpha = jnp.maximum(jnp.asarray(alpha, jnp.float32), float(jnp.finfo(jnp.float32).tiny))
-    return _pact(x, alpha, bits)
+    fmt = F.IntFormat(F._check_bits(bits), signed=signed)
+    if fmt.qmax <= 0:
+        raise ValueError("signed PACT needs bits >= 2")
+    return learned_scale_quant(x, alpha, fmt, SP.PACT())

@@ -29,7 +29,7 @@ from qjax import estimators as E
 from qjax import granularity as G
 from qjax.hadamard import hadamard_transform
 from qjax.qarray import QArray, codes_to_storage
-from qjax.spec import LSQ, QuantSpec
+from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec
 
 __all__ = ["quantize", "dequantize", "fake_quant", "compute_scale", "scale_shape"]
 
@@ -80,8 +80,9 @@ def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
                 f"{lay.scale_shape} of {spec.granularity}"
             ) from None
         return s, None
-    if isinstance(spec.estimator, LSQ):
-        raise ValueError("the LSQ estimator learns its step: pass scale=<learned step>")
+    if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
+        name = type(spec.estimator).__name__
+        raise ValueError(f"the {name} estimator learns its scale: pass scale=<learned scale>")
     s, z = spec.scale.compute(jax.lax.stop_gradient(xb), lay.reduce_axes, spec.format)
     return jax.lax.stop_gradient(s), (None if z is None else jax.lax.stop_gradient(z))
 
@@ -116,19 +117,20 @@ def fake_quant(
       x: floating array (float32, bfloat16 or float16) of any shape.
       spec: static :class:`~qjax.QuantSpec`.
       key: PRNG key, required when ``spec.rounding == "stochastic"``.
-      scale: a learned scale (required for the LSQ estimator), broadcastable to
-        :func:`scale_shape`; otherwise the spec's scale rule computes it from ``x``.
+      scale: a learned parameter, required for the LSQ estimator (the step) and the PACT
+        estimator (the clipping level alpha), broadcastable to :func:`scale_shape`; for other
+        estimators, a fixed scale that replaces the spec's rule.
 
     Returns:
       Array of ``x.shape`` and ``x.dtype``.
     """
     x, xb, lay = _prepare(x, spec)
     s, z = _scale_and_zero(xb, lay, spec, scale)
-    if isinstance(spec.estimator, LSQ):
-        n = spec.estimator.grad_scale_n
+    if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
+        n = getattr(spec.estimator, "grad_scale_n", None)
         if n is None:
             n = lay.block_elements * (math.prod(lay.scale_shape) // max(1, jnp.size(scale)))
-        yb = E.lsq(xb, s, spec.format, n=n)
+        yb = E.learned_scale_quant(xb, s, spec.format, spec.estimator, n=n)
     else:
         yb = E.quantize_dequantize(
             xb, s, z, fmt=spec.format, estimator=spec.estimator, noise=_noise(xb, spec, key)

@@ -15,6 +15,8 @@ Estimators (the backward rule of the fake-quant op):
 * :class:`Trust`: QuEST's trust mask ``dx = g * 1[|q(x) - x| <= multiplier * step / 2]``, or
   with ``clip`` set, the clip mask ``dx = g * 1[|x| <= clip * scale * max_level]``.
 * :class:`LSQ`: learned step size (the scale is a parameter passed to ``fake_quant``).
+* :class:`PACT`: learned clipping level ``alpha`` (passed to ``fake_quant`` as ``scale=``; the
+  step is ``alpha / max_level``): ``dx = g * 1[lo <= x/s, x < alpha]``, ``dalpha = g`` above.
 
 ``rounding`` is ``"nearest"`` (half to even) or ``"stochastic"`` (``floor(v + u)``,
 ``u ~ U[0, 1)``; needs a PRNG key). ``hadamard`` is the Walsh-Hadamard block size applied along
@@ -32,7 +34,7 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax.hadamard import METHODS, check_block_size
 
-__all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "Estimator"]
+__all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "PACT", "Estimator"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +84,21 @@ class LSQ:
     grad_scale_n: int | None = None
 
 
-Estimator = STE | ClippedSTE | Trust | LSQ
-ESTIMATOR_TYPES = (STE, ClippedSTE, Trust, LSQ)
-_ESTIMATOR_NAMES = {"ste": STE, "clipped_ste": ClippedSTE, "trust": Trust, "lsq": LSQ}
+@dataclasses.dataclass(frozen=True)
+class PACT:
+    """Learned clipping level; the clip is ``scale * max_level``.
+
+    References:
+      Choi et al., 2018. PACT: Parameterized Clipping Activation for Quantized Neural Networks.
+    """
+
+
+Estimator = STE | ClippedSTE | Trust | LSQ | PACT
+ESTIMATOR_TYPES = (STE, ClippedSTE, Trust, LSQ, PACT)
+LEARNED_SCALE_ESTIMATORS = (LSQ, PACT)
+_ESTIMATOR_NAMES = {
+    "ste": STE, "clipped_ste": ClippedSTE, "trust": Trust, "lsq": LSQ, "pact": PACT,
+}
 ROUNDINGS = ("nearest", "stochastic")
 HADAMARD_MODES = ("full", "half")
 
@@ -136,7 +150,7 @@ class QuantSpec:
             raise ValueError(
                 f"hadamard_mode must be one of {HADAMARD_MODES}, got {self.hadamard_mode!r}"
             )
-        if isinstance(est, (Trust, LSQ)) and not fmt.uniform:
+        if isinstance(est, (Trust, LSQ, PACT)) and not fmt.uniform:
             raise ValueError(
                 f"{type(est).__name__} needs a uniform grid, not the float format {fmt.name}"
             )

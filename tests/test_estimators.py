@@ -134,6 +134,21 @@ def test_pact_gradients():
         E.pact(x, alpha, 9)
 
 
+def test_signed_pact_and_spec_path():
+    x = jnp.array([-3.0, -1.0, 0.3, 2.0, 2.5])
+    alpha = jnp.float32(2.0)  # int4: s = 2/7, range x/s in [-8, 7] -> x in [-16/7, 2]
+    y, (dx, da) = _vjp(lambda x, a: E.pact(x, a, 4, signed=True), x, alpha)
+    s = 2.0 / 7
+    np.testing.assert_allclose(y, jnp.clip(jnp.round(x / s), -8, 7) * s, rtol=1e-6)
+    np.testing.assert_array_equal(dx, [0, 1, 1, 0, 0])  # x = alpha is clipped
+    assert float(da) == pytest.approx(-8 / 7 + 1 + 1, rel=1e-6)
+    spec = qjax.QuantSpec("int4", estimator="pact")  # the learned parameter is alpha
+    y2, (dx2, da2) = _vjp(lambda x, a: qjax.fake_quant(x, spec, scale=a), x, alpha)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(dx2, dx)
+    assert float(da2) == float(da)
+
+
 def test_under_jit_vmap_and_grad_of_loss():
     x = jax.random.normal(jax.random.key(2), (5, 8, 32))
     w = jax.random.normal(jax.random.key(3), (32, 4))
@@ -151,6 +166,8 @@ def test_under_jit_vmap_and_grad_of_loss():
 def test_estimator_arguments_validated():
     with pytest.raises(ValueError, match="LSQ"):
         E.quantize_dequantize(jnp.ones(3), 1.0, fmt="int4", estimator="lsq")
+    with pytest.raises(ValueError, match="PACT estimator learns its scale"):
+        qjax.fake_quant(jnp.ones(3), qjax.QuantSpec("int4", estimator="pact"))
     with pytest.raises(ValueError, match="uniform grid"):
         E.lsq(jnp.ones(3), 1.0, "e4m3")
     with pytest.raises(ValueError, match="trust multiplier"):
