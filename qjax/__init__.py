@@ -3,7 +3,7 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import estimators, methods
+from qjax import estimators, methods, nn, optim
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -54,6 +54,8 @@ __all__ = [
     "hadamard_transform",
     "lsq_init",
     "methods",
+    "nn",
+    "optim",
     "optimal_gaussian_clip",
     "pack_bits",
     "quantize",

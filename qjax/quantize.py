@@ -48,7 +48,8 @@ def _check_spec(spec) -> QuantSpec:
     return spec
 
 
-def _rotate(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
+def rotate_like_spec(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
+    """Rotates float32 ``x32`` by the spec's Hadamard transform (identity without one)."""
     if spec.hadamard is None:
         return x32
     return hadamard_transform(
@@ -64,7 +65,7 @@ def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _prepare(x, spec: QuantSpec):
     x = _check_x(x)
     spec = _check_spec(spec)
-    xr = _rotate(x.astype(jnp.float32), spec)
+    xr = rotate_like_spec(x.astype(jnp.float32), spec)
     xb, lay = G.to_blocks(xr, spec.granularity)
     return x, xb, lay
 
@@ -137,7 +138,7 @@ def fake_quant(
         )
     y = lay.unblock(yb)
     if spec.hadamard_mode == "full":
-        y = _rotate(y, spec, inverse=True)
+        y = rotate_like_spec(y, spec, inverse=True)
     return y.astype(x.dtype)
 
 
@@ -180,5 +181,5 @@ def dequantize(qa: QArray) -> jax.Array:
     z = None if qa.zero_point is None else qa.zero_point.astype(jnp.float32)
     y = lay.unblock(E.decode(q, qa.scale, z, spec.format))
     if spec.hadamard_mode == "full":
-        y = _rotate(y, spec, inverse=True)
+        y = rotate_like_spec(y, spec, inverse=True)
     return y.astype(qa.dtype)

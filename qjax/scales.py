@@ -246,7 +246,7 @@ def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
     )
 
 
-def lsq_init(v: jax.Array, qmax: int, axes: tuple[int, ...] | None = None) -> jax.Array:
+def lsq_init(v: jax.Array, qmax: float, axes: tuple[int, ...] | None = None) -> jax.Array:
     """LSQ's initial step ``s0 = 2 * mean|v| / sqrt(QP)`` (float32, reduced over ``axes``).
 
     References:

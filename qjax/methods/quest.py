@@ -20,10 +20,10 @@ import jax.numpy as jnp
 
 from qjax import formats as F
 from qjax import granularity as G
-from qjax import quantize as Q
 from qjax import scales as S
 from qjax import spec as SP
 from qjax.hadamard import hadamard_transform
+from qjax.quantize import fake_quant as core_fake_quant
 
 __all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
 
@@ -83,7 +83,7 @@ def fake_quant(
     """
     s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
              hadamard_method=hadamard_method)
-    return Q.fake_quant(x, s)
+    return core_fake_quant(x, s)
 
 
 def quantize_dense_operands(

@@ -1,0 +1,138 @@
+"""Training configuration: a frozen dataclass, loaded from a Python file and overridden by strings.
+
+A config file (``configs/<name>.py``) defines ``get_config() -> TrainConfig``.
+``load_config(path, overrides)`` imports it and applies ``key=value`` overrides, converting each
+value to the field's type; an unknown key is an error that names it and lists the known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import types
+import typing
+from collections.abc import Sequence
+
+__all__ = ["TrainConfig", "load_config", "apply_overrides"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training program run needs.
+
+    ``method=None`` trains in float. With ``baseline=True`` the program first trains the same
+    model in float on the same data, then the quantized one, and prints both in one table.
+    """
+
+    name: str = "quest_w4a4_tiny"
+    # model (qjax.models.LlamaConfig)
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    seq_len: int = 256
+    # data (qjax.data.CorpusConfig); () is the Python standard library's own sources
+    corpus_paths: tuple[str, ...] = ()
+    max_corpus_bytes: int = 64 * 2**20
+    val_fraction: float = 0.05
+    # optimisation (QuEST recipe: AdamW 0.9/0.95, decay 0.1 on matrices, clip 1.0, warm-up 10%)
+    batch_size: int = 16
+    steps: int = 500
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    # quantization (qjax.nn.Method)
+    method: str | None = "quest"
+    weight_bits: int | None = 4
+    act_bits: int | None = 4
+    trust: float = 1.0
+    clip: float | None = None
+    hadamard: str | None = "half"
+    block_size: int = 128
+    qat_start: float = 0.0
+    quantizer_lr_multiplier: float = 1.0
+    integer_forward: bool = False
+    baseline: bool = True
+    # evaluation and output
+    eval_every: int = 100
+    eval_batches: int = 16
+    log_every: int = 10
+    checkpoint_every: int = 100
+    out_dir: str = ""
+    stop_after: int | None = None
+
+    def __post_init__(self):
+        for f in ("d_model", "n_layers", "n_heads", "seq_len", "batch_size", "steps",
+                  "eval_every", "eval_batches", "log_every", "checkpoint_every"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.qat_start <= self.steps:
+            raise ValueError(
+                f"qat_start must be a fraction in [0, 1] or a step, got {self.qat_start}"
+            )
+        if self.stop_after is not None and self.stop_after <= 0:
+            raise ValueError(f"stop_after must be positive or None, got {self.stop_after}")
+
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir or os.path.join("runs", self.name)
+
+
+def _convert(name: str, text: str, annotation) -> object:
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional and text.strip().lower() in ("none", "null", ""):
+        return None
+    base = [a for a in args if a is not type(None)][0] if args and (
+        typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    if typing.get_origin(base) is tuple:
+        return tuple(p for p in text.split(",") if p)
+    if base is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {text!r}")
+    try:
+        return base(text)
+    except ValueError:
+        raise ValueError(f"{name} must be {base.__name__}, got {text!r}") from None
+
+
+def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """Applies ``key=value`` strings; raises ValueError naming an unknown key or bad value."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
+        changes[key] = _convert(key, value, fields[key].type)
+    return dataclasses.replace(config, **changes)
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Loads ``get_config()`` from a Python file (None: the defaults) and applies overrides."""
+    if path is None:
+        config = TrainConfig()
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        spec = importlib.util.spec_from_file_location("qjax_user_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {path!r} must define get_config()")
+        config = module.get_config()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"get_config() in {path!r} must return a TrainConfig")
+    return apply_overrides(config, overrides)

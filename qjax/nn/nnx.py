@@ -1,0 +1,178 @@
+"""Quantized Flax NNX layers: ``QDense``, ``QEinsum``, ``QConv``, ``QEmbed``, and the wrapper
+:class:`QuantizedLayer` that :func:`qjax.nn.quantize_model` puts around existing NNX layers.
+
+Parameters mirror the Linen layers of :mod:`qjax.nn.linen` (``kernel``, ``bias``, ``embedding``,
+``kernel_scale``, ``input_scale``), so the same values give the same outputs in both APIs. Each
+module has a plain attribute ``qat`` (default True); :func:`set_qat` flips it on every quantized
+layer of a model, so a run can train in float first and switch to QAT later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qjax.nn import common as C
+from qjax.spec import QuantSpec
+
+__all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "set_qat"]
+
+_default_kernel_init = nnx.initializers.lecun_normal()
+_zeros_init = nnx.initializers.zeros_init()
+_embed_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+
+class _QLayer(nnx.Module):
+    def _setup_quant(self, weight, activation, method, contract_axis, features):
+        self.lq = C._resolve_layer(weight, activation, method, contract_axis)
+        self.qat = True
+        self.kernel_scale = (nnx.Param(C.init_kernel_scale(self._kernel_value(), self.lq.weight))
+                             if C.learned(self.lq.weight) else None)
+        self.input_scale = (nnx.Param(C.init_input_scale(self.lq.activation, features))
+                            if C.learned(self.lq.activation) else None)
+
+    def _kernel_value(self):
+        return self.kernel[...]
+
+    def _scale_values(self):
+        w = None if self.kernel_scale is None else self.kernel_scale[...]
+        a = None if self.input_scale is None else self.input_scale[...]
+        return w, a
+
+
+def _bias(rngs, init, shape, dtype, use_bias):
+    return nnx.Param(init(rngs.params(), shape, dtype)) if use_bias else None
+
+
+class QDense(_QLayer):
+    """Quantized dense layer ``y = Q_a(x) @ Q_w(kernel) + bias``, kernel ``(in, out)``."""
+
+    def __init__(self, in_features: int, out_features: int, *, weight: QuantSpec | None = None,
+                 activation: QuantSpec | None = None, method: Any = None, use_bias: bool = True,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Callable = _default_kernel_init,
+                 bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
+                                            param_dtype))
+        self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
+        self.dtype, self.precision = dtype, precision
+        self._setup_quant(weight, activation, method, 0, in_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return C.dense_op(x, self.kernel[...], bias, self.lq, *self._scale_values(),
+                          qat=self.qat, dtype=self.dtype, precision=self.precision)
+
+
+class QEinsum(_QLayer):
+    """Quantized einsum layer (no bias); see :class:`qjax.nn.linen.QEinsum`."""
+
+    def __init__(self, einsum_str: str, kernel_shape: Sequence[int], *,
+                 weight: QuantSpec | None = None, activation: QuantSpec | None = None,
+                 method: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 precision: Any = None, kernel_init: Callable = _default_kernel_init,
+                 rngs: nnx.Rngs):
+        axis = C.einsum_contract_axis(einsum_str)
+        self.einsum_str = einsum_str
+        self.kernel = nnx.Param(kernel_init(rngs.params(), tuple(kernel_shape), param_dtype))
+        self.dtype, self.precision = dtype, precision
+        self._setup_quant(weight, activation, method, axis, kernel_shape[axis])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return C.einsum_op(self.einsum_str, x, self.kernel[...], None, self.lq,
+                           *self._scale_values(), qat=self.qat, dtype=self.dtype,
+                           precision=self.precision)
+
+
+class QConv(_QLayer):
+    """Quantized channel-last convolution; kernel ``(*kernel_size, in, out)``."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: Sequence[int], *,
+                 strides: int | Sequence[int] = 1, padding: Any = "SAME",
+                 kernel_dilation: int | Sequence[int] = 1, weight: QuantSpec | None = None,
+                 activation: QuantSpec | None = None, method: Any = None, use_bias: bool = True,
+                 dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
+                 kernel_init: Callable = _default_kernel_init,
+                 bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
+        n = len(kernel_size)
+        shape = tuple(kernel_size) + (in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+        self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
+        self.strides = C.as_tuple(strides, n, "strides")
+        self.kernel_dilation = C.as_tuple(kernel_dilation, n, "kernel_dilation")
+        self.padding, self.dtype, self.precision = padding, dtype, precision
+        self._setup_quant(weight, activation, method, -2, in_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.bias is None else self.bias[...]
+        return C.conv_op(x, self.kernel[...], bias, self.lq, *self._scale_values(), qat=self.qat,
+                         strides=self.strides, padding=self.padding,
+                         kernel_dilation=self.kernel_dilation, dtype=self.dtype,
+                         precision=self.precision)
+
+
+class QEmbed(_QLayer):
+    """Weight-only quantized embedding table ``(num_embeddings, features)``."""
+
+    def __init__(self, num_embeddings: int, features: int, *, weight: QuantSpec | None = None,
+                 method: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 embedding_init: Callable = _embed_init, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features),
+                                                  param_dtype))
+        self.dtype = dtype
+        self._setup_quant(weight, None, method, None, features)
+
+    def _kernel_value(self):
+        return self.embedding[...]
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        w, _ = self._scale_values()
+        return C.embed_op(ids, self.embedding[...], self.lq, w, qat=self.qat, dtype=self.dtype)
+
+
+class QuantizedLayer(nnx.Module):
+    """Wraps an existing NNX layer (``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``): its
+    input and ``kernel`` are quantized, then the layer itself runs on them.
+
+    The layer is split into its graph and state, ``kernel`` is replaced by the quantized kernel
+    and the layer is merged back for the call, so any layer whose op is linear in ``kernel`` and
+    in its input works unchanged; gradients reach the original ``kernel``.
+    """
+
+    def __init__(self, inner: nnx.Module, lq: C.LayerQuant, contract_axis: int, features: int):
+        self.inner = inner
+        self.contract_axis = contract_axis
+        self.lq = lq
+        self.qat = True
+        self.kernel_scale = (nnx.Param(C.init_kernel_scale(inner.kernel[...], lq.weight))
+                             if C.learned(lq.weight) else None)
+        self.input_scale = (nnx.Param(C.init_input_scale(lq.activation, features))
+                            if C.learned(lq.activation) else None)
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        if not self.qat:
+            return self.inner(x, *args, **kwargs)
+        w = None if self.kernel_scale is None else self.kernel_scale[...]
+        a = None if self.input_scale is None else self.input_scale[...]
+        xq = C.quantize_input(x, self.lq, a)
+        graphdef, state = nnx.split(self.inner)
+        state["kernel"] = state["kernel"].replace(
+            C.quantize_kernel(self.inner.kernel[...], self.lq, self.contract_axis, w)
+        )
+        return nnx.merge(graphdef, state)(xq, *args, **kwargs)
+
+
+def set_qat(model: nnx.Module, enabled: bool) -> int:
+    """Turns quantization on or off in every quantized layer of ``model``; returns their count."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    n = 0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (_QLayer, QuantizedLayer)):
+            module.qat = enabled
+            n += 1
+    return n

@@ -1,0 +1,137 @@
+"""QAT matmul with an integer forward: fake-quant semantics, real int8 dot.
+
+``qat_dense(x, kernel, weight_spec, activation_spec)`` computes what
+``fake_quant(x, a) @ fake_quant(kernel, w)`` computes, but the forward multiplies the int8 codes
+with ``lax.dot_general(..., preferred_element_type=int32)`` and applies the scales after: for
+integer grids ``y = s_x s_w sum(q_x q_w)``; for QuEST's midrise grid the codes are stored as the
+odd integers ``u = 2q + 1`` and ``y = (s_x/2)(s_w/2) sum(u_x u_w)`` (no correction term). The
+integer sum is exact (``K * 127^2 < 2^31`` for ``K < 133,000``), so the result differs from the
+fake-quant float matmul only by float rounding. The backward is the fake-quant matmul's, with each
+operand's estimator mask: ``dx = (g @ w_q^T) * M_x`` and ``dW = (x_q^T @ g) * M_w``.
+
+CPU int8 dots are faster than float32 ones for more than a couple of rows (design.md section 5),
+so this is the option the QAT benchmark measures against Qwix's quantized-forward training.
+
+Supported (:func:`integer_forward_reason` returns None): both operands quantized; signed integer
+(<= 8 bits), ternary or midrise (<= 7 bits) grids; symmetric scale rules; nearest rounding;
+activations per token (``PerRow(-1)``) or per tensor; kernel ``(K, N)`` per output channel
+(``PerRow(0)``) or per tensor; STE, clipped STE or trust estimators. Rotations (QuEST's half
+Hadamard) are applied by the caller before this op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qjax import estimators as E
+from qjax import formats as F
+from qjax import granularity as G
+from qjax import scales as S
+from qjax import spec as SP
+
+__all__ = ["qat_dense", "integer_forward_reason"]
+
+
+def _format_reason(spec: SP.QuantSpec) -> str | None:
+    fmt = spec.format
+    if isinstance(fmt, F.IntFormat) and fmt.signed:
+        return None
+    if isinstance(fmt, F.Ternary):
+        return None
+    if isinstance(fmt, F.Midrise) and fmt.bits <= 7:
+        return None
+    return f"format {fmt.name} has no exact int8 code"
+
+
+def integer_forward_reason(weight: SP.QuantSpec | None,
+                           activation: SP.QuantSpec | None) -> str | None:
+    """Why the integer forward cannot serve these specs, or None if it can."""
+    if weight is None or activation is None:
+        return "both the weight and the activation must be quantized"
+    for name, spec, ok in (("activation", activation, (G.PerRow(-1), G.PerTensor())),
+                           ("weight", weight, (G.PerRow(0), G.PerTensor()))):
+        reason = _format_reason(spec)
+        if reason:
+            return f"{name}: {reason}"
+        if spec.granularity not in ok:
+            return f"{name}: granularity {spec.granularity} is not one of {ok}"
+        if isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric:
+            return f"{name}: a zero point needs a correction term"
+        if spec.rounding != "nearest":
+            return f"{name}: stochastic rounding"
+        if isinstance(spec.estimator, SP.LEARNED_SCALE_ESTIMATORS):
+            return f"{name}: learned scales (LSQ/PACT) are not supported"
+        if spec.hadamard is not None and spec.hadamard_mode != "half":
+            return f"{name}: the full Hadamard form rotates back before the matmul"
+    return None
+
+
+def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
+    """(float32 codes, fake-quant values, backward mask, int8 codes, scale) of one operand."""
+    fmt = spec.format
+    axes = tuple(range(a32.ndim)) if isinstance(spec.granularity, G.PerTensor) else (
+        axis % a32.ndim,)
+    scale, _ = spec.scale.compute(a32, axes, fmt)
+    q = E.encode(a32, scale, None, fmt)
+    values = E.decode(q, scale, None, fmt)
+    mask = E._mask(a32, values, scale, None, fmt, spec.estimator)
+    if isinstance(fmt, F.Midrise):
+        return values, mask, (2.0 * q + 1.0).astype(jnp.int8), scale * 0.5
+    return values, mask, q.astype(jnp.int8), scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qat_dense(x32, kernel32, weight, activation):
+    return _forward(x32, kernel32, weight, activation)[0]
+
+
+def _forward(x32, kernel32, weight, activation):
+    xv, xm, xi, xs = _codes(x32, activation, -1)
+    wv, wm, wi, ws = _codes(kernel32, weight, 0)
+    acc = jax.lax.dot_general(xi, wi, (((x32.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * xs * ws.reshape(ws.shape[-1:])
+    return y, (xv, xm, wv, wm)
+
+
+def _qat_dense_fwd(x32, kernel32, weight, activation):
+    return _forward(x32, kernel32, weight, activation)
+
+
+def _qat_dense_bwd(weight, activation, res, g):
+    xv, xm, wv, wm = res
+    dx = jax.lax.dot_general(g, wv, (((g.ndim - 1,), (1,)), ((), ())))
+    lead = tuple(range(g.ndim - 1))
+    dw = jax.lax.dot_general(xv, g, ((lead, lead), ((), ())))
+    dx = dx if xm is None else jnp.where(xm, dx, 0.0)
+    dw = dw if wm is None else jnp.where(wm, dw, 0.0)
+    return dx, dw
+
+
+_qat_dense.defvjp(_qat_dense_fwd, _qat_dense_bwd)
+
+
+def qat_dense(x: jax.Array, kernel: jax.Array, weight: SP.QuantSpec,
+              activation: SP.QuantSpec) -> jax.Array:
+    """``Q_a(x) @ Q_w(kernel)`` with an int8 x int8 -> int32 forward (see the module docstring).
+
+    Args:
+      x: ``(..., K)`` floating input, already rotated if the specs use the half Hadamard form.
+      kernel: ``(K, N)`` floating kernel, rotated likewise.
+      weight, activation: specs accepted by :func:`integer_forward_reason`.
+
+    Returns:
+      ``(..., N)`` in ``x``'s dtype.
+    """
+    reason = integer_forward_reason(weight, activation)
+    if reason:
+        raise ValueError(f"integer forward not available: {reason}")
+    if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"need x (..., K) and kernel (K, N), got {x.shape} and {kernel.shape}")
+    plain = lambda s: s.replace(hadamard=None)  # rotation already applied by the caller
+    y = _qat_dense(x.astype(jnp.float32), kernel.astype(jnp.float32), plain(weight),
+                   plain(activation))
+    return y.astype(x.dtype)

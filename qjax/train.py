@@ -1,0 +1,263 @@
+"""The training program: ``python -m qjax.train --config configs/<name>.py [--override k=v ...]``.
+
+Trains the reference Llama-style LM (:mod:`qjax.models.llama`) on byte-level batches of a real
+corpus (:mod:`qjax.data`; default: the Python standard library's own sources), with the method of
+the config quantizing every linear layer in the blocks. With ``baseline=True`` it first trains the
+float model on the same data, then the quantized one, and ends with a table of both.
+
+Per run (``<out_dir>/<float|qat>/``): ``metrics.jsonl`` (train loss, learning rate, tokens/s; and
+validation loss and perplexity every ``eval_every`` steps), Orbax checkpoints in ``ckpt/`` every
+``checkpoint_every`` steps (params, optimizer state, step and RNG; the data position is the step,
+since batch ``k`` is a pure function of ``(seed, k)``), and ``done.json`` at the end. A run that is
+killed resumes from its last checkpoint and reproduces the uninterrupted run's losses exactly;
+metrics logged after that checkpoint are dropped and recomputed. Orbax writes each checkpoint to a
+temporary directory and renames it when complete, so a kill never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from qjax import data as D
+from qjax import optim
+from qjax.config import TrainConfig, load_config
+from qjax.models.llama import Llama, LlamaConfig, non_embedding_params, quantization_rules
+from qjax.nn.common import Method
+from qjax.nn.rewrite import quantize_model
+
+__all__ = ["main", "run", "train_one"]
+
+
+def _method(config: TrainConfig) -> Method | None:
+    if config.method is None:
+        return None
+    return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                  block_size=config.block_size, trust=config.trust, clip=config.clip,
+                  hadamard=config.hadamard, integer_forward=config.integer_forward)
+
+
+def _label(config: TrainConfig) -> str:
+    if config.method is None:
+        return "float32"
+    w = f"W{config.weight_bits}" if config.weight_bits else ""
+    a = f"A{config.act_bits}" if config.act_bits else ""
+    return f"{config.method} {w}{a}"
+
+
+class _Progress:
+    """A one-line progress bar on a terminal; plain lines every ``log_every`` steps otherwise."""
+
+    def __init__(self, total: int, label: str, log_every: int):
+        self.total, self.label, self.log_every = total, label, log_every
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, tok_s: float) -> None:
+        frac = step / self.total
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = (f"{self.label:>14} [{bar}] {step}/{self.total} loss {loss:.4f} "
+                f"{tok_s:,.0f} tok/s")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step % self.log_every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _read_metrics(path: str, keep_until: int) -> list[dict]:
+    """Rows of ``metrics.jsonl`` up to step ``keep_until``; rewrites the file without the rest."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r["step"] <= keep_until]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return rows
+
+
+def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
+    """Trains one model (float if ``config.method`` is None) and returns its final metrics."""
+    done_path = os.path.join(run_dir, "done.json")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    method = _method(config)
+    model_cfg = LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
+                            n_heads=config.n_heads, max_seq_len=config.seq_len)
+    model = quantize_model(Llama(model_cfg), quantization_rules(method))
+    sample = jnp.zeros((1, config.seq_len), jnp.int32)
+    params = model.init(jax.random.key(config.seed), sample)["params"]
+    schedule = optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction)
+    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
+    qat = optim.QATSchedule(
+        config.qat_start if config.qat_start <= 1.0 else int(config.qat_start), config.steps
+    )
+    state = {"params": params, "opt_state": tx.init(params), "step": 0,
+             "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
+
+    def loss_fn(p, inputs, targets, qat_on):
+        logits = model.apply({"params": p}, inputs, qat=qat_on)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def make_step(qat_on: bool):
+        @jax.jit
+        def step_fn(p, opt_state, inputs, targets):
+            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets, qat_on)
+            updates, opt_state = tx.update(grads, opt_state, p)
+            return optax.apply_updates(p, updates), opt_state, loss
+
+        return step_fn
+
+    steps = {True: make_step(True), False: make_step(False)}
+    eval_fns = {q: jax.jit(lambda p, i, t, q=q: loss_fn(p, i, t, q)) for q in (True, False)}
+    val = list(D.val_batches(corpus.val, config.batch_size, config.seq_len,
+                             max_batches=config.eval_batches))
+
+    def evaluate(p, qat_on: bool) -> float:
+        losses = [float(eval_fns[qat_on](p, jnp.asarray(i), jnp.asarray(t))) for i, t in val]
+        return float(np.mean(losses))
+
+    ckpt_dir = os.path.abspath(os.path.join(run_dir, "ckpt"))
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, create=True))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        print(f"[{_label(config)}] resumed from step {start} ({ckpt_dir})", file=sys.stderr)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    _read_metrics(metrics_path, start)
+    p, opt_state = state["params"], state["opt_state"]
+    progress = _Progress(config.steps, _label(config), config.log_every)
+    tokens = config.batch_size * config.seq_len
+    t_last, last_val, since = time.perf_counter(), None, 0
+    with open(metrics_path, "a") as log:
+        for step in range(start, config.steps):
+            inputs, targets = D.get_batch(corpus.train, step, config.batch_size, config.seq_len,
+                                          config.seed)
+            qat_on = method is not None and qat.enabled(step)
+            p, opt_state, loss = steps[qat_on](p, opt_state, jnp.asarray(inputs),
+                                               jnp.asarray(targets))
+            done, since = step + 1, since + 1
+            if done % config.log_every == 0 or done == config.steps:
+                loss_v = float(loss)
+                now = time.perf_counter()
+                tok_s = tokens * since / max(now - t_last, 1e-9)
+                t_last, since = now, 0
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"loss is {loss_v} at step {done}")
+                log.write(json.dumps({"step": done, "loss": loss_v, "lr": float(schedule(step)),
+                                      "tokens_per_s": tok_s, "qat": qat_on}) + "\n")
+                progress.update(done, loss_v, tok_s)
+            if done % config.eval_every == 0 or done == config.steps:
+                last_val = evaluate(p, qat_on)
+                log.write(json.dumps({"step": done, "val_loss": last_val,
+                                      "val_ppl": math.exp(last_val)}) + "\n")
+            log.flush()
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                manager.save(done, args=ocp.args.StandardSave(
+                    {"params": p, "opt_state": opt_state, "step": done, "rng": state["rng"]}))
+                manager.wait_until_finished()
+            if since == 0:  # keep evaluation and checkpoint time out of tokens/s
+                t_last = time.perf_counter()
+            if config.stop_after is not None and done >= config.stop_after and \
+                    done < config.steps:
+                progress.close()
+                print(f"[{_label(config)}] stopped after step {done} (stop_after)",
+                      file=sys.stderr)
+                manager.close()
+                return {"stopped": done}
+    progress.close()
+    manager.close()
+    result = {
+        "label": _label(config), "method": config.method, "weight_bits": config.weight_bits,
+        "act_bits": config.act_bits, "val_loss": last_val, "val_ppl": math.exp(last_val),
+        "steps": config.steps, "tokens": config.steps * tokens,
+        "non_embedding_params": non_embedding_params(p),
+    }
+    tmp = done_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, done_path)
+    return result
+
+
+def _table(results: list[dict], entropy: float) -> str:
+    base = next((r["val_loss"] for r in results if r["method"] is None), None)
+    lines = ["| model | val loss (nats/byte) | val ppl | vs float | tokens |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        gap = "" if base is None or r["method"] is None else \
+            f"{100 * (r['val_loss'] / base - 1):+.1f}%"
+        lines.append(f"| {r['label']} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | {gap} | "
+                     f"{r['tokens']:,} |")
+    lines.append(f"| unigram entropy of val bytes | {entropy:.4f} | {math.exp(entropy):.3f} | | |")
+    return "\n".join(lines)
+
+
+def run(config: TrainConfig) -> list[dict]:
+    """Runs the float baseline (if ``config.baseline``) and the configured model; prints a table."""
+    corpus = D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
+                                          max_bytes=config.max_corpus_bytes,
+                                          val_fraction=config.val_fraction))
+    print(corpus.info.describe(), file=sys.stderr)
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=1)
+    configs = []
+    if config.baseline and config.method is not None:
+        configs.append(("float", dataclasses.replace(config, method=None)))
+    configs.append(("qat" if config.method is not None else "float", config))
+    results = []
+    for sub, cfg in configs:
+        r = train_one(cfg, corpus, os.path.join(config.run_dir, sub))
+        if "stopped" in r:
+            return results
+        results.append(r)
+    table = _table(results, D.unigram_entropy(corpus.val))
+    n = results[-1]["non_embedding_params"]
+    print(f"\n{config.name}: {n:,} non-embedding params, d={config.d_model}, "
+          f"{config.n_layers} layers, seq {config.seq_len}, batch {config.batch_size}, "
+          f"{config.steps} steps\n{table}")
+    with open(os.path.join(config.run_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qjax.train",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="a configs/<name>.py file (get_config())")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. steps=100 method=lsq")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.override)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Tests for qjax.config: loading config files and key=value overrides."""
+
+import pytest
+
+from qjax.config import TrainConfig, apply_overrides, load_config
+
+
+def test_overrides_convert_types():
+    c = apply_overrides(TrainConfig(), ["steps=7", "lr=0.5", "method=none", "baseline=false",
+                                        "corpus_paths=a.txt,b.txt", "clip=1.3", "act_bits=None"])
+    assert (c.steps, c.lr, c.method, c.baseline) == (7, 0.5, None, False)
+    assert c.corpus_paths == ("a.txt", "b.txt") and c.clip == 1.3 and c.act_bits is None
+
+
+def test_unknown_key_and_bad_values():
+    with pytest.raises(ValueError, match="unknown config key 'stepz'"):
+        apply_overrides(TrainConfig(), ["stepz=3"])
+    with pytest.raises(ValueError, match="steps must be int"):
+        apply_overrides(TrainConfig(), ["steps=many"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(TrainConfig(), ["steps"])
+    with pytest.raises(ValueError, match="baseline must be true or false"):
+        apply_overrides(TrainConfig(), ["baseline=maybe"])
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        TrainConfig(steps=0)
+
+
+def test_load_config_file(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("from qjax.config import TrainConfig\n"
+                    "def get_config():\n    return TrainConfig(name='x', steps=3)\n")
+    c = load_config(str(path), ["steps=4"])
+    assert c.name == "x" and c.steps == 4
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "missing.py"))
+    bad = tmp_path / "bad.py"
+    bad.write_text("X = 1\n")
+    with pytest.raises(ValueError, match="get_config"):
+        load_config(str(bad))
+
+
+def test_repo_configs_load():
+    import glob
+
+    paths = sorted(glob.glob("configs/*.py"))
+    assert paths
+    for p in paths:
+        assert isinstance(load_config(p), TrainConfig)

@@ -1,0 +1,154 @@
+"""Tests for qjax.nn.linen and qjax.nn.nnx layers: core numerics, gradients, Linen == NNX."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qjax
+from qjax.methods import quest
+from qjax.nn import LayerQuant, Method
+from qjax.nn import linen as QL
+from qjax.nn import nnx as QN
+
+X = jax.random.normal(jax.random.key(0), (2, 3, 128))
+W_INT4 = qjax.QuantSpec("int4", qjax.PerRow(0), "absmax", "clipped_ste")
+A_INT8 = qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste")
+
+
+def _copy_into_nnx(module, params):
+    for name, value in params.items():
+        getattr(module, name)[...] = value
+    return module
+
+
+def test_dense_equals_core_fake_quant_then_matmul():
+    layer = QL.QDense(16, weight=W_INT4, activation=A_INT8)
+    p = layer.init(jax.random.key(1), X)["params"]
+    y = layer.apply({"params": p}, X)
+    ref = qjax.fake_quant(X, A_INT8) @ qjax.fake_quant(p["kernel"], W_INT4) + p["bias"]
+    np.testing.assert_array_equal(y, ref)
+    y_float = layer.apply({"params": p}, X, qat=False)
+    dense = nn.Dense(16)
+    np.testing.assert_array_equal(y_float, dense.apply({"params": p}, X))
+
+
+def test_quest_dense_equals_method_dense():
+    layer = QL.QDense(16, method="quest", use_bias=False)
+    p = layer.init(jax.random.key(1), X)["params"]
+    ref = quest.dense(X, p["kernel"], bits_x=4, bits_w=4)
+    np.testing.assert_allclose(layer.apply({"params": p}, X), ref, rtol=1e-6, atol=1e-6)
+    wonly = QL.QDense(16, method=Method("quest", 4, None), use_bias=False)
+    ref = quest.dense(X, p["kernel"], bits_x=None, bits_w=4)
+    np.testing.assert_allclose(wonly.apply({"params": p}, X), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_gradients_reach_weights_and_learned_quantizer_params(method):
+    layer = QL.QDense(16, method=method)
+    p = layer.init(jax.random.key(1), X)["params"]
+    assert "input_scale" in p and p["input_scale"].shape == ()
+    assert ("kernel_scale" in p) == (method == "lsq")
+    g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X) ** 2))(p)
+    for name, leaf in g.items():
+        assert np.all(np.isfinite(leaf)) and np.any(leaf != 0), name
+
+
+LAYERS = {
+    "dense": (lambda **kw: QL.QDense(16, **kw),
+              lambda rngs, **kw: QN.QDense(128, 16, rngs=rngs, **kw), X),
+    "einsum": (lambda **kw: QL.QEinsum((128, 4, 8), "btd,dnh->btnh", **kw),
+               lambda rngs, **kw: QN.QEinsum("btd,dnh->btnh", (128, 4, 8), rngs=rngs, **kw), X),
+    "conv": (lambda **kw: QL.QConv(8, (3, 3), **kw),
+             lambda rngs, **kw: QN.QConv(128, 8, (3, 3), rngs=rngs, **kw),
+             jax.random.normal(jax.random.key(2), (2, 5, 5, 128))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+@pytest.mark.parametrize("method", ["quest", "lsq", "pact", "ste"])
+def test_linen_and_nnx_agree(kind, method):
+    make_linen, make_nnx, x = LAYERS[kind]
+    target = Method(method, block_size=128) if method == "quest" else method
+    lin = make_linen(method=target)
+    p = lin.init(jax.random.key(3), x)["params"]
+    mod = _copy_into_nnx(make_nnx(nnx.Rngs(0), method=target), p)
+    np.testing.assert_array_equal(mod(x), lin.apply({"params": p}, x))
+    mod.qat = False
+    np.testing.assert_array_equal(mod(x), lin.apply({"params": p}, x, qat=False))
+
+
+def test_conv_equals_core_fake_quant_then_conv():
+    x = LAYERS["conv"][2]
+    w_spec = qjax.QuantSpec("int4", qjax.PerAxis(-1))
+    layer = QL.QConv(8, (3, 3), weight=w_spec, activation=A_INT8, use_bias=False)
+    p = layer.init(jax.random.key(4), x)["params"]
+    ref = nn.Conv(8, (3, 3), use_bias=False).apply(
+        {"params": {"kernel": qjax.fake_quant(p["kernel"], w_spec)}}, qjax.fake_quant(x, A_INT8))
+    np.testing.assert_allclose(layer.apply({"params": p}, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_is_weight_only():
+    ids = jnp.array([[1, 5, 7]])
+    spec = qjax.QuantSpec("int4", qjax.PerRow(-1))
+    lin = QL.QEmbed(10, 32, weight=spec)
+    p = lin.init(jax.random.key(5), ids)["params"]
+    np.testing.assert_array_equal(lin.apply({"params": p}, ids),
+                                  qjax.fake_quant(p["embedding"], spec)[ids])
+    mod = _copy_into_nnx(QN.QEmbed(10, 32, weight=spec, rngs=nnx.Rngs(0)), p)
+    np.testing.assert_array_equal(mod(ids), lin.apply({"params": p}, ids))
+    with pytest.raises(ValueError, match="weight-only"):
+        QL.QEmbed(10, 32, weight=spec, activation=A_INT8).init(jax.random.key(0), ids)
+    with pytest.raises(TypeError, match="integers"):
+        lin.apply({"params": p}, jnp.ones((1, 2)))
+
+
+def test_set_qat_switches_every_layer():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = QN.QDense(128, 128, method="ste", rngs=rngs)
+            self.b = QN.QDense(128, 4, method="ste", rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    net = Net(nnx.Rngs(0))
+    yq = net(X)
+    assert QN.set_qat(net, False) == 2
+    y = net(X)
+    ref = (X @ net.a.kernel[...] + net.a.bias[...]) @ net.b.kernel[...] + net.b.bias[...]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(y, yq)
+    with pytest.raises(TypeError, match="bool"):
+        QN.set_qat(net, 1)
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="either method or weight/activation"):
+        QL.QDense(4, method="ste", weight=W_INT4).init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="unknown method"):
+        Method("gptq")
+    with pytest.raises(TypeError, match="rule target"):
+        qjax.nn.resolve(3, 0)
+    with pytest.raises(ValueError, match="must be contracted"):
+        QL.QEinsum((128, 4), "btd,dn->btdn", method="ste").init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="half Hadamard"):
+        LayerQuant(quest.spec(4, axis=0), A_INT8)
+    with pytest.raises(ValueError, match="block sizes differ"):
+        LayerQuant(quest.spec(4, axis=0, block_size=64), quest.spec(4, block_size=128))
+    with pytest.raises(ValueError, match="learned input scale"):
+        QL.QDense(4, activation=qjax.QuantSpec("int4", qjax.PerRow(-1), estimator="lsq")).init(
+            jax.random.key(0), X)
+
+
+def test_einsum_equals_core_fake_quant_then_einsum():
+    w_spec = qjax.QuantSpec("int4", qjax.PerRow(0))
+    layer = QL.QEinsum((128, 4, 8), "btd,dnh->btnh", weight=w_spec, activation=A_INT8)
+    p = layer.init(jax.random.key(6), X)["params"]
+    ref = jnp.einsum("btd,dnh->btnh", qjax.fake_quant(X, A_INT8), qjax.fake_quant(p["kernel"],
+                                                                                 w_spec))
+    np.testing.assert_allclose(layer.apply({"params": p}, X), ref, rtol=1e-6, atol=1e-6)
+    g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X) ** 2))(p)
+    assert np.any(g["kernel"] != 0)

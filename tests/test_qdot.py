@@ -1,0 +1,85 @@
+"""Tests for qjax.qdot: integer-forward QAT matmul against the fake-quant matmul."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax.methods import quest
+from qjax.nn import LayerQuant, Method
+from qjax.qdot import integer_forward_reason, qat_dense
+
+X = jax.random.normal(jax.random.key(0), (3, 5, 128))
+K = jax.random.normal(jax.random.key(1), (128, 24)) * 0.1
+G = jax.random.normal(jax.random.key(2), (3, 5, 24))
+
+PAIRS = {
+    "int8 per channel/token": (qjax.QuantSpec("int8", qjax.PerRow(0)),
+                               qjax.QuantSpec("int8", qjax.PerRow(-1))),
+    "int4 clipped, per tensor": (qjax.QuantSpec("int4", qjax.PerTensor(), "absmax", "clipped_ste"),
+                                 qjax.QuantSpec("int4", qjax.PerTensor(), "absmax",
+                                                "clipped_ste")),
+    "quest midrise 4 (trust)": (quest.spec(4, axis=0, hadamard=None), quest.spec(4, hadamard=None)),
+    "quest midrise 7": (quest.spec(7, axis=0, hadamard=None), quest.spec(7, hadamard=None)),
+    "ternary": (qjax.QuantSpec("ternary", qjax.PerRow(0), "rms_gaussian"),
+                qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_matches_fake_quant_forward_and_backward(name):
+    w, a = PAIRS[name]
+    f_int = lambda x, k: qat_dense(x, k, w, a)
+    f_fq = lambda x, k: qjax.fake_quant(x, a) @ qjax.fake_quant(k, w)
+    y_int, vjp_int = jax.vjp(f_int, X, K)
+    y_fq, vjp_fq = jax.vjp(f_fq, X, K)
+    # The int32 sum is exact; only the float matmul's rounding differs.
+    np.testing.assert_allclose(y_int, y_fq, rtol=1e-5, atol=1e-5 * float(jnp.abs(y_fq).max()))
+    for d_int, d_fq in zip(vjp_int(G), vjp_fq(G), strict=True):
+        np.testing.assert_allclose(d_int, d_fq, rtol=1e-6, atol=1e-6)
+
+
+def test_forward_really_is_an_int8_dot():
+    w, a = PAIRS["int8 per channel/token"]
+    jaxpr = str(jax.make_jaxpr(lambda x, k: qat_dense(x, k, w, a))(X, K))
+    assert "preferred_element_type=int32" in jaxpr and "i8[" in jaxpr
+
+
+def test_layers_and_rewrite_use_it():
+    lq = Method("quest", 4, 4, integer_forward=True).layer_quant(0)
+    assert lq.integer_forward
+    layer = qjax.nn.linen.QDense(24, weight=lq.weight, activation=lq.activation)
+    p = layer.init(jax.random.key(3), X)["params"]
+    int_layer = qjax.nn.linen.QDense(24, method=Method("quest", 4, 4, integer_forward=True))
+    np.testing.assert_allclose(int_layer.apply({"params": p}, X), layer.apply({"params": p}, X),
+                               rtol=1e-5, atol=1e-5)
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(24, name="d")(x)
+
+    qa = qjax.nn.quantize_model(M(), {"d": Method("ste", 8, 8)})
+    qb = qjax.nn.quantize_model(M(), {"d": Method("ste", 8, 8, integer_forward=True)})
+    v = qa.init(jax.random.key(4), X)
+    np.testing.assert_allclose(qb.apply(v, X), qa.apply(v, X), rtol=1e-5, atol=1e-5)
+    ga = jax.grad(lambda p: jnp.sum(qa.apply({"params": p}, X) * G))(v["params"])
+    gb = jax.grad(lambda p: jnp.sum(qb.apply({"params": p}, X) * G))(v["params"])
+    np.testing.assert_allclose(gb["d"]["kernel"], ga["d"]["kernel"], rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_specs_are_refused_with_a_reason():
+    w, a = PAIRS["int8 per channel/token"]
+    assert integer_forward_reason(w, a) is None
+    assert "both" in integer_forward_reason(w, None)
+    assert "zero point" in integer_forward_reason(
+        w, qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax_asymmetric"))
+    assert "no exact int8 code" in integer_forward_reason(quest.spec(8, axis=0), quest.spec(8))
+    assert "granularity" in integer_forward_reason(qjax.QuantSpec("int8", qjax.PerGroup(0, 32)), a)
+    assert "learned" in integer_forward_reason(w, qjax.QuantSpec("int8", estimator="lsq"))
+    with pytest.raises(ValueError, match="integer_forward is not available"):
+        LayerQuant(w, None, integer_forward=True)
+    with pytest.raises(ValueError, match="integer forward not available"):
+        qat_dense(X, K, w, qjax.QuantSpec("e4m3", qjax.PerRow(-1)))

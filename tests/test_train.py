@@ -1,0 +1,108 @@
+"""End-to-end tests of the training program: a tiny run, exact resume, bad input."""
+
+import json
+import os
+
+import pytest
+
+from qjax import train
+from qjax.config import TrainConfig
+
+TINY = dict(d_model=64, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, lr=3e-3,
+            block_size=64, max_corpus_bytes=2_000_000, eval_every=3, eval_batches=2, log_every=1,
+            checkpoint_every=3)
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    config = TrainConfig(name="tiny", out_dir=str(out), **TINY)
+    return out, train.run(config)
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_table(uninterrupted, capsys):
+    out, results = uninterrupted
+    assert [r["label"] for r in results] == ["float32", "quest W4A4"]
+    for sub in ("float", "qat"):
+        rows = _rows(out / sub / "metrics.jsonl")
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+        assert all(r["qat"] == (sub == "qat") for r in rows if "loss" in r)
+        assert sorted(os.listdir(out / sub / "ckpt")) == ["3", "6"]
+        assert json.loads((out / sub / "done.json").read_text())["steps"] == 6
+    assert "quest W4A4" in (out / "results.md").read_text()
+    for r in results:
+        assert 0 < r["val_loss"] < 6
+
+
+def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
+    full_out, _ = uninterrupted
+    config = TrainConfig(name="tiny", out_dir=str(tmp_path), stop_after=3, baseline=False,
+                         **TINY)
+    assert train.run(config) == []  # stopped after the step-3 checkpoint
+    # a half-written step-4 metrics line, as a kill right after logging would leave
+    with open(tmp_path / "qat" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    resumed = train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, **TINY))
+    def strip(rows):  # wall-clock throughput differs between runs; everything else must not
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert strip(_rows(tmp_path / "qat" / "metrics.jsonl")) == strip(
+        _rows(full_out / "qat" / "metrics.jsonl"))
+    assert resumed[0]["val_loss"] == json.loads((full_out / "qat" / "done.json").read_text())[
+        "val_loss"]
+
+
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--override", "stepz=3"])
+    assert e.value.code == 2 and "unknown config key 'stepz'" in capsys.readouterr().err
+    config = TrainConfig(name="x", out_dir=str(tmp_path), corpus_paths=(str(tmp_path / "no"),),
+                         **{k: v for k, v in TINY.items() if k != "max_corpus_bytes"})
+    with pytest.raises(FileNotFoundError, match="no"):
+        train.run(config)
+
+
+def test_sigkill_mid_run_then_resume_matches(uninterrupted, tmp_path):
+    """A real kill (SIGKILL, possibly mid-checkpoint) loses nothing: the resumed run's losses
+    equal the uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full_out, _ = uninterrupted
+    overrides = [f"{k}={v}" for k, v in TINY.items()] + [
+        "name=tiny", f"out_dir={tmp_path}", "baseline=false", "checkpoint_every=1", "steps=6"]
+    cmd = [sys.executable, "-m", "qjax.train", "--override", *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "qat" / "ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in ckpt.iterdir()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "qat" / "done.json").exists(), "the run finished before the kill"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=300)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert strip(_rows(tmp_path / "qat" / "metrics.jsonl")) == strip(
+        _rows(full_out / "qat" / "metrics.jsonl"))
+
+
+def test_float_phase_then_qat(tmp_path):
+    config = TrainConfig(name="phase", out_dir=str(tmp_path), baseline=False, qat_start=0.5,
+                         **{**TINY, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
+    train.run(config)
+    rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
+    assert [r["qat"] for r in rows] == [False, False, True, True]
