@@ -8,6 +8,9 @@ blocks (``blocks_<i>/attn/{q,k,v,o}``, ``blocks_<i>/mlp/{gate,up,down}``) are qu
 * ``qjax QuEST W4A4``: ``Method("quest", 4, 4)`` (Hadamard rotations, RMS scales, trust).
 * ``qjax int8 W8A8``: int8 absmax weights per output channel, int8 per token inputs, STE.
 * ``qjax int4 weight-only``: int4 absmax weights per group of 128 along K, STE.
+* ``... (int8 forward)``: the same QuEST W4A4 and int8 W8A8 with ``integer_forward=True``: the
+  forward matmul is an int8 x int8 -> int32 ``dot_general`` with the fake-quant values and
+  gradients (``qjax.qdot``); QuEST's 4-bit midrise codes are stored as odd int8 integers.
 * ``Qwix int8 W8A8`` (and ``quantized bwd``: gradients int8 too), ``Qwix int4 weight-only``
   (tile 128 along K): ``qwix.quantize_model`` with a ``QtProvider``.
 * ``AQT int8 W8A8``: AQT v2 ``AqtDotGeneral(config_v4(fwd_bits=8, dlhs_bits=None,
@@ -49,6 +52,7 @@ BLOCK_LINEARS = next(iter(quantization_rules("ste")))  # regex over "blocks_0/at
 FLOAT = "float32"
 W8A8 = LayerQuant(qjax.QuantSpec("int8", qjax.PerRow(0), "absmax", "ste"),
                   qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste"))
+W8A8_INT = LayerQuant(W8A8.weight, W8A8.activation, integer_forward=True)
 W4_G128 = LayerQuant(qjax.QuantSpec("int4", qjax.PerGroup(0, 128), "absmax", "ste"), None)
 
 Init = Callable[[jax.Array, jax.Array], Any]
@@ -100,7 +104,10 @@ def cases(cfg: LlamaConfig) -> dict[str, Callable[[], tuple[Init, Apply]]]:
     return {
         FLOAT: lambda: (plain.init, plain.apply),
         "qjax QuEST W4A4": lambda: qjax_case(cfg, Method("quest", 4, 4)),
+        "qjax QuEST W4A4 (int8 forward)": lambda: qjax_case(
+            cfg, Method("quest", 4, 4, integer_forward=True)),
         "qjax int8 W8A8": lambda: qjax_case(cfg, W8A8),
+        "qjax int8 W8A8 (int8 forward)": lambda: qjax_case(cfg, W8A8_INT),
         "qjax int4 weight-only": lambda: qjax_case(cfg, W4_G128),
         "Qwix int8 W8A8": lambda: qwix_case(cfg, weight_qtype="int8", act_qtype="int8"),
         "Qwix int8 (quantized bwd)": lambda: qwix_case(
@@ -177,10 +184,12 @@ def main() -> None:
         return results.get(name, {}).get("median_ms")
 
     goals = {
-        "qjax int8 W8A8 <= Qwix int8 W8A8": goal(ms("qjax int8 W8A8"), ms("Qwix int8 W8A8")),
+        "qjax int8 W8A8 (int8 forward) <= Qwix int8 W8A8": goal(
+            ms("qjax int8 W8A8 (int8 forward)"), ms("Qwix int8 W8A8")),
         "qjax int4 weight-only <= Qwix int4 weight-only": goal(
             ms("qjax int4 weight-only"), ms("Qwix int4 weight-only")),
-        "qjax QuEST W4A4 <= 1.15x float32": goal(ms("qjax QuEST W4A4"), ms(FLOAT), 1.15),
+        "qjax QuEST W4A4 (int8 forward) <= 1.15x float32": goal(
+            ms("qjax QuEST W4A4 (int8 forward)"), ms(FLOAT), 1.15),
     }
     mach = machine()
     md = [
@@ -191,9 +200,10 @@ def main() -> None:
         f"Machine: {mach['processor']}, {mach['cpus']} CPUs, {mach['platform']}, JAX "
         f"{mach['jax']} ({mach['backend']}); median of {repeats} interleaved runs after "
         f"{args.warmup} warm-up calls.",
-        "These are CPU ratios; GPU/TPU were not measured here. qjax fake-quantizes and "
-        "multiplies in float32; Qwix and AQT W8A8 run int8 x int8 dot_generals in the forward "
-        "pass (and Qwix's quantized bwd in the backward too); Qwix int4 dequantizes to float.", "",
+        "These are CPU ratios; GPU/TPU were not measured here. qjax's default fake-quantizes "
+        "and multiplies in float32; its (int8 forward) cases, Qwix and AQT W8A8 run int8 x int8 "
+        "dot_generals in the forward pass (Qwix's quantized bwd in the backward too); int4 "
+        "weight-only dequantizes to float in both qjax and Qwix.", "",
         "| case | median ms | ratio vs float32 | tokens/s |", "|---|---|---|---|",
     ]
     for name, r in results.items():

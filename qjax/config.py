@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Sequence
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "STUDY", "study_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,9 @@ class TrainConfig:
     act_bits: int | None = 4
     trust: float = 1.0
     clip: float | None = None
-    hadamard: str | None = "half"
+    hadamard: str | None = "auto"
+    grid: str = "auto"
+    estimator: str = "auto"
     block_size: int = 128
     qat_start: float = 0.0
     quantizer_lr_multiplier: float = 1.0
@@ -136,3 +138,42 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"get_config() in {path!r} must return a TrainConfig")
     return apply_overrides(config, overrides)
+
+
+# The QuEST study (benchmarks/quest_quality.py, configs/study_*.py): one tiny model and token
+# budget for every method. Every method uses QuEST's midrise grid (2^b levels) so that grids are
+# equal; weights are quantized per output channel everywhere; what differs is stated per row.
+STUDY_BASE = dict(d_model=128, n_layers=2, n_heads=4, seq_len=256, batch_size=16, steps=1200,
+                  lr=3e-3, baseline=False, eval_every=200, checkpoint_every=200, eval_batches=32,
+                  grid="midrise")
+STUDY: dict[str, dict] = {
+    "float": dict(method=None),
+    # QuEST: Hadamard (half form), RMS-Gaussian scales per row/token, trust estimator.
+    "quest_w8a8": dict(method="quest", weight_bits=8, act_bits=8),
+    "quest_w4a4": dict(method="quest", weight_bits=4, act_bits=4),
+    "quest_w3a3": dict(method="quest", weight_bits=3, act_bits=3),
+    "quest_w2a2": dict(method="quest", weight_bits=2, act_bits=2),
+    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip=1.3),  # clip mask 1.3
+    "quest_w4": dict(method="quest", weight_bits=4, act_bits=None),  # weight-only
+    "quest_w2": dict(method="quest", weight_bits=2, act_bits=None),
+    # Ablation: QuEST's forward (Hadamard, RMS scales) with identity STE instead of trust.
+    "quest_ste_w4a4": dict(method="quest", weight_bits=4, act_bits=4, estimator="ste"),
+    "quest_ste_w2a2": dict(method="quest", weight_bits=2, act_bits=2, estimator="ste"),
+    # LSQ: learned steps, per output channel (weights) and per tensor (inputs: a step per token
+    # cannot be learned); no Hadamard.
+    "lsq_w4a4": dict(method="lsq", weight_bits=4, act_bits=4),
+    "lsq_w2a2": dict(method="lsq", weight_bits=2, act_bits=2),
+    # PACT: learned symmetric clip per tensor for inputs; absmax weights with clipped STE.
+    "pact_w4a4": dict(method="pact", weight_bits=4, act_bits=4),
+    "pact_w2a2": dict(method="pact", weight_bits=2, act_bits=2),
+    # Plain STE: absmax per output channel and per token, identity STE, no Hadamard.
+    "ste_w4a4": dict(method="ste", weight_bits=4, act_bits=4),
+    "ste_w2a2": dict(method="ste", weight_bits=2, act_bits=2),
+}
+
+
+def study_config(name: str, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of study row ``name`` (see :data:`STUDY`)."""
+    if name not in STUDY:
+        raise ValueError(f"unknown study config {name!r}; known: {', '.join(STUDY)}")
+    return TrainConfig(**{**STUDY_BASE, "name": f"study_{name}", **STUDY[name], **overrides})

@@ -37,7 +37,7 @@ from qjax.models.llama import Llama, LlamaConfig, non_embedding_params, quantiza
 from qjax.nn.common import Method
 from qjax.nn.rewrite import quantize_model
 
-__all__ = ["main", "run", "train_one"]
+__all__ = ["main", "run", "train_one", "build_model", "load_params"]
 
 
 def _method(config: TrainConfig) -> Method | None:
@@ -45,7 +45,8 @@ def _method(config: TrainConfig) -> Method | None:
         return None
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
                   block_size=config.block_size, trust=config.trust, clip=config.clip,
-                  hadamard=config.hadamard, integer_forward=config.integer_forward)
+                  hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
+                  integer_forward=config.integer_forward)
 
 
 def _label(config: TrainConfig) -> str:
@@ -53,7 +54,9 @@ def _label(config: TrainConfig) -> str:
         return "float32"
     w = f"W{config.weight_bits}" if config.weight_bits else ""
     a = f"A{config.act_bits}" if config.act_bits else ""
-    return f"{config.method} {w}{a}"
+    name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
+                            else "")
+    return f"{name} {w}{a}"
 
 
 class _Progress:
@@ -92,6 +95,43 @@ def _read_metrics(path: str, keep_until: int) -> list[dict]:
     return rows
 
 
+def build_model(config: TrainConfig):
+    """The (quantized) reference model of ``config`` and its initial params."""
+    model_cfg = LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
+                            n_heads=config.n_heads, max_seq_len=config.seq_len)
+    model = quantize_model(Llama(model_cfg), quantization_rules(_method(config)))
+    sample = jnp.zeros((1, config.seq_len), jnp.int32)
+    return model, model.init(jax.random.key(config.seed), sample)["params"]
+
+
+def _optimizer(config: TrainConfig):
+    schedule = optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction)
+    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
+    return schedule, tx
+
+
+def _abstract_state(params, tx, seed: int) -> dict:
+    state = {"params": params, "opt_state": tx.init(params), "step": 0,
+             "rng": jax.random.key_data(jax.random.key(seed + 1))}
+    return state
+
+
+def load_params(config: TrainConfig, run_dir: str):
+    """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``)."""
+    _, params = build_model(config)
+    _, tx = _optimizer(config)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "ckpt")))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/ckpt")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      _abstract_state(params, tx, config.seed))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    manager.close()
+    return restored["params"]
+
+
 def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
     """Trains one model (float if ``config.method`` is None) and returns its final metrics."""
     done_path = os.path.join(run_dir, "done.json")
@@ -100,19 +140,12 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     method = _method(config)
-    model_cfg = LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
-                            n_heads=config.n_heads, max_seq_len=config.seq_len)
-    model = quantize_model(Llama(model_cfg), quantization_rules(method))
-    sample = jnp.zeros((1, config.seq_len), jnp.int32)
-    params = model.init(jax.random.key(config.seed), sample)["params"]
-    schedule = optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction)
-    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
+    model, params = build_model(config)
+    schedule, tx = _optimizer(config)
     qat = optim.QATSchedule(
         config.qat_start if config.qat_start <= 1.0 else int(config.qat_start), config.steps
     )
-    state = {"params": params, "opt_state": tx.init(params), "step": 0,
-             "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
+    state = _abstract_state(params, tx, config.seed)
 
     def loss_fn(p, inputs, targets, qat_on):
         logits = model.apply({"params": p}, inputs, qat=qat_on)

@@ -87,12 +87,20 @@ class LayerQuant:
 class Method:
     """A named recipe at given bit widths (``act_bits=None``: weight-only).
 
-    * ``quest``: midrise grid, RMS-Gaussian scales per row, trust estimator, half Hadamard on both
-      operands (``clip`` switches to the clip mask, e.g. 1.3 for W1A1).
-    * ``lsq``: integer grid; learned steps per output channel (weights) and per tensor (inputs).
+    * ``quest``: RMS-Gaussian scales per row, trust estimator (``clip`` switches to the clip
+      mask, e.g. 1.3 for W1A1; ``estimator="ste"`` or ``"clipped_ste"`` replaces it), half
+      Hadamard on both
+      operands.
+    * ``lsq``: learned steps per output channel (weights) and per tensor (inputs).
     * ``pact``: learned signed clipping level per tensor for inputs; weights absmax per output
       channel with clipped STE.
-    * ``ste``: integer grid, absmax per output channel / per token, identity STE.
+    * ``ste``: absmax per output channel / per token, identity STE (``estimator="clipped_ste"``
+      for the clipped one).
+
+    ``grid`` is ``"midrise"`` (QuEST's ``2^b`` levels without zero) or ``"int"`` (signed
+    integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard`` is
+    ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others. Setting
+    both explicitly makes methods comparable on the same grid and rotation.
     """
 
     name: str
@@ -101,7 +109,9 @@ class Method:
     block_size: int = 128
     trust: float = 1.0
     clip: float | None = None
-    hadamard: str | None = "half"
+    hadamard: str | None = "auto"
+    grid: str = "auto"
+    estimator: str = "auto"
     integer_forward: bool = False
 
     def __post_init__(self):
@@ -111,10 +121,22 @@ class Method:
             bits = getattr(self, name)
             if bits is not None:
                 F._check_bits(bits)
-        if self.hadamard not in quest.HADAMARD_FORMS:
-            raise ValueError(f"hadamard must be one of {quest.HADAMARD_FORMS}")
+        if self.hadamard not in quest.HADAMARD_FORMS + ("auto",):
+            raise ValueError(f"hadamard must be one of {quest.HADAMARD_FORMS + ('auto',)}")
+        if self.grid not in ("auto", "midrise", "int"):
+            raise ValueError(f"grid must be 'auto', 'midrise' or 'int', got {self.grid!r}")
+        allowed = {"quest": ("auto", "trust", "ste", "clipped_ste"),
+                   "ste": ("auto", "ste", "clipped_ste")}.get(
+            self.name, ("auto",))
+        if self.estimator not in allowed:
+            raise ValueError(f"estimator of {self.name} must be one of {allowed}, "
+                             f"got {self.estimator!r}")
 
-    def layer_quant(self, contract_axis: int | None, kernel_ndim: int = 2) -> LayerQuant:
+    def _format(self, bits: int) -> F.Format:
+        midrise = self.grid == "midrise" or (self.grid == "auto" and self.name == "quest")
+        return F.Midrise(bits) if midrise else F.IntFormat(bits)
+
+    def layer_quant(self, contract_axis: int | None) -> LayerQuant:
         """Specs for a kernel whose input features lie along ``contract_axis``.
 
         ``contract_axis=None`` means an embedding table ``(vocab, features)``: weight-only, rows
@@ -123,30 +145,35 @@ class Method:
         embed = contract_axis is None
         w_axis = -1 if embed else contract_axis
         wb, ab = self.weight_bits, None if embed else self.act_bits
-        hadamard = None if embed else self.hadamard
+        hadamard = self.hadamard
+        if hadamard == "auto":
+            hadamard = "half" if self.name == "quest" else None
+        if embed:
+            hadamard = None
+
+        def make(bits, granularity, scale, estimator, axis):
+            if bits is None:
+                return None
+            rot = {} if hadamard is None else dict(
+                hadamard=self.block_size, hadamard_axis=axis, hadamard_mode=hadamard,
+                hadamard_method="matmul")
+            return SP.QuantSpec(self._format(bits), granularity, scale, estimator, **rot)
+
         if self.name == "quest":
-
-            def mk(bits, axis):
-                return quest.spec(bits, hadamard=hadamard, trust=self.trust, clip=self.clip,
-                                  block_size=self.block_size, axis=axis)
-
-            return LayerQuant(None if wb is None else mk(wb, w_axis),
-                              None if ab is None else mk(ab, -1),
-                              self.integer_forward and not embed)
-        row = G.PerRow(w_axis)
-        if self.name == "lsq":
-            w = None if wb is None else SP.QuantSpec(F.IntFormat(wb), row, estimator=SP.LSQ())
-            a = None if ab is None else SP.QuantSpec(F.IntFormat(ab), G.PerTensor(),
-                                                     estimator=SP.LSQ())
+            est = {"ste": SP.STE(), "clipped_ste": SP.ClippedSTE()}.get(
+                self.estimator, SP.Trust(self.trust, self.clip))
+            w = make(wb, G.PerRow(w_axis), S.RmsGaussian(), est, w_axis)
+            a = make(ab, G.PerRow(-1), S.RmsGaussian(), est, -1)
+        elif self.name == "lsq":
+            w = make(wb, G.PerRow(w_axis), S.AbsMax(), SP.LSQ(), w_axis)
+            a = make(ab, G.PerTensor(), S.AbsMax(), SP.LSQ(), -1)
         elif self.name == "pact":
-            w = None if wb is None else SP.QuantSpec(F.IntFormat(wb), row, "absmax",
-                                                     SP.ClippedSTE())
-            a = None if ab is None else SP.QuantSpec(F.IntFormat(ab), G.PerTensor(),
-                                                     estimator=SP.PACT())
+            w = make(wb, G.PerRow(w_axis), S.AbsMax(), SP.ClippedSTE(), w_axis)
+            a = make(ab, G.PerTensor(), S.AbsMax(), SP.PACT(), -1)
         else:  # ste
-            w = None if wb is None else SP.QuantSpec(F.IntFormat(wb), row, "absmax", SP.STE())
-            a = None if ab is None else SP.QuantSpec(F.IntFormat(ab), G.PerRow(-1), "absmax",
-                                                     SP.STE())
+            est = SP.ClippedSTE() if self.estimator == "clipped_ste" else SP.STE()
+            w = make(wb, G.PerRow(w_axis), S.AbsMax(), est, w_axis)
+            a = make(ab, G.PerRow(-1), S.AbsMax(), est, -1)
         return LayerQuant(w, a, self.integer_forward and not embed)
 
 

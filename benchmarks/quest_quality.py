@@ -1,0 +1,204 @@
+"""QuEST end to end: validation loss of 1- to 8-bit QAT against LSQ, PACT and plain STE.
+
+Runs the study configs of ``qjax.config.STUDY`` (one tiny Llama-style LM, one token budget, the
+same midrise grid for every method; ``configs/study_*.py`` hold the same rows) one at a time with
+the training program, so an interrupted benchmark resumes from its checkpoints
+(``runs/quest_quality/<row>/seed<k>``) and never redoes a finished run. Then it writes
+``benchmarks/results/quest_quality.{json,md,png}``: validation loss and perplexity per method and
+bit width, tokens, model size, the gap to float, the goals of the study, and the gradient-quality
+diagnostic (cosine between the QAT and the float gradient at the trained float model, for STE,
+clipped STE and trust at 4 and 2 bits, QuEST's forward in all three).
+
+Run: ``python benchmarks/quest_quality.py [--configs quest_w4a4,float] [--quick]
+[--headline-seeds 0,1,2]``. ``--quick`` trains 60 steps on a 4 MB corpus (a smoke run, written
+to ``quest_quality_quick.*``). Expect about 6-8 minutes per full run on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+
+import jax
+import optax
+
+from qjax import data as D
+from qjax import train
+from qjax.config import STUDY, study_config
+from qjax.diagnostics import gradient_cosine
+
+try:
+    from benchmarks._timing import machine, write_results
+except ImportError:  # run as a script from the benchmarks folder
+    from _timing import machine, write_results
+
+HEADLINE = ("float", "quest_w4a4", "quest_w2a2")
+QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
+             max_corpus_bytes=4_000_000)
+
+
+def _config(name: str, seed: int, quick: bool, runs_dir: str):
+    extra = QUICK if quick else {}
+    return study_config(name, seed=seed, out_dir=os.path.join(runs_dir, name, f"seed{seed}"),
+                        **extra)
+
+
+def _weight_mb(result: dict, cfg) -> float:
+    """Block linears at their weight bits (float32 when not quantized) plus float32 embeddings."""
+    bits = cfg.weight_bits if cfg.method is not None and cfg.weight_bits else 32
+    embed = 2 * 256 * cfg.d_model
+    return (result["non_embedding_params"] * bits + embed * 32) / 8 / 2**20
+
+
+def _gradient_quality(corpus: D.Corpus, float_cfg, float_dir: str) -> dict:
+    params = train.load_params(float_cfg, float_dir)
+    inputs, targets = D.get_batch(corpus.train, 10**6, float_cfg.batch_size, float_cfg.seq_len,
+                                  float_cfg.seed)
+    out = {}
+    for bits in (4, 2):
+        for est in ("ste", "clipped_ste", "trust"):
+            cfg = dataclasses.replace(float_cfg, method="quest", weight_bits=bits, act_bits=bits,
+                                      estimator=est)
+            model, _ = train.build_model(cfg)
+
+            def loss(p, i, t, qat, model=model):
+                logits = model.apply({"params": p}, i, qat=qat)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
+
+            cos = gradient_cosine(loss, params, jax.numpy.asarray(inputs),
+                                  jax.numpy.asarray(targets))
+            out[f"W{bits}A{bits} {est}"] = cos["all"]
+            print(f"gradient cosine W{bits}A{bits} {est}: {cos['all']:.4f}", flush=True)
+    return out
+
+
+def _plot(rows: list[dict], float_loss: float | None, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["method"] is not None and r["act_bits"] is not None:
+            by_method.setdefault(r["label"].split()[0], []).append((r["weight_bits"], r["mean"]))
+    for method, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+    if float_loss is not None:
+        ax.axhline(float_loss, color="k", ls="--", label="float32")
+    ax.set_xlabel("bits (weights = activations)")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("QAT of a tiny Llama on the Python stdlib, equal tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=",".join(STUDY), help="comma-separated study rows")
+    parser.add_argument("--quick", action="store_true", help="60-step smoke run")
+    parser.add_argument("--headline-seeds", default="0,1", help="seeds for " + ", ".join(HEADLINE))
+    parser.add_argument("--runs-dir", default=os.path.join("runs", "quest_quality"))
+    parser.add_argument("--no-diagnostic", action="store_true")
+    args = parser.parse_args()
+    names = [n for n in args.configs.split(",") if n]
+    unknown = [n for n in names if n not in STUDY]
+    if unknown:
+        parser.error(f"unknown study rows {unknown}; known: {', '.join(STUDY)}")
+    runs_dir = args.runs_dir + ("_quick" if args.quick else "")
+    headline_seeds = [int(s) for s in args.headline_seeds.split(",") if s]
+
+    first = _config(names[0], 0, args.quick, runs_dir)
+    corpus = D.load_corpus(D.CorpusConfig(paths=first.corpus_paths,
+                                          max_bytes=first.max_corpus_bytes,
+                                          val_fraction=first.val_fraction))
+    print(corpus.info.describe(), flush=True)
+    entropy = D.unigram_entropy(corpus.val)
+    rows = []
+    for name in names:
+        seeds = headline_seeds if name in HEADLINE else [0]
+        results, cfg = [], None
+        for seed in seeds:
+            cfg = _config(name, seed, args.quick, runs_dir)
+            print(f"== {name} seed {seed}", flush=True)
+            results.append(train.train_one(cfg, corpus, cfg.run_dir))
+        losses = [r["val_loss"] for r in results]
+        rows.append({
+            "config": name, "label": results[0]["label"], "method": cfg.method,
+            "weight_bits": cfg.weight_bits if cfg.method else None,
+            "act_bits": cfg.act_bits if cfg.method else None, "seeds": seeds, "val_loss": losses,
+            "mean": statistics.fmean(losses),
+            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "tokens": results[0]["tokens"], "non_embedding_params":
+                results[0]["non_embedding_params"], "weights_mb": _weight_mb(results[0], cfg),
+        })
+    by = {r["config"]: r for r in rows}
+    base = by.get("float", {}).get("mean")
+    for r in rows:
+        r["gap_pct"] = None if base is None else 100 * (r["mean"] / base - 1)
+        r["ppl"] = math.exp(r["mean"])
+
+    def less(a: str, b: str) -> bool | None:
+        return None if a not in by or b not in by else bool(by[a]["mean"] < by[b]["mean"])
+
+    goals = {
+        "QuEST W4A4 within 2% of float": None if base is None or "quest_w4a4" not in by
+        else bool(by["quest_w4a4"]["gap_pct"] <= 2.0),
+        "QuEST < LSQ at W4A4": less("quest_w4a4", "lsq_w4a4"),
+        "LSQ < STE at W4A4": less("lsq_w4a4", "ste_w4a4"),
+        "QuEST < LSQ at W2A2": less("quest_w2a2", "lsq_w2a2"),
+        "LSQ < STE at W2A2": less("lsq_w2a2", "ste_w2a2"),
+        "W1A1 finite and well below the unigram entropy": None if "quest_w1a1" not in by
+        else bool(math.isfinite(by["quest_w1a1"]["mean"])
+                  and by["quest_w1a1"]["mean"] < 0.8 * entropy),
+    }
+    diag = {}
+    if not args.no_diagnostic and "float" in by:
+        float_cfg = _config("float", 0, args.quick, runs_dir)
+        diag = _gradient_quality(corpus, float_cfg, float_cfg.run_dir)
+
+    suffix = "_quick" if args.quick else ""
+    cfg0 = _config(names[0], 0, args.quick, runs_dir)
+    mach = machine()
+    md = [f"# QuEST study{' (quick smoke run)' if args.quick else ''}", "",
+          f"Byte-level Llama d={cfg0.d_model}, {cfg0.n_layers} layers, seq {cfg0.seq_len}, batch "
+          f"{cfg0.batch_size}, {cfg0.steps} steps ({cfg0.steps * cfg0.batch_size * cfg0.seq_len:,}"
+          f" tokens) of {corpus.info.describe().split(' files')[0]}; lr {cfg0.lr} for every "
+          f"method (untuned); {mach['processor']}, {mach['cpus']} CPUs, JAX {mach['jax']}.", "",
+          "| config | method | val loss | ppl | vs float | seeds | weights MB |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = f"{r['mean']:.4f}" + (f" +- {r['std']:.4f}" if len(r["seeds"]) > 1 else "")
+        gap = "" if r["gap_pct"] is None or r["method"] is None else f"{r['gap_pct']:+.1f}%"
+        md.append(f"| {r['config']} | {r['label']} | {loss} | {r['ppl']:.3f} | {gap} | "
+                  f"{len(r['seeds'])} | {r['weights_mb']:.2f} |")
+    md += ["", f"Unigram entropy of the validation bytes: {entropy:.4f} nats/byte.", "",
+           "Goals:", ""] + [f"- {g}: {'n/a' if ok is None else ok}" for g, ok in goals.items()]
+    if diag:
+        md += ["", "Gradient cosine (QAT vs float gradient, all block linears, trained float "
+               "model, one batch):", "", "| estimator | cosine |", "|---|---|"]
+        md += [f"| {k} | {v:.4f} |" for k, v in diag.items()]
+    markdown = "\n".join(md) + "\n"
+    print(markdown)
+    info = {k: v for k, v in dataclasses.asdict(corpus.info).items() if not k.endswith("files")}
+    payload = {"machine": mach, "quick": args.quick, "corpus": info,
+               "unigram_entropy": entropy, "rows": rows, "goals": goals,
+               "gradient_cosine": diag}
+    paths = write_results(f"quest_quality{suffix}", payload, markdown)
+    png = os.path.join(os.path.dirname(paths[0]), f"quest_quality{suffix}.png")
+    if _plot(rows, base, png):
+        paths += (png,)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

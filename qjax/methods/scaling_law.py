@@ -1,0 +1,118 @@
+"""QuEST's precision-aware scaling law: fit it to runs and read off the best bit width.
+
+``L(N, D, P) = A / (N * eff(P))^alpha + B / D^beta + E`` with ``N`` non-embedding parameters,
+``D`` training tokens and ``P`` bits; ``eff(P)`` is the parameter efficiency of precision ``P``
+(1 at the reference precision). At a fixed memory budget of ``M = N * P`` bits the model with the
+most effective parameters ``(M / P) * eff(P)`` wins, so the best precision maximises ``eff(P)/P``.
+
+:func:`fit` fits the law to runs by least squares on ``log L`` (``scipy.optimize.least_squares``
+from a grid of starting points, as Hoffmann et al. fit theirs); :data:`QUEST_PUBLISHED` holds the
+authors' fitted parameters, which reproduce the paper's 30M-parameter results.
+
+References:
+  Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["ScalingLaw", "Run", "fit", "QUEST_PUBLISHED"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run: ``n`` non-embedding params, ``d`` tokens, ``bits``, final ``loss``."""
+
+    n: float
+    d: float
+    bits: float
+    loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingLaw:
+    """Parameters of ``L = A/(N eff(P))^alpha + B/D^beta + E``; ``eff`` maps bits to efficiency."""
+
+    a: float
+    alpha: float
+    b: float
+    beta: float
+    e: float
+    eff: Mapping[float, float]
+
+    def predict(self, n: float, d: float, bits: float) -> float:
+        if bits not in self.eff:
+            raise ValueError(f"no efficiency for {bits} bits; known: {sorted(self.eff)}")
+        return float(self.a / (n * self.eff[bits]) ** self.alpha + self.b / d**self.beta + self.e)
+
+    def best_bits(self, memory_bits: float, tokens: float,
+                  candidates: Sequence[float] | None = None) -> float:
+        """The precision with the lowest predicted loss for ``N = memory_bits / P`` parameters."""
+        cands = sorted(self.eff) if candidates is None else list(candidates)
+        return min(cands, key=lambda p: self.predict(memory_bits / p, tokens, p))
+
+    def efficiency_per_bit(self) -> dict[float, float]:
+        """``eff(P) * 16 / P``: effective parameters per 16 bits of memory."""
+        return {p: e * 16 / p for p, e in sorted(self.eff.items())}
+
+
+QUEST_PUBLISHED = ScalingLaw(
+    a=8.134, alpha=0.06273, b=86.41, beta=0.2413, e=0.00142,
+    eff={1: 0.0205, 2: 0.152, 3: 0.433, 4: 0.692, 8: 1.016, 16: 1.0},
+)
+
+
+def fit(runs: Sequence[Run], reference_bits: float | None = None) -> ScalingLaw:
+    """Fits the law to ``runs`` (at least 5 + number of precisions, spanning N, D and P).
+
+    ``eff(reference_bits) = 1`` fixes the scale that ``A`` and ``eff`` share; the default is the
+    highest precision among the runs.
+
+    Raises:
+      ValueError: too few runs, non-positive values, or a reference precision with no runs.
+    """
+    from scipy.optimize import least_squares
+
+    runs = list(runs)
+    precisions = sorted({float(r.bits) for r in runs})
+    ref = float(max(precisions) if reference_bits is None else reference_bits)
+    if ref not in precisions:
+        raise ValueError(f"reference_bits {ref} has no runs; precisions: {precisions}")
+    free = [p for p in precisions if p != ref]
+    if len(runs) < 5 + len(free):
+        raise ValueError(f"need at least {5 + len(free)} runs for {len(precisions)} precisions")
+    arr = np.array([[r.n, r.d, r.bits, r.loss] for r in runs], dtype=np.float64)
+    if np.any(arr[:, [0, 1, 3]] <= 0):
+        raise ValueError("n, d and loss must be positive")
+    n, d, bits, loss = arr.T
+    idx = np.array([free.index(b) if b in free else -1 for b in bits])
+
+    # params: log A, alpha, log B, beta, log E, log eff(p) for p in free
+    def unpack(x):
+        log_eff = np.concatenate([x[5:], [0.0]])[idx]
+        return np.exp(x[0]), x[1], np.exp(x[2]), x[3], np.exp(x[4]), log_eff
+
+    def residuals(x):
+        a, alpha, b, beta, e, log_eff = unpack(x)
+        pred = a * np.exp(-alpha * (np.log(n) + log_eff)) + b * np.exp(-beta * np.log(d)) + e
+        return np.log(pred) - np.log(loss)
+
+    best = None
+    for alpha0, beta0, e0 in itertools.product((0.05, 0.2, 0.5), (0.1, 0.3, 0.6), (1e-3, 0.5)):
+        x0 = np.concatenate([[np.log(10.0), alpha0, np.log(100.0), beta0, np.log(e0)],
+                             np.zeros(len(free))])
+        lower = [-20, 1e-4, -20, 1e-4, -30] + [-15] * len(free)
+        upper = [30, 3.0, 40, 3.0, 5] + [5] * len(free)
+        res = least_squares(residuals, x0, bounds=(lower, upper), xtol=1e-15, ftol=1e-15,
+                            gtol=1e-15, max_nfev=20000)
+        if best is None or res.cost < best.cost:
+            best = res
+    x = best.x
+    eff = {p: float(np.exp(v)) for p, v in zip(free, x[5:], strict=True)} | {ref: 1.0}
+    return ScalingLaw(float(np.exp(x[0])), float(x[1]), float(np.exp(x[2])), float(x[3]),
+                      float(np.exp(x[4])), dict(sorted(eff.items())))
