@@ -3,7 +3,7 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import estimators, methods, nn, optim
+from qjax import diagnostics, estimators, methods, nn, optim, qdot
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -44,6 +44,7 @@ __all__ = [
     "Ternary",
     "Trust",
     "compute_scale",
+    "diagnostics",
     "dequantize",
     "estimators",
     "fake_quant",
@@ -58,6 +59,7 @@ __all__ = [
     "optim",
     "optimal_gaussian_clip",
     "pack_bits",
+    "qdot",
     "quantize",
     "random_signs",
     "scale_shape",

@@ -143,6 +143,8 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
 # The QuEST study (benchmarks/quest_quality.py, configs/study_*.py): one tiny model and token
 # budget for every method. Every method uses QuEST's midrise grid (2^b levels) so that grids are
 # equal; weights are quantized per output channel everywhere; what differs is stated per row.
+# integer_forward (int8 forward matmuls, same values and gradients up to float rounding) is on
+# wherever the specs allow it, to save CPU time.
 STUDY_BASE = dict(d_model=128, n_layers=2, n_heads=4, seq_len=256, batch_size=16, steps=1200,
                   lr=3e-3, baseline=False, eval_every=200, checkpoint_every=200, eval_batches=32,
                   grid="midrise")
@@ -150,15 +152,18 @@ STUDY: dict[str, dict] = {
     "float": dict(method=None),
     # QuEST: Hadamard (half form), RMS-Gaussian scales per row/token, trust estimator.
     "quest_w8a8": dict(method="quest", weight_bits=8, act_bits=8),
-    "quest_w4a4": dict(method="quest", weight_bits=4, act_bits=4),
-    "quest_w3a3": dict(method="quest", weight_bits=3, act_bits=3),
-    "quest_w2a2": dict(method="quest", weight_bits=2, act_bits=2),
-    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip=1.3),  # clip mask 1.3
+    "quest_w4a4": dict(method="quest", weight_bits=4, act_bits=4, integer_forward=True),
+    "quest_w3a3": dict(method="quest", weight_bits=3, act_bits=3, integer_forward=True),
+    "quest_w2a2": dict(method="quest", weight_bits=2, act_bits=2, integer_forward=True),
+    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip=1.3,  # clip mask 1.3
+                       integer_forward=True),
     "quest_w4": dict(method="quest", weight_bits=4, act_bits=None),  # weight-only
     "quest_w2": dict(method="quest", weight_bits=2, act_bits=None),
     # Ablation: QuEST's forward (Hadamard, RMS scales) with identity STE instead of trust.
-    "quest_ste_w4a4": dict(method="quest", weight_bits=4, act_bits=4, estimator="ste"),
-    "quest_ste_w2a2": dict(method="quest", weight_bits=2, act_bits=2, estimator="ste"),
+    "quest_ste_w4a4": dict(method="quest", weight_bits=4, act_bits=4, estimator="ste",
+                           integer_forward=True),
+    "quest_ste_w2a2": dict(method="quest", weight_bits=2, act_bits=2, estimator="ste",
+                           integer_forward=True),
     # LSQ: learned steps, per output channel (weights) and per tensor (inputs: a step per token
     # cannot be learned); no Hadamard.
     "lsq_w4a4": dict(method="lsq", weight_bits=4, act_bits=4),
@@ -167,8 +172,8 @@ STUDY: dict[str, dict] = {
     "pact_w4a4": dict(method="pact", weight_bits=4, act_bits=4),
     "pact_w2a2": dict(method="pact", weight_bits=2, act_bits=2),
     # Plain STE: absmax per output channel and per token, identity STE, no Hadamard.
-    "ste_w4a4": dict(method="ste", weight_bits=4, act_bits=4),
-    "ste_w2a2": dict(method="ste", weight_bits=2, act_bits=2),
+    "ste_w4a4": dict(method="ste", weight_bits=4, act_bits=4, integer_forward=True),
+    "ste_w2a2": dict(method="ste", weight_bits=2, act_bits=2, integer_forward=True),
 }
 
 
