@@ -41,6 +41,7 @@ import optax
 
 import qjax
 from qjax.models import Llama, LlamaConfig, quantization_rules
+from qjax.models.llama import BLOCK_LINEARS
 from qjax.nn import LayerQuant, Method, quantize_model
 
 try:
@@ -48,7 +49,6 @@ try:
 except ImportError:  # run as a script from the benchmarks folder
     from _timing import interleaved_medians, machine, write_results
 
-BLOCK_LINEARS = next(iter(quantization_rules("ste")))  # regex over "blocks_0/attn/q" paths
 FLOAT = "float32"
 W8A8 = LayerQuant(qjax.QuantSpec("int8", qjax.PerRow(0), "absmax", "ste"),
                   qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste"))

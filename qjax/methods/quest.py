@@ -123,22 +123,11 @@ def quantize_dense_operands(
     return one(x, bits_x, -1), one(kernel, bits_w, 0)
 
 
-def dense(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    bits_x: int | None,
-    bits_w: int | None,
-    hadamard: str | None = "half",
-    trust: float = 1.0,
-    clip: float | None = None,
-    block_size: int = 128,
-    hadamard_method: str = "matmul",
-    precision=None,
-) -> jax.Array:
-    """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``."""
-    xq, wq = quantize_dense_operands(
-        x, kernel, bits_x=bits_x, bits_w=bits_w, hadamard=hadamard, trust=trust, clip=clip,
-        block_size=block_size, hadamard_method=hadamard_method,
-    )
+def dense(x: jax.Array, kernel: jax.Array, *, precision=None, **operands) -> jax.Array:
+    """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``.
+
+    ``operands`` are the keyword arguments of :func:`quantize_dense_operands` (``bits_x``,
+    ``bits_w``, ``hadamard``, ``trust``, ``clip``, ``block_size``, ``hadamard_method``).
+    """
+    xq, wq = quantize_dense_operands(x, kernel, **operands)
     return jnp.matmul(xq, wq, precision=precision)

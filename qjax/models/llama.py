@@ -19,7 +19,13 @@ import jax.numpy as jnp
 
 from qjax.nn.common import Method
 
-__all__ = ["LlamaConfig", "Llama", "quantization_rules", "non_embedding_params"]
+__all__ = [
+    "LlamaConfig", "Llama", "quantization_rules", "non_embedding_params", "BLOCK_LINEARS",
+]
+
+#: Paths of the linear layers inside the blocks: ``blocks_<i>/attn/{q,k,v,o}``,
+#: ``blocks_<i>/mlp/{gate,up,down}``.
+BLOCK_LINEARS = r"blocks_\d+/(attn/[qkvo]|mlp/(gate|up|down))"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +145,7 @@ def quantization_rules(method: Method | str | None) -> dict:
     the embedding and LM head stay in float. ``None`` quantizes nothing."""
     if method is None:
         return {}
-    return {r"blocks_\d+/(attn/[qkvo]|mlp/(gate|up|down))": method}
+    return {BLOCK_LINEARS: method}
 
 
 def non_embedding_params(params) -> int:

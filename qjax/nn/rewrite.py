@@ -109,6 +109,7 @@ class QuantizedLinenModel:
         self.model = model
         self.rules = parse_rules(rules)
         self._layers: dict[tuple[str, ...], _Layer] | None = None
+        self._signature: tuple | None = None
 
     @property
     def layers(self) -> dict[str, C.LayerQuant]:
@@ -116,8 +117,11 @@ class QuantizedLinenModel:
         return {"/".join(k): v.lq for k, v in (self._layers or {}).items()}
 
     def _discover(self, args, kwargs) -> dict[tuple[str, ...], _Layer]:
-        if self._layers is not None:
+        # Which layers run, and the input rank they see, can depend on the inputs' ranks.
+        signature = tuple(jax.numpy.ndim(a) for a in jax.tree_util.tree_leaves((args, kwargs)))
+        if self._layers is not None and signature == self._signature:
             return self._layers
+        self._signature = signature
         found: dict[tuple[str, ...], _Layer] = {}
         used: set[int] = set()
 
