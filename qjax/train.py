@@ -223,8 +223,10 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
     progress.close()
     manager.close()
     result = {
-        "label": _label(config), "method": config.method, "weight_bits": config.weight_bits,
-        "act_bits": config.act_bits, "val_loss": last_val, "val_ppl": math.exp(last_val),
+        "label": _label(config), "method": config.method,
+        "weight_bits": config.weight_bits if method else None,
+        "act_bits": config.act_bits if method else None,
+        "val_loss": last_val, "val_ppl": math.exp(last_val),
         "steps": config.steps, "tokens": config.steps * tokens,
         "non_embedding_params": non_embedding_params(p),
     }
