@@ -21,9 +21,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qjax import formats as F
+from qjax import scales as S
 from qjax import spec as SP
 
 __all__ = [
@@ -39,9 +39,6 @@ __all__ = [
     "pact",
     "learned_scale_quant",
 ]
-
-
-_TINY = float(np.finfo(np.float32).tiny)
 
 
 def encode(x, scale, zero_point, fmt: F.Format, noise=None):
@@ -248,7 +245,7 @@ def learned_scale_quant(x, scale, fmt, estimator: SP.Estimator, *, n: int | None
     fmt = _check_lsq_format(fmt)
     scale = jnp.asarray(scale, jnp.float32)
     if isinstance(estimator, SP.PACT):
-        return _pact(x, jnp.maximum(scale, _TINY), fmt)
+        return _pact(x, S.floor_scale(scale), fmt)
     if isinstance(estimator, SP.LSQ):
         g_scale = _lsq_grad_scale(x, scale, fmt, n)
         return _learned(x, scale, jnp.zeros((), jnp.float32), fmt, g_scale)

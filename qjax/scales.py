@@ -132,7 +132,8 @@ def _reduce_max(x, axes):
     return jnp.max(x, axis=axes, keepdims=True)
 
 
-def _floor_scale(s):
+def floor_scale(s):
+    """Floors a scale at the smallest normal float32 (denormal flushing can't zero it)."""
     return jnp.maximum(s, _TINY)
 
 
@@ -150,7 +151,7 @@ class AbsMax:
                     "use Midrise(1) for sign quantization or AbsMax(symmetric=False)"
                 )
             amax = _reduce_max(jnp.abs(xb), axes)
-            return _floor_scale(amax * (1.0 / fmt.max_level)), None
+            return floor_scale(amax * (1.0 / fmt.max_level)), None
         if not isinstance(fmt, F.IntFormat):
             raise ValueError(f"asymmetric absmax needs an IntFormat, got {fmt.name}")
         # The range always contains 0 so that 0 is exactly representable (zero point is a code).
@@ -158,7 +159,7 @@ class AbsMax:
         xmax = jnp.maximum(_reduce_max(xb, axes), 0.0)
         inv_n = 1.0 / (fmt.qmax - fmt.qmin)
         # Scaled before subtracting so that a range wider than float32's cannot overflow.
-        scale = _floor_scale(xmax * inv_n - xmin * inv_n)
+        scale = floor_scale(xmax * inv_n - xmin * inv_n)
         zero_point = jnp.clip(jnp.round(fmt.qmin - xmin * (1.0 / scale)), fmt.qmin, fmt.qmax)
         return scale, zero_point
 
@@ -197,7 +198,7 @@ class MseSearch:
 
         def body(carry, r):
             best_err, best_scale = carry
-            s = _floor_scale(base * r)
+            s = floor_scale(base * r)
             err = jnp.sum(jnp.square(fmt.decode(fmt.encode(xb * (1.0 / s))) * s - xb), axis=axes,
                           keepdims=True)
             better = err < best_err
@@ -220,7 +221,7 @@ class Percentile:
 
     def compute(self, xb, axes, fmt):
         p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
-        return _floor_scale(p * (1.0 / fmt.max_level)), None
+        return floor_scale(p * (1.0 / fmt.max_level)), None
 
 
 ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile
@@ -255,4 +256,4 @@ def lsq_init(v: jax.Array, qmax: float, axes: tuple[int, ...] | None = None) -> 
     if qmax <= 0:
         raise ValueError(f"qmax must be positive, got {qmax}")
     m = jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=axes, keepdims=axes is not None)
-    return _floor_scale(2.0 * m / math.sqrt(qmax))
+    return floor_scale(2.0 * m / math.sqrt(qmax))
