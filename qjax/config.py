@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import types
 import typing
 from collections.abc import Sequence
+
+from qjax.sharding import MESH_AXES
 
 __all__ = ["TrainConfig", "load_config", "apply_overrides", "STUDY", "study_config"]
 
@@ -64,6 +67,13 @@ class TrainConfig:
     checkpoint_every: int = 100
     out_dir: str = ""
     stop_after: int | None = None
+    # sharding (qjax.sharding): e.g. mesh = {"data": 2, "fsdp": 2, "tensor": 2}; None: one device
+    mesh: dict[str, int] | None = None
+    mesh_axis_types: str = "explicit"
+    # multi-host: jax.distributed.initialize arguments (one process per host)
+    coordinator_address: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
 
     def __post_init__(self):
         for f in ("d_model", "n_layers", "n_heads", "seq_len", "batch_size", "steps",
@@ -79,6 +89,24 @@ class TrainConfig:
             )
         if self.stop_after is not None and self.stop_after <= 0:
             raise ValueError(f"stop_after must be positive or None, got {self.stop_after}")
+        if self.mesh is not None:
+            if not isinstance(self.mesh, dict) or not self.mesh:
+                raise ValueError(f"mesh must be a dict of axis sizes or None, got {self.mesh!r}")
+            unknown = sorted(set(self.mesh) - set(MESH_AXES))
+            if unknown:
+                raise ValueError(f"unknown mesh axis {unknown}; allowed axes are {MESH_AXES}")
+            bad = {k: v for k, v in self.mesh.items()
+                   if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+            if bad:
+                raise ValueError(f"mesh axis sizes must be positive ints, got {bad}")
+        if self.mesh_axis_types not in ("explicit", "auto"):
+            raise ValueError(f"mesh_axis_types must be 'explicit' or 'auto', "
+                             f"got {self.mesh_axis_types!r}")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"need num_processes >= 1 and 0 <= process_id < num_processes, got "
+                             f"{self.num_processes} and {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ValueError("num_processes > 1 needs coordinator_address (host:port)")
 
     @property
     def run_dir(self) -> str:
@@ -95,6 +123,14 @@ def _convert(name: str, text: str, annotation) -> object:
         typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
     if typing.get_origin(base) is tuple:
         return tuple(p for p in text.split(",") if p)
+    if typing.get_origin(base) is dict:  # "data:2,fsdp:2" or JSON
+        text = text.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        try:
+            return {k.strip(): int(v) for k, v in (p.split(":") for p in text.split(",") if p)}
+        except ValueError:
+            raise ValueError(f"{name} must look like data:2,fsdp:2, got {text!r}") from None
     if base is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True

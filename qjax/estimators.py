@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from qjax import formats as F
 from qjax import scales as S
 from qjax import spec as SP
+from qjax import typed_sharding
 
 __all__ = [
     "quantize_dequantize",
@@ -61,13 +62,16 @@ def decode(q, scale, zero_point, fmt: F.Format):
     return fmt.decode(q, zero_point) * scale
 
 
-def _sum_to(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums ``t`` over the axes that were broadcast to reach ``t.shape`` from ``shape``."""
+def _sum_to(t: jax.Array, like: jax.Array) -> jax.Array:
+    """Sums ``t`` over the axes that were broadcast to reach ``t.shape`` from ``like``'s shape,
+    giving the result ``like``'s sharding type (a cotangent of the parameter ``like``)."""
+    shape = jnp.shape(like)
     lead = t.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
         i + lead for i, d in enumerate(shape) if d == 1 and t.shape[i + lead] != 1
     )
-    return jnp.sum(t, axis=axes, keepdims=True).reshape(shape) if axes else t.reshape(shape)
+    t = jnp.sum(t, axis=axes, keepdims=True).reshape(shape) if axes else t.reshape(shape)
+    return typed_sharding.cotangent_like(t, like)
 
 
 def _mask(x, y, scale, zero_point, fmt, estimator):
@@ -192,7 +196,7 @@ def _learned_bwd(fmt, g_scale, res, g):
     # d(level * s)/ds: round(v) - v inside, the clipped level outside.
     ds = g * (level - jnp.where(inside, v, 0.0)) * g_scale
     db = jnp.where(inside, 0.0, g) * g_scale
-    return dx, _sum_to(ds, jnp.shape(scale)), _sum_to(db, jnp.shape(offset))
+    return dx, _sum_to(ds, scale), _sum_to(db, offset)
 
 
 _learned.defvjp(_learned_fwd, _learned_bwd)
@@ -223,7 +227,7 @@ def _pact_bwd(fmt, res, g):
     dx = jnp.where(above | below, 0.0, g)
     lo, _ = fmt.range_in_scale_units()
     dalpha = jnp.where(above, g, 0.0) + jnp.where(below, g * (lo / fmt.max_level), 0.0)
-    return dx, _sum_to(dalpha, jnp.shape(alpha))
+    return dx, _sum_to(dalpha, alpha)
 
 
 _pact.defvjp(_pact_fwd, _pact_bwd)

@@ -21,6 +21,8 @@ import dataclasses
 import jax
 import numpy as np
 
+from qjax import typed_sharding
+
 __all__ = ["PerTensor", "PerAxis", "PerRow", "PerGroup", "Granularity", "Layout", "to_blocks"]
 
 
@@ -123,8 +125,9 @@ class Layout:
     def block(self, x: jax.Array) -> jax.Array:
         return x.reshape(self.blocked_shape)
 
-    def unblock(self, xb: jax.Array) -> jax.Array:
-        return xb.reshape(self.shape)
+    def unblock(self, xb: jax.Array, like: jax.Array | None = None) -> jax.Array:
+        """Back to ``shape``; ``like`` (the array before blocking) lends its explicit sharding."""
+        return typed_sharding.reshape(xb, self.shape, like)
 
 
 def layout(granularity: Granularity, shape: tuple[int, ...]) -> Layout:

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import typed_sharding
+
 __all__ = [
     "hadamard_transform",
     "hadamard_matrix",
@@ -62,21 +64,21 @@ def random_signs(key: jax.Array, block_size: int) -> jax.Array:
 
 
 def _butterfly(y: jax.Array) -> jax.Array:
-    """Unnormalized Sylvester WHT of ``y (P, nb, b, Q)`` along axis 2, in ``log2(b)`` stages."""
-    p, nb, b, q = y.shape
+    """Unnormalized Sylvester WHT of ``y (..., nb, b, Q)`` along axis -2, in ``log2(b)`` stages."""
+    *lead, nb, b, q = y.shape
     h = 1
     while h < b:
         # Pairs (i, i + h) inside each chunk of 2h: [u, v] -> [u + v, u - v].
-        z = y.reshape(p, nb, b // (2 * h), 2, h, q)
-        u, v = z[:, :, :, 0], z[:, :, :, 1]
-        y = jnp.stack([u + v, u - v], axis=3).reshape(p, nb, b, q)
+        z = y.reshape(*lead, nb, b // (2 * h), 2, h, q)
+        u, v = z[..., 0, :, :], z[..., 1, :, :]
+        y = jnp.stack([u + v, u - v], axis=-3).reshape(y.shape)
         h *= 2
     return y
 
 
 def _dense(y: jax.Array) -> jax.Array:
-    """Unnormalized WHT of ``y (P, nb, b, Q)`` along axis 2 as a matmul with the +-1 matrix."""
-    b, q = y.shape[2], y.shape[3]
+    """Unnormalized WHT of ``y (..., nb, b, Q)`` along axis -2 as a matmul with the +-1 matrix."""
+    b, q = y.shape[-2], y.shape[-1]
     h = jnp.asarray(np.rint(hadamard_matrix(b) * np.sqrt(b)), jnp.float32)
     if q == 1:  # rotating the last axis: y @ H (H is symmetric)
         return jnp.matmul(y[..., 0], h, precision=jax.lax.Precision.HIGHEST)[..., None]
@@ -127,13 +129,21 @@ def hadamard_transform(
         signs = jnp.asarray(signs, jnp.float32)
         if signs.shape != (b,):
             raise ValueError(f"signs must have shape ({b},), got {signs.shape}")
-    # (P, blocks, block, Q): the rotated axis stays in place, so no transposes are needed.
-    p = int(np.prod(x.shape[:axis], dtype=np.int64))
+    shards = typed_sharding.axis_shards(x, axis)
+    if (n // shards) % b:
+        raise ValueError(
+            f"Hadamard block_size {b} straddles shards: axis {axis} of size {n} is split over "
+            f"{shards} devices into {n // shards} per device, not a multiple of {b}"
+        )
+    # (P, blocks, block, Q): the rotated axis stays in place, so no transposes are needed. On an
+    # explicit mesh the leading axes stay separate (merging a sharded axis is not a local reshape).
+    lead = x.shape[:axis] if typed_sharding.explicit_sharding(x) else (
+        int(np.prod(x.shape[:axis], dtype=np.int64)),)
     q = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
-    y = x.astype(jnp.float32).reshape(p, n // b, b, q)
+    y = x.astype(jnp.float32).reshape(*lead, n // b, b, q)
     if signs is not None and not inverse:
         y = y * signs[:, None]
     y = (_butterfly(y) if method == "butterfly" else _dense(y)) * np.float32(1.0 / np.sqrt(b))
     if signs is not None and inverse:
         y = y * signs[:, None]
-    return y.reshape(x.shape)
+    return typed_sharding.reshape(y, x.shape, like=x)

@@ -31,6 +31,7 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
+from qjax import typed_sharding
 
 __all__ = ["qat_dense", "integer_forward_reason"]
 
@@ -83,45 +84,48 @@ def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
     return values, mask, q.astype(jnp.int8), scale
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qat_dense(x32, kernel32, weight, activation):
-    return _forward(x32, kernel32, weight, activation)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qat_dense(x32, kernel32, weight, activation, out_sharding):
+    return _forward(x32, kernel32, weight, activation, out_sharding)[0]
 
 
-def _forward(x32, kernel32, weight, activation):
+def _forward(x32, kernel32, weight, activation, out_sharding):
     xv, xm, xi, xs = _codes(x32, activation, -1)
     wv, wm, wi, ws = _codes(kernel32, weight, 0)
-    acc = jax.lax.dot_general(xi, wi, (((x32.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+    acc = typed_sharding.dot_general(xi, wi, (((x32.ndim - 1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.int32, out_sharding=out_sharding)
     y = acc.astype(jnp.float32) * xs * ws.reshape(ws.shape[-1:])
     return y, (xv, xm, wv, wm)
 
 
-def _qat_dense_fwd(x32, kernel32, weight, activation):
-    return _forward(x32, kernel32, weight, activation)
+def _qat_dense_fwd(x32, kernel32, weight, activation, out_sharding):
+    return _forward(x32, kernel32, weight, activation, out_sharding)
 
 
-def _qat_dense_bwd(weight, activation, res, g):
+def _qat_dense_bwd(weight, activation, out_sharding, res, g):
     xv, xm, wv, wm = res
-    dx = jax.lax.dot_general(g, wv, (((g.ndim - 1,), (1,)), ((), ())))
+    # Each cotangent gets its operand's sharding type (explicit meshes, shard_map).
+    dx = typed_sharding.dot_general(g, wv, (((g.ndim - 1,), (1,)), ((), ())))
     lead = tuple(range(g.ndim - 1))
-    dw = jax.lax.dot_general(xv, g, ((lead, lead), ((), ())))
+    dw = typed_sharding.dot_general(xv, g, ((lead, lead), ((), ())))
     dx = dx if xm is None else jnp.where(xm, dx, 0.0)
     dw = dw if wm is None else jnp.where(wm, dw, 0.0)
-    return dx, dw
+    return typed_sharding.cotangent_like(dx, xv), typed_sharding.cotangent_like(dw, wv)
 
 
 _qat_dense.defvjp(_qat_dense_fwd, _qat_dense_bwd)
 
 
 def qat_dense(x: jax.Array, kernel: jax.Array, weight: SP.QuantSpec,
-              activation: SP.QuantSpec) -> jax.Array:
+              activation: SP.QuantSpec, *, out_sharding=None) -> jax.Array:
     """``Q_a(x) @ Q_w(kernel)`` with an int8 x int8 -> int32 forward (see the module docstring).
 
     Args:
       x: ``(..., K)`` floating input, already rotated if the specs use the half Hadamard form.
       kernel: ``(K, N)`` floating kernel, rotated likewise.
       weight, activation: specs accepted by :func:`integer_forward_reason`.
+      out_sharding: output sharding on explicit meshes (``PartitionSpec`` or ``NamedSharding``);
+        by default :func:`qjax.typed_sharding.dot_out_spec`.
 
     Returns:
       ``(..., N)`` in ``x``'s dtype.
@@ -133,5 +137,5 @@ def qat_dense(x: jax.Array, kernel: jax.Array, weight: SP.QuantSpec,
         raise ValueError(f"need x (..., K) and kernel (K, N), got {x.shape} and {kernel.shape}")
     plain = lambda s: s.replace(hadamard=None)  # rotation already applied by the caller
     y = _qat_dense(x.astype(jnp.float32), kernel.astype(jnp.float32), plain(weight),
-                   plain(activation))
+                   plain(activation), out_sharding)
     return y.astype(x.dtype)

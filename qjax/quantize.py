@@ -70,7 +70,19 @@ def _prepare(x, spec: QuantSpec):
     return x, xb, lay
 
 
-def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
+def _names(axis_name) -> tuple[str, ...]:
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, axis_name):
+    if axis_name is None:
+        return spec.scale.compute(xb, lay.reduce_axes, spec.format)
+    if not lay.reduce_axes:
+        raise ValueError(f"axis_name={axis_name!r} given but {spec.granularity} reduces no axis")
+    return spec.scale.compute(xb, lay.reduce_axes, spec.format, axis_name=axis_name)
+
+
+def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale, axis_name=None):
     if scale is not None:
         s = jnp.asarray(scale, jnp.float32)
         try:
@@ -84,7 +96,7 @@ def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
     if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
         name = type(spec.estimator).__name__
         raise ValueError(f"the {name} estimator learns its scale: pass scale=<learned scale>")
-    s, z = spec.scale.compute(jax.lax.stop_gradient(xb), lay.reduce_axes, spec.format)
+    s, z = _rule_scale(jax.lax.stop_gradient(xb), lay, spec, axis_name)
     return jax.lax.stop_gradient(s), (None if z is None else jax.lax.stop_gradient(z))
 
 
@@ -96,13 +108,16 @@ def _noise(xb, spec: QuantSpec, key):
     return jax.random.uniform(key, xb.shape, jnp.float32)
 
 
-def compute_scale(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+def compute_scale(x: jax.Array, spec: QuantSpec, *,
+                  axis_name: str | tuple[str, ...] | None = None
+                  ) -> tuple[jax.Array, jax.Array | None]:
     """The scale (and zero point) the spec's rule picks for ``x`` (float32, blocked shape).
 
-    Useful to initialise a learned step (LSQ) from a data-driven rule.
+    Useful to initialise a learned step (LSQ) from a data-driven rule. ``axis_name``: see
+    :func:`fake_quant`.
     """
     _, xb, lay = _prepare(x, spec)
-    return spec.scale.compute(xb, lay.reduce_axes, spec.format)
+    return _rule_scale(xb, lay, spec, axis_name)
 
 
 def fake_quant(
@@ -111,6 +126,7 @@ def fake_quant(
     *,
     key: jax.Array | None = None,
     scale: jax.Array | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Quantize-dequantize ``x`` with ``spec``; differentiable through the spec's estimator.
 
@@ -121,22 +137,29 @@ def fake_quant(
       scale: a learned parameter, required for the LSQ estimator (the step) and the PACT
         estimator (the clipping level alpha), broadcastable to :func:`scale_shape`; for other
         estimators, a fixed scale that replaces the spec's rule.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) that splits the axes the scale
+        reduces over (per-token scales of activations whose features are sharded, as in a
+        row-parallel layer): the scale rule combines its statistic across shards (``pmax``,
+        ``psum``), so the result equals the unsharded one. A Hadamard block must fit in the
+        local shard.
 
     Returns:
       Array of ``x.shape`` and ``x.dtype``.
     """
     x, xb, lay = _prepare(x, spec)
-    s, z = _scale_and_zero(xb, lay, spec, scale)
+    s, z = _scale_and_zero(xb, lay, spec, scale, axis_name)
     if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
         n = getattr(spec.estimator, "grad_scale_n", None)
         if n is None:
             n = lay.block_elements * (math.prod(lay.scale_shape) // max(1, jnp.size(scale)))
+            if axis_name is not None:  # the step is shared across the shards too
+                n *= math.prod(jax.lax.axis_size(a) for a in _names(axis_name))
         yb = E.learned_scale_quant(xb, s, spec.format, spec.estimator, n=n)
     else:
         yb = E.quantize_dequantize(
             xb, s, z, fmt=spec.format, estimator=spec.estimator, noise=_noise(xb, spec, key)
         )
-    y = lay.unblock(yb)
+    y = lay.unblock(yb, like=x)
     if spec.hadamard_mode == "full":
         y = rotate_like_spec(y, spec, inverse=True)
     return y.astype(x.dtype)
@@ -148,13 +171,14 @@ def quantize(
     *,
     key: jax.Array | None = None,
     scale: jax.Array | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> QArray:
     """Quantizes ``x`` to a :class:`~qjax.QArray` (codes packed as :mod:`qjax.qarray` describes).
 
     Arguments as :func:`fake_quant`. With Hadamard, the codes are of the rotated ``x``.
     """
     x, xb, lay = _prepare(x, spec)
-    s, z = _scale_and_zero(xb, lay, spec, scale)
+    s, z = _scale_and_zero(xb, lay, spec, scale, axis_name)
     q = E.encode(xb, s, z, spec.format, _noise(xb, spec, key))
     q = lay.unblock(q).reshape(lay.shape or (1,))
     return QArray(

@@ -128,8 +128,19 @@ def gaussian_clip(fmt: F.Format) -> float:
     return QUEST_GAUSSIAN_CLIP.get(n) or optimal_gaussian_clip(n)
 
 
-def _reduce_max(x, axes):
-    return jnp.max(x, axis=axes, keepdims=True)
+def _reduce_max(x, axes, axis_name=None):
+    m = jnp.max(x, axis=axes, keepdims=True)
+    return m if axis_name is None else jax.lax.pmax(m, axis_name)
+
+
+def _reduce_min(x, axes, axis_name=None):
+    m = jnp.min(x, axis=axes, keepdims=True)
+    return m if axis_name is None else jax.lax.pmin(m, axis_name)
+
+
+def _reduce_sum(x, axes, axis_name=None):
+    s = jnp.sum(x, axis=axes, keepdims=True)
+    return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
 def floor_scale(s):
@@ -139,24 +150,29 @@ def floor_scale(s):
 
 @dataclasses.dataclass(frozen=True)
 class AbsMax:
-    """``scale = max|x| / max_level`` (symmetric) or min/max with an integer zero point."""
+    """``scale = max|x| / max_level`` (symmetric) or min/max with an integer zero point.
+
+    Every rule's ``compute(xb, axes, fmt, axis_name=None)`` reduces ``xb`` over ``axes``; with
+    ``axis_name`` (inside ``shard_map``, when those axes are split over that mesh axis) the
+    statistic is the global one, combined across shards with ``pmax``/``pmin``/``psum``.
+    """
 
     symmetric: bool = True
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, axis_name=None):
         if self.symmetric:
             if fmt.max_level <= 0:
                 raise ValueError(
                     f"symmetric absmax needs a format with a positive level, not {fmt.name}; "
                     "use Midrise(1) for sign quantization or AbsMax(symmetric=False)"
                 )
-            amax = _reduce_max(jnp.abs(xb), axes)
+            amax = _reduce_max(jnp.abs(xb), axes, axis_name)
             return floor_scale(amax * (1.0 / fmt.max_level)), None
         if not isinstance(fmt, F.IntFormat):
             raise ValueError(f"asymmetric absmax needs an IntFormat, got {fmt.name}")
         # The range always contains 0 so that 0 is exactly representable (zero point is a code).
-        xmin = jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0.0)
-        xmax = jnp.maximum(_reduce_max(xb, axes), 0.0)
+        xmin = jnp.minimum(_reduce_min(xb, axes, axis_name), 0.0)
+        xmax = jnp.maximum(_reduce_max(xb, axes, axis_name), 0.0)
         inv_n = 1.0 / (fmt.qmax - fmt.qmin)
         # Scaled before subtracting so that a range wider than float32's cannot overflow.
         scale = floor_scale(xmax * inv_n - xmin * inv_n)
@@ -172,10 +188,14 @@ class RmsGaussian:
     ``1e16`` so that the sum of squares of any row shorter than ~3e6 cannot overflow float32.
     """
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, axis_name=None):
         a = gaussian_clip(fmt)
-        capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
-        rms = jnp.sqrt(jnp.mean(jnp.square(capped), axis=axes, keepdims=True))
+        sq = jnp.square(jnp.clip(xb, -_RMS_CAP, _RMS_CAP))
+        if axis_name is None:
+            rms = jnp.sqrt(jnp.mean(sq, axis=axes, keepdims=True))
+        else:
+            n = math.prod(xb.shape[i] for i in axes) * jax.lax.psum(1, axis_name)
+            rms = jnp.sqrt(_reduce_sum(sq, axes, axis_name) * (1.0 / n))
         return (a * rms + RMS_EPS) * (1.0 / fmt.max_level), None
 
 
@@ -192,15 +212,15 @@ class MseSearch:
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
 
-    def compute(self, xb, axes, fmt):
-        base, _ = AbsMax().compute(xb, axes, fmt)
+    def compute(self, xb, axes, fmt, axis_name=None):
+        base, _ = AbsMax().compute(xb, axes, fmt, axis_name)
         ratios = jnp.linspace(self.min_ratio, 1.0, self.num_candidates, dtype=jnp.float32)
 
         def body(carry, r):
             best_err, best_scale = carry
             s = floor_scale(base * r)
-            err = jnp.sum(jnp.square(fmt.decode(fmt.encode(xb * (1.0 / s))) * s - xb), axis=axes,
-                          keepdims=True)
+            err = _reduce_sum(jnp.square(fmt.decode(fmt.encode(xb * (1.0 / s))) * s - xb), axes,
+                              axis_name)
             better = err < best_err
             return (jnp.where(better, err, best_err), jnp.where(better, s, best_scale)), None
 
@@ -219,7 +239,9 @@ class Percentile:
         if not 0.0 < float(self.q) <= 100.0:
             raise ValueError(f"percentile q must be in (0, 100], got {self.q}")
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, axis_name=None):
+        if axis_name is not None:
+            raise ValueError("the percentile rule needs whole rows: it does not take axis_name")
         p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
         return floor_scale(p * (1.0 / fmt.max_level)), None
 

@@ -17,6 +17,7 @@ temporary directory and renames it when complete, so a kill never leaves a half-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,15 +30,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qjax import data as D
-from qjax import optim
+from qjax import optim, sharding
 from qjax.config import TrainConfig, load_config
-from qjax.models.llama import Llama, LlamaConfig, non_embedding_params, quantization_rules
+from qjax.models.llama import (
+    BLOCK_LINEARS,
+    Llama,
+    LlamaConfig,
+    non_embedding_params,
+    quantization_rules,
+)
+from qjax.nn import common as C
 from qjax.nn.common import Method
 from qjax.nn.rewrite import quantize_model
 
-__all__ = ["main", "run", "train_one", "build_model", "load_params"]
+__all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed"]
 
 
 def _method(config: TrainConfig) -> Method | None:
@@ -132,8 +142,65 @@ def load_params(config: TrainConfig, run_dir: str):
     return restored["params"]
 
 
+class _Placement:
+    """Where arrays live: one device, or a mesh from ``config.mesh`` (:mod:`qjax.sharding`)."""
+
+    def __init__(self, config: TrainConfig, params, tx):
+        self.mesh = None
+        if config.mesh is None:
+            return
+        self.mesh = sharding.make_mesh(config.mesh, axis_types=config.mesh_axis_types)
+        sharding.check_batch(config.batch_size, self.mesh)
+        self.param_specs = sharding.param_specs(params, self.mesh, sharding.LLAMA_RULES)
+        method = _method(config)
+        if method is not None:
+            lq = C.resolve(method, 0)
+            block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard", None)
+            if block:
+                sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,
+                                               BLOCK_LINEARS + "/kernel")
+        self.opt_specs = sharding.opt_state_specs(tx, params, self.param_specs)
+        self.batch = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
+
+    def state(self, state: dict) -> dict:
+        if self.mesh is None:
+            return state
+        placed = sharding.put((state["params"], state["opt_state"]),
+                              self.shardings((self.param_specs, self.opt_specs)))
+        return {**state, "params": placed[0], "opt_state": placed[1]}
+
+    def shardings(self, specs):
+        return sharding.named_shardings(specs, self.mesh)
+
+    def jit_step(self, fn):
+        """``fn(p, opt_state, inputs, targets) -> (p, opt_state, loss)`` jitted; on a mesh the
+        outputs keep the params' and optimizer state's shardings."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=(0, 1))
+        out = self.shardings((self.param_specs, self.opt_specs, P()))
+        return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
+
+    def batch_arrays(self, *arrays):
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(sharding.put(a, self.batch) for a in arrays)
+
+    def context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+
+def _scalar(x) -> float:
+    """A replicated scalar as a Python float (multi-host arrays are not fully addressable)."""
+    return float(np.asarray(x.addressable_shards[0].data))
+
+
 def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
-    """Trains one model (float if ``config.method`` is None) and returns its final metrics."""
+    """Trains one model (float if ``config.method`` is None) and returns its final metrics.
+
+    With ``config.mesh`` the step runs sharded (params, quantizer and optimizer state placed by
+    :data:`qjax.sharding.LLAMA_RULES`, batches over the data axes); with several processes, only
+    process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
+    """
     done_path = os.path.join(run_dir, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -145,20 +212,27 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
     qat = optim.QATSchedule(
         config.qat_start if config.qat_start <= 1.0 else int(config.qat_start), config.steps
     )
-    state = _abstract_state(params, tx, config.seed)
+    place = _Placement(config, params, tx)
+    with place.context():
+        return _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place,
+                           place.state(_abstract_state(params, tx, config.seed)))
+
+
+def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place, state):
+    done_path = os.path.join(run_dir, "done.json")
+    lead = jax.process_index() == 0
 
     def loss_fn(p, inputs, targets, qat_on):
         logits = model.apply({"params": p}, inputs, qat=qat_on)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     def make_step(qat_on: bool):
-        @jax.jit
         def step_fn(p, opt_state, inputs, targets):
             loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets, qat_on)
             updates, opt_state = tx.update(grads, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
-        return step_fn
+        return place.jit_step(step_fn)
 
     steps = {True: make_step(True), False: make_step(False)}
     eval_fns = {q: jax.jit(lambda p, i, t, q=q: loss_fn(p, i, t, q)) for q in (True, False)}
@@ -166,7 +240,7 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
                              max_batches=config.eval_batches))
 
     def evaluate(p, qat_on: bool) -> float:
-        losses = [float(eval_fns[qat_on](p, jnp.asarray(i), jnp.asarray(t))) for i, t in val]
+        losses = [_scalar(eval_fns[qat_on](p, *place.batch_arrays(i, t))) for i, t in val]
         return float(np.mean(losses))
 
     ckpt_dir = os.path.abspath(os.path.join(run_dir, "ckpt"))
@@ -177,9 +251,11 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
         start = manager.latest_step()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-        print(f"[{_label(config)}] resumed from step {start} ({ckpt_dir})", file=sys.stderr)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    _read_metrics(metrics_path, start)
+        if lead:
+            print(f"[{_label(config)}] resumed from step {start} ({ckpt_dir})", file=sys.stderr)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl" if lead else os.devnull)
+    if lead:
+        _read_metrics(metrics_path, start)
     p, opt_state = state["params"], state["opt_state"]
     progress = _Progress(config.steps, _label(config), config.log_every)
     tokens = config.batch_size * config.seq_len
@@ -189,11 +265,11 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
             inputs, targets = D.get_batch(corpus.train, step, config.batch_size, config.seq_len,
                                           config.seed)
             qat_on = method is not None and qat.enabled(step)
-            p, opt_state, loss = steps[qat_on](p, opt_state, jnp.asarray(inputs),
-                                               jnp.asarray(targets))
+            p, opt_state, loss = steps[qat_on](p, opt_state,
+                                               *place.batch_arrays(inputs, targets))
             done, since = step + 1, since + 1
             if done % config.log_every == 0 or done == config.steps:
-                loss_v = float(loss)
+                loss_v = _scalar(loss)
                 now = time.perf_counter()
                 tok_s = tokens * since / max(now - t_last, 1e-9)
                 t_last, since = now, 0
@@ -201,7 +277,8 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
                     raise FloatingPointError(f"loss is {loss_v} at step {done}")
                 log.write(json.dumps({"step": done, "loss": loss_v, "lr": float(schedule(step)),
                                       "tokens_per_s": tok_s, "qat": qat_on}) + "\n")
-                progress.update(done, loss_v, tok_s)
+                if lead:
+                    progress.update(done, loss_v, tok_s)
             if done % config.eval_every == 0 or done == config.steps:
                 last_val = evaluate(p, qat_on)
                 log.write(json.dumps({"step": done, "val_loss": last_val,
@@ -230,10 +307,11 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
         "steps": config.steps, "tokens": config.steps * tokens,
         "non_embedding_params": non_embedding_params(p),
     }
-    tmp = done_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, done_path)
+    if lead:
+        tmp = done_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, done_path)
     return result
 
 
@@ -255,10 +333,12 @@ def run(config: TrainConfig) -> list[dict]:
     corpus = D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
                                           max_bytes=config.max_corpus_bytes,
                                           val_fraction=config.val_fraction))
-    print(corpus.info.describe(), file=sys.stderr)
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=1)
+    lead = jax.process_index() == 0
+    if lead:
+        print(corpus.info.describe(), file=sys.stderr)
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
     configs = []
     if config.baseline and config.method is not None:
         configs.append(("float", dataclasses.replace(config, method=None)))
@@ -270,6 +350,8 @@ def run(config: TrainConfig) -> list[dict]:
             return results
         results.append(r)
     table = _table(results, D.unigram_entropy(corpus.val))
+    if not lead:
+        return results
     n = results[-1]["non_embedding_params"]
     print(f"\n{config.name}: {n:,} non-embedding params, d={config.d_model}, "
           f"{config.n_layers} layers, seq {config.seq_len}, batch {config.batch_size}, "
@@ -290,8 +372,28 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.override)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
+    initialize_distributed(config)
     run(config)
     return 0
+
+
+def initialize_distributed(config: TrainConfig) -> None:
+    """``jax.distributed.initialize`` from the config when it names a coordinator (multi-host).
+
+    ``coordinator_address="auto"`` calls it without arguments: on a TPU pod slice (or under
+    SLURM) JAX finds the coordinator, process count and id itself. ``host:port`` with
+    ``num_processes`` and ``process_id`` sets them explicitly, e.g. to simulate hosts as processes
+    on one machine; CPU processes exchange collectives over gloo.
+    """
+    if config.coordinator_address is None:
+        return
+    if config.coordinator_address == "auto":
+        jax.distributed.initialize()
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=config.coordinator_address,
+                               num_processes=config.num_processes,
+                               process_id=config.process_id)
 
 
 if __name__ == "__main__":

@@ -76,14 +76,17 @@ def fake_quant(
     block_size: int = 128,
     axis: int = -1,
     hadamard_method: str = "matmul",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """QuEST fake quantization of ``x`` along ``axis`` (same shape and dtype as ``x``).
 
-    With ``hadamard="half"`` the result is in the rotated basis. See :func:`spec`.
+    With ``hadamard="half"`` the result is in the rotated basis. See :func:`spec`. Inside
+    ``shard_map``, ``axis_name`` names the mesh axis that splits ``axis``: the RMS is then the
+    global one (see :func:`qjax.fake_quant`).
     """
     s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
              hadamard_method=hadamard_method)
-    return core_fake_quant(x, s)
+    return core_fake_quant(x, s, axis_name=axis_name)
 
 
 def quantize_dense_operands(

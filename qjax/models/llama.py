@@ -11,12 +11,15 @@ LM head and the norms in high precision.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from qjax import typed_sharding
 from qjax.nn.common import Method
 
 __all__ = [
@@ -72,6 +75,21 @@ def _rope(x: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
+class Embed(nn.Embed):
+    """``nn.Embed`` whose lookup names its output sharding on explicit meshes.
+
+    A gather's output sharding is ambiguous to JAX's explicit-sharding types; the embedded
+    activations are sharded like the token ids, with the feature axis replicated.
+    """
+
+    def __call__(self, inputs):
+        spec = typed_sharding.explicit_spec(inputs)
+        if spec is None:
+            return super().__call__(inputs)
+        table = jax.sharding.reshard(self.embedding, P())
+        return table.at[inputs].get(out_sharding=P(*spec, None))
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -82,7 +100,8 @@ class Attention(nn.Module):
         hd = d // c.n_heads
         init = nn.initializers.normal(c.init_std)
         out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers))
-        dense = lambda name, k=init: nn.Dense(d, use_bias=False, kernel_init=k, name=name)
+        dense = lambda name, k=init: nn.Dense(d, use_bias=False, kernel_init=k, name=name,
+                                              dot_general=typed_sharding.dot_general)
         q = dense("q")(x).reshape(b, t, c.n_heads, hd)
         k = dense("k")(x).reshape(b, t, c.n_heads, hd)
         v = dense("v")(x).reshape(b, t, c.n_heads, hd)
@@ -103,9 +122,10 @@ class MLP(nn.Module):
         init = nn.initializers.normal(c.init_std)
         out_init = nn.initializers.normal(c.init_std / math.sqrt(2 * c.n_layers))
         h = c.ffn_hidden
-        gate = nn.Dense(h, use_bias=False, kernel_init=init, name="gate")(x)
-        up = nn.Dense(h, use_bias=False, kernel_init=init, name="up")(x)
-        return nn.Dense(c.d_model, use_bias=False, kernel_init=out_init, name="down")(
+        dense = functools.partial(nn.Dense, use_bias=False, dot_general=typed_sharding.dot_general)
+        gate = dense(h, kernel_init=init, name="gate")(x)
+        up = dense(h, kernel_init=init, name="up")(x)
+        return dense(c.d_model, kernel_init=out_init, name="down")(
             nn.silu(gate) * up
         )
 
@@ -130,12 +150,12 @@ class Llama(nn.Module):
         c = self.config
         if ids.shape[-1] > c.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[-1]} exceeds max_seq_len {c.max_seq_len}")
-        x = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(c.init_std),
+        x = Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(c.init_std),
                      name="embed")(ids)
         for i in range(c.n_layers):
             x = Block(c, name=f"blocks_{i}")(x)
         x = nn.RMSNorm(c.norm_eps, name="final_norm")(x)
-        logits = nn.Dense(c.vocab_size, use_bias=False,
+        logits = nn.Dense(c.vocab_size, use_bias=False, dot_general=typed_sharding.dot_general,
                           kernel_init=nn.initializers.normal(c.init_std), name="lm_head")(x)
         return logits.astype(jnp.float32)
 

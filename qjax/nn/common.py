@@ -25,6 +25,7 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
+from qjax import typed_sharding
 from qjax.hadamard import hadamard_transform
 from qjax.methods import quest
 from qjax.qdot import integer_forward_reason, qat_dense
@@ -42,6 +43,12 @@ class LayerQuant:
     ``integer_forward=True`` runs dense layers' forward as an int8 dot with the same values and
     gradients as fake quantization (:mod:`qjax.qdot`), where the specs allow it.
 
+    ``weight_axis_name`` / ``activation_axis_name``: inside ``shard_map``, the mesh axes that split
+    the axes the kernel's / the input's scale reduces over (``"tensor"`` for both operands of a
+    row-parallel layer; the batch axes for a per-tensor activation step), so that scales and LSQ
+    gradient scales are the global ones (see :func:`qjax.fake_quant`). Leave None under
+    ``jax.jit``, where reductions over sharded axes are global anyway.
+
     Raises:
       ValueError: if only one operand uses the half Hadamard form and the other has a spec that
         does not, or the two half forms use different block sizes.
@@ -50,10 +57,14 @@ class LayerQuant:
     weight: SP.QuantSpec | None = None
     activation: SP.QuantSpec | None = None
     integer_forward: bool = False
+    weight_axis_name: str | tuple[str, ...] | None = None
+    activation_axis_name: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.integer_forward:
             reason = integer_forward_reason(self.weight, self.activation)
+            if self.weight_axis_name or self.activation_axis_name:
+                reason = "it computes local scales, so it takes no weight/activation axis_name"
             if reason:
                 raise ValueError(f"integer_forward is not available: {reason}")
         for name in ("weight", "activation"):
@@ -101,6 +112,7 @@ class Method:
     integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard`` is
     ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others. Setting
     both explicitly makes methods comparable on the same grid and rotation.
+    ``weight_axis_name`` / ``activation_axis_name`` go to :class:`LayerQuant` (``shard_map`` only).
     """
 
     name: str
@@ -113,6 +125,8 @@ class Method:
     grid: str = "auto"
     estimator: str = "auto"
     integer_forward: bool = False
+    weight_axis_name: str | tuple[str, ...] | None = None
+    activation_axis_name: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -174,7 +188,8 @@ class Method:
             est = SP.ClippedSTE() if self.estimator == "clipped_ste" else SP.STE()
             w = make(wb, G.PerRow(w_axis), S.AbsMax(), est, w_axis)
             a = make(ab, G.PerRow(-1), S.AbsMax(), est, -1)
-        return LayerQuant(w, a, self.integer_forward and not embed)
+        return LayerQuant(w, a, self.integer_forward and not embed, self.weight_axis_name,
+                          self.activation_axis_name)
 
 
 Target = LayerQuant | Method | str
@@ -250,7 +265,7 @@ def quantize_input(
     """The input as the layer's op should see it: fake-quantized and/or rotated."""
     if lq.activation is None:
         return _rotate(x, lq.rotation, -1)
-    return fake_quant(x, lq.activation, scale=scale, key=key)
+    return fake_quant(x, lq.activation, scale=scale, key=key, axis_name=lq.activation_axis_name)
 
 
 def quantize_kernel(
@@ -264,7 +279,7 @@ def quantize_kernel(
     """The kernel as the layer's op should see it: fake-quantized and/or rotated."""
     if lq.weight is None:
         return kernel if contract_axis is None else _rotate(kernel, lq.rotation, contract_axis)
-    return fake_quant(kernel, lq.weight, scale=scale, key=key)
+    return fake_quant(kernel, lq.weight, scale=scale, key=key, axis_name=lq.weight_axis_name)
 
 
 def einsum_contract_axis(einsum_str: str) -> int:
@@ -300,29 +315,36 @@ def _resolve_layer(weight, activation, method, contract_axis) -> LayerQuant:
     return LayerQuant(weight, activation)
 
 
-def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precision=None):
-    """``x (..., K) @ kernel (K, N) + bias`` with quantized operands when ``qat``."""
+def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precision=None,
+             out_sharding=None):
+    """``x (..., K) @ kernel (K, N) + bias`` with quantized operands when ``qat``.
+
+    ``out_sharding`` names the output sharding on explicit meshes (as in ``nnx.Linear``); by
+    default :func:`qjax.typed_sharding.dot_out_spec`.
+    """
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if qat and lq.integer_forward:
         y = qat_dense(_rotate(x, lq.rotation, -1), _rotate(kernel, lq.rotation, 0), lq.weight,
-                      lq.activation)
+                      lq.activation, out_sharding=out_sharding)
         return _bias_add(y, bias, dtype)
     if qat:
         x, kernel = quantize_input(x, lq, a_scale), quantize_kernel(kernel, lq, 0, w_scale)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    y = typed_sharding.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                                   precision=precision, out_sharding=out_sharding)
     return _bias_add(y, bias, dtype)
 
 
 def einsum_op(einsum_str, x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None,
-              precision=None):
+              precision=None, out_sharding=None):
     """``einsum(einsum_str, x, kernel) + bias`` with quantized operands when ``qat``."""
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if qat:
         axis = einsum_contract_axis(einsum_str) if lq.rotation or lq.weight else None
         x, kernel = quantize_input(x, lq, a_scale), quantize_kernel(kernel, lq, axis, w_scale)
-    return _bias_add(jnp.einsum(einsum_str, x, kernel, precision=precision), bias, dtype)
+    y = jnp.einsum(einsum_str, x, kernel, precision=precision, out_sharding=out_sharding)
+    return _bias_add(y, bias, dtype)
 
 
 def conv_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, strides, padding, kernel_dilation,

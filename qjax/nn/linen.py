@@ -50,7 +50,7 @@ class QDense(_QLayer):
     bias_init: Callable = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x, qat: bool = True):
+    def __call__(self, x, qat: bool = True, out_sharding=None):
         lq = self._lq(0)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                             self.param_dtype)
@@ -58,7 +58,7 @@ class QDense(_QLayer):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         return C.dense_op(x, kernel, bias, lq, w_scale, a_scale, qat=qat, dtype=self.dtype,
-                          precision=self.precision)
+                          precision=self.precision, out_sharding=out_sharding)
 
 
 class QEinsum(_QLayer):
@@ -79,12 +79,12 @@ class QEinsum(_QLayer):
     kernel_init: Callable = _default_kernel_init
 
     @nn.compact
-    def __call__(self, x, qat: bool = True):
+    def __call__(self, x, qat: bool = True, out_sharding=None):
         lq = self._lq(C.einsum_contract_axis(self.einsum_str))
         kernel = self.param("kernel", self.kernel_init, tuple(self.shape), self.param_dtype)
         w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
         return C.einsum_op(self.einsum_str, x, kernel, None, lq, w_scale, a_scale, qat=qat,
-                           dtype=self.dtype, precision=self.precision)
+                           dtype=self.dtype, precision=self.precision, out_sharding=out_sharding)
 
 
 class QConv(_QLayer):

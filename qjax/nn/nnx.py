@@ -62,10 +62,11 @@ class QDense(_QLayer):
         self.dtype, self.precision = dtype, precision
         self._setup_quant(weight, activation, method, 0, in_features)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
         return C.dense_op(x, self.kernel[...], bias, self.lq, *self._scale_values(),
-                          qat=self.qat, dtype=self.dtype, precision=self.precision)
+                          qat=self.qat, dtype=self.dtype, precision=self.precision,
+                          out_sharding=out_sharding)
 
 
 class QEinsum(_QLayer):
@@ -82,10 +83,10 @@ class QEinsum(_QLayer):
         self.dtype, self.precision = dtype, precision
         self._setup_quant(weight, activation, method, axis, kernel_shape[axis])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         return C.einsum_op(self.einsum_str, x, self.kernel[...], None, self.lq,
                            *self._scale_values(), qat=self.qat, dtype=self.dtype,
-                           precision=self.precision)
+                           precision=self.precision, out_sharding=out_sharding)
 
 
 class QConv(_QLayer):
