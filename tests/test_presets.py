@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -12,6 +13,7 @@ from gguf.constants import GGMLQuantizationType as GT
 
 import qjax
 from qjax import presets as P
+from qjax.nn import LayerQuant
 
 BF16 = ml_dtypes.bfloat16
 Q8, Q4 = P.gguf_q8_0(), P.gguf_q4_0()
@@ -153,3 +155,148 @@ def test_gguf_rejects_axis_not_divisible_by_32(make):
         qjax.quantize(jnp.float32(1.0), make())
     with pytest.raises(TypeError, match="axis must be an int"):
         make(axis=1.0)
+
+
+# ---- torchao: expected values derived by hand or with numpy from torchao's formulas ----------
+
+ACT, W4 = P.torchao_int8_per_token_activation(), P.torchao_int4_weight(4)
+F32 = np.float32
+
+
+def _in(v, dt):
+    """A float32 result rounded to ``dt`` (torch computes bf16 ops in float32, then rounds)."""
+    return np.asarray(v, F32).astype(dt).astype(F32)
+
+
+def _torchao_act_ref(x):
+    """choose_qparams_affine(ASYMMETRIC, int8, per token) + fake_quantize_affine, in numpy."""
+    dt = x.dtype
+    lo = np.minimum(x.min(-1, keepdims=True).astype(F32), 0)
+    hi = np.maximum(x.max(-1, keepdims=True).astype(F32), 0)
+    scale = np.maximum(_in(_in(hi - lo, dt) / F32(255), dt), _in(ml_dtypes.finfo(dt).eps, dt))
+    zp = np.clip(_in(-128 - np.round(_in(lo / scale, dt)), dt), -128, 127)
+    q = np.clip(np.round(x.astype(F32) * (F32(1) / scale)) + zp, -128, 127)
+    # dequantize_affine: (q.to(int32) - zp.to(int32)).to(dtype) * scale, so zeros are +0.
+    return ((q.astype(np.int32) - zp.astype(np.int32)).astype(F32) * scale).astype(dt)
+
+
+def _torchao_weight_ref(w, bits, group):
+    """get_group_qparams_symmetric (eps = float32 eps) + fake quantize, in numpy."""
+    dt, qmin, qmax = w.dtype, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    g = w.reshape(w.shape[0], -1, group).astype(F32)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    amax = np.maximum(-np.minimum(lo, 0), np.maximum(hi, 0))
+    scale = np.maximum(_in(amax / F32((qmax - qmin) / 2), dt), F32(2.0**-23))
+    q = np.clip(np.round(g * (F32(1) / scale)), qmin, qmax).astype(np.int32)
+    return (q.astype(F32) * scale).astype(dt).reshape(w.shape)
+
+
+def test_torchao_activation_hand_values_float32_and_bfloat16():
+    u = 1.0 / 256
+    x = np.array([[-128, 127, 2.5, 3.5, -0.5, -1.5, 0, 64],  # scale 1/256, zero point 0
+                  [-2.5, 252.5, 0, 1.5, 1, 2, 3, 4]], F32) * u  # scale 1/256, zero point -126
+    want = np.array([[-128, 127, 2, 4, 0, -2, 0, 64], [-2, 252, 0, 2, 1, 2, 3, 4]], F32) * u
+    np.testing.assert_array_equal(_fq(jnp.asarray(x), ACT), want)
+    qa = _q(jnp.asarray(x), ACT)
+    np.testing.assert_array_equal(np.asarray(qa.scale).ravel(), [u, u])
+    np.testing.assert_array_equal(np.asarray(qa.zero_point).ravel(), [0, -126])
+    # bfloat16: qparams in bfloat16 with its eps 2^-7 as the floor, so the first row's scale is
+    # 1/128 and its zero point -128 - round(-0.5 * 128) = -64; 63.5 is a tie (to even, 64).
+    y = _fq(jnp.asarray(x[:1].astype(BF16)), ACT)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(y, F32), np.array([[-64, 64, 1, 2, 0, -1, 0, 32]], F32) / 128)
+    qa = _q(jnp.asarray(x[:1].astype(BF16)), ACT)
+    np.testing.assert_array_equal(np.asarray(qa.zero_point).ravel(), [-64])
+
+
+@pytest.mark.parametrize("dt", [np.float32, BF16])
+def test_torchao_activation_random_matches_formula(dt):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((16, 64)) * rng.uniform(0.01, 50, (16, 1))
+    x = x + rng.uniform(-3, 3, (16, 1))
+    x[0] = np.abs(x[0])  # all positive: zero point -128
+    x[1] = -np.abs(x[1])
+    x[2] = 0.0
+    x = x.astype(dt)
+    want = _torchao_act_ref(x)
+    for y in (_fq(jnp.asarray(x), ACT), _dq(_q(jnp.asarray(x), ACT))):
+        np.testing.assert_array_equal(_bits(y), _bits(want))
+
+
+def test_torchao_int4_weight_hand_values():
+    w = np.array([[7.5, -3.75, 0.5, 1.5, -7.5, 2.5, 3.5, -0.5],
+                  [0.0, 0.0, 0.0, 0.0, 1.5, 0.25, -0.75, 0.1875]], F32)
+    # scale = amax / 7.5: 1 for the first two groups, 2^-23 for the zero group, 0.2 for the last
+    s = F32(1.5) / F32(7.5)
+    last = np.clip(np.round(w[1, 4:] * (F32(1) / s)), -8, 7) * s
+    want = np.array([[7, -4, 0, 2, -8, 2, 4, 0], [0, 0, 0, 0, *last]], F32)
+    for dt in (np.float32, BF16):
+        y = _fq(jnp.asarray(w.astype(dt)), W4)
+        np.testing.assert_array_equal(np.asarray(y, F32), want.astype(dt).astype(F32))
+    np.testing.assert_array_equal(np.asarray(_q(jnp.asarray(w), W4).scale).ravel(),
+                                  [1, 1, 2.0**-23, s])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dt", [np.float32, BF16])
+def test_torchao_intx_weight_random_matches_formula(bits, dt):
+    rng = np.random.default_rng(bits)
+    w = (rng.standard_normal((8, 64)) * 0.05).astype(dt)
+    spec = P.torchao_intx_weight(bits, 16)
+    want = _torchao_weight_ref(w, bits, 16)
+    np.testing.assert_array_equal(_bits(_fq(jnp.asarray(w), spec)), _bits(want))
+    np.testing.assert_array_equal(_bits(_dq(_q(jnp.asarray(w), spec))), _bits(want))
+
+
+def test_torchao_bfloat16_qparams_differ_from_float32_ones():
+    # amax / 7.5 rounded to bfloat16 is not the float32 quotient: the preset must round it.
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((8, 64)) * 0.05).astype(BF16)
+    f32_qparams = _torchao_weight_ref(w.astype(F32), 4, 16).astype(BF16)
+    y = _fq(jnp.asarray(w), P.torchao_int4_weight(16))
+    assert (_bits(y) != _bits(f32_qparams)).any()
+    np.testing.assert_array_equal(_bits(y), _bits(_torchao_weight_ref(w, 4, 16)))
+
+
+def test_torchao_backward_masks_rounded_codes_outside_the_grid():
+    # scale 1: 7.5 rounds to 8 > 7 (masked); 7.4 rounds to 7 (kept, though above 7); -7.5 -> -8.
+    w = jnp.asarray([[-7.5, 7.5, 7.4, 0.3]])
+    g = jax.grad(lambda w: jnp.sum(qjax.fake_quant(w, W4)))(w)
+    np.testing.assert_array_equal(g, [[1, 0, 1, 1]])
+    x = jnp.asarray([[-2.5, 252.5, 0, 1.5, 1, 2, 3, 4]]) / 256
+    g = jax.grad(lambda x: jnp.sum(qjax.fake_quant(x, ACT) * 3.0))(x)
+    np.testing.assert_array_equal(g, np.full((1, 8), 3.0))
+
+
+def test_torchao_preset_argument_errors():
+    with pytest.raises(ValueError, match="bits must be in"):
+        P.torchao_intx_weight(1, 32)
+    with pytest.raises(ValueError, match="group_size must be an int >= 2"):
+        P.torchao_int4_weight(1)
+    with pytest.raises(ValueError, match="group size 32 does not divide"):
+        qjax.fake_quant(jnp.ones((2, 48)), P.torchao_int4_weight(32))
+
+
+# ---- Flax layers and quantize_model --------------------------------------------------------
+
+def test_presets_in_qdense_and_quantize_model():
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 64)), jnp.float32)
+    layer = qjax.nn.linen.QDense(8, weight=P.torchao_int4_weight(32, axis=0), activation=ACT)
+    v = layer.init(jax.random.key(0), x)
+    p = v["params"]
+    want = qjax.fake_quant(x, ACT) @ qjax.fake_quant(p["kernel"], P.torchao_int4_weight(32, axis=0))
+    np.testing.assert_allclose(layer.apply(v, x), want + p["bias"], rtol=1e-6, atol=1e-6)
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="out")(nn.relu(nn.Dense(32, name="up")(x)))
+
+    qm = qjax.nn.quantize_model(MLP(), {"up|out": LayerQuant(weight=P.gguf_q4_0(axis=0))})
+    v = qm.init(jax.random.key(1), x)
+    p = v["params"]
+    kq = {k: _gguf_values(np.asarray(p[k]["kernel"]).T, GT.Q4_0).T for k in ("up", "out")}
+    h = jax.nn.relu(x @ kq["up"] + p["up"]["bias"])
+    np.testing.assert_allclose(qm.apply(v, x), h @ kq["out"] + p["out"]["bias"], rtol=1e-5,
+                               atol=1e-6)
