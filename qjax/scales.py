@@ -242,10 +242,12 @@ def exact_divide(a: jax.Array, c: float) -> jax.Array:
     """``a / c`` correctly rounded, as numpy, torch and C compute it.
 
     XLA rewrites a division by a broadcast constant into a multiplication by its reciprocal,
-    which is off by one ulp for a few percent of inputs; dividing by an array hidden behind an
-    optimization barrier keeps the true division.
+    which is off by one ulp for a few percent of inputs; dividing by an array of ``a``'s full
+    shape hidden behind an optimization barrier keeps the true division. The array is built from
+    ``a`` so that under ``vmap`` it is batched too (a broadcast divisor would be rewritten).
     """
-    return a / jax.lax.optimization_barrier(jnp.full(jnp.shape(a), c, jnp.result_type(a)))
+    den = jnp.where(jnp.isnan(a), c, c).astype(jnp.result_type(a))
+    return a / jax.lax.optimization_barrier(den)
 
 
 SCALE_DTYPES = ("float16", "bfloat16")

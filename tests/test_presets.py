@@ -300,3 +300,10 @@ def test_presets_in_qdense_and_quantize_model():
     h = jax.nn.relu(x @ kq["up"] + p["up"]["bias"])
     np.testing.assert_allclose(qm.apply(v, x), h @ kq["out"] + p["out"]["bias"], rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [Q8, Q4, ACT, W4], ids=["q8_0", "q4_0", "act", "w4"])
+def test_presets_under_vmap_match_the_batch(spec):
+    x = jnp.asarray(X_GGUF[6:18].reshape(3, 4, 64))
+    y = jax.jit(jax.vmap(lambda r: qjax.fake_quant(r, spec)))(x)
+    np.testing.assert_array_equal(_bits(y), _bits(_fq(x, spec)))

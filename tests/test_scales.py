@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -131,6 +132,9 @@ def test_exact_divide_is_correctly_rounded():
     a = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 20, 20000))).astype(np.float32)
     for c in (127.0, 7.5, 255.0):
         np.testing.assert_array_equal(S.exact_divide(jnp.asarray(a), c), a / np.float32(c))
+    # under vmap the divisor must be batched too, or XLA multiplies by a broadcast reciprocal
+    rows = jax.jit(jax.vmap(lambda r: S.exact_divide(r, 127.0)))(a.reshape(100, 200))
+    np.testing.assert_array_equal(rows, (a / np.float32(127)).reshape(100, 200))
 
 
 def test_store_scale_rounds_and_saturates():
