@@ -151,7 +151,7 @@ def torchao_intx_weight(bits: int, group_size: int, axis: int = -1) -> SP.QuantS
     )
 
 
-def torchao_int4_weight(group_size: int = 32, axis: int = -1) -> SP.QuantSpec:
+def torchao_int4_weight(group_size: int, axis: int = -1) -> SP.QuantSpec:
     """:func:`torchao_intx_weight` with 4 bits (``scale = amax / 7.5``), torchao's int4 QAT weight.
 
     References:

@@ -307,3 +307,19 @@ def test_presets_under_vmap_match_the_batch(spec):
     x = jnp.asarray(X_GGUF[6:18].reshape(3, 4, 64))
     y = jax.jit(jax.vmap(lambda r: qjax.fake_quant(r, spec)))(x)
     np.testing.assert_array_equal(_bits(y), _bits(_fq(x, spec)))
+
+
+@pytest.mark.parametrize("spec, qtype, top", [(Q8, GT.Q8_0, 8.3e6), (Q4, GT.Q4_0, 5.2e5)],
+                         ids=["q8_0", "q4_0"])
+def test_gguf_scales_at_the_ends_of_fp16(spec, qtype, top):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (6, 32)).astype(np.float32)
+    x[:, 0] = [top, -top, 1e-4, 1e-6, 3e-9, 2.0**-100]  # fp16 scale near 65504 ... subnormal, 0
+    x = (x * np.abs(x[:, :1])).astype(np.float32)
+    x[:, 0] = [top, -top, 1e-4, 1e-6, 3e-9, 2.0**-100]
+    codes, d_bits = _gguf_blocks(x, qtype)
+    qa = _q(jnp.asarray(x), spec)
+    np.testing.assert_array_equal(np.asarray(qa.codes_float32()).astype(np.int32), codes)
+    np.testing.assert_array_equal(_bits(np.asarray(qa.scale).astype(np.float16)).ravel(),
+                                  d_bits.ravel())
+    np.testing.assert_array_equal(_bits(_dq(qa)), _bits(_gguf_values(x, qtype)))
