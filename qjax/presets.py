@@ -128,13 +128,16 @@ def torchao_int8_per_token_activation() -> SP.QuantSpec:
     )
 
 
-def torchao_intx_weight(bits: int, group_size: int, axis: int = -1) -> SP.QuantSpec:
+def torchao_intx_weight(
+    bits: int, group_size: int, axis: int = -1, eps: float | None = _FLOAT32_EPS
+) -> SP.QuantSpec:
     """torchao's symmetric per-group weight fake quantizer for signed ``bits`` in 2..8.
 
     Groups of ``group_size`` along ``axis``:
-    ``scale = max(amax / ((qmax - qmin) / 2), 2^-23)`` in the input's dtype (``amax / 7.5`` for
+    ``scale = max(amax / ((qmax - qmin) / 2), eps)`` in the input's dtype (``amax / 7.5`` for
     int4, ``amax / 127.5`` for int8), ``q = clip(round(x * (1/scale)), qmin, qmax)``,
-    value ``q * scale``.
+    value ``q * scale``. ``eps`` is ``get_group_qparams_symmetric``'s float32 epsilon ``2^-23``;
+    None uses the input dtype's (``choose_qparams_affine``'s default for ``eps=None``).
 
     References:
       torchao ``IntxFakeQuantizeConfig(torch.intN, group_size=g)``,
@@ -146,15 +149,17 @@ def torchao_intx_weight(bits: int, group_size: int, axis: int = -1) -> SP.QuantS
     return SP.QuantSpec(
         F.IntFormat(bits),
         G.PerGroup(_check_axis(axis), group_size),
-        S.TorchAOAffine(symmetric=True, eps=_FLOAT32_EPS),
+        S.TorchAOAffine(symmetric=True, eps=eps),
         SP.ClippedSTE(on_codes=True),
     )
 
 
-def torchao_int4_weight(group_size: int, axis: int = -1) -> SP.QuantSpec:
+def torchao_int4_weight(
+    group_size: int, axis: int = -1, eps: float | None = _FLOAT32_EPS
+) -> SP.QuantSpec:
     """:func:`torchao_intx_weight` with 4 bits (``scale = amax / 7.5``), torchao's int4 QAT weight.
 
     References:
       torchao ``Int8DynActInt4WeightQATQuantizer`` / ``IntxFakeQuantizeConfig(torch.int4, ...)``.
     """
-    return torchao_intx_weight(4, group_size, axis)
+    return torchao_intx_weight(4, group_size, axis, eps)

@@ -259,6 +259,14 @@ def test_torchao_bfloat16_qparams_differ_from_float32_ones():
     np.testing.assert_array_equal(_bits(y), _bits(_torchao_weight_ref(w, 4, 16)))
 
 
+def test_torchao_weight_eps_of_the_input_dtype():
+    w = np.full((1, 4), 0.03, F32).astype(BF16)  # amax / 7.5 = 0.004 < 2^-7 = bfloat16's eps
+    y = _fq(jnp.asarray(w), P.torchao_int4_weight(4, eps=None))
+    np.testing.assert_array_equal(np.asarray(y, F32), np.full((1, 4), 4 * 2.0**-7, F32))
+    y = _fq(jnp.asarray(w), P.torchao_int4_weight(4))
+    np.testing.assert_array_equal(_bits(y), _bits(_torchao_weight_ref(w, 4, 4)))
+
+
 def test_torchao_backward_masks_rounded_codes_outside_the_grid():
     # scale 1: 7.5 rounds to 8 > 7 (masked); 7.4 rounds to 7 (kept, though above 7); -7.5 -> -8.
     w = jnp.asarray([[-7.5, 7.5, 7.4, 0.3]])
