@@ -11,7 +11,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 import qjax
 from qjax import kernels as K
-from qjax.kernels import api as A
 from qjax.kernels import blocks as B
 from qjax.methods import quest
 
@@ -209,8 +208,8 @@ def test_backend_resolution():
 def test_default_blocks_are_legal_for_any_group_size():
     for g in (8, 16, 32, 48, 64, 96, 128, 256):
         wf = jax.ShapeDtypeStruct((128, 4 * g * 8), jnp.float32)
-        w = jax.eval_shape(lambda v: qjax.quantize(v, qjax.QuantSpec("int4", qjax.PerGroup(-1, g))),
-                           wf)
+        spec = qjax.QuantSpec("int4", qjax.PerGroup(-1, g))
+        w = jax.eval_shape(functools.partial(qjax.quantize, spec=spec), wf)
         case = K.classify((1, wf.shape[1]), w, None)
         bs = K.default_block_sizes(case, 1, jnp.float32, jnp.float32, "pallas_tpu")
         B.validate_block_sizes(bs, case, jnp.float32, jnp.float32, "pallas_tpu")

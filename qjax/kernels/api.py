@@ -3,7 +3,8 @@
 Semantics: ``y = Q_a(x) @ dequantize(w).T`` for ``x (..., K)`` and a weight :class:`~qjax.QArray`
 ``w`` of shape ``(N, K) = (out_features, in_features)``, quantized along K (the last axis: groups,
 packing and per-channel scales all run along K); ``y`` is ``(..., N)``. ``Q_a`` is
-``fake_quant(., act_spec)`` without its Hadamard rotation, or the identity when ``act_spec`` is None.
+``fake_quant(., act_spec)`` without its Hadamard rotation, or the identity when ``act_spec`` is
+None.
 
 How the activation spec is passed (``act_spec``):
 
