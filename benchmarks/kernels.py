@@ -55,7 +55,8 @@ ROOF_CASES = list(CASES) + ["W4A4 QuEST, int4 units"]
 # Vendor peak dense throughput (TFLOP/s or TOP/s) and memory bandwidth (TB/s), spec sheets.
 DEVICES = {
     "H100 SXM": {"bf16": 989.0, "int8": 1979.0, "fp8": 1979.0, "int4": None, "bw": 3.35},
-    "RTX 4090": {"bf16": 165.2, "int8": 660.6, "fp8": 660.6, "int4": 1321.2, "bw": 1.008},
+    # GeForce Ada: bf16 and fp8 at half rate with float32 accumulation (the rates used here).
+    "RTX 4090": {"bf16": 165.2, "int8": 660.6, "fp8": 330.3, "int4": 1321.2, "bw": 1.008},
     "A10": {"bf16": 125.0, "int8": 250.0, "fp8": None, "int4": 500.0, "bw": 0.6},
     "TPU v5e": {"bf16": 197.0, "int8": 394.0, "fp8": None, "int4": None, "bw": 0.819},
 }
