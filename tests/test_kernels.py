@@ -43,7 +43,7 @@ def _data(m, n, k, dtype=jnp.float32, seed=0):
 
 
 @functools.partial(jax.jit, static_argnames=("act_spec", "backend", "block_sizes", "interpret"))
-def _qmm(x, w, act_spec, backend, block_sizes=None, interpret=True):
+def _qmm(x, w, act_spec, backend, block_sizes=None, interpret=None):
     return K.quantized_matmul(x, w, act_spec=act_spec, backend=backend, block_sizes=block_sizes,
                               interpret=interpret)
 
@@ -81,6 +81,19 @@ def test_quest_rms_path_is_bit_exact_when_row_blocks_match():
     x, wf = _data(32, 72, 320, seed=3)
     w = qjax.quantize(wf, wspec)
     np.testing.assert_array_equal(_qmm(x, w, aspec, "interpret"), _qmm(x, w, aspec, "xla"))
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a16_zero_point", "w4a4_quest", "w1_sign"])
+def test_gpu_kernels_in_interpreter(name):
+    # The Triton-lowered kernel body (loop over K inside the program) run by the interpreter.
+    wspec, aspec = CASES[name]
+    x, wf = _data(*SHAPES[1], seed=10)
+    w = qjax.quantize(wf, wspec)
+    y = _qmm(x, w, aspec, "pallas_gpu", interpret=True)
+    y_xla = _qmm(x, w, aspec, "xla")
+    if name in BIT_EXACT:
+        np.testing.assert_array_equal(y, y_xla)
+    np.testing.assert_allclose(y, y_xla, rtol=1e-6, atol=2e-6 * float(jnp.abs(y_xla).max()))
 
 
 @pytest.mark.parametrize("name", ["w8a8", "w4a4_quest", "fp8", "w1a1_quest"])
@@ -244,6 +257,8 @@ def test_invalid_arguments_raise():
                            block_sizes=K.BlockSizes(8, 128, 128))
     with pytest.raises(ValueError, match="positive int"):
         K.BlockSizes(0, 128, 128)
+    with pytest.raises(ValueError, match="interpret applies to the Pallas backends"):
+        K.quantized_matmul(x, w, backend="xla", interpret=True)
     with pytest.raises(ValueError, match="VMEM"):
         K.quantized_matmul(x, w4, backend="interpret", vmem_limit_bytes=2**16)
     with pytest.raises(TypeError, match="out_dtype"):

@@ -159,7 +159,7 @@ def quantized_matmul(
     block_sizes: B.BlockSizes | None = None,
     out_dtype=None,
     vmem_limit_bytes: int = pallas_tpu.DEFAULT_VMEM_LIMIT_BYTES,
-    interpret=True,
+    interpret=None,
 ) -> jax.Array:
     """``Q_a(x) @ dequantize(w).T`` with a low-bit kernel (see the module docstring).
 
@@ -175,8 +175,10 @@ def quantized_matmul(
         :mod:`qjax.kernels.cases`).
       out_dtype: output dtype (default ``x.dtype``).
       vmem_limit_bytes: TPU scoped VMEM limit; the blocks' footprint is checked against it.
-      interpret: for ``backend="interpret"``: ``True`` or a ``pltpu.InterpretParams`` (e.g.
-        with ``detect_races=True``).
+      interpret: None (``backend="interpret"`` runs the TPU kernels in the interpreter, the
+        device backends compile), ``True`` or a ``pltpu.InterpretParams`` (e.g. with
+        ``detect_races=True``); with ``backend="pallas_gpu"``, ``True`` runs the GPU kernels in
+        the interpreter (how they are tested on CPU).
 
     Returns:
       ``(..., N)`` in ``out_dtype``.
@@ -204,6 +206,9 @@ def quantized_matmul(
         B.validate_block_sizes(bs, case, opd, out, kind)
     elif block_sizes is not None:
         B.validate_block_sizes(block_sizes, case, x.dtype, out, "pallas_tpu")
-    cfg = _Config(case, resolved, bs, out.name, vmem_limit_bytes,
-                  interpret if resolved == "interpret" else False)
+    if interpret is None:
+        interpret = resolved == "interpret"
+    elif resolved == "xla":
+        raise ValueError("interpret applies to the Pallas backends, not to backend='xla'")
+    cfg = _Config(case, resolved, bs, out.name, vmem_limit_bytes, interpret)
     return _qmm(x, w, cfg)
