@@ -3,7 +3,7 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import diagnostics, estimators, methods, nn, optim, qdot
+from qjax import diagnostics, estimators, kernels, methods, nn, optim, qdot
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -53,6 +53,7 @@ __all__ = [
     "gaussian_mse",
     "hadamard_matrix",
     "hadamard_transform",
+    "kernels",
     "lsq_init",
     "methods",
     "nn",

@@ -26,6 +26,8 @@ CASES = {
     "w1a1_quest": (quest.spec(1, hadamard=None), quest.spec(1, hadamard=None)),
     "ternary_a8": (qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian"),
                    qjax.QuantSpec("int8", qjax.PerRow(-1))),
+    "w3a3_quest_unpacked": (quest.spec(3, hadamard=None), quest.spec(3, hadamard=None)),
+    "fp8_weight_only": (qjax.QuantSpec("e4m3", qjax.PerRow(-1)), None),
 }
 # Integer kinds with order-independent statistics (absmax): bit-exact for every shape.
 BIT_EXACT = ("w8a8", "ternary_a8")

@@ -10,6 +10,10 @@ covers all of K. The default ``block_k`` is a multiple of ``lcm(8 g, 128 per)``,
 group size.
 
 GPU (Triton-lowered Pallas) rules: block dims are powers of two, at least 16 for ``tl.dot``.
+
+References:
+  JAX documentation, "Pallas TPU: pipelining / block shapes" (the (8, 128) rule) and the
+  Pallas TPU lowering's own check (``divisible by 8 and 128``), which tests exercise.
 """
 
 from __future__ import annotations

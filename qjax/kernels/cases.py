@@ -22,6 +22,15 @@ Kernel operand layout (built by :func:`prepare_operands`, shared by every Pallas
   ``bk/g`` is a multiple of 8 (the default block sizes guarantee it for any group size g).
 * Shapes are zero-padded to block multiples after quantization: padded activations (or
   activation codes) are 0, so padded K terms add exactly 0; padded rows/columns are sliced off.
+
+Cost: the K-major relayout of the packed weights is an XLA transpose inside each call (one extra
+read and write of the packed bytes), unless XLA constant-folds it (weights closed over as
+constants). A serving loop that is memory bound should keep that layout between calls.
+
+References:
+  Frantar et al., 2024. MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large
+  Language Models (4-bit weights dequantized in the kernel, per-group scales);
+  Panferov et al., 2025. QuEST (odd-integer int4 codes).
 """
 
 from __future__ import annotations

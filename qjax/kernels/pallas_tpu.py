@@ -11,6 +11,9 @@ Pallas interpreter on any platform (``interpret=True`` or ``pltpu.InterpretParam
 Hardware facts are parameters: ``vmem_limit_bytes`` (the scoped VMEM the compiler may use) is
 passed to Mosaic and the blocks' double-buffered footprint is checked against it at trace time.
 On the newest TPUs the matrix unit has no int8 path (only bf16/fp8): use the fp8 case there.
+
+References:
+  JAX documentation, "Pallas TPU matmul" (grid over M, N, K with a VMEM accumulator).
 """
 
 from __future__ import annotations

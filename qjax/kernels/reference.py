@@ -9,6 +9,9 @@ layout, so a kernel is checked against something it does not share code with.
   for ``K < 133,000``), then ``acc * s_x * s_w``. A single row is padded to two rows: the CPU int8
   dot is about 10x slower at M = 1 (its GEMV path is not vectorised) than at M = 2.
 * fp8 kind: the fp8 codes upcast to float32 (exact), float32 dot, then ``acc * s_x * s_w``.
+
+References:
+  Micikevicius et al., 2022. FP8 Formats for Deep Learning (e4m3 with per-row scaling).
 """
 
 from __future__ import annotations

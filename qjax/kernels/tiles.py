@@ -4,6 +4,9 @@ These functions take and return arrays (not refs), so the TPU kernel (grid over 
 accumulator) and the GPU kernel (loop over K inside the program) run the very same arithmetic.
 Shapes per K step: activation phases ``xs[p]`` ``(bm, bk/per)``, stored weight bytes ``c``
 ``(bk/per, bn)``, scales / zero points ``(bk/g, bn)`` (or ``(1, bn)`` per channel).
+
+References:
+  Panferov et al., 2025. QuEST (odd codes: ``(s_a/2)(s_b/2) sum(u_a u_b)``, no correction term).
 """
 
 from __future__ import annotations
