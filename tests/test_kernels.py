@@ -149,8 +149,8 @@ def test_leading_batch_dims_and_out_dtype():
     wspec, aspec = CASES["w8a8"]
     x, wf = _data(6, 128, 128, seed=5)
     w = qjax.quantize(wf, wspec)
-    y = K.quantized_matmul(x.reshape(2, 3, 128), w, act_spec=aspec, backend="xla",
-                           out_dtype=jnp.bfloat16)
+    y = K.quantized_matmul(x.reshape(2, 3, 128), w, act_spec=aspec, backend="auto",
+                           out_dtype=jnp.bfloat16)  # auto is xla on CPU
     assert y.shape == (2, 3, 128) and y.dtype == jnp.bfloat16
     np.testing.assert_array_equal(y.reshape(6, 128),
                                   _qmm(x, w, aspec, "xla").astype(jnp.bfloat16))
@@ -273,3 +273,12 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="multiple of the 2 codes per byte"):
         w_odd = qjax.quantize(jnp.zeros((8, 30)), qjax.QuantSpec("int4", qjax.PerGroup(-1, 3)))
         K.classify((1, 30), w_odd, None)
+
+
+def test_activation_row_block_fits_vmem():
+    # 4096-wide rows: 32 rows take ~1.3 MB; a 256-row block is cut down to fit 4 MiB.
+    assert K.row_block(256, 4096, jnp.float32, 256, 2**30) == 256
+    bm = K.row_block(256, 4096, jnp.float32, 256, 4 * 2**20)
+    assert bm % 32 == 0 and 256 % bm == 0 and bm < 256
+    with pytest.raises(ValueError, match="whole rows"):
+        K.row_block(32, 2**20, jnp.float32, 32, 2**20)

@@ -27,7 +27,7 @@ from qjax import formats as F
 from qjax import spec as SP
 from qjax.qdot import kernel_codes
 
-__all__ = ["activation_codes", "codes_dtype", "quantize_rows"]
+__all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block"]
 
 
 def codes_dtype(fmt: F.Format):
@@ -43,6 +43,23 @@ def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax
     if isinstance(fmt, F.FloatFormat):
         return q.astype(fmt.dtype), scale
     return kernel_codes(q, scale, fmt)
+
+
+def row_block(rows: int, k: int, x_dtype, block_m: int, vmem_limit_bytes: int,
+              sublane: int = 32) -> int:
+    """Largest multiple of ``sublane`` dividing ``block_m`` whose whole-row blocks fit in VMEM.
+
+    Footprint per row: the input and the 1-byte codes double-buffered, plus two float32
+    temporaries (``x`` upcast and the scaled values). Raises ValueError if no block fits.
+    """
+    del rows
+    per_row = 2 * k * (jnp.dtype(x_dtype).itemsize + 1) + 2 * k * 4 + 16
+    for bm in range(block_m, 0, -sublane):
+        if block_m % bm == 0 and bm % sublane == 0 and bm * per_row <= vmem_limit_bytes:
+            return bm
+    raise ValueError(f"activation quantization needs whole rows of K = {k} in VMEM: "
+                     f"{sublane} rows take about {sublane * per_row} bytes, more than "
+                     f"vmem_limit_bytes={vmem_limit_bytes}")
 
 
 def _kernel(x_ref, c_ref, s_ref, *, spec):

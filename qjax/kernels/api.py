@@ -39,7 +39,7 @@ from qjax import spec as SP
 from qjax.kernels import blocks as B
 from qjax.kernels import cases as C
 from qjax.kernels import pallas_gpu, pallas_tpu, reference
-from qjax.kernels.activation import codes_dtype, quantize_rows
+from qjax.kernels.activation import codes_dtype, quantize_rows, row_block
 from qjax.qarray import QArray
 from qjax.quantize import dequantize, fake_quant
 
@@ -99,7 +99,8 @@ def _pallas_2d(x2: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
         if gpu:
             xq, xs = pallas_gpu.quantize_rows(xpad, case.act_spec, bs.block_m)
         else:
-            xq, xs = quantize_rows(xpad, case.act_spec, bs.block_m, interpret=cfg.interpret,
+            rows = row_block(mp, case.k, x2.dtype, bs.block_m, cfg.vmem_limit_bytes)
+            xq, xs = quantize_rows(xpad, case.act_spec, rows, interpret=cfg.interpret,
                                    compiler_params=pallas_tpu.compiler_params(
                                        cfg.vmem_limit_bytes))
     ops = C.prepare_operands(xq, xs, w, case, bs.block_m, bs.block_n, bs.block_k)
