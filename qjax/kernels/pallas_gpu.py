@@ -3,10 +3,12 @@
 Why Triton and not Mosaic GPU: in jax 0.10 the Mosaic GPU Pallas lowering has no ``dot_general``
 (``NotImplementedError: Unimplemented primitive in Pallas Mosaic GPU lowering: dot_general``);
 matrix products there are written with ``plgpu.wgmma`` (Hopper) or ``tcgen05`` (Blackwell) on
-swizzled shared-memory tiles with explicit barriers, a different kernel per architecture. That is
-left undone; the Triton path serves every case on Ampere and newer. Two consequences, both
-tested: (1) ``jax.export`` refuses the Triton custom call by default (Triton IR has no
-compatibility guarantee), so serializing needs
+swizzled shared-memory tiles with explicit barriers, a different kernel per architecture. JAX's
+own Hopper kernels (``pallas.ops.gpu.hopper_mixed_type_matmul_mgpu``, int8 x bf16 without
+scales) read the SM count from the local device while tracing, so they cannot even trace on a
+CPU host. A Mosaic GPU kernel is left undone; the Triton path serves every case (Ampere+).
+Two consequences, both tested: (1) ``jax.export`` refuses the Triton custom call by default
+(Triton IR has no compatibility guarantee), so serializing needs
 ``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]``;
 (2) the final Triton compilation (power-of-two tensor shapes, shared memory) happens only on a
 device, so block sizes follow Triton's rules (powers of two) by validation, not by proof.
