@@ -3,7 +3,18 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import diagnostics, estimators, methods, nn, optim, presets, qdot
+from qjax import (
+    diagnostics,
+    estimators,
+    kernels,
+    methods,
+    nn,
+    optim,
+    presets,
+    qdot,
+    sharding,
+    typed_sharding,
+)
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -57,6 +68,7 @@ __all__ = [
     "gaussian_mse",
     "hadamard_matrix",
     "hadamard_transform",
+    "kernels",
     "lsq_init",
     "methods",
     "nn",
@@ -68,5 +80,7 @@ __all__ = [
     "quantize",
     "random_signs",
     "scale_shape",
+    "sharding",
+    "typed_sharding",
     "unpack_bits",
 ]

@@ -33,7 +33,7 @@ from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
 
-__all__ = ["qat_dense", "integer_forward_reason"]
+__all__ = ["qat_dense", "integer_forward_reason", "kernel_codes"]
 
 
 def _format_reason(spec: SP.QuantSpec) -> str | None:
@@ -72,6 +72,13 @@ def integer_forward_reason(weight: SP.QuantSpec | None,
     return None
 
 
+def kernel_codes(q: jax.Array, scale: jax.Array, fmt) -> tuple[jax.Array, jax.Array]:
+    """int8 matmul codes and their scale from integer codes ``q``: midrise ``(2q + 1, s/2)``."""
+    if isinstance(fmt, F.Midrise):
+        return (2 * q + 1).astype(jnp.int8), scale * 0.5
+    return q.astype(jnp.int8), scale
+
+
 def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
     """(float32 codes, fake-quant values, backward mask, int8 codes, scale) of one operand."""
     fmt = spec.format
@@ -81,9 +88,7 @@ def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
     q = E.encode(a32, scale, None, fmt)
     values = E.decode(q, scale, None, fmt)
     mask = E._mask(a32, values, scale, None, fmt, spec.estimator)
-    if isinstance(fmt, F.Midrise):
-        return values, mask, (2.0 * q + 1.0).astype(jnp.int8), scale * 0.5
-    return values, mask, q.astype(jnp.int8), scale
+    return (values, mask) + kernel_codes(q, scale, fmt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

@@ -1,0 +1,92 @@
+"""Dynamic activation quantization for the kernels: per-token codes and scales.
+
+``activation_codes(x32, spec)`` gives the codes an integer or fp8 matmul consumes: for integer
+grids the int8 code ``q``; for QuEST's midrise grid the odd integer ``u = 2q + 1`` with half the
+scale (:func:`qjax.qdot.kernel_codes`), so ``s * q_level = (s/2) * u`` exactly; for fp8 the
+e4m3/e5m2 value. The scale rule and the rounding are the spec's own (``spec.scale.compute`` and
+:func:`qjax.estimators.encode`), so the codes equal :func:`qjax.quantize`'s bit for bit.
+
+:func:`quantize_rows` runs the same function as a small Pallas kernel over blocks of whole rows
+(per-token statistics need the full row: the block is ``(bm, K)``). QuEST's Hadamard rotation is
+applied by the caller before this op (``act_spec.hadamard`` is ignored here).
+
+References:
+  Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qjax import estimators as E
+from qjax import formats as F
+from qjax import spec as SP
+from qjax.qdot import kernel_codes
+
+__all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block"]
+
+
+def codes_dtype(fmt: F.Format):
+    """Storage dtype of activation codes: int8, or the fp8 dtype."""
+    return fmt.dtype if isinstance(fmt, F.FloatFormat) else jnp.int8
+
+
+def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Per-row codes ``(M, K)`` and float32 kernel scales ``(M, 1)`` of float32 ``x32 (M, K)``."""
+    fmt = spec.format
+    scale, _ = spec.scale.compute(x32, (x32.ndim - 1,), fmt)
+    q = E.encode(x32, scale, None, fmt)
+    if isinstance(fmt, F.FloatFormat):
+        return q.astype(fmt.dtype), scale
+    return kernel_codes(q, scale, fmt)
+
+
+def row_block(rows: int, k: int, x_dtype, block_m: int, vmem_limit_bytes: int,
+              sublane: int = 32) -> int:
+    """Largest multiple of ``sublane`` dividing ``block_m`` whose whole-row blocks fit in VMEM.
+
+    Footprint per row: the input and the 1-byte codes double-buffered, plus two float32
+    temporaries (``x`` upcast and the scaled values). Raises ValueError if no block fits.
+    """
+    del rows
+    per_row = 2 * k * (jnp.dtype(x_dtype).itemsize + 1) + 2 * k * 4 + 16
+    for bm in range(block_m, 0, -sublane):
+        if block_m % bm == 0 and bm % sublane == 0 and bm * per_row <= vmem_limit_bytes:
+            return bm
+    raise ValueError(f"activation quantization needs whole rows of K = {k} in VMEM: "
+                     f"{sublane} rows take about {sublane * per_row} bytes, more than "
+                     f"vmem_limit_bytes={vmem_limit_bytes}")
+
+
+def _kernel(x_ref, c_ref, s_ref, *, spec):
+    codes, scale = activation_codes(x_ref[...].astype(jnp.float32), spec)
+    c_ref[...] = codes
+    s_ref[...] = scale
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "block_m", "interpret", "compiler_params"))
+def quantize_rows(x: jax.Array, spec: SP.QuantSpec, block_m: int, interpret=False,
+                  compiler_params=None) -> tuple[jax.Array, jax.Array]:
+    """Pallas kernel form of :func:`activation_codes` for ``x (M, K)``, ``M % block_m == 0``.
+
+    Returns codes ``(M, K)`` (:func:`codes_dtype`) and float32 scales ``(M, 1)``.
+    """
+    m, k = x.shape
+    if m % block_m:
+        raise ValueError(f"block_m={block_m} must divide the number of rows {m}")
+    return pl.pallas_call(
+        functools.partial(_kernel, spec=spec),
+        grid=(m // block_m,),
+        in_specs=[pl.BlockSpec((block_m, k), lambda i: (i, 0))],
+        out_specs=[pl.BlockSpec((block_m, k), lambda i: (i, 0)),
+                   pl.BlockSpec((block_m, 1), lambda i: (i, 0))],
+        out_shape=[jax.ShapeDtypeStruct((m, k), codes_dtype(spec.format)),
+                   jax.ShapeDtypeStruct((m, 1), jnp.float32)],
+        interpret=interpret,
+        compiler_params=compiler_params,
+        name="qjax_quantize_rows",
+    )(x)

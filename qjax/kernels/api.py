@@ -1,0 +1,215 @@
+"""``quantized_matmul``: dispatch to a backend, validation, padding and the custom VJP.
+
+Semantics: ``y = Q_a(x) @ dequantize(w).T`` for ``x (..., K)`` and a weight :class:`~qjax.QArray`
+``w`` of shape ``(N, K) = (out_features, in_features)``, quantized along K (the last axis: groups,
+packing and per-channel scales all run along K); ``y`` is ``(..., N)``. ``Q_a`` is
+``fake_quant(., act_spec)`` without its Hadamard rotation, or the identity when ``act_spec`` is
+None.
+
+How the activation spec is passed (``act_spec``):
+
+* ``None``: weight-only (W8A16, W4A16 with per-group scales and optional zero points, W2,
+  ternary, W1 sign codes as ``Midrise(1)``, fp8 weights): float activations, float32 accumulation.
+* a signed-int / midrise / ternary spec per token (``PerRow(-1)``, symmetric ``AbsMax`` or
+  ``RmsGaussian``): the integer kind, e.g. W8A8 (``QuantSpec("int8", "row")``) or W4A4 QuEST
+  (``qjax.methods.quest.spec(4)``; the caller applies the Hadamard rotation to ``x``, and ``w``
+  holds the codes of the rotated weight, as ``hadamard_mode="half"`` stores them). The weight must
+  be per channel or per tensor and symmetric.
+* an ``e4m3``/``e5m2`` spec per token with fp8 weights: the fp8 kind.
+
+Backends: ``"xla"`` (:mod:`qjax.kernels.reference`), ``"pallas_tpu"``, ``"pallas_gpu"``,
+``"interpret"`` (the TPU Pallas kernels run by the Pallas interpreter, on any platform) and
+``"auto"``: the platform's Pallas backend (``tpu``/``gpu``), falling back to ``"xla"`` when that
+backend cannot serve the case; ``"xla"`` on CPU.
+
+Gradient: a ``custom_vjp``. ``dx`` is the fake-quant matmul's: ``g @ dequantize(w)`` passed
+through the activation spec's estimator (STE, clipped STE or QuEST's trust mask). ``w`` holds frozen
+integer codes (serving), so its cotangent is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qjax import spec as SP
+from qjax.kernels import blocks as B
+from qjax.kernels import cases as C
+from qjax.kernels import pallas_gpu, pallas_tpu, reference
+from qjax.kernels.activation import codes_dtype, quantize_rows, row_block
+from qjax.qarray import QArray
+from qjax.quantize import dequantize, fake_quant
+
+__all__ = ["quantized_matmul", "BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "interpret")
+_AUTO = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "cuda": ("pallas_gpu", "xla")}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    case: C.Case
+    backend: str
+    block_sizes: B.BlockSizes | None
+    out_dtype: str
+    vmem_limit_bytes: int
+    interpret: object
+
+
+def _unsupported(case: C.Case, backend: str) -> str | None:
+    if backend == "pallas_gpu":
+        return pallas_gpu.unsupported_reason(case)
+    return None
+
+
+def resolve_backend(backend: str, case: C.Case, platform: str | None = None) -> str:
+    """The concrete backend ``backend`` means for ``case`` on ``platform`` (default: JAX's)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = _unsupported(case, backend)
+        if reason:
+            raise ValueError(f"backend {backend!r} cannot serve this case: {reason}")
+        return backend
+    platform = platform or jax.default_backend()
+    for candidate in _AUTO.get(platform, ("xla",)):
+        if _unsupported(case, candidate) is None:
+            return candidate
+    return "xla"
+
+
+def _operand_dtype(case: C.Case, x_dtype, w_dtype):
+    if case.kind == "float":
+        return jnp.result_type(x_dtype, jnp.dtype(w_dtype))
+    return codes_dtype(case.act_spec.format)
+
+
+def _pallas_2d(x2: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
+    case, bs = cfg.case, cfg.block_sizes
+    m = x2.shape[0]
+    mp = -(-m // bs.block_m) * bs.block_m
+    gpu = cfg.backend == "pallas_gpu"
+    if case.kind == "float":
+        xq, xs = x2.astype(_operand_dtype(case, x2.dtype, w.dtype)), None
+    else:
+        xpad = jnp.pad(x2, ((0, mp - m), (0, 0)))
+        if gpu:
+            xq, xs = pallas_gpu.quantize_rows(xpad, case.act_spec, bs.block_m)
+        else:
+            rows = row_block(mp, case.k, x2.dtype, bs.block_m, cfg.vmem_limit_bytes)
+            xq, xs = quantize_rows(xpad, case.act_spec, rows, interpret=cfg.interpret,
+                                   compiler_params=pallas_tpu.compiler_params(
+                                       cfg.vmem_limit_bytes))
+    ops = C.prepare_operands(xq, xs, w, case, bs.block_m, bs.block_n, bs.block_k)
+    out = jnp.dtype(cfg.out_dtype)
+    if gpu:
+        y = pallas_gpu.matmul(ops, case, bs, out, interpret=cfg.interpret)
+    else:
+        y = pallas_tpu.matmul(ops, case, bs, out, interpret=cfg.interpret,
+                              vmem_limit_bytes=cfg.vmem_limit_bytes)
+    return y[:m, : case.n]
+
+
+def _forward(x: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
+    x2 = x.reshape(-1, cfg.case.k)
+    if cfg.backend == "xla":
+        y = reference.matmul_2d(x2, w, cfg.case, jnp.dtype(cfg.out_dtype))
+    else:
+        y = _pallas_2d(x2, w, cfg)
+    return y.reshape(x.shape[:-1] + (cfg.case.n,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmm(x, w, cfg):
+    return _forward(x, w, cfg)
+
+
+def _qmm_fwd(x, w, cfg):
+    return _forward(x, w, cfg), (x, w)
+
+
+def _qmm_bwd(cfg, res, g):
+    x, w = res
+    x32 = x.astype(jnp.float32)
+    gx = jnp.matmul(g.astype(jnp.float32), dequantize(w).astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+    if cfg.case.act_spec is not None:
+        gx = jax.vjp(lambda a: fake_quant(a, cfg.case.act_spec), x32)[1](gx)[0]
+    zeros = jax.tree.map(_zero_cotangent, w)
+    return gx.astype(x.dtype), zeros
+
+
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return jnp.zeros(a.shape, jax.dtypes.float0)
+
+
+_qmm.defvjp(_qmm_fwd, _qmm_bwd)
+
+
+def quantized_matmul(
+    x: jax.Array,
+    w: QArray,
+    *,
+    act_spec: SP.QuantSpec | None = None,
+    backend: str = "auto",
+    block_sizes: B.BlockSizes | None = None,
+    out_dtype=None,
+    vmem_limit_bytes: int = pallas_tpu.DEFAULT_VMEM_LIMIT_BYTES,
+    interpret=None,
+) -> jax.Array:
+    """``Q_a(x) @ dequantize(w).T`` with a low-bit kernel (see the module docstring).
+
+    Args:
+      x: floating ``(..., K)`` (float32, bfloat16, float16); with a QuEST ``act_spec``, already
+        Hadamard-rotated.
+      w: :class:`~qjax.QArray` of shape ``(N, K)``, quantized along K.
+      act_spec: activation quantization (None: weight-only).
+      backend: one of :data:`BACKENDS`.
+      block_sizes: :class:`~qjax.kernels.BlockSizes` for the Pallas backends (None: per-backend
+        defaults); validated against the backend's tiling rules. Shapes that are not multiples of
+        the blocks are zero-padded (padding adds exact zeros to the sums; see
+        :mod:`qjax.kernels.cases`).
+      out_dtype: output dtype (default ``x.dtype``).
+      vmem_limit_bytes: TPU scoped VMEM limit; the blocks' footprint is checked against it.
+      interpret: None (``backend="interpret"`` runs the TPU kernels in the interpreter, the
+        device backends compile), ``True`` or a ``pltpu.InterpretParams`` (e.g. with
+        ``detect_races=True``); with ``backend="pallas_gpu"``, ``True`` runs the GPU kernels in
+        the interpreter (how they are tested on CPU).
+
+    Returns:
+      ``(..., N)`` in ``out_dtype``.
+
+    References:
+      Panferov et al., 2025 (QuEST odd-integer int4 codes); Frantar et al., 2024 (Marlin,
+      W4A16 kernels); Micikevicius et al., 2022 (FP8 formats for deep learning).
+    """
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a floating array, got {getattr(x, 'dtype', type(x))}")
+    if isinstance(vmem_limit_bytes, bool) or not isinstance(vmem_limit_bytes, int) or \
+            vmem_limit_bytes <= 0:
+        raise ValueError(f"vmem_limit_bytes must be a positive int, got {vmem_limit_bytes!r}")
+    out = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    if not jnp.issubdtype(out, jnp.floating):
+        raise TypeError(f"out_dtype must be a floating dtype, got {out}")
+    case = C.classify(x.shape, w, act_spec)
+    resolved = resolve_backend(backend, case)
+    bs = None
+    if resolved != "xla":
+        kind = "pallas_gpu" if resolved == "pallas_gpu" else "pallas_tpu"
+        m = max(1, x.size // case.k)
+        opd = _operand_dtype(case, x.dtype, w.dtype)
+        bs = block_sizes or B.default_block_sizes(case, m, opd, out, kind)
+        B.validate_block_sizes(bs, case, opd, out, kind)
+    elif block_sizes is not None:
+        B.validate_block_sizes(block_sizes, case, x.dtype, out, "pallas_tpu")
+    if interpret is None:
+        interpret = resolved == "interpret"
+    elif resolved == "xla":
+        raise ValueError("interpret applies to the Pallas backends, not to backend='xla'")
+    cfg = _Config(case, resolved, bs, out.name, vmem_limit_bytes, interpret)
+    return _qmm(x, w, cfg)

@@ -1,0 +1,242 @@
+"""Which kernel case a ``(x, w, act_spec)`` triple is, and the operand layout the kernels read.
+
+Cases (``Case.kind``):
+
+* ``"float"``: weight-only (``act_spec=None``): W8A16, W4A16, W2/ternary, W1 sign codes, fp8
+  weights. Codes are dequantized in the kernel, ``(q - z) * s`` per group, and multiplied with the
+  float activations; float32 accumulation.
+* ``"int"``: both operands on integer grids (W8A8, W4A4 QuEST, W1A1): int8 codes, int32
+  accumulation, ``y = s_x * s_w * acc`` in the epilogue. Midrise (QuEST) codes enter as the odd
+  integers ``u = 2q + 1`` with half the scale, so no correction term is needed.
+* ``"fp8"``: e4m3/e5m2 activations and weights with per-row scales, float32 accumulation.
+
+Kernel operand layout (built by :func:`prepare_operands`, shared by every Pallas backend):
+
+* Packed weights (``per = 8 // bits`` codes per byte, first code in the low bits, as
+  :mod:`qjax.qarray` stores them along K) are transposed to K-major ``(K/per, N)`` bytes. Byte
+  row ``i`` holds K indices ``i*per + p`` for phases ``p = 0..per-1``, so the kernel never
+  interleaves: it splits the activations into the same ``per`` phases, ``xp[p] = x[:, p::per]``
+  (shape ``(per, M, K/per)``), and sums ``xp[p] @ decode((bytes >> p*bits) & mask)`` over p.
+* Scales and zero points become ``(G, N)`` (G groups along K; G = 1 per channel), so a K block
+  of ``bk`` rows reads a ``(bk/g, bn)`` scale block: legal for TPU's (8, 128) tiling when
+  ``bk/g`` is a multiple of 8 (the default block sizes guarantee it for any group size g).
+* Shapes are zero-padded to block multiples after quantization: padded activations (or
+  activation codes) are 0, so padded K terms add exactly 0; padded rows/columns are sliced off.
+
+Cost: the K-major relayout of the packed weights is an XLA transpose inside each call (one extra
+read and write of the packed bytes), unless XLA constant-folds it (weights closed over as
+constants). A serving loop that is memory bound should keep that layout between calls.
+
+References:
+  Frantar et al., 2024. MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large
+  Language Models (4-bit weights dequantized in the kernel, per-group scales);
+  Panferov et al., 2025. QuEST (odd-integer int4 codes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import formats as F
+from qjax import granularity as G
+from qjax import scales as S
+from qjax import spec as SP
+from qjax.qarray import PACKED_BITS, QArray
+
+__all__ = ["Case", "classify", "prepare_operands", "Operands"]
+
+KINDS = ("float", "int", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Static description of one quantized matmul (hashable; a jit static argument).
+
+    Attributes:
+      kind: ``"float"``, ``"int"`` or ``"fp8"`` (see the module docstring).
+      n, k: weight shape ``(N, K)``.
+      bits: storage bits per weight code (1, 2, 4 packed; 8 one per byte).
+      group: group size along K, or None for one scale per output channel (or tensor).
+      weight_format, act_spec: the weight format and the activation spec (None: weight-only).
+      has_zero: the weight has zero points (asymmetric, float kind only).
+      w_dtype: the dtype ``dequantize(w)`` returns (dequantized tiles are rounded to it).
+    """
+
+    kind: str
+    n: int
+    k: int
+    bits: int
+    group: int | None
+    weight_format: F.Format
+    act_spec: SP.QuantSpec | None
+    has_zero: bool
+    w_dtype: str
+
+    @property
+    def per(self) -> int:
+        """Codes per stored byte (the number of K phases)."""
+        return 8 // self.bits if self.bits in PACKED_BITS else 1
+
+    @property
+    def packed(self) -> bool:
+        return self.bits in PACKED_BITS
+
+    @property
+    def odd_weight(self) -> bool:
+        """Integer kind with midrise weights: the kernel uses ``2q + 1`` with scale ``s/2``."""
+        return self.kind == "int" and isinstance(self.weight_format, F.Midrise)
+
+
+def _int_codeable(fmt: F.Format) -> bool:
+    return ((isinstance(fmt, F.IntFormat) and fmt.signed) or isinstance(fmt, F.Ternary)
+            or (isinstance(fmt, F.Midrise) and fmt.bits <= 7))
+
+
+def _is_fp8(fmt: F.Format) -> bool:
+    return isinstance(fmt, F.FloatFormat) and fmt.name in ("e4m3", "e5m2")
+
+
+def _symmetric(spec: SP.QuantSpec) -> bool:
+    return not (isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric)
+
+
+def _check_act_spec(a: SP.QuantSpec) -> None:
+    if not isinstance(a, SP.QuantSpec):
+        raise TypeError(f"act_spec must be a qjax.QuantSpec or None, got {type(a).__name__}")
+    if a.granularity != G.PerRow(-1):
+        raise ValueError(f"act_spec granularity must be PerRow(-1) (per token), got "
+                         f"{a.granularity}")
+    if not (isinstance(a.scale, (S.AbsMax, S.RmsGaussian)) and _symmetric(a)):
+        raise ValueError(f"act_spec scale must be symmetric AbsMax or RmsGaussian, got {a.scale}")
+    if a.rounding != "nearest":
+        raise ValueError("act_spec rounding must be 'nearest'")
+    if isinstance(a.estimator, SP.LEARNED_SCALE_ESTIMATORS):
+        raise ValueError("act_spec must not use a learned-scale estimator (LSQ, PACT)")
+    if a.hadamard is not None and a.hadamard_mode != "half":
+        raise ValueError("act_spec with a Hadamard rotation must use hadamard_mode='half' (the "
+                         "caller rotates x; the full form rotates back before the matmul)")
+
+
+def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None) -> Case:
+    """The :class:`Case` of ``x (..., K) @ dequantize(w (N, K)).T``; raises on unsupported input."""
+    if not isinstance(w, QArray):
+        raise TypeError(f"w must be a qjax.QArray, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"w must be a 2-D QArray of shape (N, K), got shape {w.shape}")
+    n, k = w.shape
+    if len(x_shape) < 1 or x_shape[-1] != k:
+        raise ValueError(f"x must have shape (..., K) with K = {k} (w is (N, K) = {w.shape}), "
+                         f"got {tuple(x_shape)}")
+    spec = w.spec
+    fmt = spec.format
+    if isinstance(fmt, F.FloatFormat) and not _is_fp8(fmt):
+        raise ValueError(f"weight format {fmt.name} is not supported; use an integer, midrise, "
+                         "ternary or fp8 (e4m3/e5m2) format")
+    if spec.hadamard is not None and spec.hadamard_mode != "half":
+        raise ValueError("w was quantized with a full Hadamard rotation; kernels need the "
+                         "'half' form (codes of the rotated weight, x rotated by the caller)")
+    gran = spec.granularity
+    if isinstance(gran, G.PerGroup):
+        if gran.axis % 2 != 1:
+            raise ValueError(f"w groups must run along K (axis -1), got {gran}")
+        group = gran.size
+    elif gran in (G.PerRow(-1), G.PerRow(1), G.PerTensor()):
+        group = None
+    else:
+        raise ValueError(f"w granularity must be PerRow(-1), PerGroup(-1, g) or PerTensor, "
+                         f"got {gran}")
+    bits = F.storage_bits(fmt)
+    has_zero = w.zero_point is not None
+    if act_spec is None:
+        kind = "float"
+    else:
+        _check_act_spec(act_spec)
+        afmt = act_spec.format
+        if _is_fp8(afmt) and _is_fp8(fmt):
+            kind = "fp8"
+        elif _int_codeable(afmt) and _int_codeable(fmt):
+            kind = "int"
+        else:
+            raise ValueError(f"unsupported format pair: activations {afmt.name}, weights "
+                             f"{fmt.name}; both must be int8-codeable (signed int, ternary, "
+                             "midrise <= 7 bits) or both fp8")
+        if group is not None:
+            raise ValueError("with quantized activations the weight needs one scale per output "
+                             f"channel (PerRow(-1)) or per tensor, got {gran}")
+        if has_zero:
+            raise ValueError("with quantized activations the weight must be symmetric (a zero "
+                             "point needs a correction term)")
+    if group is not None and group % (8 // bits if bits in PACKED_BITS else 1):
+        raise ValueError(f"group size {group} must be a multiple of the {8 // bits} codes per "
+                         f"byte of a {bits}-bit format")
+    plain = None if act_spec is None else act_spec.replace(hadamard=None)
+    return Case(kind, n, k, bits, group, fmt, plain, has_zero, w.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """Kernel operands (see the module docstring); ``xs`` is None for the float kind."""
+
+    xp: jax.Array  # (per, Mp, Kp/per): activations or activation codes, by phase
+    xs: jax.Array | None  # (Mp, 1) float32 activation scales
+    wc: jax.Array  # (Kp/per, Np) stored weight bytes, K-major
+    ws: jax.Array  # (Gp, Np) float32 weight scales (Gp = Kp/g, or 1)
+    wz: jax.Array | None  # (Gp, Np) float32 zero points
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def padded_dims(m: int, case: Case, bm: int, bn: int, bk: int) -> tuple[int, int, int]:
+    return _round_up(m, bm), _round_up(case.n, bn), _round_up(case.k, bk)
+
+
+def prepare_operands(xq: jax.Array, xs: jax.Array | None, w: QArray, case: Case,
+                     bm: int, bn: int, bk: int) -> Operands:
+    """Pads and relayouts ``xq (M, K)`` (activations or codes), ``xs (M, 1)`` and ``w``.
+
+    ``bk`` must be a multiple of ``per`` and of the group size; the callers validate it.
+    """
+    m = xq.shape[0]
+    mp, np_, kp = padded_dims(m, case, bm, bn, bk)
+    per = case.per
+    xq = jnp.pad(xq, ((0, mp - m), (0, kp - case.k)))
+    xp = jnp.moveaxis(xq.reshape(mp, kp // per, per), -1, 0)
+    if xs is not None:
+        xs = jnp.pad(xs, ((0, mp - m), (0, 0)), constant_values=1.0)
+    codes = w.codes
+    codes = jnp.pad(codes, ((0, np_ - case.n), (0, kp // per - codes.shape[1])))
+    wc = codes.T
+    ngroups = 1 if case.group is None else kp // case.group
+    g0 = 1 if case.group is None else case.k // case.group
+
+    def per_group(a, fill):
+        a = jnp.broadcast_to(a.reshape(a.shape[0], -1).astype(jnp.float32), (case.n, g0))
+        return jnp.pad(a, ((0, np_ - case.n), (0, ngroups - g0)), constant_values=fill).T
+
+    ws = per_group(w.scale, 1.0)
+    wz = per_group(w.zero_point, 0.0) if case.has_zero else None
+    return Operands(xp, xs, wc, ws, wz)
+
+
+def weight_qmin(case: Case) -> int:
+    fmt = case.weight_format
+    return int(fmt.qmin) if not isinstance(fmt, F.FloatFormat) else 0
+
+
+def phase_codes(c: jax.Array, p: int, case: Case) -> jax.Array:
+    """Integer codes ``q`` (int32) of phase ``p`` of a stored weight tile ``c``."""
+    if case.packed:
+        u = (c.astype(jnp.int32) >> (p * case.bits)) & (2**case.bits - 1)
+        return u + weight_qmin(case)
+    return c.astype(jnp.int32)
+
+
+def dtype_bytes(dtype) -> int:
+    return int(np.dtype(dtype).itemsize)
