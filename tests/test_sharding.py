@@ -18,7 +18,6 @@ from jax.sharding import PartitionSpec as P
 
 import qjax
 from qjax import sharding as S
-from qjax import typed_sharding
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules
 from qjax.nn import common as C
 from qjax.nn.common import Method
@@ -295,13 +294,3 @@ def test_axis_name_errors():
         jax.jit(f)(S.put(jnp.ones((2, 8)), NamedSharding(mesh, P(None, "tensor"))))
     with pytest.raises(ValueError, match="integer_forward"):
         C.resolve(Method("ste", 8, 8, integer_forward=True, activation_axis_name="tensor"), 0)
-
-
-def test_dot_out_spec_resolves_row_parallel_contraction():
-    mesh = _mesh({"data": 2, "tensor": 4})
-    x = S.put(jnp.ones((4, 8)), NamedSharding(mesh, P("data", "tensor")))
-    w = S.put(jnp.ones((8, 6)), NamedSharding(mesh, P("tensor", None)))
-    with jax.set_mesh(mesh):
-        y = jax.jit(lambda x, w: typed_sharding.dot_general(x, w, (((1,), (0,)), ((), ()))))(x, w)
-    assert y.sharding.spec == P("data", None)
-    np.testing.assert_allclose(np.asarray(y), 8.0)
