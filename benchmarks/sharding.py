@@ -25,11 +25,15 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from benchmarks._timing import interleaved_medians, machine, write_results  # noqa: E402
 from qjax import sharding as S  # noqa: E402
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules  # noqa: E402
 from qjax.nn.common import Method  # noqa: E402
 from qjax.nn.rewrite import quantize_model  # noqa: E402
+
+try:
+    from benchmarks._timing import interleaved_medians, machine, write_results
+except ImportError:  # run as a script from the benchmarks folder
+    from _timing import interleaved_medians, machine, write_results
 
 DEVICES = (1, 2, 4, 8)
 
