@@ -102,6 +102,8 @@ def _forward(x32, kernel32, weight, activation, out_sharding):
     acc = typed_sharding.dot_general(xi, wi, (((x32.ndim - 1,), (0,)), ((), ())),
                                      preferred_element_type=jnp.int32, out_sharding=out_sharding)
     y = acc.astype(jnp.float32) * xs * ws.reshape(ws.shape[-1:])
+    if out_sharding is not None:  # the scales' shardings must not override the caller's choice
+        y = jax.sharding.reshard(y, out_sharding)
     return y, (xv, xm, wv, wm)
 
 

@@ -294,3 +294,26 @@ def test_axis_name_errors():
         jax.jit(f)(S.put(jnp.ones((2, 8)), NamedSharding(mesh, P(None, "tensor"))))
     with pytest.raises(ValueError, match="integer_forward"):
         C.resolve(Method("ste", 8, 8, integer_forward=True, activation_axis_name="tensor"), 0)
+
+
+@pytest.mark.parametrize("integer_forward", [False, True])
+def test_quantized_dense_forwards_out_sharding(integer_forward):
+    """Explicit mesh, user-chosen output sharding, through the fake-quant and int8 forwards."""
+    from flax import nnx
+
+    mesh = _mesh({"data": 2, "tensor": 4})
+    method = Method("ste", 8, 8, integer_forward=integer_forward)
+    layer = qjax.nn.nnx.QDense(16, 8, method=method, use_bias=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 16))
+    want = layer(x)
+    xs = S.put(x, NamedSharding(mesh, P("data", None)))
+    kernel = S.put(layer.kernel[...], NamedSharding(mesh, P(None, None)))
+    layer.kernel[...] = kernel
+    with jax.set_mesh(mesh):
+        y = nnx.jit(lambda m, x: m(x, out_sharding=P(None, "tensor")))(layer, xs)
+        g = jax.jit(jax.grad(lambda k, x: jnp.sum(C.dense_op(
+            x, k, None, C.resolve(method, 0), None, None, qat=True,
+            out_sharding=P(None, "tensor")) ** 2)))(kernel, xs)
+    assert y.sharding.spec == P(None, "tensor")
+    assert g.sharding.spec == kernel.sharding.spec  # the cotangent has its primal's sharding
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-6)

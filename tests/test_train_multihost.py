@@ -1,5 +1,6 @@
-"""The training program across processes: 2 processes x 2 CPU devices on 127.0.0.1 (gloo
-collectives, ``jax.distributed``) reach the loss of a single-process run."""
+"""The training program across processes and meshes: 2 processes x 2 CPU devices on 127.0.0.1
+(gloo collectives, ``jax.distributed``) reach the loss of a single-process run, and a run stopped
+on one mesh resumes on another."""
 
 import json
 import os
@@ -45,23 +46,46 @@ def _losses(out_dir):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
-def test_two_processes_match_one(tmp_path):
-    config = tmp_path / "multihost.py"
-    config.write_text(CONFIG)
-    port = _free_port()
-    multi = [_launch(config, tmp_path / "multi", 2,
-                     ["mesh=data:2,fsdp:2", f"coordinator_address=127.0.0.1:{port}",
-                      "num_processes=2", f"process_id={i}"]) for i in range(2)]
-    single = _launch(config, tmp_path / "single", 1, [])
-    for proc in [*multi, single]:
+def _wait(procs):
+    for proc in procs:
         try:
             out, _ = proc.communicate(timeout=600)
         except subprocess.TimeoutExpired:
-            for p in [*multi, single]:
+            for p in procs:
                 p.kill()
             pytest.fail("a training process did not finish in 600 s")
         assert proc.returncode == 0, out[-3000:]
-    got, want = _result(tmp_path / "multi"), _result(tmp_path / "single")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """The reference: one process, one device."""
+    root = tmp_path_factory.mktemp("single")
+    config = root / "multihost.py"
+    config.write_text(CONFIG)
+    _wait([_launch(config, root / "run", 1, [])])
+    return config, root / "run"
+
+
+def test_two_processes_match_one(tmp_path, single_run):
+    config, single_dir = single_run
+    port = _free_port()
+    _wait([_launch(config, tmp_path / "multi", 2,
+                   ["mesh=data:2,fsdp:2", f"coordinator_address=127.0.0.1:{port}",
+                    "num_processes=2", f"process_id={i}"]) for i in range(2)])
+    got, want = _result(tmp_path / "multi"), _result(single_dir)
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
-    assert _losses(tmp_path / "multi") == pytest.approx(_losses(tmp_path / "single"), rel=1e-5)
+    assert _losses(tmp_path / "multi") == pytest.approx(_losses(single_dir), rel=1e-5)
     assert got["tokens"] == want["tokens"] == 4 * 8 * 32
+
+
+def test_a_stopped_run_resumes_on_another_mesh(tmp_path, single_run):
+    config, single_dir = single_run
+    _wait([_launch(config, tmp_path / "run", 8, ["mesh=data:2,fsdp:2,tensor:2",
+                                                 "stop_after=2"])])
+    assert not os.path.exists(tmp_path / "run" / "qat" / "done.json")
+    _wait([_launch(config, tmp_path / "run", 8, ["mesh=data:4,fsdp:2",
+                                                 "mesh_axis_types=auto"])])
+    assert _result(tmp_path / "run")["val_loss"] == pytest.approx(
+        _result(single_dir)["val_loss"], rel=1e-5)
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(single_dir), rel=1e-5)
