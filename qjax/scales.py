@@ -132,6 +132,36 @@ def _reduce_max(x, axes):
     return jnp.max(x, axis=axes, keepdims=True)
 
 
+def ordered_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Sum over ``axes`` (kept as size 1) by pairwise halving with explicit adds.
+
+    XLA may order a fused ``reduce`` differently from an unfused one, so ``jnp.sum`` can differ
+    in the last ulp between ``jit`` and eager mode; XLA never reorders elementwise adds, so this
+    sum is the same in both. That makes statistics-based scales, and with them the codes a
+    converted model stores, identical to those the jitted QAT forward computes.
+    """
+    for ax in sorted({a % x.ndim for a in axes}):
+        n = x.shape[ax]
+        while n > 1:
+            if n % 2:
+                pad = [(0, 0)] * x.ndim
+                pad[ax] = (0, 1)
+                x, n = jnp.pad(x, pad), n + 1
+            h = n // 2
+            x = jax.lax.slice_in_dim(x, 0, h, axis=ax) + jax.lax.slice_in_dim(x, h, n, axis=ax)
+            n = h
+    return x
+
+
+def _unfused(p: jax.Array) -> jax.Array:
+    """A non-negative product ``p`` that XLA will not contract with a following add into an FMA.
+
+    Fused jitted code may compute ``a * b + c`` as one fused multiply-add, eager mode never does;
+    ``max(p, 0)`` (the identity on ``p >= 0`` and on NaN) sits between the two and prevents it.
+    """
+    return jnp.maximum(p, 0.0)
+
+
 def floor_scale(s):
     """Floors a scale at the smallest normal float32 (denormal flushing can't zero it)."""
     return jnp.maximum(s, _TINY)
@@ -175,8 +205,11 @@ class RmsGaussian:
     def compute(self, xb, axes, fmt):
         a = gaussian_clip(fmt)
         capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
-        rms = jnp.sqrt(jnp.mean(jnp.square(capped), axis=axes, keepdims=True))
-        return (a * rms + RMS_EPS) * (1.0 / fmt.max_level), None
+        n = math.prod(xb.shape[a] for a in axes)
+        # Sum and products written so that jit and eager give the same float32 bits (see
+        # ordered_sum and _unfused); a converted model's stored scales rely on it.
+        rms = jnp.sqrt(ordered_sum(_unfused(jnp.square(capped)), axes) * (1.0 / n))
+        return (_unfused(a * rms) + RMS_EPS) * (1.0 / fmt.max_level), None
 
 
 @dataclasses.dataclass(frozen=True)
