@@ -3,7 +3,7 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import diagnostics, estimators, methods, nn, optim, qdot
+from qjax import diagnostics, estimators, methods, nn, optim, presets, qdot
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -11,9 +11,11 @@ from qjax.qarray import QArray, pack_bits, unpack_bits
 from qjax.quantize import compute_scale, dequantize, fake_quant, quantize, scale_shape
 from qjax.scales import (
     AbsMax,
+    GgmlMax,
     MseSearch,
     Percentile,
     RmsGaussian,
+    TorchAOAffine,
     gaussian_clip,
     gaussian_mse,
     lsq_init,
@@ -27,6 +29,7 @@ __all__ = [
     "AbsMax",
     "ClippedSTE",
     "FloatFormat",
+    "GgmlMax",
     "IntFormat",
     "LSQ",
     "Midrise",
@@ -42,6 +45,7 @@ __all__ = [
     "RmsGaussian",
     "STE",
     "Ternary",
+    "TorchAOAffine",
     "Trust",
     "compute_scale",
     "diagnostics",
@@ -59,6 +63,7 @@ __all__ = [
     "optim",
     "optimal_gaussian_clip",
     "pack_bits",
+    "presets",
     "qdot",
     "quantize",
     "random_signs",

@@ -41,8 +41,11 @@ __all__ = [
 ]
 
 
-def encode(x, scale, zero_point, fmt: F.Format, noise=None):
+def encode(x, scale, zero_point, fmt: F.Format, noise=None, rounding: str = "nearest"):
     """Float32 codes of ``x``: nearest-even, or ``floor(x/s + noise)`` when ``noise`` is given.
+
+    Integer formats also take ``rounding="half_away"`` or ``"half_up"`` (see
+    :meth:`qjax.IntFormat.encode`).
 
     ``x / scale`` is computed as ``x * (1 / scale)``: XLA rewrites a division by a broadcast scale
     into that product under ``jit`` but not always in eager mode, so writing it out makes codes
@@ -50,7 +53,12 @@ def encode(x, scale, zero_point, fmt: F.Format, noise=None):
     (no ``-0.0``), the same values a stored :class:`~qjax.QArray` holds.
     """
     v = x * (1.0 / scale)
-    q = fmt.encode(v, zero_point) if noise is None else fmt.encode_floor(v + noise, zero_point)
+    if noise is not None:
+        q = fmt.encode_floor(v + noise, zero_point)
+    elif rounding != "nearest":
+        q = fmt.encode(v, zero_point, rounding=rounding)
+    else:
+        q = fmt.encode(v, zero_point)
     if fmt.uniform:
         q = q.astype(jnp.int32).astype(jnp.float32)
     return q
@@ -74,6 +82,8 @@ def _mask(x, y, scale, zero_point, fmt, estimator):
     if isinstance(estimator, SP.ClippedSTE):
         lo, hi = fmt.range_in_scale_units(zero_point)
         v = x * (1.0 / scale)
+        if estimator.on_codes:
+            v = jnp.round(v)
         return (v >= lo) & (v <= hi)
     if isinstance(estimator, SP.Trust):
         if estimator.clip is not None:
@@ -86,17 +96,22 @@ def _zeros_like(a):
     return None if a is None else jnp.zeros_like(a)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _qdq(x, scale, zero_point, noise, fmt, estimator):
-    return decode(encode(x, scale, zero_point, fmt, noise), scale, zero_point, fmt)
+def _qdq_values(x, scale, zero_point, noise, fmt, rounding, scale_dtype):
+    q = encode(x, scale, zero_point, fmt, noise, rounding)
+    return decode(q, S.store_scale(scale, scale_dtype), zero_point, fmt)
 
 
-def _qdq_fwd(x, scale, zero_point, noise, fmt, estimator):
-    y = decode(encode(x, scale, zero_point, fmt, noise), scale, zero_point, fmt)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _qdq(x, scale, zero_point, noise, fmt, estimator, rounding, scale_dtype):
+    return _qdq_values(x, scale, zero_point, noise, fmt, rounding, scale_dtype)
+
+
+def _qdq_fwd(x, scale, zero_point, noise, fmt, estimator, rounding, scale_dtype):
+    y = _qdq_values(x, scale, zero_point, noise, fmt, rounding, scale_dtype)
     return y, (_mask(x, y, scale, zero_point, fmt, estimator), scale, zero_point, noise)
 
 
-def _qdq_bwd(fmt, estimator, res, g):
+def _qdq_bwd(fmt, estimator, rounding, scale_dtype, res, g):
     mask, scale, zero_point, noise = res
     dx = g if mask is None else jnp.where(mask, g, jnp.zeros_like(g))
     return dx, jnp.zeros_like(scale), _zeros_like(zero_point), _zeros_like(noise)
@@ -113,10 +128,14 @@ def quantize_dequantize(
     fmt: F.Format | str,
     estimator: SP.Estimator | str = "ste",
     noise: jax.Array | None = None,
+    rounding: str = "nearest",
+    scale_dtype: str | None = None,
 ) -> jax.Array:
     """Fake-quantizes float32 ``x`` with a given (non-learned) ``scale``.
 
-    Forward: ``decode(encode(x / scale)) * scale`` (round half to even, or ``floor(x/s + noise)``).
+    Forward: ``decode(encode(x / scale)) * scale`` (round half to even, or ``floor(x/s + noise)``,
+    or the integer ``rounding`` given); with ``scale_dtype`` the decode uses
+    :func:`qjax.scales.store_scale` of the scale (codes still use the float32 scale).
     Backward (``dx``): ``g`` for STE; ``g * 1[lo <= x/s <= hi]`` for clipped STE;
     ``g * 1[|y - x| <= m * s / 2]`` for trust, or ``g * 1[|x| <= clip * max_level * s]``.
     The scale, zero point and noise get zero cotangents (they are statistics, not parameters).
@@ -133,7 +152,7 @@ def quantize_dequantize(
     est = SP.as_estimator(estimator)
     if isinstance(est, SP.LSQ):
         raise ValueError("the LSQ estimator learns its scale: call qjax.estimators.lsq")
-    return _qdq(x, scale, zero_point, noise, fmt, est)
+    return _qdq(x, scale, zero_point, noise, fmt, est, rounding, scale_dtype)
 
 
 def ste(x, scale, fmt, zero_point=None):

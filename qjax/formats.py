@@ -8,6 +8,8 @@ Formats (all frozen, hashable dataclasses so they can be static arguments under 
 
 * :class:`IntFormat` ``(bits, signed)``: uniform integers. Signed codes are
   ``[-2^(b-1), 2^(b-1) - 1]``, unsigned ``[0, 2^b - 1]``; ``decode(q) = q - zero_point``.
+  Besides half-to-even it can round half away from zero or half up (:data:`INT_ROUNDINGS`), for
+  presets that reproduce other runtimes (:mod:`qjax.presets`).
 * :class:`Midrise` ``(bits)``: QuEST's symmetric grid without a zero level. Codes
   ``q in [-2^(b-1), 2^(b-1) - 1]`` mean ``q + 1/2`` steps, so levels are
   ``+-1/2, +-3/2, ..., +-(2^b - 1)/2``.
@@ -15,8 +17,8 @@ Formats (all frozen, hashable dataclasses so they can be static arguments under 
 * :class:`FloatFormat` ``(name)``: fp8 ``e4m3`` (OCP ``float8_e4m3fn``, max 448), ``e5m2``
   (max 57344) and fp4 ``e2m1`` (max 6). Round to nearest even, saturating (no inf/NaN codes).
 
-All arithmetic is float32 and rounding is round-half-to-even (``jnp.round``), as the numerics
-contract requires.
+All arithmetic is float32 and rounding is round-half-to-even (``jnp.round``) by default, as the
+numerics contract requires.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def _check_bits(bits: object, lo: int = 1, hi: int = 8) -> int:
     if not lo <= int(bits) <= hi:
         raise ValueError(f"bits must be in [{lo}, {hi}], got {bits}")
     return int(bits)
+
+
+INT_ROUNDINGS = ("nearest", "half_away", "half_up")
+
+
+def _round_int(v: jax.Array, rounding: str, qmin: int) -> jax.Array:
+    if rounding == "nearest":
+        return jnp.round(v)
+    if rounding == "half_away":
+        return jax.lax.round(v, jax.lax.RoundingMethod.AWAY_FROM_ZERO)
+    if rounding == "half_up":
+        # Truncation equals floor here: below the range the result is clipped to qmin anyway.
+        return jnp.floor(v + (0.5 - qmin)) + qmin
+    raise ValueError(f"rounding must be one of {INT_ROUNDINGS}, got {rounding!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +109,18 @@ class IntFormat:
     def name(self) -> str:
         return f"{'int' if self.signed else 'uint'}{self.bits}"
 
-    def encode(self, v: jax.Array, zero_point: jax.Array | None = None) -> jax.Array:
-        """Nearest-even codes of ``v`` (float32, units of the scale), as float32 integers."""
-        q = jnp.round(v)
+    def encode(
+        self, v: jax.Array, zero_point: jax.Array | None = None, rounding: str = "nearest"
+    ) -> jax.Array:
+        """Codes of ``v`` (float32, units of the scale), as float32 integers.
+
+        ``rounding`` (see :data:`INT_ROUNDINGS`): ``"nearest"`` rounds half to even;
+        ``"half_away"`` rounds half away from zero, exactly (C's ``roundf``); ``"half_up"`` is
+        llama.cpp's ``(int)(v + (0.5 - qmin)) + qmin``: the shift to the unsigned range and the
+        half are added in one float32 add before truncating, so within a float32 ulp of
+        ``v - qmin`` below a half it can round up (Q4_0 computes ``(int8_t)(x * id + 8.5f)``).
+        """
+        q = _round_int(v, rounding, self.qmin)
         if zero_point is not None:
             q = q + zero_point
         return jnp.clip(q, self.qmin, self.qmax)

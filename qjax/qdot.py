@@ -63,7 +63,9 @@ def integer_forward_reason(weight: SP.QuantSpec | None,
         if isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric:
             return f"{name}: a zero point needs a correction term"
         if spec.rounding != "nearest":
-            return f"{name}: stochastic rounding"
+            return f"{name}: {spec.rounding} rounding"
+        if spec.scale_dtype is not None or isinstance(spec.scale, (S.GgmlMax, S.TorchAOAffine)):
+            return f"{name}: runtime presets (GGML / torchao scales) use the fake-quant path"
         if isinstance(spec.estimator, SP.LEARNED_SCALE_ESTIMATORS):
             return f"{name}: learned scales (LSQ/PACT) are not supported"
         if spec.hadamard is not None and spec.hadamard_mode != "half":

@@ -6,8 +6,9 @@ For ``x`` and a static :class:`~qjax.QuantSpec`:
    transform along ``spec.hadamard_axis``.
 2. It is viewed in blocks (:mod:`qjax.granularity`); the scale rule (or a learned ``scale``) gives
    one scale (and zero point) per block; no gradient flows into a computed scale.
-3. Codes ``q = encode(x / scale)`` (round half to even, or stochastic with ``key``); values
-   ``decode(q) * scale``.
+3. Codes ``q = encode(x / scale)`` (round half to even, stochastic with ``key``, or the spec's
+   integer rounding); values ``decode(q) * scale``, with the scale rounded to ``spec.scale_dtype``
+   if set (the stored ``QArray.scale`` is that rounded scale).
 4. ``hadamard_mode="full"`` rotates back; ``"half"`` leaves values rotated. The result is cast to
    the input dtype.
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 
 from qjax import estimators as E
 from qjax import granularity as G
+from qjax import scales as S
 from qjax.hadamard import hadamard_transform
 from qjax.qarray import QArray, codes_to_storage
 from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec
@@ -70,7 +72,7 @@ def _prepare(x, spec: QuantSpec):
     return x, xb, lay
 
 
-def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
+def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale, dtype):
     if scale is not None:
         s = jnp.asarray(scale, jnp.float32)
         try:
@@ -84,7 +86,7 @@ def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale):
     if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
         name = type(spec.estimator).__name__
         raise ValueError(f"the {name} estimator learns its scale: pass scale=<learned scale>")
-    s, z = spec.scale.compute(jax.lax.stop_gradient(xb), lay.reduce_axes, spec.format)
+    s, z = spec.scale.compute(jax.lax.stop_gradient(xb), lay.reduce_axes, spec.format, dtype)
     return jax.lax.stop_gradient(s), (None if z is None else jax.lax.stop_gradient(z))
 
 
@@ -101,8 +103,8 @@ def compute_scale(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array |
 
     Useful to initialise a learned step (LSQ) from a data-driven rule.
     """
-    _, xb, lay = _prepare(x, spec)
-    return spec.scale.compute(xb, lay.reduce_axes, spec.format)
+    x, xb, lay = _prepare(x, spec)
+    return spec.scale.compute(xb, lay.reduce_axes, spec.format, x.dtype)
 
 
 def fake_quant(
@@ -126,7 +128,7 @@ def fake_quant(
       Array of ``x.shape`` and ``x.dtype``.
     """
     x, xb, lay = _prepare(x, spec)
-    s, z = _scale_and_zero(xb, lay, spec, scale)
+    s, z = _scale_and_zero(xb, lay, spec, scale, x.dtype)
     if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
         n = getattr(spec.estimator, "grad_scale_n", None)
         if n is None:
@@ -134,7 +136,8 @@ def fake_quant(
         yb = E.learned_scale_quant(xb, s, spec.format, spec.estimator, n=n)
     else:
         yb = E.quantize_dequantize(
-            xb, s, z, fmt=spec.format, estimator=spec.estimator, noise=_noise(xb, spec, key)
+            xb, s, z, fmt=spec.format, estimator=spec.estimator, noise=_noise(xb, spec, key),
+            rounding=spec.rounding, scale_dtype=spec.scale_dtype,
         )
     y = lay.unblock(yb)
     if spec.hadamard_mode == "full":
@@ -154,12 +157,12 @@ def quantize(
     Arguments as :func:`fake_quant`. With Hadamard, the codes are of the rotated ``x``.
     """
     x, xb, lay = _prepare(x, spec)
-    s, z = _scale_and_zero(xb, lay, spec, scale)
-    q = E.encode(xb, s, z, spec.format, _noise(xb, spec, key))
+    s, z = _scale_and_zero(xb, lay, spec, scale, x.dtype)
+    q = E.encode(xb, s, z, spec.format, _noise(xb, spec, key), spec.rounding)
     q = lay.unblock(q).reshape(lay.shape or (1,))
     return QArray(
         codes=codes_to_storage(q, spec.format),
-        scale=s,
+        scale=S.store_scale(s, spec.scale_dtype),
         zero_point=None if z is None else z.astype(jnp.int32),
         spec=spec,
         shape=lay.shape,

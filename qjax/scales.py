@@ -1,7 +1,8 @@
 """Scale rules: how a block of values picks its scale (and zero point).
 
-A rule is a frozen dataclass; ``rule.compute(xb, axes, fmt)`` takes the float32 blocked view
-``xb`` (see :mod:`qjax.granularity`), the axes it reduces over and the format, and returns
+A rule is a frozen dataclass; ``rule.compute(xb, axes, fmt, dtype)`` takes the float32 blocked
+view ``xb`` (see :mod:`qjax.granularity`), the axes it reduces over, the format and the input's
+dtype (only rules that reproduce a runtime computing in that dtype use it), and returns
 ``(scale, zero_point)`` shaped like ``xb`` with the reduced axes kept as 1 (``zero_point`` is
 ``None`` for symmetric rules). The scale is the grid *step*: an element is stored as
 ``code = encode(x / scale)`` and read back as ``decode(code) * scale``.
@@ -15,6 +16,14 @@ Rules:
 * :class:`MseSearch`: the clipping ratio in ``linspace(min_ratio, 1, num_candidates)`` of the
   absmax that minimises the block's squared error.
 * :class:`Percentile`: ``scale = percentile(|x|, q) / max_level``.
+* :class:`GgmlMax`: llama.cpp's block scale, ``max|x| / qmax`` or (``signed``) ``x_e / qmin``
+  with ``x_e`` the element of largest magnitude, divided exactly as C does.
+* :class:`TorchAOAffine`: torchao's ``choose_qparams_affine`` (symmetric or asymmetric with an
+  integer zero point), computed in the input's dtype with its ``eps`` floor.
+
+:func:`exact_divide` divides by a constant with a correctly rounded quotient (XLA otherwise turns
+``a / c`` into ``a * (1/c)``, which can differ in the last bit from numpy, torch and C), and
+:func:`store_scale` rounds a scale to the dtype a runtime stores it in (``QuantSpec.scale_dtype``).
 
 Scales are floored at the smallest normal float32 so that an all-zero block quantizes to zero
 with a finite scale (and denormal flushing cannot turn a scale into 0).
@@ -47,6 +56,11 @@ __all__ = [
     "gaussian_mse",
     "optimal_gaussian_clip",
     "lsq_init",
+    "GgmlMax",
+    "TorchAOAffine",
+    "exact_divide",
+    "store_scale",
+    "SCALE_DTYPES",
 ]
 
 _TINY = float(np.finfo(np.float32).tiny)
@@ -173,7 +187,7 @@ class AbsMax:
 
     symmetric: bool = True
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, dtype=None):
         if self.symmetric:
             if fmt.max_level <= 0:
                 raise ValueError(
@@ -202,7 +216,7 @@ class RmsGaussian:
     ``1e16`` so that the sum of squares of any row shorter than ~3e6 cannot overflow float32.
     """
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, dtype=None):
         a = gaussian_clip(fmt)
         capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
         n = math.prod(xb.shape[a] for a in axes)
@@ -225,7 +239,7 @@ class MseSearch:
         if not 0.0 < self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, dtype=None):
         base, _ = AbsMax().compute(xb, axes, fmt)
         ratios = jnp.linspace(self.min_ratio, 1.0, self.num_candidates, dtype=jnp.float32)
 
@@ -252,13 +266,136 @@ class Percentile:
         if not 0.0 < float(self.q) <= 100.0:
             raise ValueError(f"percentile q must be in (0, 100], got {self.q}")
 
-    def compute(self, xb, axes, fmt):
+    def compute(self, xb, axes, fmt, dtype=None):
         p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
         return floor_scale(p * (1.0 / fmt.max_level)), None
 
 
-ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile
-SCALE_RULE_TYPES = (AbsMax, RmsGaussian, MseSearch, Percentile)
+def exact_divide(a: jax.Array, c: float) -> jax.Array:
+    """``a / c`` correctly rounded, as numpy, torch and C compute it.
+
+    XLA rewrites a division by a broadcast constant into a multiplication by its reciprocal,
+    which is off by one ulp for a few percent of inputs; dividing by an array of ``a``'s full
+    shape hidden behind an optimization barrier keeps the true division. The array is built from
+    ``a`` so that under ``vmap`` it is batched too (a broadcast divisor would be rewritten).
+    """
+    den = jnp.where(jnp.isnan(a), c, c).astype(jnp.result_type(a))
+    return a / jax.lax.optimization_barrier(den)
+
+
+SCALE_DTYPES = ("float16", "bfloat16")
+
+
+def store_scale(s: jax.Array, scale_dtype: str | None) -> jax.Array:
+    """``s`` rounded to ``scale_dtype`` (nearest even) and back to float32; None keeps ``s``.
+
+    Saturates at the dtype's largest finite value, so finite input never gives an inf scale (where
+    llama.cpp's own fp16 conversion would overflow to inf, for blocks beyond ``65504 * qmax``).
+    """
+    if scale_dtype is None:
+        return s
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be None or one of {SCALE_DTYPES}, got {scale_dtype!r}")
+    dt = jnp.dtype(scale_dtype)
+    big = float(jnp.finfo(dt).max)
+    return jnp.clip(s, -big, big).astype(dt).astype(jnp.float32)
+
+
+def _first_absmax_element(xb, axes):
+    """The signed element of largest ``|x|`` over ``axes`` (the first one on ties), keepdims."""
+    keep = [i for i in range(xb.ndim) if i not in axes]
+    t = jnp.transpose(xb, keep + list(axes))
+    flat = t.reshape(t.shape[: len(keep)] + (-1,))
+    idx = jnp.argmax(jnp.abs(flat), axis=-1, keepdims=True)
+    e = jnp.take_along_axis(flat, idx, axis=-1)
+    return e.reshape(tuple(1 if i in axes else d for i, d in enumerate(xb.shape)))
+
+
+def _check_signed_int(fmt, rule: str):
+    if not (isinstance(fmt, F.IntFormat) and fmt.signed):
+        raise ValueError(f"{rule} needs a signed IntFormat, got {fmt.name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GgmlMax:
+    """llama.cpp's block scale ``d``, in float32 with a correctly rounded division.
+
+    ``signed=False`` (Q8_0): ``d = max|x| / qmax``. ``signed=True`` (Q4_0, Q5_0):
+    ``d = x_e / qmin`` with ``x_e`` the element of largest ``|x|`` (the first on ties), so ``x_e``
+    maps exactly onto ``qmin`` and ``d`` has the sign of ``-x_e``. A zero ``d`` (all-zero block)
+    becomes the smallest normal float32 of the same sign, whose codes are those of llama.cpp's
+    ``id = 0`` and whose fp16 rounding is llama.cpp's signed zero. Pair it
+    with ``QuantSpec(scale_dtype="float16")``: llama.cpp encodes with this float32 ``d`` but stores
+    (and decodes with) its fp16 rounding.
+
+    References:
+      ggml/src/ggml-quants.c (``quantize_row_q8_0_ref``, ``quantize_row_q4_0_ref``) and
+      gguf-py ``gguf/quants.py`` (``Q8_0``, ``Q4_0``).
+    """
+
+    signed: bool = False
+
+    def compute(self, xb, axes, fmt, dtype=None):
+        _check_signed_int(fmt, "GgmlMax")
+        if self.signed:
+            d = exact_divide(_first_absmax_element(xb, axes), float(fmt.qmin))
+        else:
+            d = exact_divide(_reduce_max(jnp.abs(xb), axes), float(fmt.qmax))
+        # copysign keeps llama.cpp's -0.0 scale of an all-zero block (0 / -8) through store_scale.
+        return jnp.where(d == 0, jnp.copysign(jnp.float32(_TINY), d), d), None
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchAOAffine:
+    """torchao's ``choose_qparams_affine`` (``preserve_zero=True``, integer zero point).
+
+    Every step is rounded to the input's dtype (bfloat16 input: bfloat16 qparams), as torchao
+    computes them in the input tensor's dtype before casting the scale to float32. With
+    ``lo = min(min x, 0)``, ``hi = max(max x, 0)``:
+
+    * symmetric: ``scale = max(-lo, hi) / ((qmax - qmin) / 2)`` (``amax / 7.5`` for int4), no
+      zero point (torchao's is 0 for signed grids);
+    * asymmetric: ``scale = (hi - lo) / (qmax - qmin)``,
+      ``zero_point = clip(qmin - round(lo / scale), qmin, qmax)``;
+
+    then ``scale = max(scale, eps)`` (before the zero point), with ``eps`` the input dtype's
+    machine epsilon when None (torchao's default) and rounded to the input dtype.
+
+    References:
+      torchao ``torchao/quantization/quant_primitives.py`` (``_choose_qparams_affine``) and
+      ``torchao/quantization/utils.py`` (``get_group_qparams_symmetric``).
+    """
+
+    symmetric: bool = True
+    eps: float | None = None
+
+    def __post_init__(self):
+        if self.eps is not None and not float(self.eps) > 0:
+            raise ValueError(f"eps must be positive or None, got {self.eps}")
+
+    def compute(self, xb, axes, fmt, dtype=None):
+        if not isinstance(fmt, F.IntFormat):
+            raise ValueError(f"TorchAOAffine needs an IntFormat, got {fmt.name}")
+        if self.symmetric:
+            _check_signed_int(fmt, "symmetric TorchAOAffine")
+        dt = jnp.dtype(dtype if dtype is not None else jnp.float32)
+
+        def r(v):  # a float32 result rounded to the input dtype, as torch's ops on it are
+            return v.astype(dt).astype(jnp.float32)
+
+        eps = r(jnp.float32(self.eps if self.eps is not None else float(jnp.finfo(dt).eps)))
+        lo = jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0.0)
+        hi = jnp.maximum(_reduce_max(xb, axes), 0.0)
+        if self.symmetric:
+            scale = r(exact_divide(jnp.maximum(-lo, hi), (fmt.qmax - fmt.qmin) / 2))
+            return jnp.maximum(scale, eps), None
+        scale = jnp.maximum(r(exact_divide(r(hi - lo), float(fmt.qmax - fmt.qmin))), eps)
+        zero_point = jnp.clip(r(fmt.qmin - jnp.round(r(lo / scale))), fmt.qmin, fmt.qmax)
+        return scale, zero_point
+
+
+ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile | GgmlMax | TorchAOAffine
+SCALE_RULE_TYPES = (AbsMax, RmsGaussian, MseSearch, Percentile, GgmlMax, TorchAOAffine)
 
 _RULE_NAMES = {
     "absmax": AbsMax,

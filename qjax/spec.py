@@ -18,11 +18,16 @@ Estimators (the backward rule of the fake-quant op):
 * :class:`PACT`: learned clipping level ``alpha`` (passed to ``fake_quant`` as ``scale=``; the
   step is ``alpha / max_level``): ``dx = g * 1[lo <= x/s, x < alpha]``, ``dalpha = g`` above.
 
-``rounding`` is ``"nearest"`` (half to even) or ``"stochastic"`` (``floor(v + u)``,
-``u ~ U[0, 1)``; needs a PRNG key). ``hadamard`` is the Walsh-Hadamard block size applied along
-``hadamard_axis`` before quantization, or None; ``hadamard_mode="full"`` rotates back after
-quantizing, ``"half"`` leaves the result rotated (for a matmul whose other operand is rotated too);
-``hadamard_method`` picks the butterfly or the dense block matmul (see :mod:`qjax.hadamard`).
+``rounding`` is ``"nearest"`` (half to even, the default) or ``"stochastic"`` (``floor(v + u)``,
+``u ~ U[0, 1)``; needs a PRNG key); integer formats also take ``"half_away"`` (half away from
+zero) and ``"half_up"`` (llama.cpp's), see :meth:`qjax.IntFormat.encode`. ``scale_dtype``
+(``"float16"`` or ``"bfloat16"``) stores the scale in that dtype: codes use the float32 scale of
+the rule, values (and ``QArray.scale``) its rounding, as llama.cpp's fp16 block scales do.
+
+``hadamard`` is the Walsh-Hadamard block size applied along ``hadamard_axis`` before
+quantization, or None; ``hadamard_mode="full"`` rotates back after quantizing, ``"half"`` leaves
+the result rotated (for a matmul whose other operand is rotated too); ``hadamard_method`` picks
+the butterfly or the dense block matmul (see :mod:`qjax.hadamard`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,14 @@ class STE:
 
 @dataclasses.dataclass(frozen=True)
 class ClippedSTE:
-    """Straight-through inside the representable range (inclusive bounds), zero outside."""
+    """Straight-through inside the representable range (inclusive bounds), zero outside.
+
+    ``on_codes=True`` tests the rounded code before clipping instead of ``x / scale``:
+    ``dx = g * 1[lo <= round(x/s) <= hi]`` (torchao's fake-quantize mask), which also passes the
+    half step beyond each bound that rounds back into the range.
+    """
+
+    on_codes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +111,7 @@ LEARNED_SCALE_ESTIMATORS = (LSQ, PACT)
 _ESTIMATOR_NAMES = {
     "ste": STE, "clipped_ste": ClippedSTE, "trust": Trust, "lsq": LSQ, "pact": PACT,
 }
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = ("nearest", "stochastic", "half_away", "half_up")
 HADAMARD_MODES = ("full", "half")
 
 
@@ -126,6 +138,7 @@ class QuantSpec:
     hadamard_axis: int = -1
     hadamard_mode: str = "full"
     hadamard_method: str = "butterfly"
+    scale_dtype: str | None = None
 
     def __post_init__(self):
         fmt = F.as_format(self.format)
@@ -139,6 +152,19 @@ class QuantSpec:
         if self.rounding == "stochastic" and not fmt.uniform:
             raise ValueError(
                 f"stochastic rounding is supported for uniform formats only, not {fmt.name}"
+            )
+        if self.rounding not in ("nearest", "stochastic"):
+            if not isinstance(fmt, F.IntFormat):
+                raise ValueError(f"rounding {self.rounding!r} needs an IntFormat, not {fmt.name}")
+        if self.scale_dtype is not None and self.scale_dtype not in S.SCALE_DTYPES:
+            raise ValueError(
+                f"scale_dtype must be None or one of {S.SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
+        if isinstance(est, LEARNED_SCALE_ESTIMATORS) and (
+            self.rounding not in ("nearest", "stochastic") or self.scale_dtype is not None
+        ):
+            raise ValueError(
+                f"{type(est).__name__} supports nearest rounding and float32 scales only"
             )
         if self.hadamard is not None:
             check_block_size(self.hadamard)

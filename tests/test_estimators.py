@@ -172,3 +172,11 @@ def test_estimator_arguments_validated():
         E.lsq(jnp.ones(3), 1.0, "e4m3")
     with pytest.raises(ValueError, match="trust multiplier"):
         qjax.Trust(multiplier=0.0)
+
+
+def test_clipped_ste_on_codes_masks_the_rounded_code():
+    s = jnp.float32(1.0)  # codes [-8, 7]: x in [-8.5, 7.5) rounds into the range
+    x = jnp.array([-8.6, -8.5, -8.2, 7.4, 7.5, 7.6, 0.0])
+    _, (dx,) = _vjp(lambda x: E.quantize_dequantize(
+        x, s, fmt=INT4, estimator=qjax.ClippedSTE(on_codes=True)), x)
+    np.testing.assert_array_equal(dx, [0, 1, 1, 1, 0, 0, 1])  # -8.5 -> -8 and 7.5 -> 8 (even)

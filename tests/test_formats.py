@@ -128,3 +128,17 @@ def test_bad_types_and_names():
 def test_formats_are_hashable_static():
     assert hash(qjax.IntFormat(4)) == hash(qjax.IntFormat(4))
     assert len({qjax.Midrise(2), qjax.Midrise(2), qjax.Ternary(), qjax.Ternary()}) == 2
+
+
+def test_int_encode_half_away_and_half_up():
+    f = qjax.IntFormat(4)
+    v = jnp.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, 7.5, -8.6])
+    np.testing.assert_array_equal(f.encode(v, rounding="half_away"), [1, 2, 3, -1, -3, 0, 7, -8])
+    # half_up adds 0.5 - qmin = 8.5 in float32 first (llama.cpp), so 0.5 - 2^-24 rounds up too.
+    w = jnp.array([0.5, 1.5, 2.5, -0.5, -2.5, 0.5 - 2.0**-24, 0.5 - 2.0**-19, -8.6])
+    np.testing.assert_array_equal(f.encode(w, rounding="half_up"), [1, 2, 3, 0, -2, 1, 0, -8])
+    u = qjax.IntFormat(4, signed=False)  # qmin = 0: plain floor(v + 0.5), zero point added after
+    np.testing.assert_array_equal(u.encode(jnp.array([0.5, 1.5, -0.5]), jnp.float32(2.0),
+                                           rounding="half_up"), [3, 4, 2])
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        f.encode(v, rounding="up")

@@ -198,3 +198,31 @@ def test_vmap_matches_loop():
     got = jax.vmap(lambda a: qjax.fake_quant(a, spec))(xs)
     ref = jnp.stack([qjax.fake_quant(a, spec) for a in xs])
     np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_scale_dtype_stores_rounded_scale_and_keeps_contract(scale_dtype):
+    spec = qjax.QuantSpec("int4", qjax.PerRow(-1), rounding="half_away", scale_dtype=scale_dtype,
+                          hadamard=16)
+    qa = qjax.quantize(X, spec)
+    s = np.asarray(qa.scale)
+    np.testing.assert_array_equal(s, s.astype(scale_dtype).astype(np.float32))
+    # codes come from the float32 scale, values from the stored (rounded) one
+    s32, _ = qjax.compute_scale(X, spec)
+    assert not np.array_equal(np.asarray(s32), s)
+    _assert_bit_equal(qjax.fake_quant(X, spec), qjax.dequantize(qa))
+    f = jax.jit(qjax.fake_quant, static_argnums=1)
+    _assert_bit_equal(f(X, spec), jax.jit(qjax.dequantize)(jax.jit(qjax.quantize,
+                                                                   static_argnums=1)(X, spec)))
+
+
+def test_runtime_rounding_and_scale_dtype_validation():
+    with pytest.raises(ValueError, match="rounding 'half_up' needs an IntFormat"):
+        qjax.QuantSpec("midrise4", rounding="half_up")
+    with pytest.raises(ValueError, match="scale_dtype must be None or one of"):
+        qjax.QuantSpec("int8", scale_dtype="float8")
+    with pytest.raises(ValueError, match="LSQ supports nearest rounding"):
+        qjax.QuantSpec("int8", estimator="lsq", rounding="half_away")
+    with pytest.raises(ValueError, match="integer forward"):
+        qjax.qdot.qat_dense(X, X.T, qjax.QuantSpec("int8", qjax.PerRow(0), scale_dtype="float16"),
+                            qjax.QuantSpec("int8", qjax.PerRow(-1)))

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -124,3 +125,55 @@ def test_scale_rule_names():
     assert S.as_scale_rule("absmax_asymmetric") == S.AbsMax(symmetric=False)
     with pytest.raises(ValueError, match="unknown scale rule 'max'"):
         S.as_scale_rule("max")
+
+
+def test_exact_divide_is_correctly_rounded():
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(20000) * np.exp(rng.uniform(-20, 20, 20000))).astype(np.float32)
+    for c in (127.0, 7.5, 255.0):
+        np.testing.assert_array_equal(S.exact_divide(jnp.asarray(a), c), a / np.float32(c))
+    # under vmap the divisor must be batched too, or XLA multiplies by a broadcast reciprocal
+    rows = jax.jit(jax.vmap(lambda r: S.exact_divide(r, 127.0)))(a.reshape(100, 200))
+    np.testing.assert_array_equal(rows, (a / np.float32(127)).reshape(100, 200))
+
+
+def test_store_scale_rounds_and_saturates():
+    s = jnp.array([1.0 + 2.0**-12, 1e5, -1e9, 3e-8, -0.0, 1.0 + 2.0**-9])
+    got = np.asarray(S.store_scale(s, "float16"))
+    # 3e-8 rounds to the smallest fp16 subnormal 2^-24; -0.0 keeps its sign.
+    np.testing.assert_array_equal(got, [1.0, 65504.0, -65504.0, 2.0**-24, -0.0, 1.0 + 2.0**-9])
+    assert np.signbit(got[4])
+    assert S.store_scale(s, "bfloat16")[0] == 1.0 and S.store_scale(s, None) is s
+    with pytest.raises(ValueError, match="scale_dtype must be None or one of"):
+        S.store_scale(s, "float8")
+
+
+def test_ggml_max_scales():
+    x = jnp.array([[1.0, -4.0, 4.0, 2.0], [0.0, 0.0, -0.0, 0.0], [3.0, -1.0, 0.0, 0.0]])
+    d, z = S.GgmlMax().compute(x, (1,), qjax.IntFormat(8))
+    assert z is None
+    np.testing.assert_array_equal(d[:, 0], [np.float32(4) / np.float32(127), 2.0**-126,
+                                             np.float32(3) / np.float32(127)])
+    d, _ = S.GgmlMax(signed=True).compute(x, (1,), qjax.IntFormat(4))
+    # The first element of largest |x| maps to -8: -4 gives +0.5; a zero block keeps -0.0's sign.
+    np.testing.assert_array_equal(d[:, 0], [0.5, -(2.0**-126), -0.375])
+    assert np.signbit(np.asarray(d)[1, 0])
+    with pytest.raises(ValueError, match="GgmlMax needs a signed IntFormat"):
+        S.GgmlMax().compute(x, (1,), qjax.IntFormat(8, signed=False))
+
+
+def test_torchao_affine_rule():
+    x = jnp.array([[-1.0, 0.5, 2.0, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    s, z = S.TorchAOAffine().compute(x, (1,), qjax.IntFormat(4))
+    np.testing.assert_array_equal(s[:, 0], [np.float32(2) / np.float32(7.5), 2.0**-23])
+    assert z is None
+    s, z = S.TorchAOAffine(symmetric=False).compute(x, (1,), qjax.IntFormat(8))
+    np.testing.assert_array_equal(s[:, 0], [np.float32(3) / np.float32(255), 2.0**-23])
+    np.testing.assert_array_equal(z[:, 0], [-128 - np.round(np.float32(-1) / s[0, 0]), -128])
+    # bfloat16 input: qparams in bfloat16 and its epsilon 2^-7 as the floor.
+    s, _ = S.TorchAOAffine().compute(x, (1,), qjax.IntFormat(4), jnp.bfloat16)
+    np.testing.assert_array_equal(s[:, 0], [float(jnp.bfloat16(2.0 / 7.5)), 2.0**-7])
+    with pytest.raises(ValueError, match="symmetric TorchAOAffine needs a signed IntFormat"):
+        S.TorchAOAffine().compute(x, (1,), qjax.IntFormat(4, signed=False))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        S.TorchAOAffine(eps=0.0)
