@@ -60,8 +60,8 @@ def serving_spec(spec: SP.QuantSpec) -> SP.QuantSpec:
     """``spec`` of a 2-D ``(K, N)`` kernel, moved to the transposed ``(N, K)`` layout."""
     if not isinstance(spec, SP.QuantSpec):
         raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
-    return spec.replace(granularity=_transpose_granularity(spec.granularity),
-                        hadamard_axis=_other_axis(spec.hadamard_axis))
+    moved = {} if spec.hadamard is None else {"hadamard_axis": _other_axis(spec.hadamard_axis)}
+    return spec.replace(granularity=_transpose_granularity(spec.granularity), **moved)
 
 
 def _transpose_blocked(a: jax.Array, old: G.Layout, new: G.Layout) -> jax.Array:
@@ -88,7 +88,7 @@ def kernel_to_qarray(kernel: jax.Array, spec: SP.QuantSpec,
     if getattr(kernel, "ndim", None) != 2:
         raise ValueError(f"kernel must be a 2-D (K, N) array, got shape "
                          f"{getattr(kernel, 'shape', None)}")
-    if spec.rounding != "nearest":
+    if spec.rounding == "stochastic":
         raise ValueError("stochastic rounding has no deterministic serving codes; use "
                          "rounding='nearest' for the weights")
     qa = quantize(kernel, spec, scale=kernel_scale)
