@@ -3,7 +3,7 @@
 The public API is re-exported here; nothing is defined in this file.
 """
 
-from qjax import diagnostics, estimators, methods, nn, optim, presets, qdot
+from qjax import convert, diagnostics, estimators, methods, nn, optim, presets, qdot
 from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
@@ -48,6 +48,7 @@ __all__ = [
     "TorchAOAffine",
     "Trust",
     "compute_scale",
+    "convert",
     "diagnostics",
     "dequantize",
     "estimators",
