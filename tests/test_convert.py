@@ -78,7 +78,6 @@ def test_weight_activation_serving_matches_fake_quant(method):
         # Only the float accumulation order differs (int32 sums against float32 ones).
         np.testing.assert_allclose(np.asarray(srv), np.asarray(qat), rtol=0, atol=2e-5,
                                    err_msg=mode)
-        assert not np.array_equal(np.asarray(srv), np.asarray(qat)) or mode == "eager"
     # The integer codes are the QAT ones: weights and the first layer's activations.
     lq = qm.layers["blocks_0/attn/q"]
     kernel = params["blocks_0"]["attn"]["q"]["kernel"]
@@ -116,9 +115,9 @@ def test_kernel_to_qarray_packs_along_k_and_dequantizes_exactly(bits, dtype, per
 
 
 def test_kernel_to_qarray_with_zero_point_and_full_hadamard():
-    kernel = jax.random.normal(jax.random.key(5), (128, 8)) + 0.3
+    kernel = jax.random.normal(jax.random.key(5), (32, 8)) + 0.3
     for spec in (qjax.QuantSpec("int4", qjax.PerRow(0), qjax.AbsMax(symmetric=False)),
-                 qjax.QuantSpec(qjax.Midrise(3), qjax.PerRow(0), "rms_gaussian", hadamard=64,
+                 qjax.QuantSpec(qjax.Midrise(3), qjax.PerRow(0), "rms_gaussian", hadamard=16,
                                 hadamard_axis=0)):
         w = QC.kernel_to_qarray(kernel, spec)
         np.testing.assert_array_equal(qjax.dequantize(w).T, qjax.fake_quant(kernel, spec))
@@ -208,3 +207,17 @@ def test_int8_codes_helper_matches_qdot():
     wi, ws = int8_operand(w.codes_float32(), w.scale, w.spec.format)
     np.testing.assert_array_equal(wi, w.codes)
     np.testing.assert_array_equal(ws, w.scale)
+
+
+class EinsumNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((16, 4), "bd,dh->bh", name="proj")(x)
+
+
+def test_serve_refuses_layers_other_than_dense():
+    qm = quantize_model(EinsumNet(), {"proj": LayerQuant(qjax.QuantSpec("int8", qjax.PerRow(0)))})
+    x = jnp.ones((2, 16))
+    sp = QC.convert(qm.init(jax.random.key(0), x)["params"], qm)
+    with pytest.raises(ValueError, match="nn.Dense layers only"):
+        QC.serve(qm, sp, x)

@@ -6,20 +6,17 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_convert import IDS
+from test_convert import setup as _setup
 
 from qjax import convert as QC
-from qjax.models.llama import Llama, LlamaConfig, quantization_rules
-from qjax.nn import Method, quantize_model
-
-CFG = LlamaConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=2, hidden=128, max_seq_len=8)
-IDS = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+from qjax.nn import Method
 
 
 @functools.cache
 def setup(method):
-    qm = quantize_model(Llama(CFG), quantization_rules(method))
-    params = qm.init(jax.random.key(0), IDS)["params"]
-    sp = QC.convert(params, qm)
+    """(QAT model, serving params, jitted serving forward), shared with test_convert."""
+    qm, _, sp = _setup(method)
     return qm, sp, jax.jit(lambda p, i: QC.serve(qm, p, i))
 
 

@@ -159,6 +159,9 @@ def serve(model: QuantizedLinenModel, serving_params: Mapping, *args, backend: s
             return next_fun(*a, **kw)
         if lq.weight is None:
             return next_fun(C.quantize_input(a[0], lq, _input_scale(m)), *a[1:], **kw)
+        if type(m) is not nn.Dense:
+            raise ValueError(f"layer {'/'.join(m.path)!r} ({type(m).__name__}): serving "
+                             "supports quantized nn.Dense layers only")
         params = m.variables["params"]
         w, bias = params["kernel"], params.get("bias")
         if uses_integer_matmul(lq):
