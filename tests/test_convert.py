@@ -165,11 +165,12 @@ def test_serving_matmul_arguments():
     with pytest.raises(TypeError, match="w must be a qjax.QArray"):
         QC.serving_matmul(x, jnp.ones((4, 16)))
     with pytest.raises(ValueError, match="no integer matmul"):
-        QC.serving_matmul(x, w, qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "lsq"))
+        QC.serving_matmul(x, w, act_spec=qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax",
+                                                          "lsq"))
     # Weight-only and int8 paths on an exactly representable product.
     np.testing.assert_array_equal(QC.serving_matmul(x, w), jnp.full((2, 4), 16.0))
     a8 = qjax.QuantSpec("int8", qjax.PerRow(-1))
-    np.testing.assert_array_equal(QC.serving_matmul(x, w, a8), jnp.full((2, 4), 16.0))
+    np.testing.assert_array_equal(QC.serving_matmul(x, w, act_spec=a8), jnp.full((2, 4), 16.0))
 
 
 def test_bad_input_errors():

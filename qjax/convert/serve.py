@@ -58,17 +58,19 @@ def _weight_int8(w: QArray) -> tuple[jax.Array, jax.Array]:
 def serving_matmul(
     x: jax.Array,
     w: QArray,
-    activation: SP.QuantSpec | None = None,
     *,
+    act_spec: SP.QuantSpec | None = None,
     precision=None,
     backend: str = "xla",
 ) -> jax.Array:
-    """``x @ dequantize(w).T``, or with ``activation`` the int8 product ``Q_a(x) @ w.T``.
+    """``x @ dequantize(w).T``, or with ``act_spec`` the int8 product ``Q_a(x) @ w.T``.
+
+    The signature of ``qjax.kernels.quantized_matmul``, which can replace it for other backends.
 
     Args:
       x: ``(..., K)`` float input (already rotated when the specs use the half Hadamard form).
       w: serving QArray ``(N, K)`` (from :func:`qjax.convert.convert`).
-      activation: None (weight-only: dequantize, then a float ``lax.dot_general`` like
+      act_spec: None (weight-only: dequantize, then a float ``lax.dot_general`` like
         ``flax.linen.Dense``'s), or an activation spec accepted by
         :func:`qjax.qdot.integer_forward_reason` (quantize per token on the fly; int8 x int8 ->
         int32 dot; float32 scales after).
@@ -84,16 +86,16 @@ def serving_matmul(
         raise TypeError(f"w must be a qjax.QArray, got {type(w).__name__}")
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"need x (..., K) and w (N, K), got {x.shape} and {w.shape}")
-    if activation is None:
+    if act_spec is None:
         dtype = jnp.result_type(x, jnp.dtype(w.dtype))
         wt = dequantize(w).T.astype(dtype)
         return jax.lax.dot_general(x.astype(dtype), wt, (((x.ndim - 1,), (0,)), ((), ())),
                                    precision=precision)
-    reason = integer_forward_reason(_training_view(w.spec), activation)
+    reason = integer_forward_reason(_training_view(w.spec), act_spec)
     if reason:
         raise ValueError(f"no integer matmul for these specs: {reason}")
-    q, s = operand_codes(x.astype(jnp.float32), activation.replace(hadamard=None), -1)
-    xi, xs = int8_operand(q, s, activation.format)
+    q, s = operand_codes(x.astype(jnp.float32), act_spec.replace(hadamard=None), -1)
+    xi, xs = int8_operand(q, s, act_spec.format)
     wi, ws = _weight_int8(w)
     return int8_matmul(xi, xs, wi, ws, 1).astype(x.dtype)
 
@@ -166,7 +168,7 @@ def serve(model: QuantizedLinenModel, serving_params: Mapping, *args, backend: s
         w, bias = params["kernel"], params.get("bias")
         if uses_integer_matmul(lq):
             x = C._rotate(a[0], lq.rotation, -1)
-            y = serving_matmul(x, w, lq.activation, backend=backend)
+            y = serving_matmul(x, w, act_spec=lq.activation, backend=backend)
         else:
             x = C.quantize_input(a[0], lq, _input_scale(m))
             dtype = m.dtype or jnp.result_type(x, jnp.dtype(w.dtype))
