@@ -16,6 +16,9 @@ intercepts each quantized ``Dense`` (``flax.linen.intercept_methods``, as
   ``integer_forward=True`` it is the same computation.
 
 Contract (design.md section 2), tested under ``jax.jit`` and in eager mode.
+
+References:
+  Panferov et al., 2025, QuEST (odd-integer codes ``u = 2q + 1`` for the int8 matmul).
 """
 
 from __future__ import annotations

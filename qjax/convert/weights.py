@@ -17,6 +17,9 @@ The serving spec is the training spec with its axes moved to the transposed layo
 becomes ``PerRow(-1)``, a Hadamard along axis 0 one along axis -1), so
 ``dequantize(w).T == fake_quant(kernel)`` bit for bit. ``kernel_scale`` is folded into the QArray;
 ``input_scale`` (a learned activation scale) and every float leaf stay as they are.
+
+References:
+  design.md section 2 (numerics contract); Panferov et al., 2025, QuEST (pre-rotated weights).
 """
 
 from __future__ import annotations
