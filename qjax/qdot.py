@@ -106,7 +106,11 @@ def int8_matmul(xi: jax.Array, xs: jax.Array, wi: jax.Array, ws: jax.Array,
     """
     acc = jax.lax.dot_general(xi, wi, (((xi.ndim - 1,), (w_contract,)), ((), ())),
                               preferred_element_type=jnp.int32)
-    return acc.astype(jnp.float32) * xs * ws.reshape(-1)
+    y = acc.astype(jnp.float32) * xs * ws.reshape(-1)
+    # Under jit XLA would fuse this product into a following add (the residual) as an FMA, which
+    # eager mode never does; max with -FLT_MAX (the identity on finite values and NaN) prevents
+    # it, so jit and eager agree as they do for a float dot's output.
+    return jnp.maximum(y, jnp.finfo(jnp.float32).min)
 
 
 def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
