@@ -222,3 +222,16 @@ def test_serve_refuses_layers_other_than_dense():
     sp = QC.convert(qm.init(jax.random.key(0), x)["params"], qm)
     with pytest.raises(ValueError, match="nn.Dense layers only"):
         QC.serve(qm, sp, x)
+
+
+def test_activation_only_layer_with_rotation_serves_bit_exact():
+    # Weight left in float, input quantized after a half-form rotation: the kernel is rotated.
+    a = qjax.QuantSpec(qjax.Midrise(4), qjax.PerRow(-1), "rms_gaussian", "trust", hadamard=16,
+                       hadamard_mode="half")
+    rules = {"up": LayerQuant(activation=a), "down": None}
+    qm = quantize_model(MLP(), rules)
+    x = jax.random.normal(jax.random.key(11), (3, 16))
+    params = qm.init(jax.random.key(12), x)["params"]
+    sp = QC.convert(params, qm)
+    assert not isinstance(sp["up"]["kernel"], qjax.QArray)
+    np.testing.assert_array_equal(QC.serve(qm, sp, x), qm.apply({"params": params}, x))

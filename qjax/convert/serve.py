@@ -154,7 +154,8 @@ def serve(model: QuantizedLinenModel, serving_params: Mapping, *args, backend: s
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(serving_params, Mapping):
         raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
-    layers = _discover(model, args, kwargs)
+    layers = _discover(model, args, {k: v for k, v in kwargs.items()
+                                     if k not in ("rngs", "mutable", "method")})
     _check_params(serving_params, layers)
 
     def intercept(next_fun, a, kw, context):

@@ -211,6 +211,8 @@ def convert(params: Mapping, model_or_rules: QuantizedLinenModel | Rules) -> dic
         if lq.weight is None:
             if w_scale is not None:
                 raise ValueError(f"layer {'/'.join(path)!r} has a kernel_scale but no weight spec")
+            # A float kernel whose input is rotated is rotated too, as the QAT forward does.
+            node["kernel"] = C.quantize_kernel(kernel, lq, 0)
             continue
         if C.learned(lq.weight) and w_scale is None:
             raise ValueError(f"layer {'/'.join(path)!r}: the weight spec learns its scale but "
