@@ -36,6 +36,7 @@ import gguf
 import numpy as np
 
 from qjax import presets
+from qjax.convert.io import flatten
 from qjax.models.llama import LlamaConfig
 from qjax.qarray import QArray
 from qjax.quantize import dequantize
@@ -139,14 +140,6 @@ def llama_tensors(serving_params: Mapping, config: LlamaConfig) -> dict[str, obj
     return out
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flat(v, name) if isinstance(v, Mapping) else {name: v})
-    return out
-
-
 def _llama_metadata(w: gguf.GGUFWriter, config: LlamaConfig) -> None:
     w.add_context_length(config.max_seq_len)
     w.add_embedding_length(config.d_model)
@@ -192,7 +185,7 @@ def export_gguf(serving_params: Mapping, path: str, config: LlamaConfig | None =
     if config is not None and not isinstance(config, LlamaConfig):
         raise TypeError(f"config must be a LlamaConfig or None, got {type(config).__name__}")
     tensors = (llama_tensors(serving_params, config) if config is not None
-               else _flat(serving_params))
+               else flatten(serving_params, sep="."))
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:

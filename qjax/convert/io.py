@@ -77,11 +77,12 @@ def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
     return arrays
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
+def flatten(tree: Mapping, sep: str = "/", prefix: str = "") -> dict[str, object]:
+    """``{"<sep>a<sep>b": leaf}`` for a nested dict (QArrays are leaves); ``prefix`` starts keys."""
     out = {}
     for k, v in tree.items():
-        p = f"{prefix}/{k}"
-        out.update(_flat(v, p) if isinstance(v, Mapping) else {p: v})
+        p = f"{prefix}{sep}{k}" if prefix or sep == "/" else str(k)
+        out.update(flatten(v, sep, p) if isinstance(v, Mapping) else {p: v})
     return out
 
 
@@ -91,7 +92,7 @@ def _crc(a) -> int:
 
 def _manifest(serving_params: Mapping) -> dict:
     leaves = {p: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype), "crc32": _crc(a)}
-              for p, a in _flat(to_arrays(serving_params)).items()}
+              for p, a in flatten(to_arrays(serving_params)).items()}
     return {"format": FORMAT, "leaves": leaves, "qarrays": _manifest_qarrays(serving_params)}
 
 
@@ -169,7 +170,7 @@ def restore(path: str, like: Mapping | None = None) -> dict:
         raise ValueError(f"{path}: manifest format is not {FORMAT!r}")
     try:
         arrays = ocp.PyTreeCheckpointer().restore(os.path.join(path, "arrays"))
-        flat = {p: np.asarray(a) for p, a in _flat(arrays).items()}
+        flat = {p: np.asarray(a) for p, a in flatten(arrays).items()}
     except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types on bad files
         raise ValueError(f"{path}: the arrays are corrupt or truncated ({type(e).__name__}: "
                          f"{str(e)[:200]})") from None
