@@ -194,6 +194,8 @@ def test_bad_input_errors():
         QC.serve(qm, params, IDS)
     with pytest.raises(ValueError, match="backend must be one of"):
         QC.serve(qm, sp, IDS, backend="cuda")
+    with pytest.raises(ValueError, match="not with the model's weight spec"):
+        QC.serve(qm, setup(Method("ste", 8, None))[2], IDS)
     lsq_qm, lsq_params, _ = setup(Method("lsq", 4, 4))
     missing = jax.tree_util.tree_map(lambda a: a, lsq_params)
     del missing["blocks_0"]["attn"]["q"]["kernel_scale"]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from qjax import formats as F
 from qjax import granularity as G
 from qjax import spec as SP
-from qjax.convert.weights import serving_layers
+from qjax.convert.weights import serving_layers, serving_spec
 from qjax.nn import common as C
 from qjax.nn.rewrite import QuantizedLinenModel
 from qjax.qarray import QArray
@@ -125,6 +125,9 @@ def _check_params(serving_params: Mapping, layers: dict) -> None:
         if lq.weight is not None and not isinstance(kernel, QArray):
             raise ValueError(f"layer {'/'.join(path)!r}: kernel is not a QArray; convert the "
                              "params with qjax.convert.convert first")
+        if lq.weight is not None and kernel.spec != serving_spec(lq.weight):
+            raise ValueError(f"layer {'/'.join(path)!r}: the kernel was converted with "
+                             f"{kernel.spec}, not with the model's weight spec")
         if "kernel_scale" in node:
             raise ValueError(f"layer {'/'.join(path)!r} still has a kernel_scale: these are QAT "
                              "params, not serving params")
