@@ -106,7 +106,8 @@ def roofline(kn: int = 4096, batches=(1, 16, 4096)) -> list[dict]:
     return rows
 
 
-F32 = jax.jit(lambda x, w: x @ w.T)
+# Same (N, K) layout and contraction as the int8 dot, so neither side pays a transpose.
+F32 = jax.jit(lambda x, w: jax.lax.dot_general(x, w, NT))
 DOT8 = jax.jit(lambda a, b: jax.lax.dot_general(a, b, NT, preferred_element_type=jnp.int32))
 W8A8_XLA = jax.jit(lambda x, w: K.quantized_matmul(x, w, act_spec=A8, backend="xla"))
 W4A16_XLA = jax.jit(lambda x, w: K.quantized_matmul(x, w, backend="xla"))

@@ -4,6 +4,7 @@ The public API is re-exported here; nothing is defined in this file.
 """
 
 from qjax import (
+    convert,
     diagnostics,
     estimators,
     kernels,
@@ -59,6 +60,7 @@ __all__ = [
     "TorchAOAffine",
     "Trust",
     "compute_scale",
+    "convert",
     "diagnostics",
     "dequantize",
     "estimators",

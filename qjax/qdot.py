@@ -33,7 +33,9 @@ from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
 
-__all__ = ["qat_dense", "integer_forward_reason", "kernel_codes"]
+__all__ = [
+    "qat_dense", "integer_forward_reason", "operand_codes", "int8_operand", "int8_matmul",
+]
 
 
 def _format_reason(spec: SP.QuantSpec) -> str | None:
@@ -72,23 +74,57 @@ def integer_forward_reason(weight: SP.QuantSpec | None,
     return None
 
 
-def kernel_codes(q: jax.Array, scale: jax.Array, fmt) -> tuple[jax.Array, jax.Array]:
-    """int8 matmul codes and their scale from integer codes ``q``: midrise ``(2q + 1, s/2)``."""
+def operand_codes(a32: jax.Array, spec: SP.QuantSpec, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Float32 codes and scale of one operand, one scale per slice along ``axis`` (or per tensor).
+
+    The same ops as :func:`qjax.quantize` with ``PerRow(axis)`` or ``PerTensor()``, without
+    rotation (the caller rotates).
+    """
+    axes = tuple(range(a32.ndim)) if isinstance(spec.granularity, G.PerTensor) else (
+        axis % a32.ndim,)
+    scale, _ = spec.scale.compute(a32, axes, spec.format)
+    return E.encode(a32, scale, None, spec.format), scale
+
+
+def int8_operand(q: jax.Array, scale: jax.Array, fmt: F.Format) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes, multiplier) with ``decode(q) * scale == codes * multiplier``.
+
+    Midrise codes become the odd integers ``u = 2q + 1`` with multiplier ``scale / 2``.
+    """
     if isinstance(fmt, F.Midrise):
-        return (2 * q + 1).astype(jnp.int8), scale * 0.5
+        return (2.0 * q + 1.0).astype(jnp.int8), scale * 0.5
     return q.astype(jnp.int8), scale
 
 
+def int8_matmul(xi: jax.Array, xs: jax.Array, wi: jax.Array, ws: jax.Array,
+                w_contract: int, out_sharding=None) -> jax.Array:
+    """``(xi . wi) * xs * ws`` with an exact int8 x int8 -> int32 dot, float32 result.
+
+    Args:
+      xi: int8 ``(..., K)``; xs: float32 multipliers broadcastable to ``(..., 1)``.
+      wi: int8 ``(K, N)`` (``w_contract=0``) or ``(N, K)`` (``w_contract=1``).
+      ws: float32 multipliers, ``N`` (per output channel) or 1 elements.
+      out_sharding: output sharding on explicit meshes (default
+        :func:`qjax.typed_sharding.dot_out_spec`).
+    """
+    acc = typed_sharding.dot_general(xi, wi, (((xi.ndim - 1,), (w_contract,)), ((), ())),
+                                     preferred_element_type=jnp.int32, out_sharding=out_sharding)
+    y = acc.astype(jnp.float32) * xs * ws.reshape(-1)
+    if out_sharding is not None:  # the scales' shardings must not override the caller's choice
+        y = jax.sharding.reshard(y, out_sharding)
+    # Under jit XLA would fuse this product into a following add (the residual) as an FMA, which
+    # eager mode never does; max with -FLT_MAX (the identity on finite values and NaN) prevents
+    # it, so jit and eager agree as they do for a float dot's output.
+    return jnp.maximum(y, jnp.finfo(jnp.float32).min)
+
+
 def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
-    """(float32 codes, fake-quant values, backward mask, int8 codes, scale) of one operand."""
+    """(fake-quant values, backward mask, int8 codes, multiplier) of one operand."""
     fmt = spec.format
-    axes = tuple(range(a32.ndim)) if isinstance(spec.granularity, G.PerTensor) else (
-        axis % a32.ndim,)
-    scale, _ = spec.scale.compute(a32, axes, fmt)
-    q = E.encode(a32, scale, None, fmt)
+    q, scale = operand_codes(a32, spec, axis)
     values = E.decode(q, scale, None, fmt)
     mask = E._mask(a32, values, scale, None, fmt, spec.estimator)
-    return (values, mask) + kernel_codes(q, scale, fmt)
+    return (values, mask) + int8_operand(q, scale, fmt)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -99,12 +135,7 @@ def _qat_dense(x32, kernel32, weight, activation, out_sharding):
 def _forward(x32, kernel32, weight, activation, out_sharding):
     xv, xm, xi, xs = _codes(x32, activation, -1)
     wv, wm, wi, ws = _codes(kernel32, weight, 0)
-    acc = typed_sharding.dot_general(xi, wi, (((x32.ndim - 1,), (0,)), ((), ())),
-                                     preferred_element_type=jnp.int32, out_sharding=out_sharding)
-    y = acc.astype(jnp.float32) * xs * ws.reshape(ws.shape[-1:])
-    if out_sharding is not None:  # the scales' shardings must not override the caller's choice
-        y = jax.sharding.reshard(y, out_sharding)
-    return y, (xv, xm, wv, wm)
+    return int8_matmul(xi, xs, wi, ws, 0, out_sharding), (xv, xm, wv, wm)
 
 
 def _qat_dense_fwd(x32, kernel32, weight, activation, out_sharding):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import formats as F
+from qjax import typed_sharding
 
 __all__ = [
     "AbsMax",
@@ -157,6 +158,36 @@ def _reduce_sum(x, axes, axis_name=None):
     return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
+def ordered_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Sum over ``axes`` (kept as size 1) by pairwise halving with explicit adds.
+
+    XLA may order a fused ``reduce`` differently from an unfused one, so ``jnp.sum`` can differ
+    in the last ulp between ``jit`` and eager mode; XLA never reorders elementwise adds, so this
+    sum is the same in both. That makes statistics-based scales, and with them the codes a
+    converted model stores, identical to those the jitted QAT forward computes.
+    """
+    for ax in sorted({a % x.ndim for a in axes}):
+        n = x.shape[ax]
+        while n > 1:
+            if n % 2:
+                pad = [(0, 0)] * x.ndim
+                pad[ax] = (0, 1)
+                x, n = jnp.pad(x, pad), n + 1
+            h = n // 2
+            x = jax.lax.slice_in_dim(x, 0, h, axis=ax) + jax.lax.slice_in_dim(x, h, n, axis=ax)
+            n = h
+    return x
+
+
+def _unfused(p: jax.Array) -> jax.Array:
+    """A non-negative product ``p`` that XLA will not contract with a following add into an FMA.
+
+    Fused jitted code may compute ``a * b + c`` as one fused multiply-add, eager mode never does;
+    ``max(p, 0)`` (the identity on ``p >= 0`` and on NaN) sits between the two and prevents it.
+    """
+    return jnp.maximum(p, 0.0)
+
+
 def floor_scale(s):
     """Floors a scale at the smallest normal float32 (denormal flushing can't zero it)."""
     return jnp.maximum(s, _TINY)
@@ -204,13 +235,18 @@ class RmsGaussian:
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         a = gaussian_clip(fmt)
-        sq = jnp.square(jnp.clip(xb, -_RMS_CAP, _RMS_CAP))
-        if axis_name is None:
-            rms = jnp.sqrt(jnp.mean(sq, axis=axes, keepdims=True))
-        else:
-            n = math.prod(xb.shape[i] for i in axes) * jax.lax.psum(1, axis_name)
-            rms = jnp.sqrt(_reduce_sum(sq, axes, axis_name) * (1.0 / n))
-        return (a * rms + RMS_EPS) * (1.0 / fmt.max_level), None
+        capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
+        sq = _unfused(jnp.square(capped))
+        n = math.prod(xb.shape[a] for a in axes)
+        if axis_name is None and all(typed_sharding.axis_shards(xb, a) == 1 for a in axes):
+            # Sum and products written so that jit and eager give the same float32 bits (see
+            # ordered_sum and _unfused); a converted model's stored scales rely on it.
+            total = ordered_sum(sq, axes)
+        else:  # reduced axes split over devices: one global reduction, no cross-shard halving
+            total = _reduce_sum(sq, axes, axis_name)
+            n = n * (1 if axis_name is None else jax.lax.psum(1, axis_name))
+        rms = jnp.sqrt(total * (1.0 / n))
+        return (_unfused(a * rms) + RMS_EPS) * (1.0 / fmt.max_level), None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import qjax
 from qjax.methods import quest
 from qjax.nn import LayerQuant, Method
-from qjax.qdot import integer_forward_reason, qat_dense
+from qjax.qdot import int8_matmul, integer_forward_reason, qat_dense
 
 X = jax.random.normal(jax.random.key(0), (3, 5, 128))
 K = jax.random.normal(jax.random.key(1), (128, 24)) * 0.1
@@ -83,3 +83,14 @@ def test_unsupported_specs_are_refused_with_a_reason():
         LayerQuant(w, None, integer_forward=True)
     with pytest.raises(ValueError, match="integer forward not available"):
         qat_dense(X, K, w, qjax.QuantSpec("e4m3", qjax.PerRow(-1)))
+
+
+def test_int8_matmul_gives_the_same_bits_under_jit_and_eager():
+    # A residual add after the scaled int32 product must not become an FMA under jit only.
+    xi = jax.random.randint(jax.random.key(20), (4, 16, 64), -127, 128).astype(jnp.int8)
+    wi = jax.random.randint(jax.random.key(21), (48, 64), -127, 128).astype(jnp.int8)
+    xs = jax.random.uniform(jax.random.key(22), (4, 16, 1)) * 1e-2
+    ws = jax.random.uniform(jax.random.key(23), (48, 1)) * 1e-2
+    r = jax.random.normal(jax.random.key(24), (4, 16, 48))
+    f = lambda xi, xs, wi, ws, r: r + int8_matmul(xi, xs, wi, ws, 1)  # noqa: E731
+    np.testing.assert_array_equal(f(xi, xs, wi, ws, r), jax.jit(f)(xi, xs, wi, ws, r))

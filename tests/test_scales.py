@@ -177,3 +177,27 @@ def test_torchao_affine_rule():
         S.TorchAOAffine().compute(x, (1,), qjax.IntFormat(4, signed=False))
     with pytest.raises(ValueError, match="eps must be positive"):
         S.TorchAOAffine(eps=0.0)
+
+
+@pytest.mark.parametrize("shape,axes", [((7, 5), (0,)), ((4, 129), (1,)), ((3, 6, 10), (0, 2)),
+                                        ((1, 8), (0, 1))])
+def test_ordered_sum_equals_sum(shape, axes):
+    x = jax.random.normal(jax.random.key(11), shape)
+    got = S.ordered_sum(x, axes)
+    assert got.shape == tuple(1 if i in axes else d for i, d in enumerate(shape))
+    np.testing.assert_allclose(got, np.sum(np.asarray(x, np.float64), axis=axes, keepdims=True),
+                               rtol=1e-5, atol=1e-5)
+    # Exact on integers: pairwise halving with a zero pad for odd lengths.
+    ints = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    np.testing.assert_array_equal(S.ordered_sum(ints, axes),
+                                  np.sum(np.asarray(ints), axis=axes, keepdims=True))
+
+
+def test_rms_gaussian_scale_is_identical_under_jit_and_eager():
+    # A converted model stores these scales; the jitted QAT forward must compute the same bits.
+    x = jax.random.normal(jax.random.key(12), (256, 96)) * 0.02
+    fmt = qjax.Midrise(4)
+    for axes in ((0,), (1,), (0, 1)):
+        eager = S.RmsGaussian().compute(x, axes, fmt)[0]
+        jitted = jax.jit(lambda x, axes=axes: S.RmsGaussian().compute(x, axes, fmt)[0])(x)
+        np.testing.assert_array_equal(eager, jitted)

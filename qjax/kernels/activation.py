@@ -2,7 +2,7 @@
 
 ``activation_codes(x32, spec)`` gives the codes an integer or fp8 matmul consumes: for integer
 grids the int8 code ``q``; for QuEST's midrise grid the odd integer ``u = 2q + 1`` with half the
-scale (:func:`qjax.qdot.kernel_codes`), so ``s * q_level = (s/2) * u`` exactly; for fp8 the
+scale (:func:`qjax.qdot.int8_operand`), so ``s * q_level = (s/2) * u`` exactly; for fp8 the
 e4m3/e5m2 value. The scale rule and the rounding are the spec's own (``spec.scale.compute`` and
 :func:`qjax.estimators.encode`), so the codes equal :func:`qjax.quantize`'s bit for bit.
 
@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from qjax import estimators as E
 from qjax import formats as F
 from qjax import spec as SP
-from qjax.qdot import kernel_codes
+from qjax.qdot import int8_operand
 
 __all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block"]
 
@@ -42,7 +42,7 @@ def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax
     q = E.encode(x32, scale, None, fmt)
     if isinstance(fmt, F.FloatFormat):
         return q.astype(fmt.dtype), scale
-    return kernel_codes(q, scale, fmt)
+    return int8_operand(q, scale, fmt)
 
 
 def row_block(rows: int, k: int, x_dtype, block_m: int, vmem_limit_bytes: int,

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from qjax.kernels.activation import activation_codes
 from qjax.kernels.cases import Case
 from qjax.qarray import QArray
-from qjax.qdot import kernel_codes
+from qjax.qdot import int8_operand
 from qjax.quantize import dequantize
 
 __all__ = ["matmul_2d", "weight_channel_scale"]
@@ -47,7 +47,7 @@ def matmul_2d(x2: jax.Array, w: QArray, case: Case, out_dtype) -> jax.Array:
     xc, xs = activation_codes(x2.astype(jnp.float32), case.act_spec.replace(hadamard=None))
     ws = weight_channel_scale(w, case.n)
     if case.kind == "int":
-        wc, ws = kernel_codes(w.codes_float32(), ws, case.weight_format)
+        wc, ws = int8_operand(w.codes_float32(), ws, case.weight_format)
         if m == 1:
             xc = jnp.pad(xc, ((0, 1), (0, 0)))
         acc = jax.lax.dot_general(xc, wc, _NT, preferred_element_type=jnp.int32)[:m]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from qjax import estimators as E
 from qjax import formats as F
 from qjax.kernels.cases import Case, phase_codes
-from qjax.qdot import kernel_codes
+from qjax.qdot import int8_operand
 
 __all__ = ["accumulator_dtype", "partial_product", "epilogue", "compute_dtype"]
 
@@ -72,7 +72,7 @@ def partial_product(xs: list, c: jax.Array, s: jax.Array, z, case: Case) -> jax.
     acc = None
     for p, xp in enumerate(xs):
         if case.kind == "int":
-            w = kernel_codes(phase_codes(c, p, case), s, case.weight_format)[0]
+            w = int8_operand(phase_codes(c, p, case), s, case.weight_format)[0]
         else:
             cdtype = xp.dtype
             w = dequantized_phase(c, s, z, p, case, cdtype)

@@ -1,0 +1,41 @@
+"""Convert trained QAT params to packed serving params; serve, save, export them.
+
+* :func:`convert`: quantized kernels -> packed :class:`~qjax.QArray` ``(N, K)``.
+* :func:`serve`: the serving forward of the same Flax model (dequantized or int8 matmul).
+* :func:`serving_matmul`: the matmul it uses (``backend="xla"``).
+* :func:`save` / :func:`restore`: Orbax checkpoints of serving params (atomic, checksummed).
+* :func:`export_serving` / :func:`load_exported`: the serving forward as StableHLO (jax.export).
+* :func:`export_gguf`: a GGUF file (a llama.cpp ``llama`` model for the reference Llama).
+"""
+
+from qjax.convert.gguf_export import export_gguf
+from qjax.convert.io import (
+    directory_bytes,
+    export_serving,
+    from_arrays,
+    load_exported,
+    restore,
+    save,
+    to_arrays,
+)
+from qjax.convert.serve import BACKENDS, serve, serving_matmul, uses_integer_matmul
+from qjax.convert.weights import convert, kernel_to_qarray, serving_layers, serving_spec
+
+__all__ = [
+    "BACKENDS",
+    "convert",
+    "directory_bytes",
+    "export_gguf",
+    "export_serving",
+    "from_arrays",
+    "load_exported",
+    "restore",
+    "save",
+    "to_arrays",
+    "kernel_to_qarray",
+    "serve",
+    "serving_layers",
+    "serving_matmul",
+    "serving_spec",
+    "uses_integer_matmul",
+]

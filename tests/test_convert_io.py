@@ -1,0 +1,115 @@
+"""Tests for qjax.convert.io: Orbax save/restore of serving params and jax.export artifacts."""
+
+import functools
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_convert import IDS
+from test_convert import setup as _setup
+
+from qjax import convert as QC
+from qjax.nn import Method
+
+
+@functools.cache
+def setup(method):
+    """(QAT model, serving params, jitted serving forward), shared with test_convert."""
+    qm, _, sp = _setup(method)
+    return qm, sp, jax.jit(lambda p, i: QC.serve(qm, p, i))
+
+
+W4 = Method("ste", 4, None)
+W4A4 = Method("quest", 4, 4, block_size=64)
+
+
+def tree_equal(a, b):
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def test_save_restore_roundtrip_serves_the_same(tmp_path):
+    qm, sp, fwd = setup(W4A4)
+    size = QC.save(str(tmp_path / "ckpt"), sp)
+    assert size == QC.directory_bytes(str(tmp_path / "ckpt"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
+    restored = QC.restore(str(tmp_path / "ckpt"), sp)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(sp)
+    assert tree_equal(restored, sp)
+    np.testing.assert_array_equal(fwd(restored, IDS), fwd(sp, IDS))
+    plain = QC.restore(str(tmp_path / "ckpt"))
+    q = plain["blocks_0"]["attn"]["q"]["kernel"]
+    assert set(q) == {"codes", "scale"} and q["codes"].dtype == np.uint8  # int4, packed
+    assert q["codes"].shape == (64, 32)
+
+
+def test_save_refuses_to_overwrite_and_overwrites_atomically(tmp_path):
+    _, sp4, _ = setup(W4)
+    path = str(tmp_path / "ckpt")
+    QC.save(path, sp4)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        QC.save(path, sp4)
+    _, sp44, _ = setup(W4A4)
+    QC.save(path, sp44, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert tree_equal(QC.restore(path, sp44), sp44)
+    with pytest.raises(ValueError, match="specs differ"):
+        QC.restore(path, sp4)
+
+
+def _array_files(path):
+    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "arrays")) for f in fs
+            if os.path.getsize(os.path.join(d, f)) > 64]
+
+
+def test_corrupt_and_truncated_checkpoints_raise(tmp_path):
+    _, sp, _ = setup(W4)
+    path = str(tmp_path / "ckpt")
+    QC.save(path, sp)
+    with pytest.raises(FileNotFoundError):
+        QC.restore(str(tmp_path / "nothing"))
+    # Flip one byte in every array data file: restore must notice.
+    files = _array_files(path)
+    assert files
+    backup = {f: open(f, "rb").read() for f in files}
+    for f, data in backup.items():
+        with open(f, "wb") as fh:
+            fh.write(data[:-20] + bytes([data[-20] ^ 0xFF]) + data[-19:])
+    with pytest.raises(ValueError, match="corrupt"):
+        QC.restore(path, sp)
+    for f, data in backup.items():  # truncated
+        with open(f, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        QC.restore(path, sp)
+    os.remove(os.path.join(path, "manifest.json"))
+    with pytest.raises(ValueError, match="not a complete qjax serving checkpoint"):
+        QC.restore(path, sp)
+
+
+def test_export_roundtrip_runs_without_the_model(tmp_path):
+    qm, sp, fwd = setup(W4A4)
+    path = str(tmp_path / "serve.jaxexport")
+    data = QC.export_serving(qm, sp, IDS, path=path)
+    assert open(path, "rb").read() == data
+    call = QC.load_exported(path)
+    QC.save(str(tmp_path / "ckpt"), sp)
+    arrays = QC.restore(str(tmp_path / "ckpt"))  # plain arrays: no qjax model needed
+    np.testing.assert_array_equal(call(arrays, IDS), fwd(sp, IDS))
+    with pytest.raises(ValueError, match="not a valid jax.export artifact"):
+        QC.load_exported(data[: len(data) // 3])
+    with pytest.raises(TypeError, match="model must be"):
+        QC.export_serving(qm.model, sp, IDS)
+
+
+def test_from_arrays_rejects_mismatched_structure():
+    _, sp, _ = setup(W4)
+    arrays = QC.to_arrays(sp)
+    arrays["blocks_0"]["attn"]["q"]["kernel"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="expected a packed QArray"):
+        QC.from_arrays(arrays, sp)
+    arrays = QC.to_arrays(sp)
+    del arrays["lm_head"]
+    with pytest.raises(ValueError, match="do not match"):
+        QC.from_arrays(arrays, sp)
