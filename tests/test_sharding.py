@@ -180,9 +180,10 @@ def test_row_parallel_quest_layer_uses_global_statistics():
             out_specs=((P(None, "tensor"), P("tensor", None)), P()), check_vma=True))(xs, ws, cs)
 
     grads, y = run("tensor")
+    # Summation order differs (psum of shard sums vs one sum), so allow float rounding.
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
     for got, ref in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     # Local statistics would give another quantization: the collective is what makes it equal.
     lq_local = C.resolve(Method("quest", 4, 4, block_size=64), 0)
     local = jax.jit(jax.shard_map(
