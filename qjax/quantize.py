@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from qjax import estimators as E
 from qjax import granularity as G
 from qjax import scales as S
+from qjax import typed_sharding
 from qjax.hadamard import hadamard_transform
 from qjax.qarray import QArray, codes_to_storage
 from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec
@@ -72,14 +73,8 @@ def _prepare(x, spec: QuantSpec):
     return x, xb, lay
 
 
-def _names(axis_name) -> tuple[str, ...]:
-    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-
-
 def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, dtype, axis_name):
-    if axis_name is None:
-        return spec.scale.compute(xb, lay.reduce_axes, spec.format, dtype)
-    if not lay.reduce_axes:
+    if axis_name is not None and not lay.reduce_axes:
         raise ValueError(f"axis_name={axis_name!r} given but {spec.granularity} reduces no axis")
     return spec.scale.compute(xb, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
 
@@ -155,7 +150,7 @@ def fake_quant(
         if n is None:
             n = lay.block_elements * (math.prod(lay.scale_shape) // max(1, jnp.size(scale)))
             if axis_name is not None:  # the step is shared across the shards too
-                n *= math.prod(jax.lax.axis_size(a) for a in _names(axis_name))
+                n *= math.prod(jax.lax.axis_size(a) for a in typed_sharding.axis_names(axis_name))
         yb = E.learned_scale_quant(xb, s, spec.format, spec.estimator, n=n)
     else:
         yb = E.quantize_dequantize(

@@ -1,8 +1,11 @@
 """Scale rules: how a block of values picks its scale (and zero point).
 
-A rule is a frozen dataclass; ``rule.compute(xb, axes, fmt, dtype)`` takes the float32 blocked
-view ``xb`` (see :mod:`qjax.granularity`), the axes it reduces over, the format and the input's
-dtype (only rules that reproduce a runtime computing in that dtype use it), and returns
+A rule is a frozen dataclass; ``rule.compute(xb, axes, fmt, dtype=None, axis_name=None)`` takes
+the float32 blocked view ``xb`` (see :mod:`qjax.granularity`), the axes it reduces over, the
+format, the input's dtype (only rules that reproduce a runtime computing in that dtype use it)
+and, inside ``shard_map``, the mesh axes that split the reduced axes (statistics are then
+combined across shards with ``pmax``/``pmin``/``psum``; rules that need whole blocks refuse it),
+and returns
 ``(scale, zero_point)`` shaped like ``xb`` with the reduced axes kept as 1 (``zero_point`` is
 ``None`` for symmetric rules). The scale is the grid *step*: an element is stored as
 ``code = encode(x / scale)`` and read back as ``decode(code) * scale``.
@@ -195,12 +198,7 @@ def floor_scale(s):
 
 @dataclasses.dataclass(frozen=True)
 class AbsMax:
-    """``scale = max|x| / max_level`` (symmetric) or min/max with an integer zero point.
-
-    Every rule's ``compute(xb, axes, fmt, axis_name=None)`` reduces ``xb`` over ``axes``; with
-    ``axis_name`` (inside ``shard_map``, when those axes are split over that mesh axis) the
-    statistic is the global one, combined across shards with ``pmax``/``pmin``/``psum``.
-    """
+    """``scale = max|x| / max_level`` (symmetric) or min/max with an integer zero point."""
 
     symmetric: bool = True
 
@@ -415,7 +413,7 @@ class TorchAOAffine:
             return v.astype(dt).astype(jnp.float32)
 
         eps = r(jnp.float32(self.eps if self.eps is not None else float(jnp.finfo(dt).eps)))
-        lo = jnp.minimum(jnp.min(xb, axis=axes, keepdims=True), 0.0)
+        lo = jnp.minimum(_reduce_min(xb, axes), 0.0)
         hi = jnp.maximum(_reduce_max(xb, axes), 0.0)
         if self.symmetric:
             scale = r(exact_divide(jnp.maximum(-lo, hi), (fmt.qmax - fmt.qmin) / 2))

@@ -41,6 +41,8 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qjax import typed_sharding
+
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LLAMA_RULES", "QUANTIZER_STATE", "make_mesh", "param_specs",
     "opt_state_specs", "named_shardings", "batch_spec", "check_batch", "check_hadamard_blocks",
@@ -114,19 +116,13 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, where: str) -> P:
     """``spec`` without axes the mesh lacks, checked against ``shape``."""
     if len(spec) > len(shape):
         raise ValueError(f"{where}: spec {spec} has more entries than the rank of {shape}")
     out = []
     for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        kept = tuple(a for a in _axes(entry) if mesh.shape.get(a, 1) > 1)
+        kept = tuple(a for a in typed_sharding.axis_names(entry) if mesh.shape.get(a, 1) > 1)
         n = math.prod(mesh.shape[a] for a in kept)
         if dim % n:
             raise ValueError(f"{where}: dimension {dim} of shape {shape} is not divisible by "
@@ -275,7 +271,7 @@ def check_hadamard_blocks(params: Any, specs: Any, mesh: Mesh, block_size: int,
             continue
         shape = np.shape(leaf)
         entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-        n = math.prod(mesh.shape[a] for a in _axes(entries[axis]))
+        n = math.prod(mesh.shape[a] for a in typed_sharding.axis_names(entries[axis]))
         local = shape[axis] // n
         if local % block_size:
             raise ValueError(
@@ -291,8 +287,7 @@ def shard_key(key: jax.Array, axis_names: str | Sequence[str]) -> jax.Array:
     ``jax.random.fold_in(key, step)`` so that it also differs per step). Under ``jax.jit`` no
     folding is needed: random bits are generated for the global array.
     """
-    names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
-    for name in names:
+    for name in typed_sharding.axis_names(axis_names):
         key = jax.random.fold_in(key, jax.lax.axis_index(name))
     return key
 

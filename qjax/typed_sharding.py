@@ -15,13 +15,22 @@ shards.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["explicit_sharding", "explicit_spec", "reshape", "axis_shards", "dot_general",
-           "dot_out_spec", "cotangent_like", "varying_axes"]
+__all__ = ["axis_names", "explicit_sharding", "explicit_spec", "reshape", "axis_shards",
+           "dot_general", "dot_out_spec", "cotangent_like", "varying_axes"]
+
+
+def axis_names(entry) -> tuple[str, ...]:
+    """Mesh axis names of a spec entry or an ``axis_name`` argument: None, a name or names."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def explicit_sharding(x: jax.Array) -> NamedSharding | None:
@@ -55,20 +64,10 @@ def axis_shards(x: jax.Array, axis: int) -> int:
     spec = explicit_spec(x)
     if spec is None:
         return 1
-    names = spec[axis % x.ndim]
-    if names is None:
-        return 1
-    names = (names,) if isinstance(names, str) else tuple(names)
-    n = 1
-    for name in names:
-        n *= explicit_sharding(x).mesh.shape[name]
-    return n
+    mesh = explicit_sharding(x).mesh
+    return math.prod(mesh.shape[name] for name in axis_names(spec[axis % x.ndim]))
 
 
-def _names(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def dot_out_spec(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> P | None:
@@ -87,8 +86,8 @@ def dot_out_spec(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> P | None:
     (lc, rc), (lb, rb) = dimension_numbers
     lfree = [i for i in range(lhs.ndim) if i not in lc and i not in lb]
     rfree = [i for i in range(rhs.ndim) if i not in rc and i not in rb]
-    entries = [_names(ls[i]) or _names(rs[j]) for i, j in zip(lb, rb, strict=True)]
-    entries += [_names(ls[i]) for i in lfree] + [_names(rs[i]) for i in rfree]
+    entries = [axis_names(ls[i]) or axis_names(rs[j]) for i, j in zip(lb, rb, strict=True)]
+    entries += [axis_names(ls[i]) for i in lfree] + [axis_names(rs[i]) for i in rfree]
     used: set[str] = set()
     out = []
     for names in entries:
