@@ -143,24 +143,27 @@ def _fsdp_default(shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*("fsdp" if i == dims[0] else None for i in range(len(shape))))
 
 
+def _like(shape, kernel_shape, ks) -> list | None:
+    """Entries of ``ks`` for a same-rank broadcast shape (None where broadcast), or None."""
+    if any(d not in (1, kd) for d, kd in zip(shape, kernel_shape, strict=True)):
+        return None
+    return [e if d == kd and d > 1 else None for d, kd, e in zip(shape, kernel_shape, ks,
+                                                                   strict=True)]
+
+
 def _scale_spec(shape: tuple[int, ...], kernel_shape: tuple[int, ...], kernel_spec: P) -> P:
     """The spec of a scale broadcast against a kernel (or its blocked view) of ``kernel_spec``."""
     ks = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
     if len(shape) == len(kernel_shape):
-        return P(*(e if d == kd and d > 1 else None
-                   for d, kd, e in zip(shape, kernel_shape, ks, strict=True)))
+        return P(*(_like(shape, kernel_shape, ks) or ()))
     if len(shape) == len(kernel_shape) + 1:
-        # Blocked view (..., groups, group_size, ...) of a per-group scale.
+        # Blocked view (..., groups, 1, ...) of a per-group scale: groups split like their axis.
         for a in range(len(kernel_shape)):
             groups = shape[a]
-            if (shape[:a] + shape[a + 2:] == tuple(
-                    d if d == kd else 1 for d, kd in zip(shape[:a] + shape[a + 2:],
-                                                         kernel_shape[:a] + kernel_shape[a + 1:],
-                                                         strict=True))
-                    and shape[a + 1] == 1 and groups > 1 and kernel_shape[a] % groups == 0):
-                rest = [e if d == kd and d > 1 else None for d, kd, e in
-                        zip(shape[:a] + shape[a + 2:], kernel_shape[:a] + kernel_shape[a + 1:],
-                            ks[:a] + ks[a + 1:], strict=True)]
+            rest = _like(shape[:a] + shape[a + 2:], kernel_shape[:a] + kernel_shape[a + 1:],
+                         ks[:a] + ks[a + 1:])
+            if rest is not None and shape[a + 1] == 1 and groups > 1 and \
+                    kernel_shape[a] % groups == 0:
                 return P(*rest[:a], ks[a], None, *rest[a:])
     return P()
 
