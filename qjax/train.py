@@ -236,11 +236,12 @@ def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place
 
     steps = {True: make_step(True), False: make_step(False)}
     eval_fns = {q: jax.jit(lambda p, i, t, q=q: loss_fn(p, i, t, q)) for q in (True, False)}
-    val = list(D.val_batches(corpus.val, config.batch_size, config.seq_len,
-                             max_batches=config.eval_batches))
+    # Placed once: every evaluation reuses the same validation batches.
+    val = [place.batch_arrays(i, t) for i, t in D.val_batches(
+        corpus.val, config.batch_size, config.seq_len, max_batches=config.eval_batches)]
 
     def evaluate(p, qat_on: bool) -> float:
-        losses = [_scalar(eval_fns[qat_on](p, *place.batch_arrays(i, t))) for i, t in val]
+        losses = [_scalar(eval_fns[qat_on](p, i, t)) for i, t in val]
         return float(np.mean(losses))
 
     ckpt_dir = os.path.abspath(os.path.join(run_dir, "ckpt"))
