@@ -3,15 +3,21 @@
 Runs the study configs of ``qjax.config.STUDY`` (one tiny Llama-style LM, one token budget, the
 same midrise grid for every method; ``configs/study_*.py`` hold the same rows) one at a time with
 the training program, so an interrupted benchmark resumes from its checkpoints
-(``runs/quest_quality/<row>/seed<k>``) and never redoes a finished run. Then it writes
+(``runs/quest_quality/<row>/lr<lr>/seed<k>``) and never redoes a finished run. Then it writes
 ``benchmarks/results/quest_quality.{json,md,png}``: validation loss and perplexity per method and
-bit width, tokens, model size, the gap to float, the goals of the study, and the gradient-quality
-diagnostic (cosine between the QAT and the float gradient at the trained float model, for STE,
-clipped STE and trust at 4 and 2 bits, QuEST's forward in all three).
+bit width, tokens, model size, the gap to float, the goals of the study, and two diagnostics: the
+gradient cosine between the QAT and the float gradient at the trained float model (STE, clipped
+STE and trust at 4 and 2 bits, QuEST's forward in all three), and the error of QuEST's 4-bit
+activation quantizer on the real inputs of each layer as its clip varies.
+
+``--sweep lr=0.0015,0.003,0.005`` trains seed 0 of ``--configs`` at each learning rate instead
+and writes ``quest_quality_lr_sweep.{json,md}`` (where each row's ``lr`` in ``STUDY`` comes from);
+``--sweep steps=1200,2400`` does the same for the token budget (``quest_quality_steps_sweep``).
 
 Run: ``python benchmarks/quest_quality.py [--configs quest_w4a4,float] [--quick]
-[--headline-seeds 0,1,2]``. ``--quick`` trains 60 steps on a 4 MB corpus (a smoke run, written
-to ``quest_quality_quick.*``). Expect about 6-8 minutes per full run on a 2-core CPU.
+[--seeds 0,1] [--sweep FIELD=V,...]``. ``--quick`` trains 60 steps on a 4 MB corpus (a
+smoke run, written to ``quest_quality_quick.*``). Expect about 6-8 minutes per full run on an idle
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -28,22 +34,34 @@ import optax
 from qjax import data as D
 from qjax import train
 from qjax.config import STUDY, study_config
-from qjax.diagnostics import gradient_cosine
+from qjax.diagnostics import clip_error, dense_inputs, gradient_cosine
+from qjax.methods import quest
 
 try:
     from benchmarks._timing import machine, write_results
 except ImportError:  # run as a script from the benchmarks folder
     from _timing import machine, write_results
 
-HEADLINE = ("float", "quest_w4a4", "quest_w2a2")
+# Seeds per row (others: seed 0). The W4A4 comparisons are within seed noise with fewer.
+SEEDS = {"float": (0, 1, 2), "quest_w4a4": (0, 1, 2), "lsq_w4a4": (0, 1, 2),
+         "quest_ste_w4a4": (0, 1, 2), "quest_w2a2": (0, 1)}
 QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
              max_corpus_bytes=4_000_000)
 
 
-def _config(name: str, seed: int, quick: bool, runs_dir: str):
-    extra = QUICK if quick else {}
-    return study_config(name, seed=seed, out_dir=os.path.join(runs_dir, name, f"seed{seed}"),
-                        **extra)
+SWEEPS = {"lr": float, "steps": int}  # fields --sweep may vary
+
+
+def _config(name: str, seed: int, quick: bool, runs_dir: str, **overrides):
+    """Study row ``name`` at ``seed`` (``overrides``: ``lr`` and/or ``steps``), run in
+    ``runs_dir/<name>/lr<lr>/seed<seed>`` (``.../lr<lr>/steps<steps>/...`` for a non-default
+    token budget)."""
+    default_steps = study_config(name, **(QUICK if quick else {})).steps
+    cfg = study_config(name, seed=seed, **{**(QUICK if quick else {}), **overrides})
+    parts = [runs_dir, name, f"lr{cfg.lr:g}"]
+    if cfg.steps != default_steps:
+        parts.append(f"steps{cfg.steps}")
+    return dataclasses.replace(cfg, out_dir=os.path.join(*parts, f"seed{seed}"))
 
 
 def _weight_mb(result: dict, cfg) -> float:
@@ -75,6 +93,21 @@ def _gradient_quality(corpus: D.Corpus, float_cfg, float_dir: str) -> dict:
     return out
 
 
+CLIPS = (2.0, 2.25, 2.513, 2.75, 3.0, 3.5)
+
+
+def _clip_quality(corpus: D.Corpus, cfg, run_dir: str) -> dict:
+    """Per block linear of the trained model of ``cfg``: the relative error of QuEST's 4-bit
+    activation quantizer on its real inputs (one validation batch, float forward) for each clip
+    in ``CLIPS`` (RMS units; 2.513 is the Gaussian optimum)."""
+    model, _ = train.build_model(cfg)
+    params = train.load_params(cfg, run_dir)
+    inputs, _ = next(iter(D.val_batches(corpus.val, cfg.batch_size, cfg.seq_len)))
+    acts = dense_inputs(model, {"params": params}, jax.numpy.asarray(inputs), qat=False)
+    spec = quest.spec(4, block_size=cfg.block_size)
+    return {layer: clip_error(x, spec, CLIPS) for layer, x in acts.items() if layer != "lm_head"}
+
+
 def _plot(rows: list[dict], float_loss: float | None, path: str) -> bool:
     try:
         import matplotlib
@@ -102,20 +135,74 @@ def _plot(rows: list[dict], float_loss: float | None, path: str) -> bool:
     return True
 
 
+def _row(name: str, seeds: list[int], quick: bool, runs_dir: str, corpus: D.Corpus,
+         **overrides) -> dict:
+    """Trains (or reloads) row ``name`` at each seed and summarises its validation losses."""
+    results, cfg = [], None
+    for seed in seeds:
+        cfg = _config(name, seed, quick, runs_dir, **overrides)
+        print(f"== {name} lr {cfg.lr:g} steps {cfg.steps} seed {seed}", flush=True)
+        results.append(train.train_one(cfg, corpus, cfg.run_dir))
+    losses = [r["val_loss"] for r in results]
+    return {
+        "config": name, "label": results[0]["label"], "method": cfg.method, "lr": cfg.lr,
+        "weight_bits": cfg.weight_bits if cfg.method else None,
+        "act_bits": cfg.act_bits if cfg.method else None, "seeds": seeds, "val_loss": losses,
+        "mean": statistics.fmean(losses),
+        "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "tokens": results[0]["tokens"], "non_embedding_params":
+            results[0]["non_embedding_params"], "weights_mb": _weight_mb(results[0], cfg),
+    }
+
+
+def _sweep(names: list[str], field: str, values: list, quick: bool, runs_dir: str,
+           corpus: D.Corpus) -> None:
+    """Seed-0 validation loss of each row at each value of ``field`` (``lr``: where the rows'
+    tuned ``lr`` in ``qjax.config.STUDY`` comes from; ``steps``: how gaps move with tokens)."""
+    table = {n: {v: _row(n, [0], quick, runs_dir, corpus, **{field: v})["mean"] for v in values}
+             for n in names}
+    base = table.get("float")
+    md = [f"# QuEST study: {field} sweep (seed 0)", "",
+          "| config | " + " | ".join(f"{field} {v:g}" for v in values) + " | best |",
+          "|---|" + "---|" * (len(values) + 1)]
+    for n, by_v in table.items():
+        cells = [f"{loss:.4f}" + ("" if base is None or n == "float"
+                                  else f" ({100 * (loss / base[v] - 1):+.1f}%)")
+                 for v, loss in by_v.items()]
+        md.append(f"| {n} | " + " | ".join(cells) + f" | {min(by_v, key=by_v.get):g} |")
+    if base is not None:
+        md += ["", "In brackets: the gap to the float run at the same value."]
+    markdown = "\n".join(md) + "\n"
+    print(markdown)
+    suffix = "_quick" if quick else ""
+    payload = {"machine": machine(), "quick": quick, "field": field,
+               "val_loss": {n: {f"{v:g}": loss for v, loss in by_v.items()}
+                            for n, by_v in table.items()}}
+    print("wrote", *write_results(f"quest_quality_{field}_sweep{suffix}", payload, markdown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(STUDY), help="comma-separated study rows")
     parser.add_argument("--quick", action="store_true", help="60-step smoke run")
-    parser.add_argument("--headline-seeds", default="0,1", help="seeds for " + ", ".join(HEADLINE))
+    parser.add_argument("--seeds", default="", metavar="S,S,...",
+                        help="seeds for every row (default: SEEDS, seed 0 for the others)")
     parser.add_argument("--runs-dir", default=os.path.join("runs", "quest_quality"))
     parser.add_argument("--no-diagnostic", action="store_true")
+    parser.add_argument("--sweep", default="", metavar="FIELD=V,V,...",
+                        help="instead of the study table: seed-0 loss of --configs at each value "
+                             f"of FIELD (one of {', '.join(SWEEPS)})")
     args = parser.parse_args()
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in STUDY]
     if unknown:
         parser.error(f"unknown study rows {unknown}; known: {', '.join(STUDY)}")
     runs_dir = args.runs_dir + ("_quick" if args.quick else "")
-    headline_seeds = [int(s) for s in args.headline_seeds.split(",") if s]
+    seeds = [int(v) for v in args.seeds.split(",") if v]
+    sweep_field, _, sweep_values = args.sweep.partition("=")
+    if args.sweep and (sweep_field not in SWEEPS or not sweep_values):
+        parser.error(f"--sweep must be FIELD=V,V,... with FIELD in {list(SWEEPS)}, got "
+                     f"{args.sweep!r}")
 
     first = _config(names[0], 0, args.quick, runs_dir)
     corpus = D.load_corpus(D.CorpusConfig(paths=first.corpus_paths,
@@ -123,24 +210,12 @@ def main() -> None:
                                           val_fraction=first.val_fraction))
     print(corpus.info.describe(), flush=True)
     entropy = D.unigram_entropy(corpus.val)
-    rows = []
-    for name in names:
-        seeds = headline_seeds if name in HEADLINE else [0]
-        results, cfg = [], None
-        for seed in seeds:
-            cfg = _config(name, seed, args.quick, runs_dir)
-            print(f"== {name} seed {seed}", flush=True)
-            results.append(train.train_one(cfg, corpus, cfg.run_dir))
-        losses = [r["val_loss"] for r in results]
-        rows.append({
-            "config": name, "label": results[0]["label"], "method": cfg.method,
-            "weight_bits": cfg.weight_bits if cfg.method else None,
-            "act_bits": cfg.act_bits if cfg.method else None, "seeds": seeds, "val_loss": losses,
-            "mean": statistics.fmean(losses),
-            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "tokens": results[0]["tokens"], "non_embedding_params":
-                results[0]["non_embedding_params"], "weights_mb": _weight_mb(results[0], cfg),
-        })
+    if args.sweep:
+        values = [SWEEPS[sweep_field](v) for v in sweep_values.split(",") if v]
+        _sweep(names, sweep_field, values, args.quick, runs_dir, corpus)
+        return
+    rows = [_row(n, seeds or list(SEEDS.get(n, (0,))), args.quick, runs_dir, corpus)
+            for n in names]
     by = {r["config"]: r for r in rows}
     base = by.get("float", {}).get("mean")
     float_by_seed = dict(zip(by["float"]["seeds"], by["float"]["val_loss"], strict=True)) \
@@ -169,6 +244,12 @@ def main() -> None:
     if not args.no_diagnostic and "float" in by:
         float_cfg = _config("float", 0, args.quick, runs_dir)
         diag = _gradient_quality(corpus, float_cfg, float_cfg.run_dir)
+    clip_diag = {}
+    if not args.no_diagnostic:
+        for name in ("float", "quest_w4a4"):
+            if name in by:
+                cfg = _config(name, 0, args.quick, runs_dir)
+                clip_diag[name] = _clip_quality(corpus, cfg, cfg.run_dir)
 
     suffix = "_quick" if args.quick else ""
     cfg0 = _config(names[0], 0, args.quick, runs_dir)
@@ -176,15 +257,16 @@ def main() -> None:
     md = [f"# QuEST study{' (quick smoke run)' if args.quick else ''}", "",
           f"Byte-level Llama d={cfg0.d_model}, {cfg0.n_layers} layers, seq {cfg0.seq_len}, batch "
           f"{cfg0.batch_size}, {cfg0.steps} steps ({cfg0.steps * cfg0.batch_size * cfg0.seq_len:,}"
-          f" tokens) of {corpus.info.describe().split(' files')[0]}; lr {cfg0.lr} for every "
-          f"method (untuned); {mach['processor']}, {mach['cpus']} CPUs, JAX {mach['jax']}.", "",
-          "| config | method | val loss | ppl | vs float | seeds | weights MB |",
-          "|---|---|---|---|---|---|---|"]
+          f" tokens) of {corpus.info.describe().split(' files')[0]}; AdamW, lr per row (the "
+          f"lr column; see quest_quality_lr_sweep.md); {mach['processor']}, {mach['cpus']} CPUs, "
+          f"JAX {mach['jax']}.", "",
+          "| config | method | lr | val loss | ppl | vs float | seeds | weights MB |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = f"{r['mean']:.4f}" + (f" +- {r['std']:.4f}" if len(r["seeds"]) > 1 else "")
         gap = "" if r["gap_pct"] is None or r["method"] is None else f"{r['gap_pct']:+.1f}%"
-        md.append(f"| {r['config']} | {r['label']} | {loss} | {r['ppl']:.3f} | {gap} | "
-                  f"{len(r['seeds'])} | {r['weights_mb']:.2f} |")
+        md.append(f"| {r['config']} | {r['label']} | {r['lr']:g} | {loss} | {r['ppl']:.3f} | "
+                  f"{gap} | {len(r['seeds'])} | {r['weights_mb']:.2f} |")
     md += ["", "\"vs float\" compares with the float runs of the same seeds (the float loss alone "
            "moves by a few percent between seeds).", "",
            f"Unigram entropy of the validation bytes: {entropy:.4f} nats/byte.", "",
@@ -193,12 +275,25 @@ def main() -> None:
         md += ["", "Gradient cosine (QAT vs float gradient, all block linears, trained float "
                "model, one batch):", "", "| estimator | cosine |", "|---|---|"]
         md += [f"| {k} | {v:.4f} |" for k, v in diag.items()]
+    if clip_diag:
+        md += ["", "Relative error of QuEST's 4-bit activation quantizer (Hadamard 128, clip "
+               "a * RMS) on the real inputs of each block linear (seed-0 models, one validation "
+               "batch): at the Gaussian-optimal a = 2.513 (0.0115 for Gaussian data) and at the "
+               f"best a of {CLIPS}:", "",
+               "| layer | " + " | ".join(f"{n} at 2.513 | {n} best a" for n in clip_diag) + " |",
+               "|---|" + "---|---|" * len(clip_diag)]
+        for layer in next(iter(clip_diag.values())):
+            cells = []
+            for errs in clip_diag.values():
+                best = min(errs[layer], key=errs[layer].get)
+                cells += [f"{errs[layer][2.513]:.4f}", f"{best} ({errs[layer][best]:.4f})"]
+            md.append(f"| {layer} | " + " | ".join(cells) + " |")
     markdown = "\n".join(md) + "\n"
     print(markdown)
     info = {k: v for k, v in dataclasses.asdict(corpus.info).items() if not k.endswith("files")}
     payload = {"machine": mach, "quick": args.quick, "corpus": info,
                "unigram_entropy": entropy, "rows": rows, "goals": goals,
-               "gradient_cosine": diag}
+               "gradient_cosine": diag, "activation_clip_error": clip_diag}
     paths = write_results(f"quest_quality{suffix}", payload, markdown)
     png = os.path.join(os.path.dirname(paths[0]), f"quest_quality{suffix}.png")
     if _plot(rows, base, png):

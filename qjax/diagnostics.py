@@ -1,20 +1,30 @@
-"""Diagnostics for QAT: how well a quantized model's gradient follows the float gradient.
+"""Diagnostics for QAT: gradient alignment and the quantization error on real activations.
 
 :func:`gradient_cosine` evaluates the gradient of a loss twice on the same parameters and batch,
 once with quantization (the estimators' backward rules) and once in float, and returns the cosine
 similarity per layer. An estimator whose gradient points where the float gradient points lets QAT
 follow the float optimisation path; QuEST's trust estimator is meant to align better than STE at
 low bit widths.
+
+:func:`dense_inputs` captures what every linear layer of a Linen model sees, and
+:func:`clip_error` measures a QuEST-style quantizer's relative error on such inputs as the clip
+(in RMS units) varies: whether the Gaussian-optimal clip is also the best one on real data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["gradient_cosine"]
+from qjax import scales as S
+from qjax.quantize import fake_quant
+from qjax.spec import QuantSpec
+
+__all__ = ["gradient_cosine", "dense_inputs", "clip_error"]
 
 
 def _path(path) -> str:
@@ -50,4 +60,58 @@ def gradient_cosine(loss_fn: Callable[..., jax.Array], params, *args,
     if not out:
         raise ValueError(f"no parameter leaf is named {leaf_name!r}")
     out["all"] = dots / max((nq * nf) ** 0.5, 1e-30)
+    return out
+
+
+def dense_inputs(module, variables, *args, **kwargs) -> dict[str, jax.Array]:
+    """The input of every ``nn.Dense`` call in one forward pass ``module.apply(variables, ...)``.
+
+    ``module`` is a Linen module or a model from :func:`qjax.nn.quantize_model` (its quantized
+    layers report the input before quantization).
+
+    Returns:
+      ``{module path: input}`` (the first call of a layer called more than once), inputs of shape
+      ``(..., in_features)`` in the layer's input dtype.
+    """
+    if not callable(getattr(module, "apply", None)):
+        raise TypeError(f"module must be a flax.linen Module or a quantized model, got "
+                        f"{type(module).__name__}")
+    seen: dict[str, jax.Array] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            seen.setdefault("/".join(context.module.path), call_args[0])
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        module.apply(variables, *args, **kwargs)
+    return seen
+
+
+def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[float, float]:
+    """Relative error ``||Q_a(x) - x||^2 / ||x||^2`` of ``spec`` with the clip ``a * RMS``.
+
+    ``spec`` must use :class:`~qjax.scales.RmsGaussian` scales (QuEST); each ``a`` in ``clips``
+    replaces the Gaussian-optimal constant. The error is measured after rotating back (the
+    Hadamard transform is orthogonal, so it equals the error in the rotated space).
+
+    Args:
+      x: floating array, rows along ``spec``'s row axis (e.g. from :func:`dense_inputs`).
+      spec: a QuEST-style :class:`~qjax.QuantSpec`.
+      clips: positive clip constants in RMS units.
+
+    Returns:
+      ``{a: relative squared error}``.
+    """
+    if not isinstance(spec.scale, S.RmsGaussian):
+        raise ValueError(f"clip_error needs RmsGaussian scales, got {type(spec.scale).__name__}")
+    if not clips:
+        raise ValueError("clips must name at least one clip constant")
+    x = jnp.asarray(x)
+    power = jnp.mean(jnp.square(x.astype(jnp.float32)))
+    out = {}
+    for a in clips:
+        spec_a = dataclasses.replace(spec, scale=S.RmsGaussian(clip=a), hadamard_mode="full")
+        err = fake_quant(x, spec_a).astype(jnp.float32) - x.astype(jnp.float32)
+        out[float(a)] = float(jnp.mean(jnp.square(err)) / jnp.maximum(power, 1e-30))
     return out

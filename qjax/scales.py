@@ -229,10 +229,21 @@ class RmsGaussian:
 
     The RMS is not centred, as QuEST specifies. For the statistic only, ``|x|`` is capped at
     ``1e16`` so that the sum of squares of any row shorter than ~3e6 cannot overflow float32.
+
+    Attributes:
+      clip: ``a`` in RMS units instead of the MSE-optimal Gaussian constant (None, the default:
+        QuEST). For ablations and for checking that the Gaussian ``a`` suits real data.
     """
 
+    clip: float | None = None
+
+    def __post_init__(self):
+        if self.clip is not None and (isinstance(self.clip, bool) or not self.clip > 0):
+            raise ValueError(
+                f"RmsGaussian clip must be a positive float or None, got {self.clip!r}")
+
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
-        a = gaussian_clip(fmt)
+        a = gaussian_clip(fmt) if self.clip is None else float(self.clip)
         capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
         sq = _unfused(jnp.square(capped))
         n = math.prod(xb.shape[a] for a in axes)

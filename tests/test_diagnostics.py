@@ -1,12 +1,16 @@
-"""Tests for qjax.diagnostics.gradient_cosine."""
+"""Tests for qjax.diagnostics: gradient_cosine, dense_inputs, clip_error."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
 import qjax
-from qjax.diagnostics import gradient_cosine
+from qjax import scales as S
+from qjax.diagnostics import clip_error, dense_inputs, gradient_cosine
+from qjax.methods import quest
 from qjax.models import Llama, LlamaConfig, quantization_rules
 from qjax.nn import Method
 
@@ -41,3 +45,61 @@ def test_identical_gradients_give_one():
     assert out == {"d": pytest.approx(1.0), "all": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="no parameter leaf"):
         gradient_cosine(lambda p, qat: jnp.sum(p["d"]["kernel"]), p, leaf_name="weight")
+
+
+class _TwoLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="first")(x)
+        return nn.Dense(2, name="second")(jnp.tanh(h))
+
+
+def test_dense_inputs_are_what_each_layer_sees():
+    model = _TwoLayers()
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    variables = model.init(jax.random.key(1), x)
+    seen = dense_inputs(model, variables, x)
+    assert set(seen) == {"first", "second"}
+    np.testing.assert_array_equal(seen["first"], x)
+    k, b = variables["params"]["first"]["kernel"], variables["params"]["first"]["bias"]
+    np.testing.assert_allclose(seen["second"], np.tanh(np.asarray(x) @ k + b), rtol=1e-6)
+    with pytest.raises(TypeError, match="module"):
+        dense_inputs(lambda x: x, variables, x)
+
+
+def _midrise_error(x, a, bits):
+    """Independent numpy reference: QuEST's midrise grid with clip a * RMS per row."""
+    x = np.asarray(x, np.float64)
+    c = a * np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True)) + 1e-8
+    step = 2 * c / (2 ** bits - 1)
+    q = np.clip((np.floor(x / step) + 0.5) * step, -c, c)  # outermost levels at +-c
+    return float(np.mean((q - x) ** 2) / np.mean(x ** 2))
+
+
+def test_clip_error_matches_a_reference_and_the_gaussian_clip_is_best_on_gaussian_data():
+    x = jax.random.normal(jax.random.key(2), (512, 128))
+    clips = (2.0, 2.513, 3.0)
+    plain = clip_error(x, quest.spec(4, hadamard=None), clips)
+    for a in clips:
+        assert plain[a] == pytest.approx(_midrise_error(x, a, 4), rel=1e-4)
+    assert min(plain, key=plain.get) == 2.513
+    # Long rows (the RMS is then the true sigma): Max (1960)'s optimal 16-level uniform quantizer
+    # of a unit Gaussian has step 0.3352 (= 2 * 2.513 / 15) and mean squared error 0.01154.
+    long_rows = clip_error(jax.random.normal(jax.random.key(3), (4, 65536)),
+                           quest.spec(4, hadamard=None), (2.513,))
+    assert long_rows[2.513] == pytest.approx(0.01154, rel=0.01)
+    # The rotation is orthogonal: the error is the rotated input's error under the plain quantizer.
+    rotated = clip_error(x, quest.spec(4, hadamard="half"), clips)
+    xh = qjax.hadamard_transform(x, 128)
+    for a in clips:
+        assert rotated[a] == pytest.approx(_midrise_error(xh, a, 4), rel=1e-3)
+
+
+def test_clip_error_rejects_bad_input():
+    x = jnp.ones((2, 8))
+    with pytest.raises(ValueError, match="RmsGaussian"):
+        clip_error(x, qjax.QuantSpec(qjax.IntFormat(4)), (2.0,))
+    with pytest.raises(ValueError, match="clips"):
+        clip_error(x, quest.spec(4, hadamard=None), ())
+    with pytest.raises(ValueError, match="clip must be a positive"):
+        S.RmsGaussian(clip=0.0)
