@@ -162,8 +162,11 @@ def _sweep(names: list[str], field: str, values: list, quick: bool, runs_dir: st
     table = {n: {v: _row(n, [0], quick, runs_dir, corpus, **{field: v})["mean"] for v in values}
              for n in names}
     base = table.get("float")
+    cfg = study_config(names[0])
+    label = {v: f"{field} {v:g}" + (f" ({v * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)"
+                                    if field == "steps" else "") for v in values}
     md = [f"# QuEST study: {field} sweep (seed 0)", "",
-          "| config | " + " | ".join(f"{field} {v:g}" for v in values) + " | best |",
+          "| config | " + " | ".join(label.values()) + " | best |",
           "|---|" + "---|" * (len(values) + 1)]
     for n, by_v in table.items():
         cells = [f"{loss:.4f}" + ("" if base is None or n == "float"
