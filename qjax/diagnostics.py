@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import scales as S
-from qjax.quantize import fake_quant
+from qjax.quantize import fake_quant, rotate_like_spec
 from qjax.spec import QuantSpec
 
 __all__ = ["gradient_cosine", "dense_inputs", "clip_error"]
@@ -92,8 +92,9 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
     """Relative error ``||Q_a(x) - x||^2 / ||x||^2`` of ``spec`` with the clip ``a * RMS``.
 
     ``spec`` must use :class:`~qjax.scales.RmsGaussian` scales (QuEST); each ``a`` in ``clips``
-    replaces the Gaussian-optimal constant. The error is measured after rotating back (the
-    Hadamard transform is orthogonal, so it equals the error in the rotated space).
+    replaces the Gaussian-optimal constant. ``x`` is rotated once by the spec's Hadamard transform
+    and the error measured in the rotated space (the transform is orthogonal, so it is the error
+    of the rotated-back result too).
 
     Args:
       x: floating array, rows along ``spec``'s row axis (e.g. from :func:`dense_inputs`).
@@ -107,11 +108,10 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
         raise ValueError(f"clip_error needs RmsGaussian scales, got {type(spec.scale).__name__}")
     if not clips:
         raise ValueError("clips must name at least one clip constant")
-    x = jnp.asarray(x)
-    power = jnp.mean(jnp.square(x.astype(jnp.float32)))
+    xr = rotate_like_spec(jnp.asarray(x, jnp.float32), spec)
+    power = jnp.maximum(jnp.mean(jnp.square(xr)), 1e-30)
     out = {}
     for a in clips:
-        spec_a = dataclasses.replace(spec, scale=S.RmsGaussian(clip=a), hadamard_mode="full")
-        err = fake_quant(x, spec_a).astype(jnp.float32) - x.astype(jnp.float32)
-        out[float(a)] = float(jnp.mean(jnp.square(err)) / jnp.maximum(power, 1e-30))
+        spec_a = dataclasses.replace(spec, scale=S.RmsGaussian(clip=a), hadamard=None)
+        out[float(a)] = float(jnp.mean(jnp.square(fake_quant(xr, spec_a) - xr)) / power)
     return out

@@ -68,8 +68,6 @@ def axis_shards(x: jax.Array, axis: int) -> int:
     return math.prod(mesh.shape[name] for name in axis_names(spec[axis % x.ndim]))
 
 
-
-
 def dot_out_spec(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> P | None:
     """The output spec of a ``dot_general`` on explicit meshes: batch, then lhs free, then rhs free.
 
