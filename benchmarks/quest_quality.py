@@ -12,7 +12,8 @@ activation quantizer on the real inputs of each layer as its clip varies.
 
 ``--sweep lr=0.0015,0.003,0.005`` trains seed 0 of ``--configs`` at each learning rate instead
 and writes ``quest_quality_lr_sweep.{json,md}`` (where each row's ``lr`` in ``STUDY`` comes from);
-``--sweep steps=1200,2400`` does the same for the token budget (``quest_quality_steps_sweep``).
+``--sweep steps=1200,2400`` does the same for the token budget (``quest_quality_steps_sweep``),
+``--sweep weight_decay=0,0.1`` for the weight decay; ``--seeds`` averages a sweep over seeds.
 
 Run: ``python benchmarks/quest_quality.py [--configs quest_w4a4,float] [--quick]
 [--seeds 0,1] [--sweep FIELD=V,...]``. ``--quick`` trains 60 steps on a 4 MB corpus (a
@@ -43,24 +44,27 @@ except ImportError:  # run as a script from the benchmarks folder
     from _timing import machine, write_results
 
 # Seeds per row (others: seed 0). The W4A4 comparisons are within seed noise with fewer.
-SEEDS = {"float": (0, 1, 2), "quest_w4a4": (0, 1, 2), "lsq_w4a4": (0, 1, 2),
-         "quest_ste_w4a4": (0, 1, 2), "quest_w2a2": (0, 1)}
+SEEDS = {"float": (0, 1, 2, 3), "quest_w4a4": (0, 1, 2, 3), "lsq_w4a4": (0, 1, 2, 3),
+         "quest_mse_w4a4": (0, 1, 2, 3), "quest_ste_w4a4": (0, 1, 2), "quest_w2a2": (0, 1),
+         "quest_mse_w2a2": (0, 1)}
 QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
              max_corpus_bytes=4_000_000)
 
 
-SWEEPS = {"lr": float, "steps": int}  # fields --sweep may vary
+SWEEPS = {"lr": float, "steps": int, "weight_decay": float}  # fields --sweep may vary
 
 
 def _config(name: str, seed: int, quick: bool, runs_dir: str, **overrides):
-    """Study row ``name`` at ``seed`` (``overrides``: ``lr`` and/or ``steps``), run in
-    ``runs_dir/<name>/lr<lr>/seed<seed>`` (``.../lr<lr>/steps<steps>/...`` for a non-default
-    token budget)."""
-    default_steps = study_config(name, **(QUICK if quick else {})).steps
+    """Study row ``name`` at ``seed`` (``overrides``: fields of ``SWEEPS``), run in
+    ``runs_dir/<name>/lr<lr>/seed<seed>`` (``.../lr<lr>/steps<steps>/wd<decay>/...`` for a
+    non-default token budget or weight decay)."""
+    default = study_config(name, **(QUICK if quick else {}))
     cfg = study_config(name, seed=seed, **{**(QUICK if quick else {}), **overrides})
     parts = [runs_dir, name, f"lr{cfg.lr:g}"]
-    if cfg.steps != default_steps:
+    if cfg.steps != default.steps:
         parts.append(f"steps{cfg.steps}")
+    if cfg.weight_decay != default.weight_decay:
+        parts.append(f"wd{cfg.weight_decay:g}")
     return dataclasses.replace(cfg, out_dir=os.path.join(*parts, f"seed{seed}"))
 
 
@@ -155,17 +159,36 @@ def _row(name: str, seeds: list[int], quick: bool, runs_dir: str, corpus: D.Corp
     }
 
 
-def _sweep(names: list[str], field: str, values: list, quick: bool, runs_dir: str,
-           corpus: D.Corpus) -> None:
-    """Seed-0 validation loss of each row at each value of ``field`` (``lr``: where the rows'
-    tuned ``lr`` in ``qjax.config.STUDY`` comes from; ``steps``: how gaps move with tokens)."""
-    table = {n: {v: _row(n, [0], quick, runs_dir, corpus, **{field: v})["mean"] for v in values}
+def _paired(a: dict, b: dict) -> dict | None:
+    """Per-seed relative difference of row ``a`` against row ``b`` on their shared seeds (%):
+    mean and standard error, so that a gap can be told from seed noise."""
+    la, lb = dict(zip(a["seeds"], a["val_loss"], strict=True)), dict(
+        zip(b["seeds"], b["val_loss"], strict=True))
+    diffs = [100 * (la[k] / lb[k] - 1) for k in sorted(set(la) & set(lb))]
+    if len(diffs) < 2:
+        return None
+    return {"seeds": len(diffs), "mean_pct": statistics.fmean(diffs),
+            "se_pct": statistics.stdev(diffs) / math.sqrt(len(diffs)), "per_seed_pct": diffs}
+
+
+PAIRS = [("quest_w4a4", "float"), ("quest_mse_w4a4", "float"), ("lsq_w4a4", "float"),
+         ("quest_w4a4", "lsq_w4a4"), ("quest_mse_w4a4", "lsq_w4a4"),
+         ("quest_mse_w4a4", "quest_w4a4"), ("quest_ste_w4a4", "quest_w4a4"),
+         ("quest_w2a2", "lsq_w2a2"), ("quest_mse_w2a2", "quest_w2a2")]
+
+
+def _sweep(names: list[str], field: str, values: list, seeds: list[int], quick: bool,
+           runs_dir: str, corpus: D.Corpus) -> None:
+    """Validation loss (mean over ``seeds``) of each row at each value of ``field`` (``lr``: where
+    the rows' tuned ``lr`` in ``qjax.config.STUDY`` comes from; ``steps``: how gaps move with
+    tokens; ``weight_decay``: QuEST's quantized weights are scale invariant per row)."""
+    table = {n: {v: _row(n, seeds, quick, runs_dir, corpus, **{field: v})["mean"] for v in values}
              for n in names}
     base = table.get("float")
     cfg = study_config(names[0])
     label = {v: f"{field} {v:g}" + (f" ({v * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)"
                                     if field == "steps" else "") for v in values}
-    md = [f"# QuEST study: {field} sweep (seed 0)", "",
+    md = [f"# QuEST study: {field} sweep (seeds {', '.join(map(str, seeds))})", "",
           "| config | " + " | ".join(label.values()) + " | best |",
           "|---|" + "---|" * (len(values) + 1)]
     for n, by_v in table.items():
@@ -178,7 +201,7 @@ def _sweep(names: list[str], field: str, values: list, quick: bool, runs_dir: st
     markdown = "\n".join(md) + "\n"
     print(markdown)
     suffix = "_quick" if quick else ""
-    payload = {"machine": machine(), "quick": quick, "field": field,
+    payload = {"machine": machine(), "quick": quick, "field": field, "seeds": seeds,
                "val_loss": {n: {f"{v:g}": loss for v, loss in by_v.items()}
                             for n, by_v in table.items()}}
     print("wrote", *write_results(f"quest_quality_{field}_sweep{suffix}", payload, markdown))
@@ -193,8 +216,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=os.path.join("runs", "quest_quality"))
     parser.add_argument("--no-diagnostic", action="store_true")
     parser.add_argument("--sweep", default="", metavar="FIELD=V,V,...",
-                        help="instead of the study table: seed-0 loss of --configs at each value "
-                             f"of FIELD (one of {', '.join(SWEEPS)})")
+                        help="instead of the study table: loss of --configs at each value "
+                             f"of FIELD (one of {', '.join(SWEEPS)}; seed 0 unless --seeds)")
     args = parser.parse_args()
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in STUDY]
@@ -215,7 +238,7 @@ def main() -> None:
     entropy = D.unigram_entropy(corpus.val)
     if args.sweep:
         values = [SWEEPS[sweep_field](v) for v in sweep_values.split(",") if v]
-        _sweep(names, sweep_field, values, args.quick, runs_dir, corpus)
+        _sweep(names, sweep_field, values, seeds or [0], args.quick, runs_dir, corpus)
         return
     rows = [_row(n, seeds or list(SEEDS.get(n, (0,))), args.quick, runs_dir, corpus)
             for n in names]
@@ -236,6 +259,11 @@ def main() -> None:
         "QuEST W4A4 within 2% of float": None if base is None or "quest_w4a4" not in by
         else bool(by["quest_w4a4"]["gap_pct"] <= 2.0),
         "QuEST < LSQ at W4A4": less("quest_w4a4", "lsq_w4a4"),
+        "QuEST with searched clips (quest_mse) W4A4 within 2% of float":
+            None if base is None or "quest_mse_w4a4" not in by
+            else bool(by["quest_mse_w4a4"]["gap_pct"] <= 2.0),
+        "QuEST with searched clips < LSQ at W4A4": less("quest_mse_w4a4", "lsq_w4a4"),
+        "QuEST with searched clips < LSQ at W2A2": less("quest_mse_w2a2", "lsq_w2a2"),
         "LSQ < STE at W4A4": less("lsq_w4a4", "ste_w4a4"),
         "QuEST < LSQ at W2A2": less("quest_w2a2", "lsq_w2a2"),
         "LSQ < STE at W2A2": less("lsq_w2a2", "ste_w2a2"),
@@ -243,13 +271,15 @@ def main() -> None:
         else bool(math.isfinite(by["quest_w1a1"]["mean"])
                   and by["quest_w1a1"]["mean"] < 0.8 * entropy),
     }
+    paired = {f"{a} vs {b}": p for a, b in PAIRS if a in by and b in by
+              for p in [_paired(by[a], by[b])] if p is not None}
     diag = {}
     if not args.no_diagnostic and "float" in by:
         float_cfg = _config("float", 0, args.quick, runs_dir)
         diag = _gradient_quality(corpus, float_cfg, float_cfg.run_dir)
     clip_diag = {}
     if not args.no_diagnostic:
-        for name in ("float", "quest_w4a4"):
+        for name in ("float", "quest_w4a4", "quest_mse_w4a4"):
             if name in by:
                 cfg = _config(name, 0, args.quick, runs_dir)
                 clip_diag[name] = _clip_quality(corpus, cfg, cfg.run_dir)
@@ -274,6 +304,12 @@ def main() -> None:
            "moves by a few percent between seeds).", "",
            f"Unigram entropy of the validation bytes: {entropy:.4f} nats/byte.", "",
            "Goals:", ""] + [f"- {g}: {'n/a' if ok is None else ok}" for g, ok in goals.items()]
+    if paired:
+        md += ["", "Paired per-seed differences (same seed = same init and data order):", "",
+               "| comparison | seeds | mean | std. error | per seed |", "|---|---|---|---|---|"]
+        md += [f"| {k} | {p['seeds']} | {p['mean_pct']:+.2f}% | {p['se_pct']:.2f} | "
+               + " / ".join(f"{d:+.1f}" for d in p["per_seed_pct"]) + " |"
+               for k, p in paired.items()]
     if diag:
         md += ["", "Gradient cosine (QAT vs float gradient, all block linears, trained float "
                "model, one batch):", "", "| estimator | cosine |", "|---|---|"]
@@ -295,7 +331,7 @@ def main() -> None:
     print(markdown)
     info = {k: v for k, v in dataclasses.asdict(corpus.info).items() if not k.endswith("files")}
     payload = {"machine": mach, "quick": args.quick, "corpus": info,
-               "unigram_entropy": entropy, "rows": rows, "goals": goals,
+               "unigram_entropy": entropy, "rows": rows, "goals": goals, "paired": paired,
                "gradient_cosine": diag, "activation_clip_error": clip_diag}
     paths = write_results(f"quest_quality{suffix}", payload, markdown)
     png = os.path.join(os.path.dirname(paths[0]), f"quest_quality{suffix}.png")

@@ -447,14 +447,41 @@ _RULE_NAMES = {
 
 
 def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
-    """Returns ``rule`` or builds it from a name in ``absmax, absmax_asymmetric, ...``."""
+    """Returns ``rule`` or builds it from a name, optionally with positional arguments.
+
+    Names: ``absmax``, ``absmax_asymmetric``, ``rms_gaussian``, ``mse``, ``percentile``.
+    Arguments follow the name after colons, in the rule's field order, so that a string config
+    can set them: ``"mse:8:0.6"`` is ``MseSearch(8, 0.6)``, ``"rms_gaussian:3"`` is
+    ``RmsGaussian(clip=3.0)``, ``"percentile:99.5"`` is ``Percentile(99.5)``.
+    """
     if isinstance(rule, SCALE_RULE_TYPES):
         return rule
-    if isinstance(rule, str) and rule in _RULE_NAMES:
-        return _RULE_NAMES[rule]()
-    raise ValueError(
-        f"unknown scale rule {rule!r}; allowed: {sorted(_RULE_NAMES)} or a rule object"
-    )
+    if not isinstance(rule, str):
+        raise TypeError(f"a scale rule must be a rule object or a name, got {type(rule).__name__}")
+    name, *args = rule.split(":")
+    if name not in _RULE_NAMES:
+        raise ValueError(
+            f"unknown scale rule {rule!r}; allowed: {sorted(_RULE_NAMES)} (optionally with "
+            "':'-separated arguments, e.g. 'mse:8:0.6') or a rule object"
+        )
+    if not args:
+        return _RULE_NAMES[name]()
+    cls = _RULE_NAMES[name]
+    # Only numeric fields can be set from a string (AbsMax's flag has its own name).
+    fields = [f for f in dataclasses.fields(cls) if f.type in ("int", "float", "float | None")] \
+        if isinstance(cls, type) else []
+    if len(args) > len(fields):
+        allowed = ", ".join(f.name for f in fields) or "none"
+        raise ValueError(f"scale rule {name!r} takes at most {len(fields)} arguments "
+                         f"({allowed}), got {rule!r}")
+    try:
+        values = [int(a) if f.type == "int" else float(a)
+                  for f, a in zip(fields[:len(args)], args, strict=True)]
+    except ValueError:
+        raise ValueError(f"scale rule arguments of {name!r} must be numbers "
+                         f"({', '.join(f'{f.name}: {f.type}' for f in fields)}), got {rule!r}"
+                         ) from None
+    return cls(*values)
 
 
 def lsq_init(v: jax.Array, qmax: float, axes: tuple[int, ...] | None = None) -> jax.Array:

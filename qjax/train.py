@@ -56,7 +56,7 @@ def _method(config: TrainConfig) -> Method | None:
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
                   block_size=config.block_size, trust=config.trust, clip=config.clip,
                   hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
-                  integer_forward=config.integer_forward)
+                  scale=config.scale, integer_forward=config.integer_forward)
 
 
 def _label(config: TrainConfig) -> str:
@@ -66,6 +66,8 @@ def _label(config: TrainConfig) -> str:
     a = f"A{config.act_bits}" if config.act_bits else ""
     name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
                             else "")
+    if config.scale != "auto":
+        name += "+" + config.scale.split(":")[0]
     return f"{name} {w}{a}"
 
 

@@ -23,6 +23,9 @@ def test_unknown_key_and_bad_values():
         apply_overrides(TrainConfig(), ["baseline=maybe"])
     with pytest.raises(ValueError, match="steps must be a positive int"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown scale rule 'gauss'"):
+        apply_overrides(TrainConfig(), ["scale=gauss"])
+    assert apply_overrides(TrainConfig(), ["scale=mse:8:0.6"]).scale == "mse:8:0.6"
 
 
 def test_load_config_file(tmp_path):

@@ -45,6 +45,15 @@ def test_quest_dense_equals_method_dense():
     np.testing.assert_allclose(wonly.apply({"params": p}, X), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_method_scale_replaces_both_operands_rules():
+    lq = Method("quest", scale="mse:8:0.6").layer_quant(0)
+    assert lq.weight.scale == lq.activation.scale == qjax.MseSearch(8, 0.6)
+    assert Method("quest").layer_quant(0).weight.scale == qjax.RmsGaussian()
+    lq = Method("ste", scale=qjax.Percentile(99.0)).layer_quant(0)
+    assert lq.weight.scale == lq.activation.scale == qjax.Percentile(99.0)
+    assert Method("ste").layer_quant(0).activation.scale == qjax.AbsMax()
+
+
 @pytest.mark.parametrize("method", ["lsq", "pact"])
 def test_gradients_reach_weights_and_learned_quantizer_params(method):
     layer = QL.QDense(16, method=method)
@@ -130,6 +139,10 @@ def test_bad_layer_arguments():
         QL.QDense(4, method="ste", weight=W_INT4).init(jax.random.key(0), X)
     with pytest.raises(ValueError, match="unknown method"):
         Method("gptq")
+    with pytest.raises(ValueError, match="scale of lsq must be 'auto'"):
+        Method("lsq", scale="mse")
+    with pytest.raises(ValueError, match="unknown scale rule"):
+        Method("quest", scale="gauss")
     with pytest.raises(TypeError, match="rule target"):
         qjax.nn.resolve(3, 0)
     with pytest.raises(ValueError, match="must be contracted"):

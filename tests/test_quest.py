@@ -122,6 +122,32 @@ def test_dense_equals_core_quantizers_and_matmul():
     np.testing.assert_allclose(vjp(g)[0], ref, rtol=1e-4, atol=1e-5)
 
 
+def test_mse_scale_searches_the_clip_per_row():
+    # Heavy-tailed rows (as in a trained model's first block): the clip with least squared error
+    # over the candidate fractions of each row's absmax, checked against a numpy brute force.
+    x = jax.random.t(jax.random.key(8), 3.0, (16, 128))
+    y = quest.fake_quant(x, 4, hadamard=None, scale="mse:8:0.6")
+    xn = np.asarray(x, np.float64)
+    amax = np.abs(xn).max(-1, keepdims=True)
+    best = None
+    for r in np.linspace(0.6, 1.0, 8):
+        c = amax * r
+        step = 2 * c / 15
+        q = (np.round(np.clip(xn, -c, c) / step + 0.5) - 0.5) * step
+        err = ((q - xn) ** 2).sum(-1, keepdims=True)
+        best = (err, q) if best is None else (np.minimum(best[0], err),
+                                               np.where(err < best[0], q, best[1]))
+    np.testing.assert_allclose(y, best[1], rtol=1e-5, atol=1e-6)
+    gauss = quest.fake_quant(x, 4, hadamard=None)
+    assert float(jnp.sum((y - x) ** 2)) < float(jnp.sum((gauss - x) ** 2))
+    assert quest.spec(4, scale="mse:8:0.6").scale == qjax.MseSearch(8, 0.6)
+    assert quest.spec(4).scale == qjax.RmsGaussian()
+    # The trust mask is the same rule with the searched step.
+    g = jax.grad(lambda a: quest.fake_quant(a, 4, hadamard=None, scale="mse:8:0.6").sum())(x)
+    step = 2 * np.abs(np.asarray(y)).max(-1, keepdims=True) / 15  # outermost level = c
+    np.testing.assert_array_equal(g, (np.abs(np.asarray(y) - xn) <= step / 2 * (1 + 1e-6)))
+
+
 def test_high_precision_operand_and_8_bit_close_to_float():
     x = jax.random.normal(jax.random.key(6), (4, 128))
     kernel = jax.random.normal(jax.random.key(7), (128, 8)) / 11
@@ -138,5 +164,7 @@ def test_bad_input():
         quest.fake_quant(jnp.ones((2, 96)), 4)
     with pytest.raises(ValueError, match="bits"):
         quest.fake_quant(jnp.ones((2, 128)), 9)
+    with pytest.raises(ValueError, match="unknown scale rule"):
+        quest.spec(4, scale="gaussian")
     with pytest.raises(ValueError, match="kernel's first axis"):
         quest.dense(jnp.ones((2, 128)), jnp.ones((256, 4)), bits_x=4, bits_w=4)

@@ -123,8 +123,22 @@ def test_lsq_init():
 
 def test_scale_rule_names():
     assert S.as_scale_rule("absmax_asymmetric") == S.AbsMax(symmetric=False)
+    assert S.as_scale_rule("mse:8:0.6") == S.MseSearch(8, 0.6)
+    assert S.as_scale_rule("mse:8") == S.MseSearch(8)
+    assert S.as_scale_rule("rms_gaussian:3") == S.RmsGaussian(clip=3.0)
+    assert S.as_scale_rule("percentile:99.5") == S.Percentile(99.5)
     with pytest.raises(ValueError, match="unknown scale rule 'max'"):
         S.as_scale_rule("max")
+    with pytest.raises(ValueError, match=r"'absmax' takes at most 0 arguments"):
+        S.as_scale_rule("absmax:1")
+    with pytest.raises(ValueError, match=r"at most 2 arguments \(num_candidates, min_ratio\)"):
+        S.as_scale_rule("mse:8:0.6:1")
+    with pytest.raises(ValueError, match="num_candidates: int"):
+        S.as_scale_rule("mse:8.5")
+    with pytest.raises(ValueError, match="min_ratio must be in"):
+        S.as_scale_rule("mse:8:0")
+    with pytest.raises(TypeError, match="rule object or a name"):
+        S.as_scale_rule(3)
 
 
 def test_exact_divide_is_correctly_rounded():

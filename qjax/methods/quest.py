@@ -9,6 +9,11 @@ Hadamard forms: ``"half"`` returns the rotated quantized values (for a matmul bo
 rotated along the contraction axis, so ``(xH)(WH)^T = x W^T``); ``"full"`` rotates back;
 ``None`` skips the rotation.
 
+``scale=`` replaces the RMS rule (an extension, not the paper's method): ``"mse:8:0.6"`` picks,
+per row, the clip with least squared error among 8 fractions of the row's absmax in [0.6, 1]
+(:class:`~qjax.MseSearch`), which follows rows that training has made heavier-tailed than a
+Gaussian.
+
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
 """
@@ -39,6 +44,7 @@ def spec(
     block_size: int = 128,
     axis: int = -1,
     hadamard_method: str = "matmul",
+    scale: S.ScaleRule | str | None = None,
 ) -> SP.QuantSpec:
     """The :class:`~qjax.QuantSpec` of QuEST at ``bits`` for rows along ``axis``.
 
@@ -51,13 +57,16 @@ def spec(
       axis: the row (contraction) axis: quantization statistics and rotation run along it.
       hadamard_method: ``"matmul"`` (default: dense block matmul, fastest on CPU BLAS and TPU
         MXUs) or ``"butterfly"`` (O(n log n)); see :func:`qjax.hadamard_transform`.
+      scale: None (QuEST: :class:`~qjax.RmsGaussian`, the MSE-optimal clip for Gaussian rows) or
+        another rule or rule name (see :func:`qjax.scales.as_scale_rule`), e.g. ``"mse:8:0.6"``:
+        the clip with least squared error on the row itself, for rows that are not Gaussian.
     """
     if hadamard not in HADAMARD_FORMS:
         raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
     return SP.QuantSpec(
         format=F.Midrise(bits),
         granularity=G.PerRow(axis),
-        scale=S.RmsGaussian(),
+        scale=S.RmsGaussian() if scale is None else S.as_scale_rule(scale),
         estimator=SP.Trust(multiplier=trust, clip=clip),
         hadamard=None if hadamard is None else block_size,
         hadamard_axis=axis,
@@ -76,6 +85,7 @@ def fake_quant(
     block_size: int = 128,
     axis: int = -1,
     hadamard_method: str = "matmul",
+    scale: S.ScaleRule | str | None = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """QuEST fake quantization of ``x`` along ``axis`` (same shape and dtype as ``x``).
@@ -85,7 +95,7 @@ def fake_quant(
     global one (see :func:`qjax.fake_quant`).
     """
     s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
-             hadamard_method=hadamard_method)
+             hadamard_method=hadamard_method, scale=scale)
     return core_fake_quant(x, s, axis_name=axis_name)
 
 
@@ -100,6 +110,7 @@ def quantize_dense_operands(
     clip: float | None = None,
     block_size: int = 128,
     hadamard_method: str = "matmul",
+    scale: S.ScaleRule | str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fake-quantized operands of ``x @ kernel`` (Flax layout: ``x (..., K)``, ``kernel (K, N)``).
 
@@ -117,7 +128,7 @@ def quantize_dense_operands(
     def one(a, bits, axis):
         if bits is not None:
             return fake_quant(a, bits, hadamard, trust, clip, block_size=block_size, axis=axis,
-                              hadamard_method=hadamard_method)
+                              hadamard_method=hadamard_method, scale=scale)
         if hadamard == "half":
             rotated = hadamard_transform(a, block_size, axis=axis, method=hadamard_method)
             return rotated.astype(a.dtype)
@@ -130,7 +141,8 @@ def dense(x: jax.Array, kernel: jax.Array, *, precision=None, **operands) -> jax
     """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``.
 
     ``operands`` are the keyword arguments of :func:`quantize_dense_operands` (``bits_x``,
-    ``bits_w``, ``hadamard``, ``trust``, ``clip``, ``block_size``, ``hadamard_method``).
+    ``bits_w``, ``hadamard``, ``trust``, ``clip``, ``block_size``, ``hadamard_method``,
+    ``scale``).
     """
     xq, wq = quantize_dense_operands(x, kernel, **operands)
     return jnp.matmul(xq, wq, precision=precision)

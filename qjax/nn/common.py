@@ -108,6 +108,10 @@ class Method:
     * ``ste``: absmax per output channel / per token, identity STE (``estimator="clipped_ste"``
       for the clipped one).
 
+    ``scale`` (a rule or rule name, see :func:`qjax.scales.as_scale_rule`) replaces the scale rule
+    of both operands for ``quest`` (default :class:`~qjax.RmsGaussian`; e.g. ``"mse:8:0.6"``
+    searches the clip with least squared error per row) and ``ste`` (default
+    :class:`~qjax.AbsMax`); ``lsq`` and ``pact`` learn theirs, so only ``"auto"``.
     ``grid`` is ``"midrise"`` (QuEST's ``2^b`` levels without zero) or ``"int"`` (signed
     integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard`` is
     ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others. Setting
@@ -124,6 +128,7 @@ class Method:
     hadamard: str | None = "auto"
     grid: str = "auto"
     estimator: str = "auto"
+    scale: S.ScaleRule | str = "auto"
     integer_forward: bool = False
     weight_axis_name: str | tuple[str, ...] | None = None
     activation_axis_name: str | tuple[str, ...] | None = None
@@ -145,6 +150,14 @@ class Method:
         if self.estimator not in allowed:
             raise ValueError(f"estimator of {self.name} must be one of {allowed}, "
                              f"got {self.estimator!r}")
+        if self.scale != "auto":
+            if self.name not in ("quest", "ste"):
+                raise ValueError(f"scale of {self.name} must be 'auto' (it learns its scales), "
+                                 f"got {self.scale!r}")
+            S.as_scale_rule(self.scale)  # fails early on a bad name
+
+    def _scale(self, default: S.ScaleRule) -> S.ScaleRule:
+        return default if self.scale == "auto" else S.as_scale_rule(self.scale)
 
     def _format(self, bits: int) -> F.Format:
         midrise = self.grid == "midrise" or (self.grid == "auto" and self.name == "quest")
@@ -176,8 +189,9 @@ class Method:
         if self.name == "quest":
             est = {"ste": SP.STE(), "clipped_ste": SP.ClippedSTE()}.get(
                 self.estimator, SP.Trust(self.trust, self.clip))
-            w = make(wb, G.PerRow(w_axis), S.RmsGaussian(), est, w_axis)
-            a = make(ab, G.PerRow(-1), S.RmsGaussian(), est, -1)
+            rule = self._scale(S.RmsGaussian())
+            w = make(wb, G.PerRow(w_axis), rule, est, w_axis)
+            a = make(ab, G.PerRow(-1), rule, est, -1)
         elif self.name == "lsq":
             w = make(wb, G.PerRow(w_axis), S.AbsMax(), SP.LSQ(), w_axis)
             a = make(ab, G.PerTensor(), S.AbsMax(), SP.LSQ(), -1)
@@ -186,8 +200,9 @@ class Method:
             a = make(ab, G.PerTensor(), S.AbsMax(), SP.PACT(), -1)
         else:  # ste
             est = SP.ClippedSTE() if self.estimator == "clipped_ste" else SP.STE()
-            w = make(wb, G.PerRow(w_axis), S.AbsMax(), est, w_axis)
-            a = make(ab, G.PerRow(-1), S.AbsMax(), est, -1)
+            rule = self._scale(S.AbsMax())
+            w = make(wb, G.PerRow(w_axis), rule, est, w_axis)
+            a = make(ab, G.PerRow(-1), rule, est, -1)
         return LayerQuant(w, a, self.integer_forward and not embed, self.weight_axis_name,
                           self.activation_axis_name)
 
