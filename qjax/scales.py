@@ -444,6 +444,12 @@ _RULE_NAMES = {
     "mse": MseSearch,
     "percentile": Percentile,
 }
+# Positional arguments a rule name may take after colons ("mse:8:0.6"), in field order.
+_RULE_ARGS = {
+    "rms_gaussian": (("clip", float),),
+    "mse": (("num_candidates", int), ("min_ratio", float)),
+    "percentile": (("q", float),),
+}
 
 
 def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
@@ -464,24 +470,18 @@ def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
             f"unknown scale rule {rule!r}; allowed: {sorted(_RULE_NAMES)} (optionally with "
             "':'-separated arguments, e.g. 'mse:8:0.6') or a rule object"
         )
-    if not args:
-        return _RULE_NAMES[name]()
-    cls = _RULE_NAMES[name]
-    # Only numeric fields can be set from a string (AbsMax's flag has its own name).
-    fields = [f for f in dataclasses.fields(cls) if f.type in ("int", "float", "float | None")] \
-        if isinstance(cls, type) else []
-    if len(args) > len(fields):
-        allowed = ", ".join(f.name for f in fields) or "none"
-        raise ValueError(f"scale rule {name!r} takes at most {len(fields)} arguments "
+    types = _RULE_ARGS.get(name, ())
+    if len(args) > len(types):
+        allowed = ", ".join(n for n, _ in types) or "none"
+        raise ValueError(f"scale rule {name!r} takes at most {len(types)} arguments "
                          f"({allowed}), got {rule!r}")
     try:
-        values = [int(a) if f.type == "int" else float(a)
-                  for f, a in zip(fields[:len(args)], args, strict=True)]
+        values = [t(a) for (_, t), a in zip(types, args, strict=False)]
     except ValueError:
         raise ValueError(f"scale rule arguments of {name!r} must be numbers "
-                         f"({', '.join(f'{f.name}: {f.type}' for f in fields)}), got {rule!r}"
+                         f"({', '.join(f'{n}: {t.__name__}' for n, t in types)}), got {rule!r}"
                          ) from None
-    return cls(*values)
+    return _RULE_NAMES[name](*values)
 
 
 def lsq_init(v: jax.Array, qmax: float, axes: tuple[int, ...] | None = None) -> jax.Array:
