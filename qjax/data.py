@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qjax._checks import check_pos_int
+
 VOCAB_SIZE = 256
 SEPARATOR = b"\n\n"  # joins consecutive files in every concatenation
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
@@ -47,7 +49,7 @@ class CorpusConfig:
             raise TypeError("paths must be a sequence of paths, not a single path")
         object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
         object.__setattr__(self, "suffixes", tuple(self.suffixes))
-        _check_pos_int("max_bytes", self.max_bytes)
+        check_pos_int("max_bytes", self.max_bytes)
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
             raise TypeError(f"val_fraction must be a float, got {type(self.val_fraction).__name__}")
         if not 0.0 < self.val_fraction <= 0.5:
@@ -84,13 +86,6 @@ class Corpus:
     train: np.ndarray
     val: np.ndarray
     info: CorpusInfo
-
-
-def _check_pos_int(name: str, value: object, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
 def _check_tokens(tokens: np.ndarray, min_len: int = 1) -> None:
@@ -183,10 +178,10 @@ def get_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
     Returns ``(inputs, targets)``, both ``int32`` of shape ``(batch_size, seq_len)``, with
     ``targets[:, :-1] == inputs[:, 1:]`` (targets are the inputs shifted left by one byte).
     """
-    _check_pos_int("step", step, allow_zero=True)
-    _check_pos_int("seed", seed, allow_zero=True)
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("seq_len", seq_len)
+    check_pos_int("step", step, allow_zero=True)
+    check_pos_int("seed", seed, allow_zero=True)
+    check_pos_int("batch_size", batch_size)
+    check_pos_int("seq_len", seq_len)
     _check_tokens(tokens, seq_len + 1)
     rng = np.random.default_rng([int(seed), int(step)])
     starts = rng.integers(0, tokens.shape[0] - seq_len, size=batch_size)
@@ -197,7 +192,7 @@ def get_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
 def train_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int,
                   start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless iterator of ``get_batch(tokens, step, ...)`` for ``step = start_step, ...``."""
-    _check_pos_int("start_step", start_step, allow_zero=True)
+    check_pos_int("start_step", start_step, allow_zero=True)
     get_batch(tokens, start_step, batch_size, seq_len, seed)  # validate eagerly
 
     def gen() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -216,10 +211,10 @@ def num_val_batches(num_tokens: int, batch_size: int, seq_len: int,
     There are ``(num_tokens - 1) // seq_len`` windows; batches = windows // batch_size (partial
     batch dropped), capped at ``max_batches``. Evaluated tokens = batches * batch_size * seq_len.
     """
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("seq_len", seq_len)
+    check_pos_int("batch_size", batch_size)
+    check_pos_int("seq_len", seq_len)
     if max_batches is not None:
-        _check_pos_int("max_batches", max_batches)
+        check_pos_int("max_batches", max_batches)
     n = max(num_tokens - 1, 0) // seq_len // batch_size
     return n if max_batches is None else min(n, max_batches)
 
@@ -235,8 +230,8 @@ def val_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     tokens is ``num_val_batches(len(tokens), batch_size, seq_len, max_batches) * batch_size *
     seq_len``. Raises ``ValueError`` if not even one full batch fits.
     """
-    _check_pos_int("batch_size", batch_size)
-    _check_pos_int("seq_len", seq_len)
+    check_pos_int("batch_size", batch_size)
+    check_pos_int("seq_len", seq_len)
     _check_tokens(tokens, seq_len + 1)
     n_batches = num_val_batches(tokens.shape[0], batch_size, seq_len, max_batches)
     if n_batches == 0:

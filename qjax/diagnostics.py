@@ -14,14 +14,15 @@ low bit widths.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qjax import scales as S
-from qjax.quantize import fake_quant, rotate_like_spec
+from qjax._checks import check_real
+from qjax.quantize import _check_spec, fake_quant, rotate_like_spec
 from qjax.spec import QuantSpec
 
 __all__ = ["gradient_cosine", "dense_inputs", "clip_error"]
@@ -99,19 +100,30 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
     Args:
       x: floating array, rows along ``spec``'s row axis (e.g. from :func:`dense_inputs`).
       spec: a QuEST-style :class:`~qjax.QuantSpec`.
-      clips: positive clip constants in RMS units.
+      clips: a non-empty sequence of finite positive clip constants in RMS units.
 
     Returns:
-      ``{a: relative squared error}``.
+      ``{a: relative squared error}``. An all-zero ``x`` has no relative error to measure; it is
+      reported as 0 (the quantized zeros are not exactly 0 on a midrise grid, but lie at the
+      scale floor ``S.RMS_EPS``, far below any real signal).
+
+    Raises:
+      TypeError: ``spec`` not a QuantSpec, ``clips`` not a sequence of numbers.
+      ValueError: ``spec`` without RmsGaussian scales, no clips, a clip that is not finite and
+        positive.
     """
-    if not isinstance(spec.scale, S.RmsGaussian):
+    if not isinstance(_check_spec(spec).scale, S.RmsGaussian):
         raise ValueError(f"clip_error needs RmsGaussian scales, got {type(spec.scale).__name__}")
+    if isinstance(clips, str) or not isinstance(clips, Iterable):
+        raise TypeError(f"clips must be a sequence of clip constants, got {clips!r}")
+    clips = [check_real(f"clips[{i}]", a, 0.0, low_open=True) for i, a in enumerate(clips)]
     if not clips:
         raise ValueError("clips must name at least one clip constant")
     xr = rotate_like_spec(jnp.asarray(x, jnp.float32), spec)
-    power = jnp.maximum(jnp.mean(jnp.square(xr)), 1e-30)
+    power = jnp.mean(jnp.square(xr))
     out = {}
     for a in clips:
         spec_a = dataclasses.replace(spec, scale=S.RmsGaussian(clip=a), hadamard=None)
-        out[float(a)] = float(jnp.mean(jnp.square(fake_quant(xr, spec_a) - xr)) / power)
+        err = jnp.mean(jnp.square(fake_quant(xr, spec_a) - xr))
+        out[a] = float(jnp.where(power > 0, err / jnp.maximum(power, 1e-30), 0.0))
     return out

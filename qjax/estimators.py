@@ -21,11 +21,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax import formats as F
 from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
+from qjax._checks import check_finite_positive, check_int
 
 __all__ = [
     "quantize_dequantize",
@@ -96,6 +98,15 @@ def _mask(x, y, scale, zero_point, fmt, estimator):
     return None
 
 
+def _check_static_scale(name: str, scale) -> None:
+    """Refuses a scale given as a Python or numpy number that is not positive and finite.
+
+    Arrays (and tracers) are not inspected: that would branch on traced values.
+    """
+    if isinstance(scale, (int, float, np.bool_, np.number)):  # bools are refused there
+        check_finite_positive(name, scale)
+
+
 def _zeros_like(a):
     return None if a is None else jnp.zeros_like(a)
 
@@ -149,13 +160,25 @@ def quantize_dequantize(
       scale: float32, broadcastable to ``x`` (the grid step).
       zero_point: optional float32 integer-valued zero point (integer formats).
       fmt: the format.
-      estimator: ``STE()``, ``ClippedSTE()``, ``Trust(...)`` or their names.
-      noise: optional ``U[0, 1)`` float32 noise for stochastic rounding.
+      estimator: ``STE()``, ``ClippedSTE()``, ``Trust(...)`` or their names (LSQ and PACT learn
+        their scale: use :func:`lsq` and :func:`pact`).
+      noise: optional ``U[0, 1)`` float32 noise for stochastic rounding (required with
+        ``rounding="stochastic"``).
+      rounding: one of :data:`qjax.spec.ROUNDINGS`; ``"half_away"`` and ``"half_up"`` need an
+        :class:`~qjax.IntFormat`.
     """
     fmt = F.as_format(fmt)
     est = SP.as_estimator(estimator)
-    if isinstance(est, SP.LSQ):
-        raise ValueError("the LSQ estimator learns its scale: call qjax.estimators.lsq")
+    if isinstance(est, SP.LEARNED_SCALE_ESTIMATORS):
+        # Their backward gives the learned scale a gradient, which this op (zero cotangent for
+        # the scale) would silently drop.
+        name = type(est).__name__
+        raise ValueError(f"the {name} estimator learns its scale: call "
+                         f"qjax.estimators.{name.lower()} (or qjax.fake_quant with scale=)")
+    SP.check_rounding(rounding, fmt)
+    if rounding == "stochastic" and noise is None:
+        raise ValueError("rounding='stochastic' needs noise= (U[0, 1) float32 like x)")
+    _check_static_scale("scale", scale)
     return _qdq(x, scale, zero_point, noise, fmt, est, rounding, scale_dtype)
 
 
@@ -191,7 +214,8 @@ def stochastic_rounding(x, scale, key: jax.Array, fmt, zero_point=None):
 def _lsq_grad_scale(x, scale, fmt, n):
     if n is None:
         n = max(1, math.prod(jnp.shape(x)) // math.prod(jnp.shape(scale)))
-    return 1.0 / math.sqrt(n * fmt.max_level)
+    # N counts elements per step: 1/sqrt(N * QP) needs N >= 1.
+    return 1.0 / math.sqrt(check_int("n", n, lo=1) * fmt.max_level)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -256,6 +280,7 @@ def _check_lsq_format(fmt):
     fmt = F.as_format(fmt)
     if not fmt.uniform:
         raise ValueError(f"LSQ and PACT need a uniform grid, not the float format {fmt.name}")
+    F._check_positive_level(fmt, "LSQ and PACT")  # they divide by max_level
     return fmt
 
 
@@ -266,9 +291,10 @@ def learned_scale_quant(x, scale, fmt, estimator: SP.Estimator, *, n: int | None
     clipping level ``alpha`` (the step is ``alpha / max_level``).
     """
     fmt = _check_lsq_format(fmt)
+    _check_static_scale("scale (the LSQ step or PACT alpha)", scale)
     scale = jnp.asarray(scale, jnp.float32)
     if isinstance(estimator, SP.PACT):
-        return _pact(x, S.floor_scale(scale), fmt)
+        return _pact(x, S.clamp_scale(scale), fmt)
     if isinstance(estimator, SP.LSQ):
         g_scale = _lsq_grad_scale(x, scale, fmt, n)
         return _learned(x, scale, jnp.zeros((), jnp.float32), fmt, g_scale)
@@ -306,6 +332,7 @@ def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
       better initialization. CVPR Workshops.
     """
     fmt = _check_lsq_format(fmt)
+    _check_static_scale("step", step)
     step = jnp.asarray(step, jnp.float32)
     offset = jnp.asarray(offset, jnp.float32)
     return _learned(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from qjax._checks import check_bool, check_int
+
 __all__ = [
     "IntFormat",
     "Midrise",
@@ -43,13 +45,7 @@ __all__ = [
 
 
 def _check_bits(bits: object, lo: int = 1, hi: int = 8) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(
-            f"bits must be an int in [{lo}, {hi}], got {bits!r} ({type(bits).__name__})"
-        )
-    if not lo <= int(bits) <= hi:
-        raise ValueError(f"bits must be in [{lo}, {hi}], got {bits}")
-    return int(bits)
+    return check_int("bits", bits, lo, hi)
 
 
 INT_ROUNDINGS = ("nearest", "half_away", "half_up")
@@ -80,8 +76,7 @@ class IntFormat:
 
     def __post_init__(self):
         object.__setattr__(self, "bits", _check_bits(self.bits))
-        if not isinstance(self.signed, bool):
-            raise TypeError(f"signed must be a bool, got {self.signed!r}")
+        object.__setattr__(self, "signed", check_bool("signed", self.signed))
 
     @property
     def qmin(self) -> int:
@@ -316,6 +311,17 @@ class FloatFormat:
 
 Format = IntFormat | Midrise | Ternary | FloatFormat
 FORMAT_TYPES = (IntFormat, Midrise, Ternary, FloatFormat)
+
+
+def _check_positive_level(fmt: Format, user: str) -> None:
+    """Refuses, for ``user``, a grid without a positive level: the signed ``IntFormat(1)``, whose
+    codes are -1 and 0 (``max_level = qmax = 0``; symmetric scales, LSQ and PACT divide by it)."""
+    if fmt.max_level <= 0:
+        raise ValueError(
+            f"{user}: format {fmt.name} has no positive level (its codes are -1 and 0); use "
+            "'midrise1' (sign quantization, levels +-1/2), 'ternary' or 'uint1' (with an "
+            "asymmetric rule)"
+        )
 
 _NAME_RE = re.compile(r"^(int|uint|midrise)([1-8])$")
 

@@ -22,14 +22,13 @@ import jax
 import numpy as np
 
 from qjax import typed_sharding
+from qjax._checks import check_int
 
 __all__ = ["PerTensor", "PerAxis", "PerRow", "PerGroup", "Granularity", "Layout", "to_blocks"]
 
 
 def _check_axis(axis: object, name: str = "axis") -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {axis!r} ({type(axis).__name__})")
-    return int(axis)
+    return check_int(name, axis)
 
 
 def _normalize(axis: int, ndim: int, name: str = "axis") -> int:
@@ -134,9 +133,13 @@ def layout(granularity: Granularity, shape: tuple[int, ...]) -> Layout:
     """The :class:`Layout` of ``granularity`` for an array of ``shape``.
 
     Raises:
-      ValueError: if an axis is out of range or a group size does not divide its axis.
+      TypeError: if ``shape`` is not a sequence of ints.
+      ValueError: if a dimension is negative, an axis is out of range or a group size does not
+        divide its axis.
     """
-    shape = tuple(int(d) for d in shape)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of ints, got {shape!r} ({type(shape).__name__})")
+    shape = tuple(check_int("shape dimension", d, lo=0) for d in shape)
     if isinstance(granularity, PerGroup):
         if not shape:
             raise ValueError("PerGroup needs an array of rank >= 1")

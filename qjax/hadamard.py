@@ -15,6 +15,15 @@ MXUs). Both compute in float32 whatever the input dtype (the result is float32) 
 rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
 transpose (itself) with no custom rule.
 
+Range: the ``1/sqrt(block_size)`` is split into an exact power of two ``2^-k``,
+``k = ceil(log2(block_size) / 2)``, applied before the sums, and the rest (1 or ``sqrt(2)``)
+after, so that partial sums stay within ``2^(log2(block_size) - k) * max|x| <= sqrt(block_size) *
+max|x|``: the result is finite for ``max|x| <= float32 max / sqrt(block_size)`` (``3.0e37`` at
+block 128) and overflows only beyond that. Scaling by a power of two is exact, so the result is
+bit for bit that of normalising after the sums, except that inputs below ``2^(k - 126)`` (``2e-37``
+at block 128) fall into float32's denormals before the sums (flushed to zero where the hardware
+flushes them).
+
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
 """
@@ -26,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import typed_sharding
+from qjax._checks import check_bool, check_int
 
 __all__ = [
     "hadamard_transform",
@@ -76,13 +86,29 @@ def _butterfly(y: jax.Array) -> jax.Array:
     return y
 
 
-def _dense(y: jax.Array) -> jax.Array:
-    """Unnormalized WHT of ``y (..., nb, b, Q)`` along axis -2 as a matmul with the +-1 matrix."""
+def _dense(y: jax.Array, pre: float = 1.0) -> jax.Array:
+    """WHT of ``y (..., nb, b, Q)`` along axis -2 as a matmul with the ``+-pre`` matrix.
+
+    ``pre`` (a power of two) is folded into the matrix rather than into ``y``, where XLA could
+    move a scalar factor out of the dot product, after the sums.
+    """
     b, q = y.shape[-2], y.shape[-1]
-    h = jnp.asarray(np.rint(hadamard_matrix(b) * np.sqrt(b)), jnp.float32)
+    h = jnp.asarray(np.rint(hadamard_matrix(b) * np.sqrt(b)) * pre, jnp.float32)
     if q == 1:  # rotating the last axis: y @ H (H is symmetric)
         return jnp.matmul(y[..., 0], h, precision=jax.lax.Precision.HIGHEST)[..., None]
     return jnp.matmul(h, y, precision=jax.lax.Precision.HIGHEST)
+
+
+def _check_signs(signs, b: int) -> jax.Array:
+    """``signs`` as float32 ``(b,)``; values must be +-1 where they are known at trace time
+    (tracers and arrays spread over other hosts are not inspected)."""
+    s = jnp.asarray(signs, jnp.float32)
+    if s.shape != (b,):
+        raise ValueError(f"signs must have shape ({b},), got {s.shape}")
+    concrete = not isinstance(s, jax.core.Tracer) and getattr(s, "is_fully_addressable", True)
+    if concrete and not np.all(np.abs(np.asarray(s)) == 1):
+        raise ValueError(f"signs must be +-1 (see random_signs), got values {np.unique(s)}")
+    return s
 
 
 def hadamard_transform(
@@ -99,20 +125,24 @@ def hadamard_transform(
     Args:
       x: floating array; ``x.shape[axis]`` must be a multiple of ``block_size``.
       block_size: power of two (default 128, as QuEST).
-      axis: the axis to rotate.
+      axis: the axis to rotate (an int).
       signs: optional ``(block_size,)`` +-1 vector (see :func:`random_signs`).
       inverse: apply the inverse (only differs from the forward when ``signs`` is given).
       method: ``"butterfly"`` (O(n log n)) or ``"matmul"`` (dense block matmul).
 
     Returns:
-      float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs).
+      float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs);
+      finite for ``max|x| <= float32 max / sqrt(block_size)`` (see the module docstring).
 
     Raises:
       TypeError: non-floating ``x``.
-      ValueError: bad ``block_size`` or ``method``, or a block size that does not divide the axis.
+      ValueError: bad ``block_size``, ``axis``, ``signs`` or ``method``, or a block size that does
+        not divide the axis.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    axis = check_int("axis", axis)
+    inverse = check_bool("inverse", inverse)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating array, got dtype {x.dtype}")
@@ -126,9 +156,7 @@ def hadamard_transform(
     if n % b:
         raise ValueError(f"Hadamard block_size {b} does not divide axis {axis} of size {n}")
     if signs is not None:
-        signs = jnp.asarray(signs, jnp.float32)
-        if signs.shape != (b,):
-            raise ValueError(f"signs must have shape ({b},), got {signs.shape}")
+        signs = _check_signs(signs, b)
     shards = typed_sharding.axis_shards(x, axis)
     if (n // shards) % b:
         raise ValueError(
@@ -143,7 +171,12 @@ def hadamard_transform(
     y = x.astype(jnp.float32).reshape(*lead, n // b, b, q)
     if signs is not None and not inverse:
         y = y * signs[:, None]
-    y = (_butterfly(y) if method == "butterfly" else _dense(y)) * np.float32(1.0 / np.sqrt(b))
+    # 1/sqrt(b) = pre * post with pre = 2^-ceil(log2(b)/2) applied before the sums (exact), so
+    # they cannot overflow unless the result does (module docstring), and post in {1, sqrt(2)}.
+    k = -(-(b.bit_length() - 1) // 2)
+    pre = 2.0**-k
+    post = np.float32(2.0**k / np.sqrt(b))
+    y = (_butterfly(y * np.float32(pre)) if method == "butterfly" else _dense(y, pre)) * post
     if signs is not None and inverse:
         y = y * signs[:, None]
     return typed_sharding.reshape(y, x.shape, like=x)

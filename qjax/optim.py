@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from qjax._checks import check_pos_int, check_real
 
 __all__ = [
     "QUANTIZER_PARAM_NAMES",
@@ -59,11 +63,17 @@ def weight_decay_mask(params) -> object:
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_fraction: float = 0.1,
                   init_ratio: float = 0.01, final_ratio: float = 0.1) -> optax.Schedule:
     """Linear warm-up from ``init_ratio * lr`` over ``warmup_fraction`` of the steps, then cosine
-    decay to ``final_ratio * lr`` at ``total_steps``."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    decay to ``final_ratio * lr`` at ``total_steps``.
+
+    Raises:
+      TypeError/ValueError: ``total_steps`` not a positive int, ``peak_lr`` not a finite positive
+        number, ``warmup_fraction`` outside [0, 1), a ratio negative or not finite.
+    """
+    check_pos_int("total_steps", total_steps)
+    check_real("peak_lr", peak_lr, 0.0, low_open=True)
+    check_real("warmup_fraction", warmup_fraction, 0.0, 1.0, high_open=True)
+    check_real("init_ratio", init_ratio, 0.0)
+    check_real("final_ratio", final_ratio, 0.0)
     warmup = max(1, int(round(warmup_fraction * total_steps)))
     return optax.warmup_cosine_decay_schedule(
         init_value=peak_lr * init_ratio, peak_value=peak_lr, warmup_steps=warmup,
@@ -80,16 +90,23 @@ class QATSchedule:
     total_steps: int
 
     def __post_init__(self):
-        if isinstance(self.start, float) and not 0.0 <= self.start <= 1.0:
-            raise ValueError(f"a fractional QAT start must be in [0, 1], got {self.start}")
-        if isinstance(self.start, int) and self.start < 0:
-            raise ValueError(f"QAT start step must be >= 0, got {self.start}")
+        # total_steps is checked even for a step start: a fraction would use it, and a None or
+        # negative run length is a mistake either way.
+        check_pos_int("total_steps", self.total_steps)
+        if isinstance(self.start, float):
+            if not 0.0 <= self.start <= 1.0:
+                raise ValueError(f"a fractional QAT start must be in [0, 1], got {self.start}")
+        elif isinstance(self.start, bool) or not isinstance(self.start, (int, np.integer)):
+            raise TypeError(f"start must be an int step >= 0 or a float fraction in [0, 1], "
+                            f"got {self.start!r}")
+        else:
+            check_pos_int("start", self.start, allow_zero=True)
 
     @property
     def start_step(self) -> int:
         if isinstance(self.start, float):
             return int(math.floor(self.start * self.total_steps))
-        return self.start
+        return int(self.start)
 
     def enabled(self, step: int) -> bool:
         """Whether QAT is on at ``step`` (0-based); a static Python bool, for jit."""
@@ -102,9 +119,27 @@ def qat_adamw(learning_rate: float | optax.Schedule, *, weight_decay: float = 0.
     """AdamW for QAT: global-norm clipping, decay on matrices only, quantizer params apart.
 
     Quantizer parameters (LSQ steps, PACT clips) get Adam at ``quantizer_lr_multiplier`` times the
-    learning rate and no weight decay. ``params`` is only used to validate the labels eagerly.
+    learning rate and no weight decay. ``grad_clip`` None (or 0) disables clipping. ``params`` is
+    only used to validate the labels eagerly.
+
+    Raises:
+      TypeError/ValueError: a plain-number ``learning_rate`` not finite and positive (schedules
+        and arrays are not checked), ``weight_decay``, ``grad_clip`` or
+        ``quantizer_lr_multiplier`` negative or not finite, ``b1`` or ``b2`` outside [0, 1).
     """
     lr = learning_rate
+    if isinstance(lr, numbers.Number):
+        check_real("learning_rate", lr, 0.0, low_open=True)
+    elif not (callable(lr) or isinstance(lr, (jax.Array, np.ndarray))):
+        raise TypeError(f"learning_rate must be a number, an optax schedule or an array, "
+                        f"got {lr!r}")
+    check_real("weight_decay", weight_decay, 0.0)
+    # b = 1 never forgets the first moments and divides by 1 - b^t = 0 in the bias correction.
+    check_real("b1", b1, 0.0, 1.0, high_open=True)
+    check_real("b2", b2, 0.0, 1.0, high_open=True)
+    check_real("quantizer_lr_multiplier", quantizer_lr_multiplier, 0.0)
+    if grad_clip is not None:
+        check_real("grad_clip", grad_clip, 0.0)
 
     def scaled(mult):
         return (lambda step: lr(step) * mult) if callable(lr) else lr * mult

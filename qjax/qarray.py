@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax import formats as F
+from qjax._checks import check_int
 from qjax.spec import QuantSpec
 
 __all__ = ["QArray", "pack_bits", "unpack_bits", "codes_to_storage", "storage_to_codes"]
@@ -33,8 +34,18 @@ PACKED_BITS = (1, 2, 4)
 _E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 
 
+def _check_packed_bits(bits: object, what: str) -> int:
+    bits = check_int("bits", bits)
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS} to {what}, got {bits}")
+    return bits
+
+
 def pack_bits(u: jax.Array, bits: int) -> jax.Array:
     """Packs unsigned codes ``u`` (values in ``[0, 2^bits)``) along the last axis into uint8.
+
+    Each code is masked to its low ``bits`` bits first, so a code outside the range (a negative
+    one wraps modulo ``2^bits``) cannot spill into its neighbours' bits.
 
     Args:
       u: integer array ``(..., n)``.
@@ -44,10 +55,12 @@ def pack_bits(u: jax.Array, bits: int) -> jax.Array:
       uint8 ``(..., ceil(n * bits / 8))``; code ``i`` of a byte sits in bits
       ``[i * bits, (i + 1) * bits)`` (low first); padding codes are 0.
     """
-    if bits not in PACKED_BITS:
-        raise ValueError(f"bits must be one of {PACKED_BITS} to pack, got {bits}")
+    bits = _check_packed_bits(bits, "pack")
     per = 8 // bits
-    u = jnp.asarray(u).astype(jnp.uint8)
+    u = jnp.asarray(u)
+    if not jnp.issubdtype(u.dtype, jnp.integer):
+        raise TypeError(f"u must be an integer array of codes, got dtype {u.dtype}")
+    u = (u & (2**bits - 1)).astype(jnp.uint8)
     n = u.shape[-1]
     pad = (-n) % per
     if pad:
@@ -59,10 +72,23 @@ def pack_bits(u: jax.Array, bits: int) -> jax.Array:
 
 
 def unpack_bits(p: jax.Array, bits: int, n: int) -> jax.Array:
-    """Inverse of :func:`pack_bits`: uint8 ``(..., m)`` -> uint8 codes ``(..., n)``."""
-    if bits not in PACKED_BITS:
-        raise ValueError(f"bits must be one of {PACKED_BITS} to unpack, got {bits}")
+    """Inverse of :func:`pack_bits`: uint8 ``(..., m)`` -> uint8 codes ``(..., n)``.
+
+    ``n`` must fit the packed length: ``m == ceil(n * bits / 8)``.
+    """
+    bits = _check_packed_bits(bits, "unpack")
     per = 8 // bits
+    p = jnp.asarray(p)
+    if p.ndim == 0 or not jnp.issubdtype(p.dtype, jnp.integer):
+        raise TypeError(f"p must be a packed integer (uint8) array of rank >= 1, got {p.dtype} "
+                        f"of shape {p.shape}")
+    m = p.shape[-1]
+    lo = (m - 1) * per + 1 if m else 0
+    n = check_int("n", n)
+    if not lo <= n <= m * per:
+        raise ValueError(f"n must be in [{lo}, {m * per}] for {m} packed bytes of {per} codes "
+                         f"each, got {n}")
+    p = p.astype(jnp.uint8)
     shifts = jnp.arange(per, dtype=jnp.uint8) * bits
     u = (p[..., None] >> shifts) & jnp.uint8(2**bits - 1)
     return u.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :n]
@@ -116,6 +142,21 @@ class QArray:
     spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        # Only the static fields: the array fields may be tracers or placeholders when JAX
+        # rebuilds the pytree.
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(f"spec must be a qjax.QuantSpec, got {type(self.spec).__name__}")
+        try:
+            dt = jnp.dtype(self.dtype)
+        except TypeError:
+            dt = None
+        if dt is None or not jnp.issubdtype(dt, jnp.floating):
+            # dequantize returns this dtype: an integer one would truncate the values.
+            raise TypeError(f"dtype must name a floating dtype (float32, bfloat16, float16), "
+                            f"got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dt.name)
 
     @property
     def ndim(self) -> int:

@@ -5,8 +5,10 @@
 with ``lax.dot_general(..., preferred_element_type=int32)`` and applies the scales after: for
 integer grids ``y = s_x s_w sum(q_x q_w)``; for QuEST's midrise grid the codes are stored as the
 odd integers ``u = 2q + 1`` and ``y = (s_x/2)(s_w/2) sum(u_x u_w)`` (no correction term). The
-integer sum is exact (``K * 127^2 < 2^31`` for ``K < 133,000``), so the result differs from the
-fake-quant float matmul only by float rounding. The backward is the fake-quant matmul's, with each
+integer sum is exact while ``K * max|code_x| * max|code_w| <= 2^31 - 1`` (int8 codes reach -128,
+so ``K <= 131,071`` for W8A8; QuEST's 4-bit odd codes reach 15, ``K <= 9,544,371``), which
+:func:`check_int32_sum` enforces at trace time; so the result differs from the fake-quant float
+matmul only by float rounding. The backward is the fake-quant matmul's, with each
 operand's estimator mask: ``dx = (g @ w_q^T) * M_x`` and ``dW = (x_q^T @ g) * M_w``.
 
 CPU int8 dots are faster than float32 ones for more than a couple of rows (design.md section 5),
@@ -32,26 +34,67 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
+from qjax._checks import check_floating
 
 __all__ = [
     "qat_dense", "integer_forward_reason", "operand_codes", "int8_operand", "int8_matmul",
+    "check_spec", "int8_code_max", "check_int32_sum",
 ]
 
 
-def _format_reason(spec: SP.QuantSpec) -> str | None:
-    fmt = spec.format
+def check_spec(spec: object, name: str, *, optional: bool = False) -> None:
+    """TypeError unless ``spec`` is a QuantSpec (or None, when ``optional``)."""
+    if spec is None and optional:
+        return
+    if not isinstance(spec, SP.QuantSpec):
+        allowed = "a qjax.QuantSpec or None" if optional else "a qjax.QuantSpec"
+        raise TypeError(f"{name} must be {allowed}, got {type(spec).__name__}")
+
+
+def int8_code_max(fmt: F.Format) -> int | None:
+    """Largest ``|code|`` of ``fmt`` as an int8 matmul operand, or None if it has no int8 code.
+
+    Signed integers reach ``-2^(b-1)``; midrise codes enter as the odd ``u = 2q + 1``, up to
+    ``2^b - 1`` (so at most 7 bits fit int8); ternary codes are ``{-1, 0, 1}``.
+    """
     if isinstance(fmt, F.IntFormat) and fmt.signed:
-        return None
+        return -fmt.qmin
     if isinstance(fmt, F.Ternary):
-        return None
+        return 1
     if isinstance(fmt, F.Midrise) and fmt.bits <= 7:
+        return 2**fmt.bits - 1
+    return None
+
+
+INT32_MAX = 2**31 - 1
+
+
+def check_int32_sum(k: int, x_format: F.Format, w_format: F.Format) -> None:
+    """ValueError if a K-term sum of code products could overflow the int32 accumulator."""
+    bound = int8_code_max(x_format) * int8_code_max(w_format)
+    if k * bound > INT32_MAX:
+        raise ValueError(
+            f"K = {k} is too large for an exact int32 accumulation of {x_format.name} x "
+            f"{w_format.name} codes (|product| up to {bound}): the limit is K <= "
+            f"{INT32_MAX // bound} (K * max|code_x| * max|code_w| <= 2^31 - 1); split the "
+            "contraction or use the fake-quant path")
+
+
+def _format_reason(spec: SP.QuantSpec) -> str | None:
+    if int8_code_max(spec.format) is not None:
         return None
-    return f"format {fmt.name} has no exact int8 code"
+    return f"format {spec.format.name} has no exact int8 code"
 
 
 def integer_forward_reason(weight: SP.QuantSpec | None,
                            activation: SP.QuantSpec | None) -> str | None:
-    """Why the integer forward cannot serve these specs, or None if it can."""
+    """Why the integer forward cannot serve these specs, or None if it can.
+
+    Raises:
+      TypeError: a spec that is neither a QuantSpec nor None.
+    """
+    check_spec(weight, "weight", optional=True)
+    check_spec(activation, "activation", optional=True)
     if weight is None or activation is None:
         return "both the weight and the activation must be quantized"
     for name, spec, ok in (("activation", activation, (G.PerRow(-1), G.PerTensor())),
@@ -169,12 +212,20 @@ def qat_dense(x: jax.Array, kernel: jax.Array, weight: SP.QuantSpec,
 
     Returns:
       ``(..., N)`` in ``x``'s dtype.
+
+    Raises:
+      TypeError: ``x`` or ``kernel`` not a floating array, a spec that is not a QuantSpec.
+      ValueError: specs the integer forward cannot serve, mismatched shapes, or a K for which the
+        int32 sum could overflow (:func:`check_int32_sum`).
     """
+    check_floating(x, "x")
+    check_floating(kernel, "kernel")
     reason = integer_forward_reason(weight, activation)
     if reason:
         raise ValueError(f"integer forward not available: {reason}")
     if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"need x (..., K) and kernel (K, N), got {x.shape} and {kernel.shape}")
+    check_int32_sum(kernel.shape[0], activation.format, weight.format)
     plain = lambda s: s.replace(hadamard=None)  # rotation already applied by the caller
     y = _qat_dense(x.astype(jnp.float32), kernel.astype(jnp.float32), plain(weight),
                    plain(activation), out_sharding)

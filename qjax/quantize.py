@@ -10,7 +10,8 @@ For ``x`` and a static :class:`~qjax.QuantSpec`:
    integer rounding); values ``decode(q) * scale``, with the scale rounded to ``spec.scale_dtype``
    if set (the stored ``QArray.scale`` is that rounded scale).
 4. ``hadamard_mode="full"`` rotates back; ``"half"`` leaves values rotated. The result is cast to
-   the input dtype.
+   the input dtype, saturating at its largest finite value (a clip of ``1.22 * RMS`` of float16
+   values near 65504 lies beyond float16's range), so finite input gives finite output.
 
 Contract (design.md section 2): ``fake_quant(x, spec) == dequantize(quantize(x, spec))`` bit for
 bit, because both run the same float32 ops on the same codes; it holds under ``jit`` and in eager
@@ -21,6 +22,7 @@ the spec's estimator.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,6 +32,7 @@ from qjax import estimators as E
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import typed_sharding
+from qjax._checks import check_axis_name
 from qjax.hadamard import hadamard_transform
 from qjax.qarray import QArray, codes_to_storage
 from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec
@@ -51,6 +54,24 @@ def _check_spec(spec) -> QuantSpec:
     return spec
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _clip_finite(y: jax.Array, big: float) -> jax.Array:
+    return jnp.clip(y, -big, big)
+
+
+@_clip_finite.defjvp
+def _clip_finite_jvp(big, primals, tangents):
+    # The saturation belongs to the cast, not to the estimator: the gradient passes unchanged,
+    # as it does through a plain cast (and autodiff through clip would halve it at the bound).
+    (y,), (t,) = primals, tangents
+    return _clip_finite(y, big), t
+
+
+def _saturating_cast(y: jax.Array, dtype) -> jax.Array:
+    """``y`` cast to ``dtype``, values beyond its largest finite value saturated to it."""
+    return _clip_finite(y, float(jnp.finfo(dtype).max)).astype(dtype)
+
+
 def rotate_like_spec(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
     """Rotates float32 ``x32`` by the spec's Hadamard transform (identity without one)."""
     if spec.hadamard is None:
@@ -65,9 +86,10 @@ def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     return G.layout(_check_spec(spec).granularity, shape).scale_shape
 
 
-def _prepare(x, spec: QuantSpec):
+def _prepare(x, spec: QuantSpec, axis_name=None):
     x = _check_x(x)
     spec = _check_spec(spec)
+    check_axis_name("axis_name", axis_name)
     xr = rotate_like_spec(x.astype(jnp.float32), spec)
     xb, lay = G.to_blocks(xr, spec.granularity)
     return x, xb, lay
@@ -81,6 +103,7 @@ def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, dtype, axis_name):
 
 def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale, dtype, axis_name=None):
     if scale is not None:
+        E._check_static_scale("scale", scale)
         s = jnp.asarray(scale, jnp.float32)
         try:
             s = jnp.broadcast_to(s, lay.scale_shape)
@@ -113,7 +136,7 @@ def compute_scale(x: jax.Array, spec: QuantSpec, *,
     Useful to initialise a learned step (LSQ) from a data-driven rule. ``axis_name``: see
     :func:`fake_quant`.
     """
-    x, xb, lay = _prepare(x, spec)
+    x, xb, lay = _prepare(x, spec, axis_name)
     return _rule_scale(xb, lay, spec, x.dtype, axis_name)
 
 
@@ -133,7 +156,8 @@ def fake_quant(
       key: PRNG key, required when ``spec.rounding == "stochastic"``.
       scale: a learned parameter, required for the LSQ estimator (the step) and the PACT
         estimator (the clipping level alpha), broadcastable to :func:`scale_shape`; for other
-        estimators, a fixed scale that replaces the spec's rule.
+        estimators, a fixed scale that replaces the spec's rule. A Python number must be
+        positive and finite (arrays are not inspected).
       axis_name: inside ``shard_map``, the mesh axis (or axes) that splits the axes the scale
         reduces over (per-token scales of activations whose features are sharded, as in a
         row-parallel layer): the scale rule combines its statistic across shards (``pmax``,
@@ -141,9 +165,9 @@ def fake_quant(
         local shard.
 
     Returns:
-      Array of ``x.shape`` and ``x.dtype``.
+      Array of ``x.shape`` and ``x.dtype`` (values beyond the dtype's range saturate).
     """
-    x, xb, lay = _prepare(x, spec)
+    x, xb, lay = _prepare(x, spec, axis_name)
     s, z = _scale_and_zero(xb, lay, spec, scale, x.dtype, axis_name)
     if isinstance(spec.estimator, LEARNED_SCALE_ESTIMATORS):
         n = getattr(spec.estimator, "grad_scale_n", None)
@@ -160,7 +184,7 @@ def fake_quant(
     y = lay.unblock(yb, like=x)
     if spec.hadamard_mode == "full":
         y = rotate_like_spec(y, spec, inverse=True)
-    return y.astype(x.dtype)
+    return _saturating_cast(y, x.dtype)
 
 
 def quantize(
@@ -175,7 +199,7 @@ def quantize(
 
     Arguments as :func:`fake_quant`. With Hadamard, the codes are of the rotated ``x``.
     """
-    x, xb, lay = _prepare(x, spec)
+    x, xb, lay = _prepare(x, spec, axis_name)
     s, z = _scale_and_zero(xb, lay, spec, scale, x.dtype, axis_name)
     q = E.encode(xb, s, z, spec.format, _noise(xb, spec, key), spec.rounding)
     q = lay.unblock(q).reshape(lay.shape or (1,))
@@ -193,7 +217,7 @@ def dequantize(qa: QArray) -> jax.Array:
     """Values of a :class:`~qjax.QArray`: ``decode(codes) * scale``, rotated back in full mode.
 
     Returns:
-      Array of ``qa.shape`` and ``qa.dtype``.
+      Array of ``qa.shape`` and ``qa.dtype`` (saturating as :func:`fake_quant` does).
     """
     if not isinstance(qa, QArray):
         raise TypeError(f"qa must be a qjax.QArray, got {type(qa).__name__}")
@@ -204,4 +228,4 @@ def dequantize(qa: QArray) -> jax.Array:
     y = lay.unblock(E.decode(q, qa.scale, z, spec.format))
     if spec.hadamard_mode == "full":
         y = rotate_like_spec(y, spec, inverse=True)
-    return y.astype(qa.dtype)
+    return _saturating_cast(y, qa.dtype)

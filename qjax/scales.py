@@ -28,8 +28,11 @@ Rules:
 ``a / c`` into ``a * (1/c)``, which can differ in the last bit from numpy, torch and C), and
 :func:`store_scale` rounds a scale to the dtype a runtime stores it in (``QuantSpec.scale_dtype``).
 
-Scales are floored at the smallest normal float32 so that an all-zero block quantizes to zero
-with a finite scale (and denormal flushing cannot turn a scale into 0).
+Scales are clamped to ``[2^-126, 2^126]`` (:func:`clamp_scale`): the floor, the smallest normal
+float32, lets an all-zero block quantize to zero with a finite scale (and denormal flushing cannot
+turn a scale into 0); the ceiling, its reciprocal, keeps a huge block's scale finite and its
+reciprocal ``1 / scale`` (by which codes are computed) normal, so finite input never gives inf or
+NaN. Both bounds are far from any ordinary scale, which they leave unchanged.
 
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations
@@ -48,6 +51,7 @@ import numpy as np
 
 from qjax import formats as F
 from qjax import typed_sharding
+from qjax._checks import check_bool, check_finite_positive, check_int, check_number
 
 __all__ = [
     "AbsMax",
@@ -68,6 +72,7 @@ __all__ = [
 ]
 
 _TINY = float(np.finfo(np.float32).tiny)
+_HUGE = 1.0 / _TINY  # 2^126: its reciprocal is still a normal float32
 RMS_EPS = 1e-8
 _RMS_CAP = 1e16
 
@@ -100,8 +105,10 @@ def gaussian_mse(num_levels: int, clip: float) -> float:
     The levels run from ``-clip`` to ``clip``; each decision threshold is the midpoint of two
     levels. Uses ``int_a^b (x - l)^2 phi = [Phi - x phi]_a^b + 2 l [phi]_a^b + l^2 [Phi]_a^b``.
     """
-    if num_levels < 2:
-        raise ValueError(f"num_levels must be >= 2, got {num_levels}")
+    num_levels = check_int("num_levels", num_levels, lo=2)
+    clip = check_number("clip", clip)
+    if not (math.isfinite(clip) and clip >= 0):
+        raise ValueError(f"clip must be finite and >= 0, got {clip!r}")
     step = 2.0 * clip / (num_levels - 1)
     levels = [-clip + k * step for k in range(num_levels)]
     edges = [-math.inf] + [lv + step / 2 for lv in levels[:-1]] + [math.inf]
@@ -139,9 +146,14 @@ def optimal_gaussian_clip(num_levels: int) -> float:
 
 
 def gaussian_clip(fmt: F.Format) -> float:
-    """The MSE-optimal clipping constant ``a`` (in standard deviations) for ``fmt``'s grid."""
+    """The MSE-optimal clipping constant ``a`` (in standard deviations) for ``fmt``'s grid.
+
+    ``fmt`` is a uniform format with a positive level, or its name.
+    """
+    fmt = F.as_format(fmt)
     if not fmt.uniform:
         raise ValueError(f"rms_gaussian needs a uniform grid, not the float format {fmt.name}")
+    F._check_positive_level(fmt, "rms_gaussian")
     n = fmt.num_levels
     return QUEST_GAUSSIAN_CLIP.get(n) or optimal_gaussian_clip(n)
 
@@ -191,9 +203,14 @@ def _unfused(p: jax.Array) -> jax.Array:
     return jnp.maximum(p, 0.0)
 
 
-def floor_scale(s):
-    """Floors a scale at the smallest normal float32 (denormal flushing can't zero it)."""
-    return jnp.maximum(s, _TINY)
+def clamp_scale(s):
+    """Clamps a scale to ``[2^-126, 2^126]``, so that ``s`` and ``1 / s`` are normal float32.
+
+    The floor keeps denormal flushing from zeroing a scale; the ceiling keeps a scale that overflows
+    (``max|x| / max_level`` with ``max_level < 1``, or an asymmetric range wider than float32's)
+    finite and its reciprocal from flushing to 0. The identity on every scale in between.
+    """
+    return jnp.clip(s, _TINY, _HUGE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,23 +219,23 @@ class AbsMax:
 
     symmetric: bool = True
 
+    def __post_init__(self):
+        object.__setattr__(self, "symmetric", check_bool("symmetric", self.symmetric))
+
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         if self.symmetric:
-            if fmt.max_level <= 0:
-                raise ValueError(
-                    f"symmetric absmax needs a format with a positive level, not {fmt.name}; "
-                    "use Midrise(1) for sign quantization or AbsMax(symmetric=False)"
-                )
+            F._check_positive_level(fmt, "symmetric absmax")
             amax = _reduce_max(jnp.abs(xb), axes, axis_name)
-            return floor_scale(amax * (1.0 / fmt.max_level)), None
+            return clamp_scale(amax * (1.0 / fmt.max_level)), None
         if not isinstance(fmt, F.IntFormat):
             raise ValueError(f"asymmetric absmax needs an IntFormat, got {fmt.name}")
         # The range always contains 0 so that 0 is exactly representable (zero point is a code).
         xmin = jnp.minimum(_reduce_min(xb, axes, axis_name), 0.0)
         xmax = jnp.maximum(_reduce_max(xb, axes, axis_name), 0.0)
         inv_n = 1.0 / (fmt.qmax - fmt.qmin)
-        # Scaled before subtracting so that a range wider than float32's cannot overflow.
-        scale = floor_scale(xmax * inv_n - xmin * inv_n)
+        # Scaled before subtracting so that a range wider than float32's cannot overflow, except
+        # for two levels (inv_n = 1), where clamp_scale caps the overflowed difference.
+        scale = clamp_scale(xmax * inv_n - xmin * inv_n)
         zero_point = jnp.clip(jnp.round(fmt.qmin - xmin * (1.0 / scale)), fmt.qmin, fmt.qmax)
         return scale, zero_point
 
@@ -238,12 +255,12 @@ class RmsGaussian:
     clip: float | None = None
 
     def __post_init__(self):
-        if self.clip is not None and (isinstance(self.clip, bool) or not self.clip > 0):
-            raise ValueError(
-                f"RmsGaussian clip must be a positive float or None, got {self.clip!r}")
+        if self.clip is not None:
+            object.__setattr__(self, "clip", check_finite_positive("RmsGaussian clip", self.clip))
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
-        a = gaussian_clip(fmt) if self.clip is None else float(self.clip)
+        F._check_positive_level(fmt, "rms_gaussian")
+        a = gaussian_clip(fmt) if self.clip is None else self.clip
         capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
         sq = _unfused(jnp.square(capped))
         n = math.prod(xb.shape[a] for a in axes)
@@ -255,7 +272,8 @@ class RmsGaussian:
             total = _reduce_sum(sq, axes, axis_name)
             n = n * (1 if axis_name is None else jax.lax.psum(1, axis_name))
         rms = jnp.sqrt(total * (1.0 / n))
-        return (_unfused(a * rms) + RMS_EPS) * (1.0 / fmt.max_level), None
+        # Clamped: a large clip times a large RMS can exceed float32.
+        return clamp_scale((_unfused(a * rms) + RMS_EPS) * (1.0 / fmt.max_level)), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,10 +284,12 @@ class MseSearch:
     min_ratio: float = 0.2
 
     def __post_init__(self):
-        if not isinstance(self.num_candidates, int) or self.num_candidates < 1:
-            raise ValueError(f"num_candidates must be a positive int, got {self.num_candidates}")
-        if not 0.0 < self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio}")
+        object.__setattr__(self, "num_candidates",
+                           check_int("num_candidates", self.num_candidates, lo=1))
+        ratio = check_number("min_ratio", self.min_ratio)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"min_ratio must be in (0, 1], got {self.min_ratio!r}")
+        object.__setattr__(self, "min_ratio", ratio)
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         base, _ = AbsMax().compute(xb, axes, fmt, axis_name=axis_name)
@@ -277,7 +297,7 @@ class MseSearch:
 
         def body(carry, r):
             best_err, best_scale = carry
-            s = floor_scale(base * r)
+            s = clamp_scale(base * r)
             err = _reduce_sum(jnp.square(fmt.decode(fmt.encode(xb * (1.0 / s))) * s - xb), axes,
                               axis_name)
             better = err < best_err
@@ -295,13 +315,16 @@ class Percentile:
     q: float = 99.9
 
     def __post_init__(self):
-        if not 0.0 < float(self.q) <= 100.0:
-            raise ValueError(f"percentile q must be in (0, 100], got {self.q}")
+        q = check_number("percentile q", self.q)
+        if not 0.0 < q <= 100.0:
+            raise ValueError(f"percentile q must be in (0, 100], got {self.q!r}")
+        object.__setattr__(self, "q", q)
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         _no_axis_name(axis_name, "the percentile rule")
+        F._check_positive_level(fmt, "the percentile rule")
         p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
-        return floor_scale(p * (1.0 / fmt.max_level)), None
+        return clamp_scale(p * (1.0 / fmt.max_level)), None
 
 
 def exact_divide(a: jax.Array, c: float) -> jax.Array:
@@ -373,6 +396,9 @@ class GgmlMax:
 
     signed: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "signed", check_bool("signed", self.signed))
+
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         _no_axis_name(axis_name, "GgmlMax")
         _check_signed_int(fmt, "GgmlMax")
@@ -409,8 +435,9 @@ class TorchAOAffine:
     eps: float | None = None
 
     def __post_init__(self):
-        if self.eps is not None and not float(self.eps) > 0:
-            raise ValueError(f"eps must be positive or None, got {self.eps}")
+        object.__setattr__(self, "symmetric", check_bool("symmetric", self.symmetric))
+        if self.eps is not None:
+            object.__setattr__(self, "eps", check_finite_positive("eps", self.eps))
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         _no_axis_name(axis_name, "TorchAOAffine")
@@ -420,8 +447,12 @@ class TorchAOAffine:
             _check_signed_int(fmt, "symmetric TorchAOAffine")
         dt = jnp.dtype(dtype if dtype is not None else jnp.float32)
 
-        def r(v):  # a float32 result rounded to the input dtype, as torch's ops on it are
-            return v.astype(dt).astype(jnp.float32)
+        big = float(jnp.finfo(dt).max)
+
+        def r(v):  # a float32 result rounded to the input dtype, as torch's ops on it are, but
+            # saturating where torch's would overflow to inf (and give NaN output): a range wider
+            # than the dtype's, Hadamard-rotated values beyond it, a huge eps.
+            return jnp.clip(v, -big, big).astype(dt).astype(jnp.float32)
 
         eps = r(jnp.float32(self.eps if self.eps is not None else float(jnp.finfo(dt).eps)))
         lo = jnp.minimum(_reduce_min(xb, axes), 0.0)
@@ -429,7 +460,14 @@ class TorchAOAffine:
         if self.symmetric:
             scale = r(exact_divide(jnp.maximum(-lo, hi), (fmt.qmax - fmt.qmin) / 2))
             return jnp.maximum(scale, eps), None
-        scale = jnp.maximum(r(exact_divide(r(hi - lo), float(fmt.qmax - fmt.qmin))), eps)
+        n = float(fmt.qmax - fmt.qmin)
+        # hi - lo overflows the input dtype when the range is wider than its largest value;
+        # halving both the span and the divisor is exact, so there the half-span quotient is the
+        # same scale (torch's would be inf), and finite whenever that scale is representable.
+        wide = jnp.isinf((hi - lo).astype(dt))
+        scale = jnp.where(wide, r(exact_divide(r(hi * 0.5 - lo * 0.5), n / 2)),
+                          r(exact_divide(r(hi - lo), n)))
+        scale = jnp.maximum(scale, eps)
         zero_point = jnp.clip(r(fmt.qmin - jnp.round(r(lo / scale))), fmt.qmin, fmt.qmax)
         return scale, zero_point
 
@@ -490,7 +528,6 @@ def lsq_init(v: jax.Array, qmax: float, axes: tuple[int, ...] | None = None) -> 
     References:
       Esser et al., 2020. Learned Step Size Quantization. ICLR.
     """
-    if qmax <= 0:
-        raise ValueError(f"qmax must be positive, got {qmax}")
+    qmax = check_finite_positive("qmax", qmax)
     m = jnp.mean(jnp.abs(v.astype(jnp.float32)), axis=axes, keepdims=axes is not None)
-    return floor_scale(2.0 * m / math.sqrt(qmax))
+    return clamp_scale(2.0 * m / math.sqrt(qmax))

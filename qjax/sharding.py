@@ -42,6 +42,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qjax import typed_sharding
+from qjax._checks import check_pos_int
+from qjax.hadamard import check_block_size
 
 __all__ = [
     "MESH_AXES", "BATCH_AXES", "LLAMA_RULES", "QUANTIZER_STATE", "make_mesh", "param_specs",
@@ -242,14 +244,20 @@ def named_shardings(specs: Any, mesh: Mesh) -> Any:
 
 
 def batch_spec(mesh: Mesh, ndim: int = 2) -> P:
-    """The spec of a ``(batch, ...)`` array: batch over the mesh's data-parallel axes."""
+    """The spec of a ``(batch, ...)`` array: batch over the mesh's data-parallel axes.
+
+    ``ndim`` (a positive int) is the array's rank, batch axis included.
+    """
+    check_pos_int("ndim", ndim)
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     first = None if not axes else axes[0] if len(axes) == 1 else axes
     return P(first, *([None] * (ndim - 1)))
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
-    """Raises ValueError unless the data-parallel axes divide ``batch_size``."""
+    """Raises TypeError/ValueError unless ``batch_size`` is a positive int that the
+    data-parallel axes divide."""
+    check_pos_int("batch_size", batch_size)
     n = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
     if batch_size % n:
         raise ValueError(f"batch_size {batch_size} is not divisible by the data-parallel mesh "
@@ -263,8 +271,9 @@ def check_hadamard_blocks(params: Any, specs: Any, mesh: Mesh, block_size: int,
     ``pattern`` matches the paths of the rotated kernels (e.g. ``".*/kernel"`` for every layer a
     rule set quantizes with QuEST); their rotated (contraction) ``axis`` is split by its spec, and
     so are the activations of a row-parallel layer, so the per-device size must be a multiple of
-    ``block_size``.
+    ``block_size`` (a positive power of two, as every Hadamard block is).
     """
+    check_block_size(block_size)
     regex = re.compile(pattern)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))

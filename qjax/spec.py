@@ -37,6 +37,7 @@ import dataclasses
 from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
+from qjax._checks import check_bool, check_finite_positive, check_int
 from qjax.hadamard import METHODS, check_block_size
 
 __all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "PACT", "Estimator"]
@@ -58,6 +59,9 @@ class ClippedSTE:
 
     on_codes: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "on_codes", check_bool("on_codes", self.on_codes))
+
 
 @dataclasses.dataclass(frozen=True)
 class Trust:
@@ -77,23 +81,28 @@ class Trust:
     clip: float | None = None
 
     def __post_init__(self):
-        if not float(self.multiplier) > 0:
-            raise ValueError(f"trust multiplier must be positive, got {self.multiplier}")
-        if self.clip is not None and not float(self.clip) > 0:
-            raise ValueError(f"trust clip must be positive or None, got {self.clip}")
+        object.__setattr__(self, "multiplier", check_finite_positive("trust multiplier",
+                                                                  self.multiplier))
+        if self.clip is not None:
+            object.__setattr__(self, "clip", check_finite_positive("trust clip", self.clip))
 
 
 @dataclasses.dataclass(frozen=True)
 class LSQ:
     """Learned step size; ``grad_scale_n`` is N in the step-gradient scale ``1/sqrt(N * QP)``.
 
-    ``grad_scale_n=None`` uses the number of elements that share one step.
+    ``grad_scale_n=None`` uses the number of elements that share one step; else a positive int.
 
     References:
       Esser et al., 2020. Learned Step Size Quantization. ICLR.
     """
 
     grad_scale_n: int | None = None
+
+    def __post_init__(self):
+        if self.grad_scale_n is not None:  # a count of elements: 1/sqrt(N * QP) needs N >= 1
+            object.__setattr__(self, "grad_scale_n",
+                               check_int("grad_scale_n", self.grad_scale_n, lo=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +124,19 @@ ROUNDINGS = ("nearest", "stochastic", "half_away", "half_up")
 HADAMARD_MODES = ("full", "half")
 
 
+def check_rounding(rounding: object, fmt: F.Format) -> str:
+    """Validates ``rounding`` (one of :data:`ROUNDINGS`) for the format ``fmt``."""
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if rounding == "stochastic" and not fmt.uniform:
+        raise ValueError(
+            f"stochastic rounding is supported for uniform formats only, not {fmt.name}"
+        )
+    if rounding not in ("nearest", "stochastic") and not isinstance(fmt, F.IntFormat):
+        raise ValueError(f"rounding {rounding!r} needs an IntFormat, not {fmt.name}")
+    return rounding
+
+
 def as_estimator(est: Estimator | str) -> Estimator:
     if isinstance(est, ESTIMATOR_TYPES):
         return est
@@ -127,7 +149,11 @@ def as_estimator(est: Estimator | str) -> Estimator:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
-    """Format, granularity, scale rule, estimator, rounding and optional Hadamard rotation."""
+    """Format, granularity, scale rule, estimator, rounding and optional Hadamard rotation.
+
+    Validated on construction. The signed ``IntFormat(1)`` (codes -1 and 0, no positive level) is
+    refused: use ``"midrise1"`` (sign), ``"ternary"`` or ``"uint1"``.
+    """
 
     format: F.Format | str
     granularity: G.Granularity | str = dataclasses.field(default_factory=G.PerTensor)
@@ -147,15 +173,10 @@ class QuantSpec:
         object.__setattr__(self, "granularity", G.as_granularity(self.granularity))
         object.__setattr__(self, "scale", S.as_scale_rule(self.scale))
         object.__setattr__(self, "estimator", est)
-        if self.rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding == "stochastic" and not fmt.uniform:
-            raise ValueError(
-                f"stochastic rounding is supported for uniform formats only, not {fmt.name}"
-            )
-        if self.rounding not in ("nearest", "stochastic"):
-            if not isinstance(fmt, F.IntFormat):
-                raise ValueError(f"rounding {self.rounding!r} needs an IntFormat, not {fmt.name}")
+        # A signed 1-bit integer grid (codes -1, 0) has no positive level: every rule and
+        # estimator but asymmetric absmax would divide by zero, and that one is uint1's grid.
+        F._check_positive_level(fmt, "QuantSpec")
+        check_rounding(self.rounding, fmt)
         if self.scale_dtype is not None and self.scale_dtype not in S.SCALE_DTYPES:
             raise ValueError(
                 f"scale_dtype must be None or one of {S.SCALE_DTYPES}, got {self.scale_dtype!r}"
@@ -167,7 +188,8 @@ class QuantSpec:
                 f"{type(est).__name__} supports nearest rounding and float32 scales only"
             )
         if self.hadamard is not None:
-            check_block_size(self.hadamard)
+            object.__setattr__(self, "hadamard", check_block_size(self.hadamard))
+        object.__setattr__(self, "hadamard_axis", check_int("hadamard_axis", self.hadamard_axis))
         if self.hadamard_method not in METHODS:
             raise ValueError(
                 f"hadamard_method must be one of {METHODS}, got {self.hadamard_method!r}"

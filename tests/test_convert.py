@@ -250,3 +250,38 @@ def test_serving_through_the_pallas_kernels(method):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     auto = jax.jit(lambda p, i: QC.serve(qm, p, i, backend="auto"))(sp, IDS)  # CPU: "xla"
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(want))
+
+
+def test_serving_argument_validation():
+    w8, a8 = qjax.QuantSpec("int8", qjax.PerRow(0)), qjax.QuantSpec("int8", qjax.PerRow(-1))
+    w = QC.kernel_to_qarray(jnp.ones((16, 4)), w8)
+    with pytest.raises(TypeError, match="x must be a floating array .* int32"):
+        QC.serving_matmul(jnp.ones((2, 16), jnp.int32) * 3, w, act_spec=a8)  # returned ints
+    with pytest.raises(TypeError, match="x must be a floating array .* int32"):
+        QC.serving_matmul(jnp.ones((2, 16), jnp.int32), w)
+    with pytest.raises(TypeError, match="act_spec must be a qjax.QuantSpec or None, got str"):
+        QC.serving_matmul(jnp.ones((2, 16)), w, act_spec="int8")
+    with pytest.raises(TypeError, match="lq must be a qjax.nn.LayerQuant, got str"):
+        QC.uses_integer_matmul("quest")
+    with pytest.raises(TypeError, match="spec must be a qjax.QuantSpec, got NoneType"):
+        QC.kernel_to_qarray(jnp.ones((16, 4)), None)
+    with pytest.raises(ValueError, match="spec.granularity axis=5 is out of range"):
+        QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(5)))  # was PerRow(-2)
+    with pytest.raises(ValueError, match="spec.hadamard_axis=2 is out of range"):
+        QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard=4, hadamard_axis=2))
+    with pytest.raises(ValueError, match="spec.granularity axis=-3 is out of range"):
+        QC.kernel_to_qarray(jnp.ones((16, 4)), qjax.QuantSpec("int4", qjax.PerGroup(-3, 4)))
+    assert QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(-2))).granularity == qjax.PerRow(-1)
+
+
+def test_serving_matmul_refuses_a_k_that_overflows_int32():
+    w8, a8 = qjax.QuantSpec("int8", qjax.PerRow(0)), qjax.QuantSpec("int8", qjax.PerRow(-1))
+    kern = jax.ShapeDtypeStruct((140_000, 2), jnp.float32)
+    w = jax.eval_shape(lambda k: QC.kernel_to_qarray(k, w8), kern)
+    x = jax.ShapeDtypeStruct((1, 140_000), jnp.float32)
+    with pytest.raises(ValueError, match=r"K = 140000 .* K <= 131071"):  # gave -126288.5
+        jax.eval_shape(lambda x, w: QC.serving_matmul(x, w, act_spec=a8), x, w)
+    with pytest.raises(ValueError, match="K = 140000"):
+        jax.eval_shape(lambda x, w: QC.serving_matmul(x, w, act_spec=a8, backend="interpret"),
+                       x, w)
+    assert jax.eval_shape(lambda x, w: QC.serving_matmul(x, w), x, w).shape == (1, 2)

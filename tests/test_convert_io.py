@@ -113,3 +113,33 @@ def test_from_arrays_rejects_mismatched_structure():
     del arrays["lm_head"]
     with pytest.raises(ValueError, match="do not match"):
         QC.from_arrays(arrays, sp)
+
+
+def test_save_restore_argument_validation(tmp_path):
+    _, sp, _ = setup(W4)
+    path = str(tmp_path / "ckpt")
+    QC.save(path, sp)
+    before = sorted(os.listdir(path))
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        QC.save(path, sp, overwrite="no")  # a truthy string replaced the checkpoint
+    assert sorted(os.listdir(path)) == before and sorted(os.listdir(tmp_path)) == ["ckpt"]
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        QC.save(None, sp)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
+        QC.restore(None)
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        QC.directory_bytes(None)
+    with pytest.raises(TypeError, match="like must be a mapping"):
+        QC.restore(path, [1])
+
+
+def test_from_arrays_rejects_codes_of_another_dtype():
+    _, sp, _ = setup(W4)
+    arrays = QC.to_arrays(sp)
+    q = arrays["blocks_0"]["attn"]["q"]["kernel"]
+    q["codes"] = np.asarray(q["codes"]).astype(np.float32)  # dequantize cannot unpack these
+    with pytest.raises(ValueError, match="q/kernel/codes: dtype float32 does not match the "
+                                         "model's uint8"):
+        QC.from_arrays(arrays, sp)
+    q["codes"] = q["codes"].astype(np.uint8)
+    assert tree_equal(QC.from_arrays(arrays, sp), sp)

@@ -101,5 +101,26 @@ def test_clip_error_rejects_bad_input():
         clip_error(x, qjax.QuantSpec(qjax.IntFormat(4)), (2.0,))
     with pytest.raises(ValueError, match="clips"):
         clip_error(x, quest.spec(4, hadamard=None), ())
-    with pytest.raises(ValueError, match="clip must be a positive"):
+    with pytest.raises(ValueError, match="RmsGaussian clip must be"):
         S.RmsGaussian(clip=0.0)
+
+
+def test_clip_error_checks_spec_and_clips():
+    x = jnp.ones((2, 8))
+    spec = quest.spec(4, hadamard=None)
+    with pytest.raises(TypeError, match="spec must be a"):
+        clip_error(x, None, (2.0,))
+    with pytest.raises(TypeError, match="clips"):
+        clip_error(x, spec, 2.0)
+    with pytest.raises(TypeError, match="clips"):
+        clip_error(x, spec, "2")
+    for bad in (float("inf"), float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match=r"clips\[1\]"):
+            clip_error(x, spec, (2.0, bad))
+    assert clip_error(x, spec, np.array([2.0, 3.0])).keys() == {2.0, 3.0}
+
+
+def test_clip_error_of_an_all_zero_input_is_zero():
+    # Midrise quantizes zeros to +-half a step at the scale floor, not to 0: the relative error
+    # would divide that by a zero norm.
+    assert clip_error(jnp.zeros((8, 128)), quest.spec(4), (2.0, 3.0)) == {2.0: 0.0, 3.0: 0.0}

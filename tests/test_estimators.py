@@ -180,3 +180,55 @@ def test_clipped_ste_on_codes_masks_the_rounded_code():
     _, (dx,) = _vjp(lambda x: E.quantize_dequantize(
         x, s, fmt=INT4, estimator=qjax.ClippedSTE(on_codes=True)), x)
     np.testing.assert_array_equal(dx, [0, 1, 1, 1, 0, 0, 1])  # -8.5 -> -8 and 7.5 -> 8 (even)
+
+
+def test_quantize_dequantize_refuses_what_it_cannot_apply():
+    x = jnp.array([0.3, -1.2, 2.5])
+    with pytest.raises(ValueError, match="rounding 'half_up' needs an IntFormat, not midrise4"):
+        E.quantize_dequantize(x, 0.1, fmt="midrise4", rounding="half_up")
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        E.quantize_dequantize(x, 0.1, fmt="int4", rounding="bogus")
+    with pytest.raises(ValueError, match="needs noise="):
+        E.quantize_dequantize(x, 0.1, fmt="int4", rounding="stochastic")
+    # PACT's backward feeds alpha; this op gives the scale no gradient, so it must refuse.
+    with pytest.raises(ValueError, match="PACT estimator learns its scale"):
+        E.quantize_dequantize(x, 0.1, fmt="int4", estimator="pact")
+    for bad in (0.0, -1.0, float("nan"), np.float32(0.0)):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            E.quantize_dequantize(x, bad, fmt="int4")
+    with pytest.raises(ValueError, match="scale .*must be positive and finite"):
+        E.lsq(x, 0.0, "int4")
+    with pytest.raises(ValueError, match="step must be positive and finite"):
+        E.lsq_plus(x, -1.0, 0.0, "int4")
+    # Arrays are not inspected (that would branch on traced values): a traced 0 still runs.
+    assert np.all(np.isfinite(jax.grad(lambda s: E.lsq(x, s, "int4").sum())(0.0)))
+
+
+def test_lsq_gradient_scale_n_and_format_validated():
+    x = jnp.array([0.3, -1.2, 2.5])
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="n must be >= 1"):
+            E.lsq(x, 0.1, "int4", n=bad)
+        with pytest.raises(ValueError, match="grad_scale_n must be >= 1"):
+            qjax.LSQ(grad_scale_n=bad)
+    for bad in (1.5, True, "a"):
+        with pytest.raises(TypeError, match="n must be an int"):
+            E.lsq(x, 0.1, "int4", n=bad)
+        with pytest.raises(TypeError, match="grad_scale_n must be an int"):
+            qjax.LSQ(grad_scale_n=bad)
+    assert qjax.LSQ(np.int64(4)) == qjax.LSQ(4)
+    with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'"):
+        E.lsq(x, 0.1, "int1")
+
+
+def test_estimator_fields_validated():
+    with pytest.raises(TypeError, match="on_codes must be a bool"):
+        qjax.ClippedSTE(on_codes="no")
+    for bad in (True, "x"):
+        with pytest.raises(TypeError, match="trust multiplier must be a number"):
+            qjax.Trust(multiplier=bad)
+    with pytest.raises(ValueError, match="trust multiplier must be positive and finite"):
+        qjax.Trust(multiplier=float("inf"))
+    with pytest.raises(ValueError, match="trust clip must be positive and finite"):
+        qjax.Trust(clip=float("nan"))
+    assert qjax.Trust(1) == qjax.Trust(1.0) and hash(qjax.Trust(1)) == hash(qjax.Trust(1.0))

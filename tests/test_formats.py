@@ -142,3 +142,16 @@ def test_int_encode_half_away_and_half_up():
                                            rounding="half_up"), [3, 4, 2])
     with pytest.raises(ValueError, match="rounding must be one of"):
         f.encode(v, rounding="up")
+
+
+def test_format_arguments_are_checked():
+    with pytest.raises(TypeError, match="signed must be a bool"):
+        qjax.IntFormat(4, signed="no")
+    assert qjax.IntFormat(np.int64(4), np.bool_(False)) == qjax.IntFormat(4, signed=False)
+
+
+def test_signed_one_bit_int_has_no_positive_level():
+    with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'.*'uint1'"):
+        F._check_positive_level(qjax.IntFormat(1), "LSQ")
+    for ok in (qjax.IntFormat(1, signed=False), qjax.Midrise(1), qjax.Ternary(), qjax.IntFormat(2)):
+        F._check_positive_level(ok, "LSQ")

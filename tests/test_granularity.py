@@ -59,3 +59,13 @@ def test_axis_validation():
         G.layout("per_row", (3, 4))
     with pytest.raises(ValueError, match="unknown granularity"):
         G.as_granularity("channel")
+
+
+def test_layout_shape_validated():
+    with pytest.raises(ValueError, match="shape dimension must be >= 0, got -8"):
+        G.layout(qjax.PerGroup(-1, 4), (2, -8))
+    with pytest.raises(TypeError, match="shape dimension must be an int"):
+        G.layout(qjax.PerRow(-1), (2, 4.0))
+    with pytest.raises(TypeError, match="shape must be a tuple of ints"):
+        G.layout(qjax.PerRow(-1), 8)
+    assert G.layout(qjax.PerGroup(-1, 4), [np.int64(2), 8]).scale_shape == (2, 2, 1)

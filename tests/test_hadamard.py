@@ -85,3 +85,49 @@ def test_matmul_method_agrees_with_butterfly(block):
     assert "dot_general" in jaxpr and "HIGHEST" in jaxpr
     with pytest.raises(ValueError, match="method must be one of"):
         qjax.hadamard_transform(x, block, method="fft")
+
+
+@pytest.mark.parametrize("method", ["butterfly", "matmul"])
+def test_huge_input_stays_finite_up_to_the_documented_bound(method):
+    # All-equal rows put the whole mass in one output: 1e37 * sqrt(128) = 1.13e38 is finite, and
+    # so must be the partial sums (summing before normalising overflowed to inf, then NaN).
+    y = np.asarray(qjax.hadamard_transform(jnp.full((2, 128), 1e37), 128, method=method))
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y[:, 0], 1e37 * np.sqrt(128), rtol=1e-5)
+    np.testing.assert_allclose(y[:, 1:], 0.0, atol=1e-7 * y[0, 0])  # matmul: rounding, not 0
+    for block in (2, 32, 256):
+        big = float(np.finfo(np.float32).max) / np.sqrt(block) * 0.999
+        y = qjax.hadamard_transform(jnp.full((1, block), big), block, method=method)
+        assert np.all(np.isfinite(np.asarray(y)))
+
+
+@pytest.mark.parametrize("method", ["butterfly", "matmul"])
+@pytest.mark.parametrize("block", [1, 2, 8, 64, 128, 256])
+def test_split_normalisation_is_bit_identical_to_normalising_after(method, block):
+    # Scaling by 2^-ceil(log2(b)/2) before the sums is exact: same bits as H y * (1/sqrt(b)).
+    from qjax import hadamard as H
+    x = jax.random.normal(jax.random.key(9), (3, 2 * block)) * jnp.logspace(-20, 20, 2 * block)
+    y = x.reshape(3, 2, block, 1)
+    raw = H._butterfly(y) if method == "butterfly" else H._dense(y)
+    ref = (raw * np.float32(1.0 / np.sqrt(block))).reshape(x.shape)
+    for f in (qjax.hadamard_transform, jax.jit(qjax.hadamard_transform, static_argnums=1,
+                                               static_argnames="method")):
+        got = f(x, block, method=method)
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
+                                      np.asarray(ref).view(np.uint32))
+
+
+def test_axis_inverse_and_signs_validated():
+    x = jnp.ones((2, 8))
+    for bad in (1.5, True, "-1"):
+        with pytest.raises(TypeError, match="axis must be an int"):
+            qjax.hadamard_transform(x, 8, axis=bad)
+    with pytest.raises(TypeError, match="inverse must be a bool"):
+        qjax.hadamard_transform(x, 8, inverse="no")
+    for bad in (jnp.zeros(8), jnp.full(8, 2.0), np.array([1, -1, 1, -1, 1, -1, 1, 0.5])):
+        with pytest.raises(ValueError, match=r"signs must be \+-1"):
+            qjax.hadamard_transform(x, 8, signs=bad)
+    # Traced signs are not inspected (no branching on traced values), and valid ones work.
+    signs = qjax.random_signs(jax.random.key(0), 8)
+    y = jax.jit(lambda s: qjax.hadamard_transform(x, 8, signs=s))(signs)
+    np.testing.assert_array_equal(y, qjax.hadamard_transform(x, 8, signs=signs))

@@ -257,8 +257,10 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="block_m must be a multiple of 32"):
         K.quantized_matmul(x, w, act_spec=a8, backend="interpret",
                            block_sizes=K.BlockSizes(8, 128, 128))
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="block_m must be positive"):
         K.BlockSizes(0, 128, 128)
+    with pytest.raises(TypeError, match="block_n must be an int"):
+        K.BlockSizes(8, 128.0, 128)
     with pytest.raises(ValueError, match="interpret applies to the Pallas backends"):
         K.quantized_matmul(x, w, backend="xla", interpret=True)
     with pytest.raises(ValueError, match="VMEM"):
@@ -282,3 +284,93 @@ def test_activation_row_block_fits_vmem():
     assert bm % 32 == 0 and 256 % bm == 0 and bm < 256
     with pytest.raises(ValueError, match="whole rows"):
         K.row_block(32, 2**20, jnp.float32, 32, 2**20)
+    with pytest.raises(ValueError, match="block_m must be positive"):
+        K.row_block(64, 256, jnp.float32, 0, 2**24)
+    with pytest.raises(ValueError, match="block_m must be positive"):
+        K.row_block(64, 256, jnp.float32, -32, 2**24)  # both reported a VMEM shortage
+    with pytest.raises(ValueError, match="sublane must be positive"):
+        K.row_block(64, 256, jnp.float32, 64, 2**24, sublane=0)  # range() arg 3 ...
+    with pytest.raises(ValueError, match="vmem_limit_bytes must be positive"):
+        K.row_block(64, 256, jnp.float32, 64, -1)
+    with pytest.raises(ValueError, match="k must be positive"):
+        K.row_block(64, -5, jnp.float32, 64, 2**24)
+    with pytest.raises(ValueError, match="block_m=40 must be a multiple of sublane=32"):
+        K.row_block(64, 256, jnp.float32, 40, 2**24)
+
+
+A8 = qjax.QuantSpec("int8", qjax.PerRow(-1))
+
+
+@pytest.mark.parametrize(("spec", "error", "match"), [
+    ("int8", TypeError, "spec must be a qjax.QuantSpec, got str"),
+    (qjax.QuantSpec("uint8", qjax.PerRow(-1)), ValueError, "spec format uint8"),  # gave 127s
+    (qjax.QuantSpec("fp4", qjax.PerRow(-1)), ValueError, "spec format e2m1"),
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.AbsMax(symmetric=False)), ValueError,
+     "spec scale must be symmetric"),  # dropped the zero point
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.GgmlMax()), ValueError, "spec scale"),
+    (qjax.QuantSpec("int8"), ValueError, "spec granularity must be PerRow"),  # per-row scales
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), estimator="lsq"), ValueError,
+     "spec must not use a learned-scale estimator"),
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), scale_dtype="float16"), ValueError,
+     "spec scale_dtype must be None"),
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), hadamard=64), ValueError,
+     "spec with a Hadamard rotation must use hadamard_mode='half'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_activation_quantization_refuses_specs_it_cannot_honour(spec, error, match):
+    x, _ = _data(32, 8, 64)
+    with pytest.raises(error, match=match):
+        K.activation_codes(x, spec)
+    with pytest.raises(error, match=match):
+        K.quantize_rows(x, spec, 32, interpret=True)
+
+
+def test_activation_quantization_arguments():
+    x, _ = _data(32, 8, 64)
+    codes, scale = K.activation_codes(x, A8)  # the accepted case: quantize's codes, bit for bit
+    np.testing.assert_array_equal(codes, qjax.quantize(x, A8).codes)
+    np.testing.assert_array_equal(scale, qjax.quantize(x, A8).scale)
+    with pytest.raises(TypeError, match="x32 must be a floating array .* int32"):
+        K.activation_codes(x.astype(jnp.int32), A8)
+    with pytest.raises(ValueError, match="block_m must be positive"):
+        K.quantize_rows(x, A8, 0, interpret=True)  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        K.quantize_rows(x[0], A8, 32, interpret=True)
+    with pytest.raises(ValueError, match="block_m=24 must divide the number of rows 32"):
+        K.quantize_rows(x, A8, 24, interpret=True)
+
+
+def test_int_kind_refuses_a_k_that_overflows_int32():
+    wf = jax.ShapeDtypeStruct((2, 140_000), jnp.float32)
+    w8 = jax.eval_shape(functools.partial(qjax.quantize, spec=CASES["w8a8"][0]), wf)
+    with pytest.raises(ValueError, match=r"K = 140000 .* K <= 131071"):
+        K.classify((1, 140_000), w8, A8)
+    with pytest.raises(ValueError, match="K = 140000"):  # the xla backend gave -126288.5
+        jax.eval_shape(lambda x: K.quantized_matmul(x, w8, act_spec=A8, backend="xla"),
+                       jax.ShapeDtypeStruct((1, 140_000), jnp.float32))
+    assert K.classify((1, 140_000), w8, None).kind == "float"  # float accumulation: no limit
+    w4, a4 = CASES["w4a4_quest"]  # odd 4-bit codes: |u| <= 15, K up to 9.5M
+    w4 = jax.eval_shape(functools.partial(qjax.quantize, spec=w4), wf)
+    assert K.classify((1, 140_000), w4, a4).kind == "int"
+
+
+def test_block_size_helpers_validate_their_arguments():
+    x, wf = _data(2, 128, 256)
+    case = K.classify(x.shape, qjax.quantize(wf, CASES["w4a16"][0]), None)
+    with pytest.raises(ValueError, match="m must be positive"):
+        K.default_block_sizes(case, 0, jnp.float32, jnp.float32, "pallas_tpu")
+    with pytest.raises(ValueError, match="x_dtype=float64 has no TPU tile"):
+        K.default_block_sizes(case, 8, np.float64, jnp.float32, "pallas_tpu")  # KeyError 8
+    with pytest.raises(ValueError, match="out_dtype=float64 has no TPU tile"):
+        B.validate_block_sizes(K.BlockSizes(8, 128, 256), case, jnp.float32, np.float64,
+                               "pallas_tpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        K.default_block_sizes(case, 8, jnp.float32, jnp.float32, "bogus")  # gave TPU blocks
+    with pytest.raises(TypeError, match="case must be a qjax.kernels.Case"):
+        K.default_block_sizes(None, 8, jnp.float32, jnp.float32, "pallas_tpu")
+    with pytest.raises(TypeError, match="case must be a qjax.kernels.Case"):
+        K.resolve_backend("pallas_gpu", None)
+    with pytest.raises(TypeError, match="x_shape must be a tuple"):
+        K.classify(256, qjax.quantize(wf, CASES["w4a16"][0]), None)
+    with pytest.raises(TypeError, match="act_spec must be a qjax.QuantSpec or None, got str"):
+        K.quantized_matmul(x, qjax.quantize(wf, CASES["w8a8"][0]), act_spec="int8")
+    assert K.BlockSizes(np.int64(8), 128, 256) == K.BlockSizes(8, 128, 256)

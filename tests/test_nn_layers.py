@@ -165,3 +165,81 @@ def test_einsum_equals_core_fake_quant_then_einsum():
     np.testing.assert_allclose(layer.apply({"params": p}, X), ref, rtol=1e-6, atol=1e-6)
     g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X) ** 2))(p)
     assert np.any(g["kernel"] != 0)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"integer_forward": "yes"}, TypeError, "integer_forward"),
+    ({"block_size": 100}, ValueError, "block_size"),
+    ({"name": "ste", "block_size": -1}, ValueError, "block_size"),
+    ({"trust": -1.0}, ValueError, "trust"),
+    ({"trust": NAN}, ValueError, "trust"),
+    ({"name": "lsq", "trust": -1.0}, ValueError, "trust"),
+    ({"clip": -1.0}, ValueError, "clip"),
+    ({"clip": float("inf")}, ValueError, "clip"),
+    ({"weight_axis_name": 5}, TypeError, "weight_axis_name"),
+    ({"activation_axis_name": ("data", 3)}, TypeError, "activation_axis_name"),
+    ({"name": "lsq", "weight_bits": None, "act_bits": 1}, ValueError, "lsq cannot use act_bits=1"),
+    ({"name": "pact", "weight_bits": None, "act_bits": 1}, ValueError,
+     "pact cannot use act_bits=1"),
+    ({"name": "ste", "weight_bits": 1}, ValueError, "ste cannot use weight_bits=1"),
+    ({"grid": "int", "act_bits": 1}, ValueError, "quest cannot use act_bits=1"),
+])
+def test_method_rejects_bad_fields_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Method(**({"name": "quest"} | kwargs))
+
+
+def test_one_bit_methods_take_the_midrise_grid():
+    x = X[0]
+    for name in ("lsq", "pact"):
+        layer = QL.QDense(4, method=Method(name, 1, 1, grid="midrise"))
+        y = layer.apply(layer.init(jax.random.key(0), x), x)
+        assert np.all(np.isfinite(y))
+
+
+def test_layer_quant_checks_types_first():
+    with pytest.raises(TypeError, match="integer_forward"):
+        LayerQuant(W_INT4, A_INT8, integer_forward="no")
+    with pytest.raises(TypeError, match="weight must be a QuantSpec"):
+        LayerQuant(weight="int4", activation="int4", integer_forward=True)
+    with pytest.raises(TypeError, match="weight_axis_name"):
+        LayerQuant(W_INT4, A_INT8, weight_axis_name=["tensor"])
+
+
+def test_qat_must_be_a_bool():
+    layer = QL.QDense(4, method="ste")
+    v = layer.init(jax.random.key(0), X)
+    with pytest.raises(TypeError, match="qat must be a bool"):
+        layer.apply(v, X, qat="no")
+    mod = QN.QDense(128, 4, method="ste", rngs=nnx.Rngs(0))
+    mod.qat = "no"
+    with pytest.raises(TypeError, match="qat must be a bool"):
+        mod(X)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: QL.QDense(0, method="ste").init(jax.random.key(0), X), ValueError, "features"),
+    (lambda: QL.QDense(-3, method="ste").init(jax.random.key(0), X), ValueError, "features"),
+    (lambda: QL.QDense(True, method="ste").init(jax.random.key(0), X), TypeError, "features"),
+    (lambda: QL.QConv(4, (3, 3), strides=0, method="ste").init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 3))), ValueError, r"strides\[0\]"),
+    (lambda: QL.QConv(4, (0, 3), method="ste").init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 3))), ValueError, r"kernel_size\[0\]"),
+    (lambda: QL.QEmbed(0, 8, method="ste").init(jax.random.key(0), jnp.array([0])), ValueError,
+     "num_embeddings"),
+    (lambda: QL.QEinsum((128, 0), "btd,dn->btn", method="ste").init(jax.random.key(0), X),
+     ValueError, r"shape\[1\]"),
+    (lambda: QN.QDense(0, 8, method="ste", rngs=nnx.Rngs(0)), ValueError, "in_features"),
+    (lambda: QN.QDense(8, -1, method="ste", rngs=nnx.Rngs(0)), ValueError, "out_features"),
+    (lambda: QN.QConv(3, 4, (3, 3), strides=(1, 0), method="ste", rngs=nnx.Rngs(0)), ValueError,
+     r"strides\[1\]"),
+    (lambda: QN.QEmbed(10, 0, method="ste", rngs=nnx.Rngs(0)), ValueError, "features"),
+    (lambda: QN.QEinsum("btd,dn->btn", (0, 4), method="ste", rngs=nnx.Rngs(0)), ValueError,
+     r"kernel_shape\[0\]"),
+])
+def test_layer_sizes_must_be_positive_ints(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

@@ -67,3 +67,67 @@ def test_grad_clip_applies():
     u2, _ = optax.adam(1.0, b1=0.9, b2=0.95).update({"w": jnp.full((2, 2), 100.0)},
                                                      optax.adam(1.0).init(p), p)
     np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-3)  # Adam is scale-free after clipping
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((1e-3, 10.5), {}, TypeError, "total_steps"),
+    ((1e-3, True), {}, TypeError, "total_steps"),
+    ((1e-3, "100"), {}, TypeError, "total_steps"),
+    ((NAN, 100), {}, ValueError, "peak_lr"),
+    ((-1.0, 100), {}, ValueError, "peak_lr"),
+    ((1e-3, 100), {"warmup_fraction": NAN}, ValueError, "warmup_fraction"),
+    ((1e-3, 100), {"init_ratio": NAN}, ValueError, "init_ratio"),
+    ((1e-3, 100), {"final_ratio": -5.0}, ValueError, "final_ratio"),
+])
+def test_warmup_cosine_rejects_bad_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        optim.warmup_cosine(*args, **kwargs)
+
+
+@pytest.mark.parametrize("start, total_steps, error, match", [
+    (0.5, -5, ValueError, "total_steps"),
+    (0.5, None, TypeError, "total_steps"),
+    (10, 0, ValueError, "total_steps"),
+    (True, 100, TypeError, "start"),
+    ("10", 100, TypeError, "start"),
+    (np.int64(-3), 100, ValueError, "start"),
+    (NAN, 100, ValueError, "fractional QAT start"),
+])
+def test_qat_schedule_rejects_bad_arguments(start, total_steps, error, match):
+    with pytest.raises(error, match=match):
+        optim.QATSchedule(start, total_steps)
+
+
+def test_qat_schedule_accepts_numpy_steps():
+    assert optim.QATSchedule(np.int64(3), 10).start_step == 3
+
+
+@pytest.mark.parametrize("lr, kwargs, error, match", [
+    (NAN, {}, ValueError, "learning_rate"),
+    (-1.0, {}, ValueError, "learning_rate"),
+    ("1e-3", {}, TypeError, "learning_rate"),
+    (1e-3, {"weight_decay": -1.0}, ValueError, "weight_decay"),
+    (1e-3, {"b1": 1.0}, ValueError, "b1"),
+    (1e-3, {"b2": 2.0}, ValueError, "b2"),
+    (1e-3, {"grad_clip": -1.0}, ValueError, "grad_clip"),
+    (1e-3, {"grad_clip": NAN}, ValueError, "grad_clip"),
+    (1e-3, {"quantizer_lr_multiplier": NAN}, ValueError, "quantizer_lr_multiplier"),
+    (1e-3, {"quantizer_lr_multiplier": -1.0}, ValueError, "quantizer_lr_multiplier"),
+])
+def test_qat_adamw_rejects_bad_hyper_parameters(lr, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        optim.qat_adamw(lr, **kwargs)
+
+
+def test_qat_adamw_takes_schedules_and_zero_clip_means_none():
+    p = {"w": jnp.ones((2, 2))}
+    g = {"w": jnp.full((2, 2), 100.0)}
+    for lr in (optim.warmup_cosine(1e-3, 10), jnp.float32(1e-3)):
+        tx = optim.qat_adamw(lr)
+        tx.update(g, tx.init(p), p)
+    off, zero = optim.qat_adamw(1e-3, grad_clip=None), optim.qat_adamw(1e-3, grad_clip=0.0)
+    np.testing.assert_array_equal(off.update(g, off.init(p), p)[0]["w"],
+                                  zero.update(g, zero.init(p), p)[0]["w"])

@@ -1,5 +1,7 @@
 """Tests for qjax.qarray: bit packing layout, round trips and the QArray pytree."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,40 @@ def test_rank0_and_odd_last_axis():
     qa = qjax.quantize(x, spec)
     assert qa.codes.shape == (2, 4)
     np.testing.assert_array_equal(qjax.dequantize(qa), qjax.fake_quant(x, spec))
+
+
+def test_pack_masks_each_code_to_its_width():
+    # An out-of-range code keeps its own low bits and leaves its neighbours alone.
+    np.testing.assert_array_equal(
+        qjax.unpack_bits(qjax.pack_bits(jnp.array([5, 0, 0, 0]), 2), 2, 4), [1, 0, 0, 0])
+    np.testing.assert_array_equal(
+        qjax.unpack_bits(qjax.pack_bits(jnp.array([-1, 0, 3]), 4), 4, 3), [15, 0, 3])
+    np.testing.assert_array_equal(
+        jax.jit(qjax.pack_bits, static_argnums=1)(jnp.array([2, 1, 0, 1, 1]), 1),
+        qjax.pack_bits(jnp.array([0, 1, 0, 1, 1]), 1))
+
+
+def test_pack_and_unpack_arguments_validated():
+    with pytest.raises(TypeError, match="u must be an integer array"):
+        qjax.pack_bits(jnp.array([1.7, 0.2]), 4)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qjax.pack_bits(jnp.array([1, 0]), True)
+    p = qjax.pack_bits(jnp.array([1, 2, 3]), 4)  # 2 bytes: n in [3, 4]
+    for bad in (10, -1, 2, 5):
+        with pytest.raises(ValueError, match=r"n must be in \[3, 4\]"):
+            qjax.unpack_bits(p, 4, bad)
+    with pytest.raises(TypeError, match="n must be an int"):
+        qjax.unpack_bits(p, 4, 3.0)
+    with pytest.raises(TypeError, match="p must be a packed integer"):
+        qjax.unpack_bits(jnp.array([3.0]), 4, 2)
+    np.testing.assert_array_equal(qjax.unpack_bits(p, 4, 4), [1, 2, 3, 0])
+
+
+def test_qarray_static_fields_validated():
+    qa = qjax.quantize(jnp.ones((4, 8)), qjax.QuantSpec("int4", qjax.PerRow(-1)))
+    for bad in ("int32", "bogus", jnp.int8):
+        with pytest.raises(TypeError, match="dtype must name a floating dtype"):
+            dataclasses.replace(qa, dtype=bad)
+    with pytest.raises(TypeError, match="spec must be a qjax.QuantSpec"):
+        dataclasses.replace(qa, spec="int4")
+    assert dataclasses.replace(qa, dtype=jnp.bfloat16).dtype == "bfloat16"

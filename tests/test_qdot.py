@@ -9,7 +9,13 @@ import pytest
 import qjax
 from qjax.methods import quest
 from qjax.nn import LayerQuant, Method
-from qjax.qdot import int8_matmul, integer_forward_reason, qat_dense
+from qjax.qdot import (
+    check_int32_sum,
+    int8_code_max,
+    int8_matmul,
+    integer_forward_reason,
+    qat_dense,
+)
 
 X = jax.random.normal(jax.random.key(0), (3, 5, 128))
 K = jax.random.normal(jax.random.key(1), (128, 24)) * 0.1
@@ -94,3 +100,42 @@ def test_int8_matmul_gives_the_same_bits_under_jit_and_eager():
     r = jax.random.normal(jax.random.key(24), (4, 16, 48))
     f = lambda xi, xs, wi, ws, r: r + int8_matmul(xi, xs, wi, ws, 1)  # noqa: E731
     np.testing.assert_array_equal(f(xi, xs, wi, ws, r), jax.jit(f)(xi, xs, wi, ws, r))
+
+
+def _trace(w, a, k):
+    """Traces qat_dense for a (1, k) x (k, 2) product without computing it."""
+    return jax.eval_shape(lambda x, kern: qat_dense(x, kern, w, a),
+                          jax.ShapeDtypeStruct((1, k), jnp.float32),
+                          jax.ShapeDtypeStruct((k, 2), jnp.float32))
+
+
+def test_int32_accumulator_overflow_is_refused():
+    # int8 codes reach -128: K * 128 * 128 <= 2^31 - 1 up to K = 131,071.
+    w, a = PAIRS["int8 per channel/token"]
+    assert _trace(w, a, 131_071).shape == (1, 2)
+    with pytest.raises(ValueError, match=r"K = 131072 .* K <= 131071"):
+        _trace(w, a, 131_072)
+    with pytest.raises(ValueError, match="K = 140000"):
+        qat_dense(jnp.ones((1, 140_000)), jnp.ones((140_000, 1)), w, a)  # gave -126288.5
+    # QuEST's odd 4-bit codes reach 15: the same K is exact.
+    w4, a4 = PAIRS["quest midrise 4 (trust)"]
+    assert _trace(w4, a4, 140_000).shape == (1, 2)
+    assert int8_code_max(qjax.Midrise(4)) == 15 and int8_code_max(qjax.IntFormat(8)) == 128
+    assert int8_code_max(qjax.Ternary()) == 1 and int8_code_max(qjax.IntFormat(8, False)) is None
+    check_int32_sum(2**31 - 1, qjax.Ternary(), qjax.Ternary())
+    with pytest.raises(ValueError, match="K = 2147483648"):
+        check_int32_sum(2**31, qjax.Ternary(), qjax.Ternary())
+
+
+def test_argument_types_are_checked():
+    w, a = PAIRS["int8 per channel/token"]
+    with pytest.raises(TypeError, match="x must be a floating array .* int32"):
+        qat_dense(jnp.ones((2, 128), jnp.int32), K, w, a)  # used to return truncated ints
+    with pytest.raises(TypeError, match="x must be a floating array .* list"):
+        qat_dense([[1.0] * 128], K, w, a)
+    with pytest.raises(TypeError, match="kernel must be a floating array"):
+        qat_dense(X, K.astype(jnp.int8), w, a)
+    with pytest.raises(TypeError, match="weight must be a qjax.QuantSpec or None, got str"):
+        qat_dense(X, K, "int8", a)
+    with pytest.raises(TypeError, match="activation must be a qjax.QuantSpec or None, got str"):
+        integer_forward_reason(w, "int8")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import qjax
 from qjax.methods import quest
+from qjax.quantize import _saturating_cast
 
 FORMATS = ["int8", "int4", "int3", "int2", "uint8", "uint4", "uint1", "midrise1", "midrise2",
            "midrise4", "midrise8", "ternary", "e4m3", "e5m2", "e2m1"]
@@ -226,3 +227,67 @@ def test_runtime_rounding_and_scale_dtype_validation():
     with pytest.raises(ValueError, match="integer forward"):
         qjax.qdot.qat_dense(X, X.T, qjax.QuantSpec("int8", qjax.PerRow(0), scale_dtype="float16"),
                             qjax.QuantSpec("int8", qjax.PerRow(-1)))
+
+
+EDGE_CASES = [  # (x, spec): finite input that gave NaN or inf before
+    (jnp.full((2, 128), 1e37), qjax.QuantSpec("int4", qjax.PerRow(-1), hadamard=128)),
+    (jnp.array([[2e38, -2e38]]), qjax.QuantSpec("uint1", qjax.PerRow(-1), qjax.AbsMax(False))),
+    (jnp.array([[2e38, -1.0]]), qjax.QuantSpec("midrise1", qjax.PerRow(-1))),
+    (jnp.full((1, 64), 6e4, jnp.float16),
+     qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian")),
+    (jnp.array([[2e38, -2e38]]), qjax.QuantSpec("int8", qjax.PerRow(-1),
+                                                 qjax.TorchAOAffine(False))),
+    (jnp.array([[2e38, -2e38]]), qjax.presets.torchao_int8_per_token_activation()),
+    (jnp.array([[2e38, -2e38]], jnp.bfloat16), qjax.presets.torchao_int8_per_token_activation()),
+    (jnp.full((1, 32), 3.4e38).at[0, ::2].set(-3.4e38),
+     qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.AbsMax(False))),  # decode overflows f32
+]
+
+
+@pytest.mark.parametrize("x,spec", EDGE_CASES)
+def test_finite_input_at_the_range_edges_gives_finite_output(x, spec):
+    y = qjax.fake_quant(x, spec)
+    assert y.dtype == x.dtype and np.all(np.isfinite(np.asarray(y, np.float32)))
+    _assert_bit_equal(y, qjax.dequantize(qjax.quantize(x, spec)))
+    g = jax.grad(lambda a: qjax.fake_quant(a, spec).astype(jnp.float32).sum())(x)
+    assert np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def test_output_cast_saturates_and_passes_the_gradient():
+    x = jnp.full((1, 64), 6e4, jnp.float16)  # clip 1.224 * RMS = 73440 > 65504
+    spec = qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian")
+    np.testing.assert_array_equal(qjax.fake_quant(x, spec), np.float16(65504))
+    # The saturation is part of the cast: the STE gradient still passes unchanged.
+    g = jax.grad(lambda a: qjax.fake_quant(a, spec).astype(jnp.float32).sum())(x)
+    np.testing.assert_array_equal(g, 1.0)
+    _, t = jax.jvp(lambda a: _saturating_cast(a, jnp.float16),
+                   (jnp.array([1e5, 1.0]),), (jnp.array([2.0, 3.0]),))
+    np.testing.assert_array_equal(t, [2.0, 3.0])
+
+
+def test_spec_and_call_arguments_validated():
+    with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'.*'ternary'"):
+        qjax.QuantSpec(qjax.IntFormat(1))
+    with pytest.raises(ValueError, match="int1 has no positive level"):
+        qjax.QuantSpec("int1", estimator="lsq")
+    for bad in (1.5, True, "-1"):
+        with pytest.raises(TypeError, match="hadamard_axis must be an int"):
+            qjax.QuantSpec("int4", hadamard=4, hadamard_axis=bad)
+    spec = qjax.QuantSpec("int4", hadamard=np.int64(4), hadamard_axis=np.int64(0))
+    assert type(spec.hadamard) is int and type(spec.hadamard_axis) is int
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            qjax.fake_quant(X, qjax.QuantSpec("int4"), scale=bad)
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            qjax.quantize(X, qjax.QuantSpec("int4"), scale=bad)
+        with pytest.raises(ValueError, match="must be positive and finite"):
+            qjax.fake_quant(X, qjax.QuantSpec("int4", estimator="lsq"), scale=bad)
+    for bad in (5, ("data", 1), ()):
+        with pytest.raises(TypeError, match="axis_name must be a mesh axis name"):
+            qjax.fake_quant(X, qjax.QuantSpec("int4", qjax.PerRow(-1)), axis_name=bad)
+    with pytest.raises(TypeError, match="axis_name must be a mesh axis name"):
+        qjax.compute_scale(X, qjax.QuantSpec("int4", qjax.PerRow(-1)), axis_name=5)
+    with pytest.raises(ValueError, match="shape dimension must be >= 0, got -8"):
+        qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerGroup(-1, 4)), (2, -8))
+    with pytest.raises(TypeError, match="shape must be a tuple of ints"):
+        qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerRow(-1)), 8)

@@ -168,3 +168,21 @@ def test_bad_input():
         quest.spec(4, scale="gaussian")
     with pytest.raises(ValueError, match="kernel's first axis"):
         quest.dense(jnp.ones((2, 128)), jnp.ones((256, 4)), bits_x=4, bits_w=4)
+
+
+def test_hadamard_form_and_block_size_always_validated():
+    x, kernel = jnp.ones((2, 128)), jnp.ones((128, 4))
+    # With both operands in high precision nothing downstream would check them.
+    with pytest.raises(ValueError, match="hadamard must be one of"):
+        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, hadamard="bogus")
+    with pytest.raises(ValueError, match="power of two"):
+        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, block_size=100)
+    # hadamard=None does not use block_size, but a bad one is still an error.
+    with pytest.raises(ValueError, match="power of two"):
+        quest.spec(4, hadamard=None, block_size=-3)
+    with pytest.raises(TypeError, match="block_size"):
+        quest.spec(4, block_size=True)
+    with pytest.raises(TypeError, match="trust multiplier must be a number"):
+        quest.spec(4, trust=True)
+    with pytest.raises(ValueError, match="trust multiplier must be positive and finite"):
+        quest.spec(4, trust=float("nan"))

@@ -149,3 +149,19 @@ def test_rule_errors_and_warnings():
         qm.init(jax.random.key(0), X)
     with pytest.warns(UserWarning, match="matches no layer"):
         qjax.nn.quantize_model(NNXMLP(nnx.Rngs(0)), {"decoder": "ste"})
+
+
+def test_rules_and_qat_are_type_checked():
+    for rules in (None, "ste", 3):
+        with pytest.raises(TypeError, match="rules must be a mapping"):
+            qjax.nn.quantize_model(MLP(), rules)
+    with pytest.raises(TypeError, match="rules must be a mapping"):
+        qjax.nn.rewrite.parse_rules(None)
+    qm = qjax.nn.quantize_model(MLP(), {".*": "ste"})
+    v = qm.init(jax.random.key(0), X)
+    with pytest.raises(TypeError, match="qat must be a bool"):
+        qm.apply(v, X, qat="no")
+    model = qjax.nn.quantize_model(NNXMLP(nnx.Rngs(0)), {r"layers/\d": "ste"})
+    model.layers[0].qat = 0
+    with pytest.raises(TypeError, match="qat must be a bool"):
+        model(X)

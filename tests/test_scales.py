@@ -215,3 +215,77 @@ def test_rms_gaussian_scale_is_identical_under_jit_and_eager():
         eager = S.RmsGaussian().compute(x, axes, fmt)[0]
         jitted = jax.jit(lambda x, axes=axes: S.RmsGaussian().compute(x, axes, fmt)[0])(x)
         np.testing.assert_array_equal(eager, jitted)
+
+
+def test_clamp_scale_bounds_overflowing_scales_and_keeps_ordinary_ones():
+    s = jnp.array([0.0, 1e-39, 2.0**-126, 0.37, 1e30, 2.0**126, 3e38, jnp.inf])
+    np.testing.assert_array_equal(
+        S.clamp_scale(s), [2.0**-126, 2.0**-126, 2.0**-126, np.float32(0.37), np.float32(1e30),
+                           2.0**126, 2.0**126, 2.0**126])
+    # midrise1's max level is 1/2: max|x| / (1/2) overflowed to inf (values -inf) before.
+    s, _ = S.AbsMax().compute(jnp.array([[2e38, -1.0]]), (1,), qjax.Midrise(1))
+    assert float(s[0, 0]) == 2.0**126
+    # uint1 asymmetric: (max - min) / 1 overflowed (NaN values) before.
+    s, z = S.AbsMax(False).compute(jnp.array([[2e38, -2e38]]), (1,), qjax.IntFormat(1, False))
+    assert float(s[0, 0]) == 2.0**126 and np.isfinite(np.asarray(z)).all()
+    s, _ = S.RmsGaussian(clip=1e38).compute(jnp.full((1, 4), 1e16), (1,), qjax.Midrise(2))
+    assert float(s[0, 0]) == 2.0**126
+
+
+@pytest.mark.parametrize("dtype,big", [(jnp.float32, 2e38), (jnp.bfloat16, 2e38),
+                                       (jnp.float16, 6e4)])
+def test_torchao_affine_range_wider_than_the_dtype_gives_a_finite_scale(dtype, big):
+    # hi - lo overflows the input dtype; half of it divided by half of (qmax - qmin) is the same
+    # quotient, and the usual formula is kept wherever it does not overflow.
+    x = jnp.array([[big, -big], [6.0, -1.5]], dtype).astype(jnp.float32)
+    s, z = S.TorchAOAffine(symmetric=False).compute(x, (1,), qjax.IntFormat(8), dtype)
+    hi = np.float32(x[0, 0])
+    expect = float(jnp.asarray(np.float32(hi) / np.float32(127.5), dtype))
+    assert np.isfinite(np.asarray(s)).all() and np.isfinite(np.asarray(z)).all()
+    assert float(s[0, 0]) == expect
+    ordinary = float(jnp.asarray(np.float32(7.5) / np.float32(255), dtype))
+    assert float(s[1, 0]) == ordinary
+
+
+def test_rule_hyperparameters_validated():
+    for bad in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="RmsGaussian clip must be positive and finite"):
+            S.RmsGaussian(clip=bad)
+    for bad in ("3", True):
+        with pytest.raises(TypeError, match="RmsGaussian clip must be a number"):
+            S.RmsGaussian(clip=bad)
+    with pytest.raises(ValueError, match="eps must be positive and finite"):
+        S.TorchAOAffine(eps=float("inf"))
+    for bad in (float("nan"), float("inf"), 0):
+        with pytest.raises(ValueError, match="qmax must be positive and finite"):
+            S.lsq_init(jnp.ones(4), bad)
+    for bad in ("7", True):
+        with pytest.raises(TypeError, match="qmax must be a number"):
+            S.lsq_init(jnp.ones(4), bad)
+    with pytest.raises(TypeError, match="min_ratio must be a number"):
+        S.MseSearch(min_ratio="0.5")
+    with pytest.raises(TypeError, match="num_candidates must be an int"):
+        S.MseSearch(num_candidates=True)
+    assert S.MseSearch(np.int64(8)) == S.MseSearch(8)
+    assert type(S.MseSearch(np.int64(8)).num_candidates) is int
+    for bad in ("x", True):
+        with pytest.raises(TypeError, match="percentile q must be a number"):
+            S.Percentile(q=bad)
+    for rule, field in ((S.AbsMax, "symmetric"), (S.TorchAOAffine, "symmetric"),
+                        (S.GgmlMax, "signed")):
+        with pytest.raises(TypeError, match=f"{field} must be a bool"):
+            rule(**{field: "no"})
+    with pytest.raises(TypeError, match="num_levels must be an int"):
+        S.gaussian_mse(2.5, 1.0)
+    with pytest.raises(ValueError, match="num_levels must be >= 2"):
+        S.optimal_gaussian_clip(1)
+    with pytest.raises(ValueError, match="clip must be finite"):
+        S.gaussian_mse(3, float("nan"))
+    assert S.gaussian_clip("midrise4") == S.gaussian_clip(qjax.Midrise(4))
+
+
+@pytest.mark.parametrize("rule", [S.RmsGaussian(), S.RmsGaussian(clip=2.0), S.Percentile()])
+def test_rules_refuse_the_signed_one_bit_grid(rule):
+    # int1's max level is 0: these divided by it (ZeroDivisionError) before.
+    with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'"):
+        rule.compute(jnp.ones((2, 4)), (1,), qjax.IntFormat(1))

@@ -1,5 +1,6 @@
 """Tests for qjax.methods.scaling_law: the published preset and recovery of known parameters."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -47,7 +48,65 @@ def test_fit_validates_input():
         fit([Run(1e6, 1e9, 4, 3.0)] * 3)
     with pytest.raises(ValueError, match="reference_bits"):
         fit([Run(1e6, 1e9, 4, 3.0)] * 8, reference_bits=16)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"runs\[0\]\.n"):
         fit([Run(-1, 1e9, 4, 3.0)] * 8)
     with pytest.raises(ValueError, match="no efficiency"):
         QUEST_PUBLISHED.predict(1e6, 1e9, 5)
+
+
+NAN, INF = float("nan"), float("inf")
+RUNS = [Run(n, d, p, QUEST_PUBLISHED.predict(n, d, p))
+        for n, d, p in itertools.product((1e6, 1e7), (1e8, 1e9), (4, 8))]
+
+
+@pytest.mark.parametrize("field, value", [("loss", NAN), ("n", NAN), ("d", INF), ("bits", 0),
+                                          ("bits", -4), ("bits", NAN), ("loss", 0.0)])
+def test_fit_rejects_runs_that_are_not_finite_and_positive(field, value):
+    runs = RUNS[:-1] + [dataclasses.replace(RUNS[-1], **{field: value})]
+    with pytest.raises(ValueError, match=rf"runs\[7\]\.{field}"):
+        fit(runs)
+
+
+def test_fit_rejects_empty_and_malformed_runs():
+    with pytest.raises(ValueError, match="runs"):
+        fit([])
+    with pytest.raises(TypeError, match=r"runs\[0\]"):
+        fit([(1e6, 1e8, 4, 3.0)] * 10)
+    with pytest.raises(ValueError, match="reference_bits"):
+        fit(RUNS, reference_bits=NAN)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((0, 1e9, 4), ValueError, "n"),
+    ((-1e6, 1e9, 4), ValueError, "n"),
+    ((1e6, -1e9, 4), ValueError, "d"),
+    ((NAN, 1e9, 4), ValueError, "n"),
+    ((1e6, 1e9, True), TypeError, "bits"),
+    (("1e6", 1e9, 4), TypeError, "n"),
+])
+def test_predict_rejects_bad_arguments(args, error, match):
+    with pytest.raises(error, match=rf"^{match} must be"):
+        QUEST_PUBLISHED.predict(*args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"memory_bits": 0}, "memory_bits"),
+    ({"memory_bits": NAN}, "memory_bits"),
+    ({"tokens": 0}, "tokens"),
+    ({"candidates": []}, "candidates"),
+    ({"candidates": [0]}, r"candidates\[0\]"),
+])
+def test_best_bits_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QUEST_PUBLISHED.best_bits(**({"memory_bits": 1e9, "tokens": 1e9} | kwargs))
+
+
+def test_scaling_law_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="^a must be"):
+        ScalingLaw(-1.0, 0.1, 1.0, 0.1, 0.0, {4: 1.0})
+    with pytest.raises(TypeError, match="eff"):
+        ScalingLaw(1.0, 0.1, 1.0, 0.1, 0.0, None)
+    with pytest.raises(ValueError, match="eff"):
+        ScalingLaw(1.0, 0.1, 1.0, 0.1, 0.0, {0: 1.0})
+    with pytest.raises(ValueError, match=r"eff\[4\]"):
+        ScalingLaw(1.0, 0.1, 1.0, 0.1, 0.0, {4: -1.0})

@@ -297,6 +297,20 @@ def test_bad_meshes_and_shapes_raise():
         S.param_specs({"w": jnp.zeros((8, 8))}, mesh, [("w", ("fsdp",))])
 
 
+def test_batch_and_block_arguments_are_checked():
+    mesh = _mesh({"data": 2})
+    for bad, error in ((0, ValueError), (-4, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="batch_size"):
+            S.check_batch(bad, mesh)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="ndim"):
+            S.batch_spec(mesh, bad)
+    assert S.batch_spec(mesh, 1) == P("data")
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="block_size"):
+            S.check_hadamard_blocks({"w": jnp.zeros((8, 8))}, {"w": P()}, mesh, bad, "w")
+
+
 def test_axis_name_errors():
     spec = qjax.QuantSpec("int4", qjax.PerRow(-1), scale=qjax.Percentile(99.0))
     mesh = _mesh({"tensor": 2})

@@ -51,7 +51,8 @@ def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
     """Inverse of :func:`to_arrays`, with the QArray metadata (spec, shape, dtype) of ``like``.
 
     Raises:
-      ValueError: if the structure or a shape differs from ``like``'s.
+      ValueError: if the structure, a shape or a QArray field's dtype differs from ``like``'s
+        (e.g. float codes, which ``dequantize`` cannot unpack).
     """
     if isinstance(like, QArray):
         if not isinstance(arrays, Mapping) or "codes" not in arrays:
@@ -64,6 +65,10 @@ def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
                     want is not None and tuple(np.shape(got)) != tuple(want.shape)):
                 raise ValueError(f"{_path}/{f}: shape {np.shape(got)} does not match the model's "
                                  f"{None if want is None else tuple(want.shape)}")
+            # Stored codes are int8/uint8 (or fp8) by format: another dtype would not decode.
+            if want is not None and _dtype(got) != np.dtype(want.dtype):
+                raise ValueError(f"{_path}/{f}: dtype {_dtype(got)} does not match the model's "
+                                 f"{np.dtype(want.dtype)}")
         return QArray(spec=like.spec, shape=like.shape, dtype=like.dtype, **fields)
     if isinstance(like, Mapping):
         if not isinstance(arrays, Mapping) or set(map(str, like)) != set(arrays):
@@ -75,6 +80,16 @@ def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
         raise ValueError(f"{_path}: shape {np.shape(arrays)} does not match the model's "
                          f"{np.shape(like)}")
     return arrays
+
+
+def _dtype(a) -> np.dtype:
+    """dtype of an array, a tracer (under ``jax.export``) or a nested list."""
+    return np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def _check_path(path: object, name: str = "path") -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
 
 
 def flatten(tree: Mapping, sep: str = "/", prefix: str = "") -> dict[str, object]:
@@ -97,7 +112,8 @@ def _manifest(serving_params: Mapping) -> dict:
 
 
 def directory_bytes(path: str) -> int:
-    """Total size of the files under ``path``."""
+    """Total size of the files under ``path`` (0 if it does not exist)."""
+    _check_path(path)
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
@@ -106,10 +122,14 @@ def save(path: str, serving_params: Mapping, *, overwrite: bool = False) -> int:
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
-      TypeError: ``serving_params`` is not a mapping.
+      TypeError: ``path`` is not a path, ``serving_params`` not a mapping, ``overwrite`` not a
+        bool (a truthy string such as ``"no"`` must not replace a checkpoint).
     """
+    _check_path(path)
     if not isinstance(serving_params, Mapping):
         raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -157,6 +177,10 @@ def restore(path: str, like: Mapping | None = None) -> dict:
       FileNotFoundError: no directory at ``path``.
       ValueError: not a qjax serving checkpoint, corrupt or truncated, or not matching ``like``.
     """
+    _check_path(path)
+    if like is not None and not isinstance(like, Mapping):
+        raise TypeError(f"like must be a mapping of serving params or None, got "
+                        f"{type(like).__name__}")
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no serving checkpoint at {path}")
@@ -225,6 +249,8 @@ def export_serving(model: QuantizedLinenModel, serving_params: Mapping, *args,
     if not isinstance(model, QuantizedLinenModel):
         raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel, got "
                         f"{type(model).__name__}")
+    if path is not None:
+        _check_path(path)
     arrays = to_arrays(serving_params)
 
     def forward(arrays, *a):

@@ -37,7 +37,15 @@ from qjax.kernels import quantized_matmul
 from qjax.nn import common as C
 from qjax.nn.rewrite import QuantizedLinenModel
 from qjax.qarray import QArray
-from qjax.qdot import int8_matmul, int8_operand, integer_forward_reason, operand_codes
+from qjax.qdot import (
+    check_floating,
+    check_int32_sum,
+    check_spec,
+    int8_matmul,
+    int8_operand,
+    integer_forward_reason,
+    operand_codes,
+)
 from qjax.quantize import dequantize
 
 __all__ = ["serve", "serving_matmul", "BACKENDS", "uses_integer_matmul"]
@@ -87,11 +95,18 @@ def serving_matmul(
 
     Returns:
       ``(..., N)`` in ``x``'s dtype (weight-only: ``result_type(x, w.dtype)``).
+
+    Raises:
+      TypeError: ``x`` not a floating array, ``w`` not a QArray, ``act_spec`` not a QuantSpec.
+      ValueError: an unknown backend, mismatched shapes, specs without an integer matmul, or a K
+        whose int32 sum could overflow (:func:`qjax.qdot.check_int32_sum`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_floating(x, "x")
     if not isinstance(w, QArray):
         raise TypeError(f"w must be a qjax.QArray, got {type(w).__name__}")
+    check_spec(act_spec, "act_spec", optional=True)
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"need x (..., K) and w (N, K), got {x.shape} and {w.shape}")
     if backend == "auto" and jax.default_backend() not in ("tpu", "gpu", "cuda"):
@@ -106,6 +121,7 @@ def serving_matmul(
     reason = integer_forward_reason(_training_view(w.spec), act_spec)
     if reason:
         raise ValueError(f"no integer matmul for these specs: {reason}")
+    check_int32_sum(w.shape[1], act_spec.format, w.spec.format)
     q, s = operand_codes(x.astype(jnp.float32), act_spec.replace(hadamard=None), -1)
     xi, xs = int8_operand(q, s, act_spec.format)
     wi, ws = _weight_int8(w)
@@ -114,6 +130,8 @@ def serving_matmul(
 
 def uses_integer_matmul(lq: C.LayerQuant) -> bool:
     """Whether :func:`serve` runs this layer as an int8 x int8 matmul."""
+    if not isinstance(lq, C.LayerQuant):
+        raise TypeError(f"lq must be a qjax.nn.LayerQuant, got {type(lq).__name__}")
     return lq.activation is not None and integer_forward_reason(lq.weight, lq.activation) is None
 
 

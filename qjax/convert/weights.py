@@ -40,30 +40,39 @@ from qjax.quantize import quantize
 __all__ = ["convert", "serving_layers", "serving_spec", "kernel_to_qarray"]
 
 
-def _other_axis(axis: int) -> int:
-    """Axis of a 2-D ``(K, N)`` array after the transpose to ``(N, K)``, as -1 or -2."""
-    return -1 if axis % 2 == 0 else -2
+def _other_axis(axis: int, name: str) -> int:
+    """Axis of a 2-D ``(K, N)`` array after the transpose to ``(N, K)``, as -1 or -2.
+
+    Raises ValueError for an axis a rank-2 kernel does not have (``axis % 2`` would wrap it).
+    """
+    return -1 if G._normalize(axis, 2, name) == 0 else -2
 
 
 def _transpose_granularity(g: G.Granularity) -> G.Granularity:
     if isinstance(g, G.PerTensor):
         return g
     if isinstance(g, G.PerRow):
-        return G.PerRow(_other_axis(g.axis))
+        return G.PerRow(_other_axis(g.axis, "spec.granularity axis"))
     if isinstance(g, G.PerGroup):
-        return G.PerGroup(_other_axis(g.axis), g.size)
+        return G.PerGroup(_other_axis(g.axis, "spec.granularity axis"), g.size)
     if isinstance(g, G.PerAxis):
         axes = g.axis if isinstance(g.axis, tuple) else (g.axis,)
-        moved = tuple(_other_axis(a) for a in axes)
+        moved = tuple(_other_axis(a, "spec.granularity axis") for a in axes)
         return G.PerAxis(moved if isinstance(g.axis, tuple) else moved[0])
     raise TypeError(f"unsupported granularity {g!r}")
 
 
 def serving_spec(spec: SP.QuantSpec) -> SP.QuantSpec:
-    """``spec`` of a 2-D ``(K, N)`` kernel, moved to the transposed ``(N, K)`` layout."""
+    """``spec`` of a 2-D ``(K, N)`` kernel, moved to the transposed ``(N, K)`` layout.
+
+    Raises:
+      TypeError: ``spec`` is not a QuantSpec.
+      ValueError: a granularity or Hadamard axis out of range for a 2-D kernel.
+    """
     if not isinstance(spec, SP.QuantSpec):
         raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
-    moved = {} if spec.hadamard is None else {"hadamard_axis": _other_axis(spec.hadamard_axis)}
+    moved = {} if spec.hadamard is None else {
+        "hadamard_axis": _other_axis(spec.hadamard_axis, "spec.hadamard_axis")}
     return spec.replace(granularity=_transpose_granularity(spec.granularity), **moved)
 
 
@@ -91,11 +100,11 @@ def kernel_to_qarray(kernel: jax.Array, spec: SP.QuantSpec,
     if getattr(kernel, "ndim", None) != 2:
         raise ValueError(f"kernel must be a 2-D (K, N) array, got shape "
                          f"{getattr(kernel, 'shape', None)}")
+    new_spec = serving_spec(spec)  # first: it checks that spec is a QuantSpec for a 2-D kernel
     if spec.rounding == "stochastic":
         raise ValueError("stochastic rounding has no deterministic serving codes; use "
                          "rounding='nearest' for the weights")
     qa = quantize(kernel, spec, scale=kernel_scale)
-    new_spec = serving_spec(spec)
     old_lay = G.layout(spec.granularity, qa.shape)
     new_lay = G.layout(new_spec.granularity, qa.shape[::-1])
     codes = qa.codes_float32().T

@@ -10,6 +10,10 @@ e4m3/e5m2 value. The scale rule and the rounding are the spec's own (``spec.scal
 (per-token statistics need the full row: the block is ``(bm, K)``). QuEST's Hadamard rotation is
 applied by the caller before this op (``act_spec.hadamard`` is ignored here).
 
+Both refuse a spec whose codes they cannot reproduce (unsigned or fp4 grids, zero points, other
+granularities or scale rules, learned scales, ...): the rules are :func:`qjax.kernels.classify`'s
+(:func:`qjax.kernels.cases.check_act_spec`).
+
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
 """
@@ -25,6 +29,8 @@ from jax.experimental import pallas as pl
 from qjax import estimators as E
 from qjax import formats as F
 from qjax import spec as SP
+from qjax._checks import check_floating, check_pos_int
+from qjax.kernels.cases import check_act_spec
 from qjax.qdot import int8_operand
 
 __all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block"]
@@ -36,7 +42,14 @@ def codes_dtype(fmt: F.Format):
 
 
 def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax.Array]:
-    """Per-row codes ``(M, K)`` and float32 kernel scales ``(M, 1)`` of float32 ``x32 (M, K)``."""
+    """Per-row codes ``(M, K)`` and float32 kernel scales ``(M, 1)`` of float32 ``x32 (M, K)``.
+
+    Raises:
+      TypeError: ``x32`` not a floating array, ``spec`` not a QuantSpec.
+      ValueError: a spec the kernels cannot honour (see the module docstring).
+    """
+    check_floating(x32, "x32")
+    check_act_spec(spec, "spec")
     fmt = spec.format
     scale, _ = spec.scale.compute(x32, (x32.ndim - 1,), fmt)
     q = E.encode(x32, scale, None, fmt)
@@ -50,9 +63,15 @@ def row_block(rows: int, k: int, x_dtype, block_m: int, vmem_limit_bytes: int,
     """Largest multiple of ``sublane`` dividing ``block_m`` whose whole-row blocks fit in VMEM.
 
     Footprint per row: the input and the 1-byte codes double-buffered, plus two float32
-    temporaries (``x`` upcast and the scaled values). Raises ValueError if no block fits.
+    temporaries (``x`` upcast and the scaled values). ``rows`` (the padded row count) is not
+    used. Raises ValueError if no block fits, TypeError/ValueError on invalid arguments.
     """
-    del rows
+    check_pos_int("rows", rows, allow_zero=True)
+    for name, value in (("k", k), ("block_m", block_m), ("vmem_limit_bytes", vmem_limit_bytes),
+                        ("sublane", sublane)):
+        check_pos_int(name, value)
+    if block_m % sublane:
+        raise ValueError(f"block_m={block_m} must be a multiple of sublane={sublane}")
     per_row = 2 * k * (jnp.dtype(x_dtype).itemsize + 1) + 2 * k * 4 + 16
     for bm in range(block_m, 0, -sublane):
         if block_m % bm == 0 and bm % sublane == 0 and bm * per_row <= vmem_limit_bytes:
@@ -75,6 +94,11 @@ def quantize_rows(x: jax.Array, spec: SP.QuantSpec, block_m: int, interpret=Fals
 
     Returns codes ``(M, K)`` (:func:`codes_dtype`) and float32 scales ``(M, 1)``.
     """
+    check_floating(x, "x")
+    check_act_spec(spec, "spec")
+    check_pos_int("block_m", block_m)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (M, K), got shape {x.shape}")
     m, k = x.shape
     if m % block_m:
         raise ValueError(f"block_m={block_m} must divide the number of rows {m}")

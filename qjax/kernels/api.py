@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import spec as SP
+from qjax._checks import check_floating, check_pos_int
 from qjax.kernels import blocks as B
 from qjax.kernels import cases as C
 from qjax.kernels import pallas_gpu, pallas_tpu, reference
@@ -69,6 +70,9 @@ def resolve_backend(backend: str, case: C.Case, platform: str | None = None) -> 
     """The concrete backend ``backend`` means for ``case`` on ``platform`` (default: JAX's)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(case, C.Case):
+        raise TypeError(f"case must be a qjax.kernels.Case (from classify), got "
+                        f"{type(case).__name__}")
     if backend != "auto":
         reason = _unsupported(case, backend)
         if reason:
@@ -188,11 +192,9 @@ def quantized_matmul(
       Panferov et al., 2025 (QuEST odd-integer int4 codes); Frantar et al., 2024 (Marlin,
       W4A16 kernels); Micikevicius et al., 2022 (FP8 formats for deep learning).
     """
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must be a floating array, got {getattr(x, 'dtype', type(x))}")
-    if isinstance(vmem_limit_bytes, bool) or not isinstance(vmem_limit_bytes, int) or \
-            vmem_limit_bytes <= 0:
-        raise ValueError(f"vmem_limit_bytes must be a positive int, got {vmem_limit_bytes!r}")
+    check_floating(x, "x")
+    check_pos_int("vmem_limit_bytes", vmem_limit_bytes)
+    vmem_limit_bytes = int(vmem_limit_bytes)  # a Python int in the static config
     out = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if not jnp.issubdtype(out, jnp.floating):
         raise TypeError(f"out_dtype must be a floating dtype, got {out}")

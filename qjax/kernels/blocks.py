@@ -23,6 +23,7 @@ import math
 
 import jax.numpy as jnp
 
+from qjax._checks import check_pos_int
 from qjax.kernels.cases import Case
 
 __all__ = ["BlockSizes", "default_block_sizes", "validate_block_sizes"]
@@ -40,18 +41,36 @@ class BlockSizes:
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_pos_int(name, getattr(self, name))
+            # Python ints: block shapes of Pallas BlockSpecs and parts of a static jit argument.
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def _round_up(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
-def sublanes(dtype) -> int:
-    """TPU sublane tile of a dtype: 8 (32-bit), 16 (16-bit), 32 (8-bit)."""
-    return {4: 8, 2: 16, 1: 32}[jnp.dtype(dtype).itemsize]
+_SUBLANES = {4: 8, 2: 16, 1: 32}
+
+
+def sublanes(dtype, name: str = "dtype") -> int:
+    """TPU sublane tile of a dtype: 8 (32-bit), 16 (16-bit), 32 (8-bit); ``name`` for errors."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if itemsize not in _SUBLANES:
+        raise ValueError(f"{name}={jnp.dtype(dtype)} has no TPU tile: the kernels take 8-, 16- "
+                         "or 32-bit dtypes")
+    return _SUBLANES[itemsize]
+
+
+def _check_case_and_backend(case: Case, backend: str) -> None:
+    if not isinstance(case, Case):
+        raise TypeError(f"case must be a qjax.kernels.Case, got {type(case).__name__}")
+    if backend not in BACKENDS_WITH_BLOCKS:
+        raise ValueError(f"backend must be one of {BACKENDS_WITH_BLOCKS}, got {backend!r}")
+
+
+def _tpu_sublanes(x_dtype, out_dtype) -> int:
+    return max(sublanes(x_dtype, "x_dtype"), sublanes(out_dtype, "out_dtype"))
 
 
 def k_unit(case: Case, gpu: bool = False) -> int:
@@ -68,14 +87,20 @@ def _pow2(v: int) -> int:
 
 
 def default_block_sizes(case: Case, m: int, x_dtype, out_dtype, backend: str) -> BlockSizes:
-    """Per-backend defaults, clipped to the problem so that tiny shapes pad little."""
+    """Per-backend defaults, clipped to the problem so that tiny shapes pad little.
+
+    ``m`` is the number of rows of x (at least 1); ``backend`` one of ``BACKENDS_WITH_BLOCKS``
+    (``"interpret"`` runs the TPU kernels, so it gets the TPU defaults).
+    """
+    _check_case_and_backend(case, backend)
+    check_pos_int("m", m)
     if backend == "pallas_gpu":
         bm = min(64, max(16, _pow2(m)))
         bn = min(128, max(16, _pow2(case.n)))
         unit = _pow2(k_unit(case, gpu=True))
         bk = min(max(unit, 128 * case.per // 2), max(unit, _pow2(case.k)))
         return BlockSizes(bm, bn, bk)
-    sub = max(sublanes(x_dtype), sublanes(out_dtype))
+    sub = _tpu_sublanes(x_dtype, out_dtype)
     bm = min(256, _round_up(m, sub))
     bn = 256 if case.n >= 256 else 128
     unit = k_unit(case)
@@ -88,6 +113,7 @@ def validate_block_sizes(bs: BlockSizes, case: Case, x_dtype, out_dtype, backend
     if not isinstance(bs, BlockSizes):
         raise TypeError(f"block_sizes must be a qjax.kernels.BlockSizes or None, got "
                         f"{type(bs).__name__}")
+    _check_case_and_backend(case, backend)
 
     def bad(msg):
         raise ValueError(f"block_sizes={bs} invalid for backend {backend!r}: {msg}")
@@ -104,7 +130,7 @@ def validate_block_sizes(bs: BlockSizes, case: Case, x_dtype, out_dtype, backend
         if bs.block_k // case.per < 16:
             bad(f"block_k / {case.per} must be >= 16 (Triton dot)")
         return
-    sub = max(sublanes(x_dtype), sublanes(out_dtype))
+    sub = _tpu_sublanes(x_dtype, out_dtype)
     if bs.block_m % sub:
         bad(f"block_m must be a multiple of {sub} (TPU sublane tile of the activation/output "
             "dtypes)")

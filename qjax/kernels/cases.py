@@ -7,7 +7,9 @@ Cases (``Case.kind``):
   float activations; float32 accumulation.
 * ``"int"``: both operands on integer grids (W8A8, W4A4 QuEST, W1A1): int8 codes, int32
   accumulation, ``y = s_x * s_w * acc`` in the epilogue. Midrise (QuEST) codes enter as the odd
-  integers ``u = 2q + 1`` with half the scale, so no correction term is needed.
+  integers ``u = 2q + 1`` with half the scale, so no correction term is needed. The int32 sum is
+  exact only while ``K * max|code_x| * max|code_w| <= 2^31 - 1`` (W8A8: ``K <= 131,071``);
+  :func:`classify` refuses larger K (:func:`qjax.qdot.check_int32_sum`).
 * ``"fp8"``: e4m3/e5m2 activations and weights with per-row scales, float32 accumulation.
 
 Kernel operand layout (built by :func:`prepare_operands`, shared by every Pallas backend):
@@ -46,8 +48,9 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
 from qjax.qarray import PACKED_BITS, QArray
+from qjax.qdot import check_int32_sum, check_spec, int8_code_max
 
-__all__ = ["Case", "classify", "prepare_operands", "Operands"]
+__all__ = ["Case", "classify", "check_act_spec", "prepare_operands", "Operands"]
 
 KINDS = ("float", "int", "fp8")
 
@@ -92,8 +95,7 @@ class Case:
 
 
 def _int_codeable(fmt: F.Format) -> bool:
-    return ((isinstance(fmt, F.IntFormat) and fmt.signed) or isinstance(fmt, F.Ternary)
-            or (isinstance(fmt, F.Midrise) and fmt.bits <= 7))
+    return int8_code_max(fmt) is not None
 
 
 def _is_fp8(fmt: F.Format) -> bool:
@@ -104,20 +106,35 @@ def _symmetric(spec: SP.QuantSpec) -> bool:
     return not (isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric)
 
 
-def _check_act_spec(a: SP.QuantSpec) -> None:
-    if not isinstance(a, SP.QuantSpec):
-        raise TypeError(f"act_spec must be a qjax.QuantSpec or None, got {type(a).__name__}")
+def check_act_spec(a: object, name: str = "act_spec", *, optional: bool = False) -> None:
+    """Raises unless the kernels' per-token activation quantization can honour spec ``a``.
+
+    The rules of :func:`classify` and :func:`qjax.kernels.activation_codes`: per-token symmetric
+    codes on an int8-codeable or fp8 grid, from a rule the kernels recompute (float32 scales,
+    nearest rounding, no learned scale, no rotation back).
+    """
+    check_spec(a, name, optional=optional)
+    if a is None:
+        return
+    fmt = a.format
+    if not (_int_codeable(fmt) or _is_fp8(fmt)):
+        raise ValueError(f"{name} format {fmt.name} has no int8 or fp8 code; use a signed int, "
+                         "ternary, midrise (<= 7 bits), e4m3 or e5m2 format")
     if a.granularity != G.PerRow(-1):
-        raise ValueError(f"act_spec granularity must be PerRow(-1) (per token), got "
+        raise ValueError(f"{name} granularity must be PerRow(-1) (per token), got "
                          f"{a.granularity}")
     if not (isinstance(a.scale, (S.AbsMax, S.RmsGaussian)) and _symmetric(a)):
-        raise ValueError(f"act_spec scale must be symmetric AbsMax or RmsGaussian, got {a.scale}")
+        raise ValueError(f"{name} scale must be symmetric AbsMax or RmsGaussian (no zero point), "
+                         f"got {a.scale}")
+    if a.scale_dtype is not None:
+        raise ValueError(f"{name} scale_dtype must be None (the kernels apply float32 scales), "
+                         f"got {a.scale_dtype!r}")
     if a.rounding != "nearest":
-        raise ValueError("act_spec rounding must be 'nearest'")
+        raise ValueError(f"{name} rounding must be 'nearest', got {a.rounding!r}")
     if isinstance(a.estimator, SP.LEARNED_SCALE_ESTIMATORS):
-        raise ValueError("act_spec must not use a learned-scale estimator (LSQ, PACT)")
+        raise ValueError(f"{name} must not use a learned-scale estimator (LSQ, PACT)")
     if a.hadamard is not None and a.hadamard_mode != "half":
-        raise ValueError("act_spec with a Hadamard rotation must use hadamard_mode='half' (the "
+        raise ValueError(f"{name} with a Hadamard rotation must use hadamard_mode='half' (the "
                          "caller rotates x; the full form rotates back before the matmul)")
 
 
@@ -128,6 +145,9 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     if len(w.shape) != 2:
         raise ValueError(f"w must be a 2-D QArray of shape (N, K), got shape {w.shape}")
     n, k = w.shape
+    check_act_spec(act_spec, optional=True)
+    if not isinstance(x_shape, (tuple, list)):
+        raise TypeError(f"x_shape must be a tuple of ints (x.shape), got {type(x_shape).__name__}")
     if len(x_shape) < 1 or x_shape[-1] != k:
         raise ValueError(f"x must have shape (..., K) with K = {k} (w is (N, K) = {w.shape}), "
                          f"got {tuple(x_shape)}")
@@ -154,12 +174,12 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     if act_spec is None:
         kind = "float"
     else:
-        _check_act_spec(act_spec)
         afmt = act_spec.format
         if _is_fp8(afmt) and _is_fp8(fmt):
             kind = "fp8"
         elif _int_codeable(afmt) and _int_codeable(fmt):
             kind = "int"
+            check_int32_sum(k, afmt, fmt)
         else:
             raise ValueError(f"unsupported format pair: activations {afmt.name}, weights "
                              f"{fmt.name}; both must be int8-codeable (signed int, ternary, "

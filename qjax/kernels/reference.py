@@ -5,9 +5,10 @@ Each is written from :func:`qjax.dequantize`, :meth:`QArray.codes_float32` and
 layout, so a kernel is checked against something it does not share code with.
 
 * float kind: ``x @ dequantize(w).T`` with float32 accumulation.
-* int kind: ``lax.dot_general`` on int8 codes with int32 accumulation (exact: ``K * 127^2 < 2^31``
-  for ``K < 133,000``), then ``acc * s_x * s_w``. A single row is padded to two rows: the CPU int8
-  dot is about 10x slower at M = 1 (its GEMV path is not vectorised) than at M = 2.
+* int kind: ``lax.dot_general`` on int8 codes with int32 accumulation (exact:
+  :func:`qjax.kernels.classify` refuses a K whose sum could overflow), then ``acc * s_x * s_w``.
+  A single row is padded to two rows: the CPU int8 dot is about 10x slower at M = 1 (its GEMV
+  path is not vectorised) than at M = 2.
 * fp8 kind: the fp8 codes upcast to float32 (exact), float32 dot, then ``acc * s_x * s_w``.
 
 References:

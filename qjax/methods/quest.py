@@ -27,12 +27,20 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
-from qjax.hadamard import hadamard_transform
+from qjax.hadamard import check_block_size, hadamard_transform
 from qjax.quantize import fake_quant as core_fake_quant
 
 __all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
 
 HADAMARD_FORMS = ("half", "full", None)
+
+
+def _check_hadamard(hadamard: object, block_size: object) -> None:
+    # Both always, also where they end up unused (hadamard=None ignores block_size, bits=None
+    # skips the quantizer that would check them): a typo must not silently change the layer.
+    if hadamard not in HADAMARD_FORMS:
+        raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
+    check_block_size(block_size)
 
 
 def spec(
@@ -61,8 +69,7 @@ def spec(
         another rule or rule name (see :func:`qjax.scales.as_scale_rule`), e.g. ``"mse:8:0.6"``:
         the clip with least squared error on the row itself, for rows that are not Gaussian.
     """
-    if hadamard not in HADAMARD_FORMS:
-        raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
+    _check_hadamard(hadamard, block_size)
     return SP.QuantSpec(
         format=F.Midrise(bits),
         granularity=G.PerRow(axis),
@@ -118,6 +125,7 @@ def quantize_dense_operands(
     both are rotated along K. ``bits_x=None`` (or ``bits_w=None``) leaves that operand in high
     precision (rotated in the half form so the product is unchanged).
     """
+    _check_hadamard(hadamard, block_size)
     if kernel.ndim != 2:
         raise ValueError(f"kernel must have shape (K, N), got {kernel.shape}")
     if x.shape[-1] != kernel.shape[0]:

@@ -21,7 +21,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qjax._checks import check_real
+
 __all__ = ["ScalingLaw", "Run", "fit", "QUEST_PUBLISHED"]
+
+
+def _check_positive(values: Mapping[str, float]) -> None:
+    # The law takes powers and logs of these: a non-positive one gives a complex number or a
+    # division by zero, a NaN a NaN loss (or a failed fit).
+    for name, value in values.items():
+        check_real(name, value, 0.0, low_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +54,36 @@ class ScalingLaw:
     e: float
     eff: Mapping[float, float]
 
+    def __post_init__(self):
+        _check_positive({"a": self.a, "alpha": self.alpha, "b": self.b, "beta": self.beta})
+        check_real("e", self.e, 0.0)
+        if not isinstance(self.eff, Mapping):
+            raise TypeError(f"eff must be a mapping of bits to efficiency, got {self.eff!r}")
+        if not self.eff:
+            raise ValueError("eff must hold the efficiency of at least one precision")
+        _check_positive({f"eff key {p!r}": p for p in self.eff})
+        _check_positive({f"eff[{p!r}]": e for p, e in self.eff.items()})
+
     def predict(self, n: float, d: float, bits: float) -> float:
+        """The predicted loss; ``n``, ``d`` and ``bits`` must be finite and positive."""
+        _check_positive({"n": n, "d": d, "bits": bits})
         if bits not in self.eff:
             raise ValueError(f"no efficiency for {bits} bits; known: {sorted(self.eff)}")
         return float(self.a / (n * self.eff[bits]) ** self.alpha + self.b / d**self.beta + self.e)
 
     def best_bits(self, memory_bits: float, tokens: float,
                   candidates: Sequence[float] | None = None) -> float:
-        """The precision with the lowest predicted loss for ``N = memory_bits / P`` parameters."""
+        """The precision with the lowest predicted loss for ``N = memory_bits / P`` parameters.
+
+        ``candidates`` (default: every precision of ``eff``) must be a non-empty sequence of
+        finite positive bit widths that ``eff`` knows.
+        """
+        _check_positive({"memory_bits": memory_bits, "tokens": tokens})
         cands = sorted(self.eff) if candidates is None else list(candidates)
+        if not cands:
+            raise ValueError(f"candidates must name at least one precision; known: "
+                             f"{sorted(self.eff)}")
+        _check_positive({f"candidates[{i}]": p for i, p in enumerate(cands)})
         return min(cands, key=lambda p: self.predict(memory_bits / p, tokens, p))
 
     def efficiency_per_bit(self) -> dict[float, float]:
@@ -74,12 +104,22 @@ def fit(runs: Sequence[Run], reference_bits: float | None = None) -> ScalingLaw:
     highest precision among the runs.
 
     Raises:
-      ValueError: too few runs, non-positive values, or a reference precision with no runs.
+      TypeError: a run that is not a :class:`Run`.
+      ValueError: no or too few runs, values that are not finite and positive, or a reference
+        precision with no runs.
     """
     from scipy.optimize import least_squares
 
     runs = list(runs)
+    if not runs:
+        raise ValueError("runs must hold at least one Run")
+    for i, r in enumerate(runs):
+        if not isinstance(r, Run):
+            raise TypeError(f"runs[{i}] must be a Run, got {type(r).__name__}")
+        _check_positive({f"runs[{i}].{f}": getattr(r, f) for f in ("n", "d", "bits", "loss")})
     precisions = sorted({float(r.bits) for r in runs})
+    if reference_bits is not None:
+        _check_positive({"reference_bits": reference_bits})
     ref = float(max(precisions) if reference_bits is None else reference_bits)
     if ref not in precisions:
         raise ValueError(f"reference_bits {ref} has no runs; precisions: {precisions}")
@@ -87,8 +127,6 @@ def fit(runs: Sequence[Run], reference_bits: float | None = None) -> ScalingLaw:
     if len(runs) < 5 + len(free):
         raise ValueError(f"need at least {5 + len(free)} runs for {len(precisions)} precisions")
     arr = np.array([[r.n, r.d, r.bits, r.loss] for r in runs], dtype=np.float64)
-    if np.any(arr[:, [0, 1, 3]] <= 0):
-        raise ValueError("n, d and loss must be positive")
     n, d, bits, loss = arr.T
     idx = np.array([free.index(b) if b in free else -1 for b in bits])
 

@@ -26,7 +26,8 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
-from qjax.hadamard import hadamard_transform
+from qjax._checks import check_axis_name, check_bool, check_pos_int, check_real
+from qjax.hadamard import check_block_size, hadamard_transform
 from qjax.methods import quest
 from qjax.qdot import integer_forward_reason, qat_dense
 from qjax.quantize import fake_quant, rotate_like_spec
@@ -61,16 +62,20 @@ class LayerQuant:
     activation_axis_name: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        # Types first: integer_forward_reason reads the specs' fields.
+        for name in ("weight", "activation"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, SP.QuantSpec):
+                raise TypeError(f"{name} must be a QuantSpec or None, got {type(v).__name__}")
+        check_bool("integer_forward", self.integer_forward)
+        check_axis_name("weight_axis_name", self.weight_axis_name)
+        check_axis_name("activation_axis_name", self.activation_axis_name)
         if self.integer_forward:
             reason = integer_forward_reason(self.weight, self.activation)
             if self.weight_axis_name or self.activation_axis_name:
                 reason = "it computes local scales, so it takes no weight/activation axis_name"
             if reason:
                 raise ValueError(f"integer_forward is not available: {reason}")
-        for name in ("weight", "activation"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, SP.QuantSpec):
-                raise TypeError(f"{name} must be a QuantSpec or None, got {type(v).__name__}")
         w, a = self.half_block("weight"), self.half_block("activation")
         if w and a and w != a:
             raise ValueError(f"half-Hadamard block sizes differ: weight {w}, activation {a}")
@@ -117,6 +122,13 @@ class Method:
     ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others. Setting
     both explicitly makes methods comparable on the same grid and rotation.
     ``weight_axis_name`` / ``activation_axis_name`` go to :class:`LayerQuant` (``shard_map`` only).
+
+    The fields are checked here, also those the method ignores (``block_size`` without a
+    Hadamard, ``trust`` outside QuEST): ``block_size`` a positive power of two, ``trust`` finite
+    and positive, ``clip`` finite and positive or None, ``integer_forward`` a bool. A 1-bit
+    ``"int"`` grid ``{-1, 0}`` has no positive level, which the default scale rules and the
+    learned steps of LSQ and PACT need: 1 bit takes the midrise grid (or, for ``quest`` and
+    ``ste``, a ``scale`` rule that copes, e.g. asymmetric absmax).
     """
 
     name: str
@@ -155,6 +167,24 @@ class Method:
                 raise ValueError(f"scale of {self.name} must be 'auto' (it learns its scales), "
                                  f"got {self.scale!r}")
             S.as_scale_rule(self.scale)  # fails early on a bad name
+        check_block_size(self.block_size)
+        check_real("trust", self.trust, 0.0, low_open=True)
+        if self.clip is not None:
+            check_real("clip", self.clip, 0.0, low_open=True)
+        check_bool("integer_forward", self.integer_forward)
+        check_axis_name("weight_axis_name", self.weight_axis_name)
+        check_axis_name("activation_axis_name", self.activation_axis_name)
+        for name in ("weight_bits", "act_bits"):
+            bits = getattr(self, name)
+            if bits is None or self.scale != "auto":
+                continue
+            # LSQ divides by sqrt(max_level), PACT's step is alpha / max_level, and the default
+            # rules (RMS-Gaussian, symmetric absmax) need a positive level too.
+            fmt = self._format(bits)
+            if fmt.max_level <= 0:
+                raise ValueError(
+                    f"{self.name} cannot use {name}={bits} on the {fmt.name} grid (no positive "
+                    f"level); allowed {name}: 2..8, or 1..8 with grid='midrise'")
 
     def _scale(self, default: S.ScaleRule) -> S.ScaleRule:
         return default if self.scale == "auto" else S.as_scale_rule(self.scale)
@@ -337,6 +367,7 @@ def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precisio
     ``out_sharding`` names the output sharding on explicit meshes (as in ``nnx.Linear``); by
     default :func:`qjax.typed_sharding.dot_out_spec`.
     """
+    check_bool("qat", qat)
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if qat and lq.integer_forward:
@@ -353,6 +384,7 @@ def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precisio
 def einsum_op(einsum_str, x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None,
               precision=None, out_sharding=None):
     """``einsum(einsum_str, x, kernel) + bias`` with quantized operands when ``qat``."""
+    check_bool("qat", qat)
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if qat:
@@ -365,6 +397,7 @@ def einsum_op(einsum_str, x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=N
 def conv_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, strides, padding, kernel_dilation,
             dtype=None, precision=None):
     """Channel-last convolution ``x (N, *spatial, C)``, ``kernel (*window, C, F)``."""
+    check_bool("qat", qat)
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     if qat:
@@ -383,6 +416,7 @@ def conv_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, strides, padding, ker
 
 def embed_op(ids, table, lq, w_scale, *, qat, dtype=None):
     """Rows of the (fake-quantized when ``qat``) embedding table ``(vocab, features)``."""
+    check_bool("qat", qat)
     if not jnp.issubdtype(jnp.asarray(ids).dtype, jnp.integer):
         raise TypeError(f"embedding ids must be integers, got {jnp.asarray(ids).dtype}")
     table = table.astype(dtype or table.dtype)
@@ -391,9 +425,17 @@ def embed_op(ids, table, lq, w_scale, *, qat, dtype=None):
     return jnp.take(table, ids, axis=0)
 
 
+def check_sizes(sizes: dict[str, object]) -> None:
+    """Layer sizes must be positive ints: 0 or a negative size would fail deep inside an
+    initializer (a division by zero, a broadcasting error)."""
+    for name, value in sizes.items():
+        check_pos_int(name, value)
+
+
 def as_tuple(v, n: int, name: str) -> tuple[int, ...]:
-    """``v`` (int or sequence) as an ``n``-tuple of ints."""
+    """``v`` (int or sequence) as an ``n``-tuple of positive ints (strides, sizes)."""
     t = (v,) * n if isinstance(v, int) else tuple(v)
     if len(t) != n:
         raise ValueError(f"{name} must have {n} entries, got {v!r}")
+    check_sizes({f"{name}[{i}]": e for i, e in enumerate(t)})
     return t

@@ -51,6 +51,7 @@ class QDense(_QLayer):
 
     @nn.compact
     def __call__(self, x, qat: bool = True, out_sharding=None):
+        C.check_sizes({"features": self.features})
         lq = self._lq(0)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                             self.param_dtype)
@@ -81,7 +82,8 @@ class QEinsum(_QLayer):
     @nn.compact
     def __call__(self, x, qat: bool = True, out_sharding=None):
         lq = self._lq(C.einsum_contract_axis(self.einsum_str))
-        kernel = self.param("kernel", self.kernel_init, tuple(self.shape), self.param_dtype)
+        shape = C.as_tuple(self.shape, len(self.shape), "shape")
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
         return C.einsum_op(self.einsum_str, x, kernel, None, lq, w_scale, a_scale, qat=qat,
                            dtype=self.dtype, precision=self.precision, out_sharding=out_sharding)
@@ -107,9 +109,10 @@ class QConv(_QLayer):
 
     @nn.compact
     def __call__(self, x, qat: bool = True):
+        C.check_sizes({"features": self.features})
         lq = self._lq(-2)
         n = len(self.kernel_size)
-        shape = tuple(self.kernel_size) + (x.shape[-1], self.features)
+        shape = C.as_tuple(self.kernel_size, n, "kernel_size") + (x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -136,6 +139,7 @@ class QEmbed(_QLayer):
 
     @nn.compact
     def __call__(self, ids, qat: bool = True):
+        C.check_sizes({"num_embeddings": self.num_embeddings, "features": self.features})
         lq = self._lq(None)
         if lq.activation is not None:
             raise ValueError("QEmbed is weight-only: activation must be None")

@@ -56,6 +56,7 @@ class QDense(_QLayer):
                  dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                  kernel_init: Callable = _default_kernel_init,
                  bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
+        C.check_sizes({"in_features": in_features, "out_features": out_features})
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
                                             param_dtype))
         self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
@@ -78,8 +79,9 @@ class QEinsum(_QLayer):
                  precision: Any = None, kernel_init: Callable = _default_kernel_init,
                  rngs: nnx.Rngs):
         axis = C.einsum_contract_axis(einsum_str)
+        kernel_shape = C.as_tuple(kernel_shape, len(kernel_shape), "kernel_shape")
         self.einsum_str = einsum_str
-        self.kernel = nnx.Param(kernel_init(rngs.params(), tuple(kernel_shape), param_dtype))
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.dtype, self.precision = dtype, precision
         self._setup_quant(weight, activation, method, axis, kernel_shape[axis])
 
@@ -99,8 +101,9 @@ class QConv(_QLayer):
                  dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                  kernel_init: Callable = _default_kernel_init,
                  bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
+        C.check_sizes({"in_features": in_features, "out_features": out_features})
         n = len(kernel_size)
-        shape = tuple(kernel_size) + (in_features, out_features)
+        shape = C.as_tuple(kernel_size, n, "kernel_size") + (in_features, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
         self.strides = C.as_tuple(strides, n, "strides")
@@ -122,6 +125,7 @@ class QEmbed(_QLayer):
     def __init__(self, num_embeddings: int, features: int, *, weight: QuantSpec | None = None,
                  method: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32,
                  embedding_init: Callable = _embed_init, rngs: nnx.Rngs):
+        C.check_sizes({"num_embeddings": num_embeddings, "features": features})
         self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features),
                                                   param_dtype))
         self.dtype = dtype
@@ -155,6 +159,7 @@ class QuantizedLayer(nnx.Module):
                             if C.learned(lq.activation) else None)
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        C.check_bool("qat", self.qat)  # a plain attribute: set_qat checks it, assignments do not
         if not self.qat:
             return self.inner(x, *args, **kwargs)
         w = None if self.kernel_scale is None else self.kernel_scale[...]
@@ -169,8 +174,7 @@ class QuantizedLayer(nnx.Module):
 
 def set_qat(model: nnx.Module, enabled: bool) -> int:
     """Turns quantization on or off in every quantized layer of ``model``; returns their count."""
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    C.check_bool("enabled", enabled)
     n = 0
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (_QLayer, QuantizedLayer)):

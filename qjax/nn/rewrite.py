@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +39,9 @@ Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
 def parse_rules(rules: Rules) -> tuple[tuple[re.Pattern, Any], ...]:
     """Compiles ``rules``; validates every target (None, a method name, Method or LayerQuant)."""
+    if isinstance(rules, str) or not isinstance(rules, Iterable):
+        raise TypeError(f"rules must be a mapping or a sequence of (regex, target) pairs, got "
+                        f"{rules!r}")
     items = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
     out = []
     for item in items:
@@ -168,6 +171,7 @@ class QuantizedLinenModel:
 
     def apply(self, variables, *args, qat: bool = True, **kwargs):
         """Runs the model; with ``qat`` its matched layers see quantized inputs and kernels."""
+        C.check_bool("qat", qat)
         layers = self._discover(args, {k: v for k, v in kwargs.items()
                                        if k not in ("rngs", "mutable", "method")})
         params = jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
