@@ -46,8 +46,8 @@ except ImportError:  # run as a script from the benchmarks folder
 # Seeds per row (others: seed 0). The W4A4 rows differ by less than the seed noise: see the
 # paired per-seed differences in the results.
 SEEDS = {"float": (0, 1, 2, 3), "quest_w4a4": (0, 1, 2, 3), "lsq_w4a4": (0, 1, 2, 3),
-         "quest_mse_w4a4": (0, 1, 2, 3), "quest_ste_w4a4": (0, 1, 2), "quest_w2a2": (0, 1),
-         "quest_mse_w2a2": (0, 1)}
+         "quest_mse_w4a4": (0, 1, 2, 3), "quest_ste_w4a4": (0, 1, 2, 3), "quest_w2a2": (0, 1),
+         "quest_mse_w2a2": (0, 1), "lsq_w2a2": (0, 1)}
 QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
              max_corpus_bytes=4_000_000)
 
@@ -81,14 +81,16 @@ def _weight_mb(result: dict, cfg) -> float:
     return (result["non_embedding_params"] * bits + embed * 32) / 8 / 2**20
 
 
-def _gradient_quality(corpus: D.Corpus, float_cfg, float_dir: str) -> dict:
-    params = train.load_params(float_cfg, float_dir)
-    inputs, targets = D.get_batch(corpus.train, 10**6, float_cfg.batch_size, float_cfg.seq_len,
-                                  float_cfg.seed)
+def _gradient_quality(corpus: D.Corpus, weights: dict[int, tuple[str, object]]) -> dict:
+    """Cosine between QuEST's QAT gradient (each estimator) and the float gradient, all block
+    linears, one training batch, at ``W{bits}A{bits}`` for each ``bits -> (row, config)`` in
+    ``weights`` (the trained model of that study row supplies the parameters)."""
     out = {}
-    for bits in (4, 2):
+    for bits, (row, src) in weights.items():
+        params = train.load_params(src, src.run_dir)
+        inputs, targets = D.get_batch(corpus.train, 10**6, src.batch_size, src.seq_len, src.seed)
         for est in ("ste", "clipped_ste", "trust"):
-            cfg = dataclasses.replace(float_cfg, method="quest", weight_bits=bits, act_bits=bits,
+            cfg = dataclasses.replace(src, method="quest", weight_bits=bits, act_bits=bits,
                                       estimator=est)
             model, _ = train.build_model(cfg)
 
@@ -99,7 +101,8 @@ def _gradient_quality(corpus: D.Corpus, float_cfg, float_dir: str) -> dict:
             cos = gradient_cosine(loss, params, jax.numpy.asarray(inputs),
                                   jax.numpy.asarray(targets))
             out[f"W{bits}A{bits} {est}"] = cos["all"]
-            print(f"gradient cosine W{bits}A{bits} {est}: {cos['all']:.4f}", flush=True)
+            print(f"gradient cosine W{bits}A{bits} {est} at {row} weights: "
+                  f"{cos['all']:.4f}", flush=True)
     return out
 
 
@@ -240,8 +243,9 @@ def main() -> None:
         values = [SWEEPS[sweep_field](v) for v in sweep_values.split(",") if v]
         _sweep(names, sweep_field, values, seeds or [0], args.quick, runs_dir, corpus)
         return
-    rows = [_row(n, seeds or list(SEEDS.get(n, (0,))), args.quick, runs_dir, corpus)
-            for n in names]
+    # The smoke run (--quick) trains seed 0 only unless --seeds says otherwise.
+    rows = [_row(n, seeds or ([0] if args.quick else list(SEEDS.get(n, (0,)))), args.quick,
+                 runs_dir, corpus) for n in names]
     by = {r["config"]: r for r in rows}
     base = by.get("float", {}).get("mean")
     float_by_seed = dict(zip(by["float"]["seeds"], by["float"]["val_loss"], strict=True)) \
@@ -274,12 +278,17 @@ def main() -> None:
     paired = {f"{a} vs {b}": p for a, b in PAIRS if a in by and b in by
               for p in [_paired(by[a], by[b])] if p is not None}
     diag = {}
-    if not args.no_diagnostic and "float" in by:
-        float_cfg = _config("float", 0, args.quick, runs_dir)
-        diag = _gradient_quality(corpus, float_cfg, float_cfg.run_dir)
+    if not args.no_diagnostic:
+        # At the float model's weights and at the QuEST models' own (where QAT actually runs).
+        for label, sources in (("float weights", {4: "float", 2: "float"}),
+                               ("QuEST weights", {4: "quest_w4a4", 2: "quest_w2a2"})):
+            if all(n in by for n in sources.values()):
+                diag[label] = _gradient_quality(
+                    corpus, {b: (n, _config(n, 0, args.quick, runs_dir))
+                             for b, n in sources.items()})
     clip_diag = {}
     if not args.no_diagnostic:
-        for name in ("float", "quest_w4a4", "quest_mse_w4a4"):
+        for name in ("float", "quest_w4a4", "quest_ste_w4a4", "quest_mse_w4a4"):
             if name in by:
                 cfg = _config(name, 0, args.quick, runs_dir)
                 clip_diag[name] = _clip_quality(corpus, cfg, cfg.run_dir)
@@ -311,9 +320,13 @@ def main() -> None:
                + " / ".join(f"{d:+.1f}" for d in p["per_seed_pct"]) + " |"
                for k, p in paired.items()]
     if diag:
-        md += ["", "Gradient cosine (QAT vs float gradient, all block linears, trained float "
-               "model, one batch):", "", "| estimator | cosine |", "|---|---|"]
-        md += [f"| {k} | {v:.4f} |" for k, v in diag.items()]
+        md += ["", "Gradient cosine (QAT vs float gradient, all block linears, one training "
+               "batch) at the seed-0 weights of the trained float model and of the QuEST model "
+               "of the same bits:", "",
+               "| estimator | " + " | ".join(f"at {k}" for k in diag) + " |",
+               "|---|" + "---|" * len(diag)]
+        md += [f"| {k} | " + " | ".join(f"{d[k]:.4f}" for d in diag.values()) + " |"
+               for k in next(iter(diag.values()))]
     if clip_diag:
         md += ["", "Relative error of QuEST's 4-bit activation quantizer (Hadamard 128, clip "
                "a * RMS) on the real inputs of each block linear (seed-0 models, one validation "
