@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from qjax import scales as S
 from qjax._checks import check_real
-from qjax.quantize import _check_spec, fake_quant, rotate_like_spec
-from qjax.spec import QuantSpec
+from qjax.quantize import fake_quant, rotate_like_spec
+from qjax.spec import QuantSpec, check_spec
 
 __all__ = ["gradient_cosine", "dense_inputs", "clip_error"]
 
@@ -112,7 +112,7 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
       ValueError: ``spec`` without RmsGaussian scales, no clips, a clip that is not finite and
         positive.
     """
-    if not isinstance(_check_spec(spec).scale, S.RmsGaussian):
+    if not isinstance(check_spec(spec).scale, S.RmsGaussian):
         raise ValueError(f"clip_error needs RmsGaussian scales, got {type(spec.scale).__name__}")
     if isinstance(clips, str) or not isinstance(clips, Iterable):
         raise TypeError(f"clips must be a sequence of clip constants, got {clips!r}")

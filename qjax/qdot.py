@@ -38,17 +38,8 @@ from qjax._checks import check_floating
 
 __all__ = [
     "qat_dense", "integer_forward_reason", "operand_codes", "int8_operand", "int8_matmul",
-    "check_spec", "int8_code_max", "check_int32_sum",
+    "int8_code_max", "check_int32_sum",
 ]
-
-
-def check_spec(spec: object, name: str, *, optional: bool = False) -> None:
-    """TypeError unless ``spec`` is a QuantSpec (or None, when ``optional``)."""
-    if spec is None and optional:
-        return
-    if not isinstance(spec, SP.QuantSpec):
-        allowed = "a qjax.QuantSpec or None" if optional else "a qjax.QuantSpec"
-        raise TypeError(f"{name} must be {allowed}, got {type(spec).__name__}")
 
 
 def int8_code_max(fmt: F.Format) -> int | None:
@@ -93,8 +84,8 @@ def integer_forward_reason(weight: SP.QuantSpec | None,
     Raises:
       TypeError: a spec that is neither a QuantSpec nor None.
     """
-    check_spec(weight, "weight", optional=True)
-    check_spec(activation, "activation", optional=True)
+    SP.check_spec(weight, "weight", optional=True)
+    SP.check_spec(activation, "activation", optional=True)
     if weight is None or activation is None:
         return "both the weight and the activation must be quantized"
     for name, spec, ok in (("activation", activation, (G.PerRow(-1), G.PerTensor())),

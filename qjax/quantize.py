@@ -35,7 +35,7 @@ from qjax import typed_sharding
 from qjax._checks import check_axis_name
 from qjax.hadamard import hadamard_transform
 from qjax.qarray import QArray, codes_to_storage
-from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec
+from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec, check_spec
 
 __all__ = ["quantize", "dequantize", "fake_quant", "compute_scale", "scale_shape"]
 
@@ -46,12 +46,6 @@ def _check_x(x) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating array (float32, bfloat16, float16), got {x.dtype}")
     return x
-
-
-def _check_spec(spec) -> QuantSpec:
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
-    return spec
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -83,12 +77,12 @@ def rotate_like_spec(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> 
 
 def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the scale (and of a learned LSQ step) for an input of ``shape``."""
-    return G.layout(_check_spec(spec).granularity, shape).scale_shape
+    return G.layout(check_spec(spec).granularity, shape).scale_shape
 
 
 def _prepare(x, spec: QuantSpec, axis_name=None):
     x = _check_x(x)
-    spec = _check_spec(spec)
+    spec = check_spec(spec)
     check_axis_name("axis_name", axis_name)
     xr = rotate_like_spec(x.astype(jnp.float32), spec)
     xb, lay = G.to_blocks(xr, spec.granularity)

@@ -207,3 +207,13 @@ class QuantSpec:
 
     def replace(self, **changes) -> QuantSpec:
         return dataclasses.replace(self, **changes)
+
+
+def check_spec(spec: object, name: str = "spec", *, optional: bool = False) -> QuantSpec | None:
+    """``spec`` itself; TypeError unless it is a QuantSpec (or None, when ``optional``)."""
+    if spec is None and optional:
+        return None
+    if not isinstance(spec, QuantSpec):
+        allowed = "a qjax.QuantSpec or None" if optional else "a qjax.QuantSpec"
+        raise TypeError(f"{name} must be {allowed}, got {type(spec).__name__}")
+    return spec

@@ -32,15 +32,14 @@ import jax.numpy as jnp
 from qjax import formats as F
 from qjax import granularity as G
 from qjax import spec as SP
+from qjax._checks import check_floating
 from qjax.convert.weights import serving_layers, serving_spec
 from qjax.kernels import quantized_matmul
 from qjax.nn import common as C
 from qjax.nn.rewrite import QuantizedLinenModel
 from qjax.qarray import QArray
 from qjax.qdot import (
-    check_floating,
     check_int32_sum,
-    check_spec,
     int8_matmul,
     int8_operand,
     integer_forward_reason,
@@ -106,7 +105,7 @@ def serving_matmul(
     check_floating(x, "x")
     if not isinstance(w, QArray):
         raise TypeError(f"w must be a qjax.QArray, got {type(w).__name__}")
-    check_spec(act_spec, "act_spec", optional=True)
+    SP.check_spec(act_spec, "act_spec", optional=True)
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"need x (..., K) and w (N, K), got {x.shape} and {w.shape}")
     if backend == "auto" and jax.default_backend() not in ("tpu", "gpu", "cuda"):

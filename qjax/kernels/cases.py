@@ -48,7 +48,7 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
 from qjax.qarray import PACKED_BITS, QArray
-from qjax.qdot import check_int32_sum, check_spec, int8_code_max
+from qjax.qdot import check_int32_sum, int8_code_max
 
 __all__ = ["Case", "classify", "check_act_spec", "prepare_operands", "Operands"]
 
@@ -113,7 +113,7 @@ def check_act_spec(a: object, name: str = "act_spec", *, optional: bool = False)
     codes on an int8-codeable or fp8 grid, from a rule the kernels recompute (float32 scales,
     nearest rounding, no learned scale, no rotation back).
     """
-    check_spec(a, name, optional=optional)
+    SP.check_spec(a, name, optional=optional)
     if a is None:
         return
     fmt = a.format
