@@ -1,8 +1,13 @@
-"""Cost of one jitted QAT training step (forward, backward, AdamW) of the reference Llama.
+"""Cost of one jitted QAT training step (forward, backward, AdamW) of three decoder models.
 
-Every case trains the same ``qjax.models.Llama`` on the same batch of random byte ids with
-``qjax.optim.qat_adamw`` and a softmax cross-entropy loss; only the linear layers inside the
-blocks (``blocks_<i>/attn/{q,k,v,o}``, ``blocks_<i>/mlp/{gate,up,down}``) are quantized:
+Every case trains its model on one batch of random byte ids with ``qjax.optim.qat_adamw(1e-3,
+weight_decay=0.1)`` and a softmax cross-entropy loss; only the linear layers inside the blocks are
+quantized (embedding, norms, attention core and LM head stay float). Each model has its own
+table, its times are interleaved medians of its cases at one shape, and ratios are to its own
+float step.
+
+**Reference Llama** (Linen ``qjax.models.Llama``; ``blocks_<i>/attn/{q,k,v,o}``,
+``blocks_<i>/mlp/{gate,up,down}`` are ``nn.Dense``), batch 8 x seq 256:
 
 * ``float32``: the plain model, the baseline (ratio 1.00).
 * ``qjax QuEST W4A4``: ``Method("quest", 4, 4)`` (Hadamard rotations, RMS scales, trust).
@@ -18,16 +23,41 @@ blocks (``blocks_<i>/attn/{q,k,v,o}``, ``blocks_<i>/mlp/{gate,up,down}``) are qu
   ``nn.intercept_methods`` (each matched ``Dense`` runs as a child clone with that field set,
   same shapes; parameters nest one level deeper under ``aqt``).
 
+**NNX transformer blocks** (``_bench_models.NnxLM``: ``nnx.LinearGeneral`` q/k/v/o heads,
+``nnx.Linear`` SwiGLU; paths ``blocks/<i>/attn/{q,k,v,o}``, ``blocks/<i>/mlp/{gate,up,down}``)
+and **Gemma-style Einsum** (Linen ``_bench_models.EinsumLM``: ``nn.Einsum`` q/k/v/o,
+``nn.DenseGeneral`` fused ``mlp/gate_up`` and ``mlp/down``), each at batch 8 x seq 256 and
+batch 8 x seq 32:
+
+* ``float32``: the same model unquantized, the baseline.
+* ``qjax QuEST W4A4``, ``qjax QuEST W4A4 (int8 forward)``: ``Method("quest", 4, 4)`` without and
+  with ``integer_forward=True`` (Einsum / DenseGeneral / LinearGeneral forwards as int8 dots).
+* ``qjax int8 W8A8 (int8 forward)``: ``Method("ste", 8, 8, integer_forward=True)``.
+* ``Qwix int8 W8A8``, ``Qwix int8 (quantized bwd)``: a ``QtProvider`` rule (int8 weights and
+  activations; ``bwd_qtype="int8"`` too) on the same paths; ``qwix.quantize_model(model,
+  provider, ids)`` for NNX (a quantized clone, run once on example ids), ``(model, provider)``
+  for Linen.
+
+qjax quantizes both with ``qjax.nn.quantize_model(model, rules)``: the NNX model in place (each
+matched layer wrapped), the Linen one as an object with ``init`` / ``apply``. The NNX model trains
+as NNX code does: ``nnx.Optimizer(model, qat_adamw(...), wrt=nnx.Param)`` and an ``nnx.jit``
+step that updates model and optimizer in place (each timed call is one more training step, and
+``nnx.jit``'s Python-side graph handling is part of its time); the Linen models run a functional
+``jax.jit`` step from a fixed state.
+
 External cases are optional: a failure is recorded as ``n/a (reason)`` instead of crashing.
 
-Run: ``python benchmarks/qat_step.py [--repeats 20] [--quick]`` (``--quick``: d_model 128,
-2 layers, batch 4, 5 repeats). Writes ``results/qat_step.{json,md}``. CPU ratios from one run
-are what to compare; absolute times vary between runs and machines.
+Sizes: d_model 256, 4 layers, 4 heads x 64, MLP hidden 768, vocab 256. Run: ``python
+benchmarks/qat_step.py [--repeats 20] [--quick]`` (``--quick``: d_model 128, 2 layers, 4 heads
+x 32, hidden 384, batch 4, 5 repeats). Writes ``results/qat_step.{json,md}`` (the Llama results
+at the top level of the JSON as before, the other two under ``models``). CPU ratios from one
+run are what to compare; absolute times vary between runs and machines.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import re
@@ -38,6 +68,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import qjax
 from qjax.models import Llama, LlamaConfig, quantization_rules
@@ -45,8 +76,10 @@ from qjax.models.llama import BLOCK_LINEARS
 from qjax.nn import LayerQuant, Method, quantize_model
 
 try:
+    from benchmarks._bench_models import EINSUM_LINEARS, NNX_LINEARS, BlockConfig, EinsumLM, NnxLM
     from benchmarks._timing import interleaved_medians, machine, write_results
 except ImportError:  # run as a script from the benchmarks folder
+    from _bench_models import EINSUM_LINEARS, NNX_LINEARS, BlockConfig, EinsumLM, NnxLM
     from _timing import interleaved_medians, machine, write_results
 
 FLOAT = "float32"
@@ -150,78 +183,233 @@ def goal(a: float | None, b: float | None, limit: float = 1.0) -> bool | None:
     return None if a is None or b is None else bool(a <= limit * b)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="default 20 (5 with --quick)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small model for a smoke run")
-    args = parser.parse_args()
-    repeats = args.repeats or (5 if args.quick else 20)
-    d, layers, batch, seq = (128, 2, 4, 256) if args.quick else (256, 4, 8, 256)
-    cfg = LlamaConfig(d_model=d, n_layers=layers, n_heads=4, max_seq_len=seq)
-    tokens = jax.random.randint(jax.random.key(42), (batch, seq + 1), 0, 256, jnp.int32)
-    ids, targets = tokens[:, :-1], tokens[:, 1:]
+# ------------------------------------------------- NNX blocks and Gemma-style Einsum models
+QUEST = Method("quest", 4, 4)
+QUEST_INT = Method("quest", 4, 4, integer_forward=True)
+STE8_INT = Method("ste", 8, 8, integer_forward=True)
+QWIX_W8A8 = {"weight_qtype": "int8", "act_qtype": "int8"}
+QWIX_BWD = {**QWIX_W8A8, "bwd_qtype": "int8"}
+QJAX_TARGETS = {"qjax QuEST W4A4": QUEST, "qjax QuEST W4A4 (int8 forward)": QUEST_INT,
+                "qjax int8 W8A8 (int8 forward)": STE8_INT}
+QWIX_RULES = {"Qwix int8 W8A8": QWIX_W8A8, "Qwix int8 (quantized bwd)": QWIX_BWD}
 
+Step = tuple[Callable[[], Any], float]
+
+
+def make_nnx_step(model: nnx.Module, ids: jax.Array, targets: jax.Array) -> Step:
+    """A thunk running one ``nnx.jit`` train step of ``model`` in place, and its first loss."""
+    optimizer = nnx.Optimizer(model, qjax.optim.qat_adamw(1e-3, weight_decay=0.1),
+                              wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model: nnx.Module, optimizer: nnx.Optimizer, ids: jax.Array,
+             targets: jax.Array) -> jax.Array:
+        def loss_fn(m: nnx.Module) -> jax.Array:
+            return optax.softmax_cross_entropy_with_integer_labels(m(ids), targets).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    loss = float(step(model, optimizer, ids, targets))
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss}")
+    return (lambda: step(model, optimizer, ids, targets)), loss
+
+
+def nnx_cases(cfg: BlockConfig, ids: jax.Array,
+              targets: jax.Array) -> dict[str, Callable[[], Step]]:
+    def fresh() -> NnxLM:  # same weights in every case
+        return NnxLM(cfg, rngs=nnx.Rngs(0))
+
+    def qjax_nnx(target: Method) -> Step:
+        return make_nnx_step(quantize_model(fresh(), {NNX_LINEARS: target}), ids, targets)
+
+    def qwix_nnx(rule: dict) -> Step:
+        import qwix
+
+        provider = qwix.QtProvider([qwix.QtRule(module_path=NNX_LINEARS, **rule)])
+        return make_nnx_step(qwix.quantize_model(fresh(), provider, ids), ids, targets)
+
+    out = {FLOAT: lambda: make_nnx_step(fresh(), ids, targets)}
+    out.update({k: functools.partial(qjax_nnx, t) for k, t in QJAX_TARGETS.items()})
+    out.update({k: functools.partial(qwix_nnx, r) for k, r in QWIX_RULES.items()})
+    return out
+
+
+def einsum_cases(cfg: BlockConfig, ids: jax.Array,
+                 targets: jax.Array) -> dict[str, Callable[[], Step]]:
+    plain = EinsumLM(cfg)
+
+    def qjax_linen(target: Method) -> Step:
+        qm = quantize_model(plain, {EINSUM_LINEARS: target})
+        return make_step(qm.init, lambda v, x: qm.apply(v, x, qat=True), ids, targets)
+
+    def qwix_linen(rule: dict) -> Step:
+        import qwix
+
+        provider = qwix.QtProvider([qwix.QtRule(module_path=EINSUM_LINEARS, **rule)])
+        qm = qwix.quantize_model(plain, provider)
+        return make_step(qm.init, qm.apply, ids, targets)
+
+    out = {FLOAT: lambda: make_step(plain.init, plain.apply, ids, targets)}
+    out.update({k: functools.partial(qjax_linen, t) for k, t in QJAX_TARGETS.items()})
+    out.update({k: functools.partial(qwix_linen, r) for k, r in QWIX_RULES.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------ runner
+def time_cases(makers: dict[str, Callable[[], Step]], tokens: int, warmup: int,
+               repeats: int) -> dict[str, dict[str, Any]]:
+    """Builds every case (an external one may fail: ``error``), times them interleaved."""
     fns: dict[str, Callable[[], Any]] = {}
     results: dict[str, dict[str, Any]] = {}
-    for name, build in cases(cfg).items():
+    for name, make in makers.items():
         try:
-            fns[name], loss = make_step(*build(), ids, targets)
+            fns[name], loss = make()
             results[name] = {"first_loss": loss}
-            print(f"built {name:<28} loss {loss:.4f}")
+            print(f"built {name:<32} loss {loss:.4f}")
         except Exception as e:  # an optional case must not stop the run
             if name == FLOAT or name.startswith("qjax"):
                 raise
             results[name] = {"error": reason(e)}
             print(f"skipped {name}: {reason(e)}")
-
-    med = interleaved_medians(fns, warmup=args.warmup, repeats=repeats)
-    base = med[FLOAT]
+    float_loss = results[FLOAT]["first_loss"]
+    for name, r in results.items():
+        if name.startswith("qjax") and abs(r["first_loss"] - float_loss) > 0.5:
+            print(f"WARNING {name}: loss at init {r['first_loss']:.4f} far from float "
+                  f"{float_loss:.4f}")
+    med = interleaved_medians(fns, warmup=warmup, repeats=repeats)
     for name, t in med.items():
-        results[name].update(median_ms=t * 1e3, ratio=t / base, tokens_per_s=batch * seq / t)
+        results[name].update(median_ms=t * 1e3, ratio=t / med[FLOAT], tokens_per_s=tokens / t)
+    return results
 
-    def ms(name: str) -> float | None:
-        return results.get(name, {}).get("median_ms")
 
+def ms(results: dict[str, dict[str, Any]], name: str) -> float | None:
+    return results.get(name, {}).get("median_ms")
+
+
+def block_goals(results: dict[str, dict[str, Any]], label: str) -> dict[str, bool | None]:
+    int_fwd = "qjax int8 W8A8 (int8 forward)"
+    quest = "qjax QuEST W4A4 (int8 forward)"
+    return {
+        f"{int_fwd} <= Qwix int8 W8A8 ({label})": goal(
+            ms(results, int_fwd), ms(results, "Qwix int8 W8A8")),
+        f"{quest} <= 1.15x float32 ({label})": goal(ms(results, quest), ms(results, FLOAT), 1.15),
+    }
+
+
+def cell(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"n/a ({r['error']}) | n/a | n/a"
+    return f"{r['median_ms']:.1f} | {r['ratio']:.2f}x | {r['tokens_per_s']:,.0f}"
+
+
+def goal_lines(goals: dict[str, bool | None]) -> list[str]:
+    return ["", "Goals (same run):", ""] + [
+        f"- {g}: {'n/a' if ok is None else ok}" for g, ok in goals.items()]
+
+
+def run_llama(d: int, layers: int, batch: int, seq: int, warmup: int,
+              repeats: int) -> tuple[list[str], dict[str, Any]]:
+    cfg = LlamaConfig(d_model=d, n_layers=layers, n_heads=4, max_seq_len=seq)
+    tokens = jax.random.randint(jax.random.key(42), (batch, seq + 1), 0, 256, jnp.int32)
+    ids, targets = tokens[:, :-1], tokens[:, 1:]
+    makers = {name: functools.partial(lambda b: make_step(*b(), ids, targets), build)
+              for name, build in cases(cfg).items()}
+    results = time_cases(makers, batch * seq, warmup, repeats)
     goals = {
         "qjax int8 W8A8 (int8 forward) <= Qwix int8 W8A8": goal(
-            ms("qjax int8 W8A8 (int8 forward)"), ms("Qwix int8 W8A8")),
+            ms(results, "qjax int8 W8A8 (int8 forward)"), ms(results, "Qwix int8 W8A8")),
         "qjax int4 weight-only <= Qwix int4 weight-only": goal(
-            ms("qjax int4 weight-only"), ms("Qwix int4 weight-only")),
+            ms(results, "qjax int4 weight-only"), ms(results, "Qwix int4 weight-only")),
         "qjax QuEST W4A4 (int8 forward) <= 1.15x float32": goal(
-            ms("qjax QuEST W4A4 (int8 forward)"), ms(FLOAT), 1.15),
+            ms(results, "qjax QuEST W4A4 (int8 forward)"), ms(results, FLOAT), 1.15),
     }
-    mach = machine()
     md = [
-        "# QAT training step (forward + backward + AdamW), reference Llama", "",
+        "## Reference Llama (Flax Linen, `nn.Dense`)", "",
         f"Model: d_model={d}, n_layers={layers}, n_heads=4, ffn hidden {cfg.ffn_hidden}; batch "
-        f"{batch} x seq {seq} random byte ids; block linears quantized, embedding and LM head "
-        "float.",
-        f"Machine: {mach['processor']}, {mach['cpus']} CPUs, {mach['platform']}, JAX "
-        f"{mach['jax']} ({mach['backend']}); median of {repeats} interleaved runs after "
-        f"{args.warmup} warm-up calls.",
-        "These are CPU ratios; GPU/TPU were not measured here. qjax's default fake-quantizes "
-        "and multiplies in float32; its (int8 forward) cases, Qwix and AQT W8A8 run int8 x int8 "
-        "dot_generals in the forward pass (Qwix's quantized bwd in the backward too); int4 "
-        "weight-only dequantizes to float in both qjax and Qwix.", "",
+        f"{batch} x seq {seq}; block linears quantized, embedding and LM head float. Functional "
+        "`jax.jit` step. int4 weight-only dequantizes to float in both qjax and Qwix.", "",
         "| case | median ms | ratio vs float32 | tokens/s |", "|---|---|---|---|",
     ]
-    for name, r in results.items():
-        if "error" in r:
-            md.append(f"| {name} | n/a ({r['error']}) | n/a | n/a |")
-        else:
-            md.append(f"| {name} | {r['median_ms']:.1f} | {r['ratio']:.2f}x | "
-                      f"{r['tokens_per_s']:,.0f} |")
-    md += ["", "Goals (same run):", ""]
-    md += [f"- {g}: {'n/a' if ok is None else ok}" for g, ok in goals.items()]
-    markdown = "\n".join(md) + "\n"
+    md += [f"| {name} | {cell(r)} |" for name, r in results.items()]
+    md += goal_lines(goals)
+    config = {"d_model": d, "n_layers": layers, "n_heads": 4, "ffn_hidden": cfg.ffn_hidden,
+              "batch": batch, "seq": seq}
+    return md, {"config": config, "cases": results, "goals": goals}
+
+
+BLOCK_MODELS = {
+    "nnx_blocks": ("NNX transformer blocks (Flax NNX, `nnx.LinearGeneral` heads, "
+                   "`nnx.Linear` SwiGLU)", nnx_cases,
+                   "`nnx.Optimizer` + `nnx.jit` step, model and optimizer updated in place"),
+    "gemma_einsum": ("Gemma-style Einsum (Flax Linen, `nn.Einsum` heads, `nn.DenseGeneral` "
+                     "GeGLU)", einsum_cases, "functional `jax.jit` step"),
+}
+
+
+def run_block_model(key: str, cfg: BlockConfig, shapes: list[tuple[int, int]], warmup: int,
+                    repeats: int) -> tuple[list[str], dict[str, Any]]:
+    title, make_cases, how = BLOCK_MODELS[key]
+    per_shape: dict[str, dict[str, dict[str, Any]]] = {}
+    goals: dict[str, bool | None] = {}
+    for batch, seq in shapes:
+        label = f"{batch}x{seq}"
+        print(f"== {key} {label}")
+        tokens = jax.random.randint(jax.random.key(42), (batch, seq + 1), 0, 256, jnp.int32)
+        makers = make_cases(cfg, tokens[:, :-1], tokens[:, 1:])
+        per_shape[label] = time_cases(makers, batch * seq, warmup, repeats)
+        goals.update(block_goals(per_shape[label], label))
+    labels = list(per_shape)
+    md = [
+        f"## {title}", "",
+        f"Model: d_model={cfg.d_model}, n_layers={cfg.n_layers}, {cfg.n_heads} heads x "
+        f"{cfg.head_dim}, MLP hidden {cfg.hidden}, vocab {cfg.vocab_size}; block linears "
+        f"quantized, embedding and head float; {how}. Each shape is timed on its own "
+        "(interleaved), ratios are to float32 at that shape.", "",
+        "| case | " + " | ".join(f"{s} ms | {s} ratio | {s} tokens/s" for s in labels) + " |",
+        "|---|" + "---|---|---|" * len(labels),
+    ]
+    for name in per_shape[labels[0]]:
+        md.append(f"| {name} | " + " | ".join(cell(per_shape[s][name]) for s in labels) + " |")
+    md += goal_lines(goals)
+    config = {**dataclasses.asdict(cfg), "shapes": labels}
+    return md, {"config": config, "cases": per_shape, "goals": goals}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 (5 with --quick)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
+    args = parser.parse_args()
+    repeats = args.repeats or (5 if args.quick else 20)
+    d, layers, batch, seq = (128, 2, 4, 256) if args.quick else (256, 4, 8, 256)
+    block_cfg = BlockConfig(d_model=d, n_layers=layers, n_heads=4, head_dim=d // 4,
+                            hidden=3 * d)
+    shapes = [(batch, 256), (batch, 32)]
+
+    llama_md, payload = run_llama(d, layers, batch, seq, args.warmup, repeats)
+    sections, models = [llama_md], {}
+    for key in BLOCK_MODELS:
+        md, models[key] = run_block_model(key, block_cfg, shapes, args.warmup, repeats)
+        sections.append(md)
+
+    mach = machine()
+    head = [
+        "# QAT training step (forward + backward + AdamW)", "",
+        f"Machine: {mach['processor']}, {mach['cpus']} CPUs, {mach['platform']}, JAX "
+        f"{mach['jax']} ({mach['backend']}); median of {repeats} interleaved runs after "
+        f"{args.warmup} warm-up calls, per model and shape; random byte ids; one invocation.",
+        "These are CPU ratios; GPU/TPU were not measured here. qjax's default fake-quantizes "
+        "and multiplies in float32; its (int8 forward) cases, Qwix and AQT W8A8 run int8 x int8 "
+        "dot_generals in the forward pass (Qwix's quantized bwd in the backward too).",
+    ]
+    markdown = "\n".join(head + [line for s in sections for line in ["", *s]]) + "\n"
     print(markdown)
-    payload = {
-        "machine": mach, "quick": args.quick, "repeats": repeats, "warmup": args.warmup,
-        "config": {"d_model": d, "n_layers": layers, "n_heads": 4, "ffn_hidden": cfg.ffn_hidden,
-                   "batch": batch, "seq": seq},
-        "cases": results, "goals": goals,
-    }
+    payload = {"machine": mach, "quick": args.quick, "repeats": repeats, "warmup": args.warmup,
+               **payload, "models": models}
     print("wrote", *write_results("qat_step", payload, markdown))
 
 

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from qjax import sharding as S  # noqa: E402
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules  # noqa: E402
-from qjax.nn.common import Method  # noqa: E402
+from qjax.nn.recipe import Method  # noqa: E402
 from qjax.nn.rewrite import quantize_model  # noqa: E402
 
 try:

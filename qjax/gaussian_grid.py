@@ -3,7 +3,7 @@
 For ``n`` evenly spaced levels from ``-a`` to ``a`` with nearest rounding, :func:`gaussian_mse` is
 the exact mean squared error of ``N(0, 1)``; :func:`optimal_gaussian_clip` the ``a`` that
 minimises it; :func:`gaussian_clip` that constant for a format's grid, from the table
-:data:`QUEST_GAUSSIAN_CLIP` (design.md section 3) where it has the level count. The scale rule
+:data:`QUEST_GAUSSIAN_CLIP` (docs/design.md section 6) where it has the level count. The scale rule
 :class:`qjax.scales.RmsGaussian` multiplies it by a block's RMS.
 
 References:
@@ -20,7 +20,7 @@ from qjax._checks import check_int, check_number
 
 __all__ = ["QUEST_GAUSSIAN_CLIP", "gaussian_mse", "optimal_gaussian_clip", "gaussian_clip"]
 
-# design.md section 3: MSE-optimal clipping value a for a midrise grid of 2^bits levels (key:
+# docs/design.md section 6: MSE-optimal clipping value a for a midrise grid of 2^bits levels (key:
 # number of levels). Three levels (ternary) is the symmetric 1.585-bit grid.
 QUEST_GAUSSIAN_CLIP: dict[int, float] = {
     2: 0.7978845587140913,

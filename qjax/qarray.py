@@ -14,6 +14,11 @@ Storage of codes (``QArray.codes``), by format:
 ``scale`` is float32 and ``zero_point`` int32 (or None), both shaped like the blocked view with the
 reduced axes kept as 1 (see :mod:`qjax.granularity`). The spec, shape and dtype are static
 (pytree metadata), so a QArray passes through ``jit``, ``vmap`` and Orbax like any pytree.
+
+Leading axes follow the arrays: when ``jax.vmap``, ``lax.scan`` or ``nn.scan`` slice (or stack) a
+QArray's leaves along a leading axis, the rebuilt QArray's ``shape`` is the codes' leading shape
+plus the true last-axis size (which is never sliced: codes are packed along it). So a stack of
+``L`` per-layer ``(N, K)`` QArrays is one QArray ``(L, N, K)``, and a scan over it sees ``(N, K)``.
 """
 
 from __future__ import annotations
@@ -122,7 +127,6 @@ def storage_to_codes(c: jax.Array, fmt: F.Format, n: int) -> jax.Array:
     return c.astype(jnp.float32)
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray:
     """Quantized array.
@@ -174,3 +178,30 @@ class QArray:
         """The unpacked codes as float32 integers (or fp values), shape ``self.shape``."""
         n = self.shape[-1] if self.shape else 1
         return storage_to_codes(self.codes, self.spec.format, n).reshape(self.shape)
+
+
+def _qarray_flatten_with_keys(q: QArray):
+    children = ((jax.tree_util.GetAttrKey("codes"), q.codes),
+                (jax.tree_util.GetAttrKey("scale"), q.scale),
+                (jax.tree_util.GetAttrKey("zero_point"), q.zero_point))
+    return children, (q.spec, q.shape, q.dtype)
+
+
+def _qarray_unflatten(aux, children) -> QArray:
+    spec, shape, dtype = aux
+    codes, scale, zero_point = children
+    lead = getattr(codes, "shape", None)
+    # Leaves sliced or stacked along leading axes (vmap, scan) carry their own leading shape;
+    # placeholders without a shape (in_axes specs, sentinels) keep the recorded one.
+    if shape and isinstance(lead, tuple) and len(lead) >= 1 and tuple(lead[:-1]) != shape[:-1]:
+        shape = tuple(int(d) for d in lead[:-1]) + (shape[-1],)
+    q = object.__new__(QArray)
+    for name, value in (("codes", codes), ("scale", scale), ("zero_point", zero_point),
+                        ("spec", spec), ("shape", shape), ("dtype", dtype)):
+        object.__setattr__(q, name, value)
+    return q
+
+
+jax.tree_util.register_pytree_with_keys(
+    QArray, _qarray_flatten_with_keys, _qarray_unflatten,
+    flatten_func=lambda q: ((q.codes, q.scale, q.zero_point), (q.spec, q.shape, q.dtype)))

@@ -13,7 +13,7 @@ For ``x`` and a static :class:`~qjax.QuantSpec`:
    the input dtype, saturating at its largest finite value (a clip of ``1.22 * RMS`` of float16
    values near 65504 lies beyond float16's range), so finite input gives finite output.
 
-Contract (design.md section 2): ``fake_quant(x, spec) == dequantize(quantize(x, spec))`` bit for
+Contract (docs/design.md s. 3): ``fake_quant(x, spec) == dequantize(quantize(x, spec))`` bit for
 bit, because both run the same float32 ops on the same codes; it holds under ``jit`` and in eager
 mode alike. Across the two modes, XLA may fuse reductions and multiply-adds differently, so
 statistics-based scales and a rotation back can differ in the last ulp. ``fake_quant``'s backward is

@@ -43,8 +43,8 @@ from qjax.models.llama import (
     non_embedding_params,
     quantization_rules,
 )
-from qjax.nn import common as C
-from qjax.nn.common import Method
+from qjax.nn.layout import dense_layout
+from qjax.nn.recipe import Method, resolve
 from qjax.nn.rewrite import quantize_model
 
 __all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed"]
@@ -156,7 +156,7 @@ class _Placement:
         self.param_specs = sharding.param_specs(params, self.mesh, sharding.LLAMA_RULES)
         method = _method(config)
         if method is not None:
-            lq = C.resolve(method, 0)
+            lq = resolve(method, dense_layout((config.d_model, config.d_model)))
             block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard", None)
             if block:
                 sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,

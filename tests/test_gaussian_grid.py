@@ -8,7 +8,7 @@ import pytest
 import qjax
 from qjax import gaussian_grid as G
 
-# design.md section 3: (levels, a_b, Gaussian MSE / var at a_b)
+# docs/design.md section 6: (levels, a_b, Gaussian MSE / var at a_b)
 TABLE = [
     (2, 0.7978845587140913, 0.36338),
     (3, 1.2240089519030855, 0.19017),

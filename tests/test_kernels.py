@@ -245,7 +245,7 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="backend must be one of"):
         K.quantized_matmul(x, w, backend="gpu")
     with pytest.raises(ValueError, match="per token"):
-        K.quantized_matmul(x, w, act_spec=qjax.QuantSpec("int8", qjax.PerTensor()))
+        K.quantized_matmul(x, w, act_spec=qjax.QuantSpec("int8", qjax.PerRow(0)))
     with pytest.raises(ValueError, match="format pair"):
         K.quantized_matmul(x, w, act_spec=CASES["fp8"][1])
     with pytest.raises(ValueError, match="one scale per output"):
@@ -308,7 +308,8 @@ A8 = qjax.QuantSpec("int8", qjax.PerRow(-1))
     (qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.AbsMax(symmetric=False)), ValueError,
      "spec scale must be symmetric"),  # dropped the zero point
     (qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.GgmlMax()), ValueError, "spec scale"),
-    (qjax.QuantSpec("int8"), ValueError, "spec granularity must be PerRow"),  # per-row scales
+    (qjax.QuantSpec("int8", qjax.PerGroup(-1, 32)), ValueError,
+     r"spec granularity must be one scale per token \(PerRow\(-1\)\) or per tensor"),
     (qjax.QuantSpec("int8", qjax.PerRow(-1), estimator="lsq"), ValueError,
      "spec must not use a learned-scale estimator"),
     (qjax.QuantSpec("int8", qjax.PerRow(-1), scale_dtype="float16"), ValueError,
@@ -322,6 +323,21 @@ def test_activation_quantization_refuses_specs_it_cannot_honour(spec, error, mat
         K.activation_codes(x, spec)
     with pytest.raises(error, match=match):
         K.quantize_rows(x, spec, 32, interpret=True)
+
+
+def test_row_kernel_serves_per_token_row_statistics_only():
+    # Per-tensor codes are accepted (XLA ops over the whole x), but a block of rows cannot see
+    # the whole tensor; an MSE-searched scale is not a Pallas row statistic either.
+    x, _ = _data(32, 8, 64)
+    per_tensor = qjax.QuantSpec("int8", qjax.PerTensor())
+    codes, scale = K.activation_codes(x, per_tensor)
+    np.testing.assert_array_equal(codes, qjax.quantize(x, per_tensor).codes)
+    np.testing.assert_array_equal(scale, jnp.broadcast_to(qjax.quantize(x, per_tensor).scale,
+                                                          (32, 1)))
+    with pytest.raises(ValueError, match=r"spec granularity must be PerRow\(-1\) .* row kernel"):
+        K.quantize_rows(x, per_tensor, 32, interpret=True)
+    with pytest.raises(ValueError, match="spec scale must be AbsMax or RmsGaussian for the row"):
+        K.quantize_rows(x, qjax.QuantSpec("int8", qjax.PerRow(-1), "mse"), 32, interpret=True)
 
 
 def test_activation_quantization_arguments():

@@ -16,10 +16,13 @@ import qjax
 from qjax import kernels as K
 from qjax.kernels import api as A
 from qjax.kernels import pallas_gpu
+from qjax.kernels.activation import row_kernel_reason
 from qjax.methods import quest
 
 CASES = {
     "w8a8": (qjax.QuantSpec("int8", qjax.PerRow(-1)), qjax.QuantSpec("int8", qjax.PerRow(-1))),
+    # Per-tensor activations: codes and scale from XLA ops over the whole x, then the kernel.
+    "w8a8_per_tensor_act": (qjax.QuantSpec("int8", qjax.PerRow(-1)), qjax.QuantSpec("int8")),
     "w4a16_g128": (qjax.QuantSpec("int4", qjax.PerGroup(-1, 128)), None),
     "w4a16_g32_zero_point": (qjax.QuantSpec("int4", qjax.PerGroup(-1, 32),
                                             qjax.AbsMax(symmetric=False)), None),
@@ -56,7 +59,8 @@ def test_tpu_lowers_and_exports(name):
     f, leaves = _fn(aspec, "pallas_tpu", w)
     text = f.trace(x, *leaves).lower(lowering_platforms=("tpu",)).as_text()
     kernels = text.count("tpu_custom_call")
-    assert kernels == (1 if aspec is None else 2)  # matmul (+ activation quantization)
+    row_kernel = aspec is not None and row_kernel_reason(aspec) is None
+    assert kernels == (2 if row_kernel else 1)  # matmul (+ per-token activation quantization)
     assert len(jax.export.export(f, platforms=["tpu"])(x, *leaves).serialize()) > 0
 
 

@@ -16,6 +16,7 @@ from qjax.nn import nnx as QN
 X = jax.random.normal(jax.random.key(0), (2, 3, 128))
 W_INT4 = qjax.QuantSpec("int4", qjax.PerRow(0), "absmax", "clipped_ste")
 A_INT8 = qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste")
+DENSE = qjax.nn.dense_layout((128, 64))
 
 
 def _copy_into_nnx(module, params):
@@ -46,12 +47,12 @@ def test_quest_dense_equals_method_dense():
 
 
 def test_method_scale_replaces_both_operands_rules():
-    lq = Method("quest", scale="mse:8:0.6").layer_quant(0)
+    lq = Method("quest", scale="mse:8:0.6").layer_quant(DENSE)
     assert lq.weight.scale == lq.activation.scale == qjax.MseSearch(8, 0.6)
-    assert Method("quest").layer_quant(0).weight.scale == qjax.RmsGaussian()
-    lq = Method("ste", scale=qjax.Percentile(99.0)).layer_quant(0)
+    assert Method("quest").layer_quant(DENSE).weight.scale == qjax.RmsGaussian()
+    lq = Method("ste", scale=qjax.Percentile(99.0)).layer_quant(DENSE)
     assert lq.weight.scale == lq.activation.scale == qjax.Percentile(99.0)
-    assert Method("ste").layer_quant(0).activation.scale == qjax.AbsMax()
+    assert Method("ste").layer_quant(DENSE).activation.scale == qjax.AbsMax()
 
 
 @pytest.mark.parametrize("method", ["lsq", "pact"])
@@ -101,11 +102,14 @@ def test_conv_equals_core_fake_quant_then_conv():
 
 def test_embed_is_weight_only():
     ids = jnp.array([[1, 5, 7]])
-    spec = qjax.QuantSpec("int4", qjax.PerRow(-1))
+    # Weight specs refer to the (K, N) matrix view, here (features, vocab): one scale per
+    # embedding row is PerRow(0) of the view, PerRow(-1) of the table.
+    spec = qjax.QuantSpec("int4", qjax.PerRow(0))
     lin = QL.QEmbed(10, 32, weight=spec)
     p = lin.init(jax.random.key(5), ids)["params"]
     np.testing.assert_array_equal(lin.apply({"params": p}, ids),
-                                  qjax.fake_quant(p["embedding"], spec)[ids])
+                                  qjax.fake_quant(p["embedding"], spec.replace(
+                                      granularity=qjax.PerRow(-1)))[ids])
     mod = _copy_into_nnx(QN.QEmbed(10, 32, weight=spec, rngs=nnx.Rngs(0)), p)
     np.testing.assert_array_equal(mod(ids), lin.apply({"params": p}, ids))
     with pytest.raises(ValueError, match="weight-only"):
@@ -145,7 +149,7 @@ def test_bad_layer_arguments():
         Method("quest", scale="gauss")
     with pytest.raises(TypeError, match="rule target"):
         qjax.nn.resolve(3, 0)
-    with pytest.raises(ValueError, match="must be contracted"):
+    with pytest.raises(ValueError, match="contracts no input axis"):
         QL.QEinsum((128, 4), "btd,dn->btdn", method="ste").init(jax.random.key(0), X)
     with pytest.raises(ValueError, match="half Hadamard"):
         LayerQuant(quest.spec(4, axis=0), A_INT8)

@@ -54,7 +54,8 @@ def test_forward_really_is_an_int8_dot():
 
 
 def test_layers_and_rewrite_use_it():
-    lq = Method("quest", 4, 4, integer_forward=True).layer_quant(0)
+    lq = Method("quest", 4, 4, integer_forward=True).layer_quant(
+        qjax.nn.dense_layout((X.shape[-1], 24)))
     assert lq.integer_forward
     layer = qjax.nn.linen.QDense(24, weight=lq.weight, activation=lq.activation)
     p = layer.init(jax.random.key(3), X)["params"]

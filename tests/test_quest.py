@@ -1,4 +1,4 @@
-"""Tests for qjax.methods.quest against design.md section 3."""
+"""Tests for qjax.methods.quest against docs/design.md section 6."""
 
 import math
 

@@ -19,8 +19,8 @@ from jax.sharding import PartitionSpec as P
 import qjax
 from qjax import sharding as S
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules
-from qjax.nn import common as C
-from qjax.nn.common import Method
+from qjax.nn import Method, dense_layout, resolve
+from qjax.nn import ops as C
 from qjax.nn.rewrite import quantize_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -163,7 +163,7 @@ def _row_parallel_case():
 def _row_parallel(axis_name):
     method = Method("quest", 4, 4, block_size=64, weight_axis_name=axis_name,
                     activation_axis_name=axis_name)
-    lq = C.resolve(method, 0)
+    lq = resolve(method, dense_layout((256, 16)))
 
     def f(x, w, c):
         y = C.dense_op(x, w, None, lq, None, None, qat=True)
@@ -196,7 +196,7 @@ def test_row_parallel_quest_layer_uses_global_statistics():
     for got, ref in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     # Local statistics would give another quantization: the collective is what makes it equal.
-    lq_local = C.resolve(Method("quest", 4, 4, block_size=64), 0)
+    lq_local = resolve(Method("quest", 4, 4, block_size=64), dense_layout((64, 16)))
     local = jax.jit(jax.shard_map(
         lambda x, w: jax.lax.psum(C.dense_op(x, w, None, lq_local, None, None, qat=True),
                                   "tensor"),
@@ -319,7 +319,8 @@ def test_axis_name_errors():
     with pytest.raises(ValueError, match="percentile"):
         jax.jit(f)(S.put(jnp.ones((2, 8)), NamedSharding(mesh, P(None, "tensor"))))
     with pytest.raises(ValueError, match="integer_forward"):
-        C.resolve(Method("ste", 8, 8, integer_forward=True, activation_axis_name="tensor"), 0)
+        Method("ste", 8, 8, integer_forward=True,
+               activation_axis_name="tensor").layer_quant(dense_layout((8, 8)))
 
 
 @pytest.mark.parametrize("integer_forward", [False, True])
@@ -338,7 +339,7 @@ def test_quantized_dense_forwards_out_sharding(integer_forward):
     with jax.set_mesh(mesh):
         y = nnx.jit(lambda m, x: m(x, out_sharding=P(None, "tensor")))(layer, xs)
         g = jax.jit(jax.grad(lambda k, x: jnp.sum(C.dense_op(
-            x, k, None, C.resolve(method, 0), None, None, qat=True,
+            x, k, None, resolve(method, dense_layout((16, 8))), None, None, qat=True,
             out_sharding=P(None, "tensor")) ** 2)))(kernel, xs)
     assert y.sharding.spec == P(None, "tensor")
     assert g.sharding.spec == kernel.sharding.spec  # the cotangent has its primal's sharding

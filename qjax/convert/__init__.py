@@ -18,11 +18,37 @@ from qjax.convert.io import (
     save,
     to_arrays,
 )
-from qjax.convert.serve import BACKENDS, serve, serving_matmul, uses_integer_matmul
-from qjax.convert.weights import convert, kernel_to_qarray, serving_layers, serving_spec
+from qjax.convert.nnx_serving import ServingKernel, ServingLayer, serving_model
+from qjax.convert.serve import (
+    BACKENDS,
+    conv_config,
+    serve,
+    serve_layer,
+    serving_matmul,
+    uses_integer_matmul,
+)
+from qjax.convert.weights import (
+    check_layer_params,
+    convert,
+    convert_layer,
+    dequantize_kernel,
+    kernel_to_qarray,
+    layer_to_qarray,
+    serving_layers,
+    serving_spec,
+)
 
 __all__ = [
     "BACKENDS",
+    "ServingKernel",
+    "ServingLayer",
+    "check_layer_params",
+    "conv_config",
+    "convert_layer",
+    "dequantize_kernel",
+    "layer_to_qarray",
+    "serve_layer",
+    "serving_model",
     "convert",
     "directory_bytes",
     "export_gguf",

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from qjax.convert.serve import serve
 from qjax.nn.rewrite import QuantizedLinenModel
@@ -117,8 +118,16 @@ def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def save(path: str, serving_params: Mapping, *, overwrite: bool = False) -> int:
-    """Writes serving params to the directory ``path`` atomically; returns its size in bytes.
+def _as_tree(serving):
+    """Serving params as a nested dict: an NNX serving model's state as a pure dict."""
+    if isinstance(serving, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(serving))
+    return serving
+
+
+def save(path: str, serving_params, *, overwrite: bool = False) -> int:
+    """Writes serving params (or an NNX serving model's state) to the directory ``path``
+    atomically; returns its size in bytes.
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -126,8 +135,10 @@ def save(path: str, serving_params: Mapping, *, overwrite: bool = False) -> int:
         bool (a truthy string such as ``"no"`` must not replace a checkpoint).
     """
     _check_path(path)
+    serving_params = _as_tree(serving_params)
     if not isinstance(serving_params, Mapping):
-        raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
+        raise TypeError(f"serving_params must be a mapping or an NNX serving model, got "
+                        f"{type(serving_params).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
     path = os.path.abspath(path)
@@ -165,22 +176,28 @@ def _unflatten(flat: dict[str, object]) -> dict:
     return out
 
 
-def restore(path: str, like: Mapping | None = None) -> dict:
+def restore(path: str, like=None):
     """Reads a checkpoint written by :func:`save`.
 
     Args:
       path: the checkpoint directory.
-      like: serving params (or their ``jax.eval_shape``) of the same model: rebuilds QArrays. If
-        None, returns the plain arrays (enough for :func:`load_exported`'s function).
+      like: serving params (or their ``jax.eval_shape``) of the same model: rebuilds QArrays; or
+        an NNX serving model of the same model (e.g. ``convert`` of a freshly initialized one):
+        returns a copy of it holding the restored state. If None, returns the plain arrays
+        (enough for :func:`load_exported`'s function).
 
     Raises:
       FileNotFoundError: no directory at ``path``.
       ValueError: not a qjax serving checkpoint, corrupt or truncated, or not matching ``like``.
     """
     _check_path(path)
+    if isinstance(like, nnx.Module):
+        graphdef, state = nnx.split(like)
+        nnx.replace_by_pure_dict(state, restore(path, nnx.to_pure_dict(state)))
+        return nnx.merge(graphdef, state)
     if like is not None and not isinstance(like, Mapping):
-        raise TypeError(f"like must be a mapping of serving params or None, got "
-                        f"{type(like).__name__}")
+        raise TypeError(f"like must be a mapping of serving params, an NNX serving model or "
+                        f"None, got {type(like).__name__}")
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no serving checkpoint at {path}")
@@ -236,26 +253,41 @@ def _struct(a):
                                 else a.dtype)
 
 
-def export_serving(model: QuantizedLinenModel, serving_params: Mapping, *args,
-                   path: str | None = None, backend: str = "xla") -> bytes:
-    """Serializes the serving forward to StableHLO (``jax.export``) for the shapes of ``args``.
+def export_serving(model, *args, path: str | None = None, backend: str = "xla") -> bytes:
+    """Serializes the serving forward to StableHLO (``jax.export``) for the shapes of the inputs.
 
-    The exported function takes ``(to_arrays(serving_params), *args)``: plain arrays, so it runs
-    without qjax (``jax.export.deserialize(data).call(arrays, *args)``).
+    * Linen: ``export_serving(model, serving_params, *inputs)``;
+    * NNX: ``export_serving(serving_model, *inputs)``.
+
+    The exported function takes ``(to_arrays(serving_params), *inputs)`` (NNX: the arrays of the
+    serving model's state as a pure dict): plain arrays, so it runs without qjax
+    (``jax.export.deserialize(data).call(arrays, *inputs)``).
 
     Returns:
       The serialized artifact; also written atomically to ``path`` if given.
     """
-    if not isinstance(model, QuantizedLinenModel):
-        raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel, got "
-                        f"{type(model).__name__}")
     if path is not None:
         _check_path(path)
-    arrays = to_arrays(serving_params)
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        like = nnx.to_pure_dict(state)
 
-    def forward(arrays, *a):
-        return serve(model, from_arrays(arrays, serving_params), *a, backend=backend)
+        def forward(arrays, *a):
+            s = nnx.clone(state)
+            nnx.replace_by_pure_dict(s, from_arrays(arrays, like))
+            return serve(nnx.merge(graphdef, s), *a, backend=backend)
+    elif isinstance(model, QuantizedLinenModel):
+        if not args or not isinstance(args[0], Mapping):
+            raise TypeError("export_serving(model, serving_params, *inputs): serving_params must "
+                            "be a mapping")
+        like, args = args[0], args[1:]
 
+        def forward(arrays, *a):
+            return serve(model, from_arrays(arrays, like), *a, backend=backend)
+    else:
+        raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel or an NNX serving model, "
+                        f"got {type(model).__name__}")
+    arrays = to_arrays(like)
     exported = jax.export.export(jax.jit(forward))(
         jax.tree_util.tree_map(_struct, arrays), *jax.tree_util.tree_map(_struct, args))
     data = bytes(exported.serialize())

@@ -1,21 +1,27 @@
 """The serving forward: the same Flax model, run on converted params (packed QArray kernels).
 
-``serve(model, serving_params, *args)`` runs ``model.model`` (the original Flax module) and
-intercepts each quantized ``Dense`` (``flax.linen.intercept_methods``, as
-:func:`qjax.nn.quantize_model` does for QAT), replacing its matmul by :func:`serving_matmul`:
+``serve(model, serving_params, *args)`` (Linen) runs ``model.model`` and intercepts each quantized
+layer (as QAT does, :mod:`qjax.nn.rewrite`); an NNX serving model (from
+:func:`qjax.convert.convert`) holds :class:`~qjax.convert.nnx_serving.ServingLayer` modules that
+do the same. Both call :func:`serve_layer`:
 
-* weight-only layers (and layers whose activation spec has no exact int8 code, e.g. learned
-  LSQ/PACT scales): the input is quantized or rotated exactly as in QAT, then multiplied by the
-  dequantized kernel. The ops are those of the QAT forward on the same values, so the output
-  equals it bit for bit;
-* weight + activation layers accepted by :func:`qjax.qdot.integer_forward_reason`: the input is
-  rotated (QuEST's half Hadamard form), quantized per token on the fly, and multiplied by the
-  int8 weight codes with an int8 x int8 -> int32 ``lax.dot_general``; scales are applied after
-  (:func:`qjax.qdot.int8_matmul`, the op of QAT's integer forward). Against the fake-quant QAT
-  forward the result differs by float accumulation order only; against QAT with
-  ``integer_forward=True`` it is the same computation.
+* **integer dense** (Dense, DenseGeneral, Einsum without batch axes; weight and activation specs
+  accepted by :func:`qjax.qdot.integer_forward_reason`): the input is rotated (QuEST's half
+  Hadamard form) and viewed as rows ``(..., K)``, then :func:`qjax.kernels.quantized_matmul`
+  quantizes it per token or per tensor and multiplies the int8 codes with the weight's
+  (``"xla"``: an int8 x int8 -> int32 ``lax.dot_general``, scales after). The same computation
+  as QAT with ``integer_forward=True`` (bit for bit in float32); against fake-quant QAT it differs
+  by float accumulation order only.
+* **integer conv** (activations per example or per tensor, weights per output channel): an int8
+  ``lax.conv_general_dilated`` with int32 accumulation, scales after.
+* **everything else** (weight-only, learned activation scales, asymmetric or grouped weights,
+  batch axes, Conv padding modes other than SAME/VALID/explicit): the input is quantized exactly
+  as in QAT and the layer's own op runs on the dequantized kernel; the ops are QAT's on the same
+  values, so the output equals it bit for bit. With a Pallas backend, dense weight-only layers
+  use :func:`qjax.kernels.quantized_matmul`'s kernels instead (equal up to float accumulation
+  order).
 
-Contract (design.md section 2), tested under ``jax.jit`` and in eager mode.
+Contract (docs/design.md section 9), tested under ``jax.jit`` and in eager mode.
 
 References:
   Panferov et al., 2025, QuEST (odd-integer codes ``u = 2q + 1`` for the int8 matmul).
@@ -23,82 +29,56 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qjax import formats as F
+from qjax import estimators as E
 from qjax import granularity as G
 from qjax import spec as SP
 from qjax._checks import check_floating
-from qjax.convert.weights import serving_layers, serving_spec
-from qjax.kernels import quantized_matmul
-from qjax.nn import common as C
-from qjax.nn.rewrite import QuantizedLinenModel
-from qjax.qarray import QArray
-from qjax.qdot import (
-    check_int32_sum,
-    int8_matmul,
-    int8_operand,
-    integer_forward_reason,
-    operand_codes,
+from qjax.convert.weights import dequantize_kernel, serving_layers, serving_spec
+from qjax.kernels import BACKENDS, quantized_matmul
+from qjax.nn.layout import KernelLayout
+from qjax.nn.ops import (
+    add_bias,
+    arrange_output,
+    conv_dimension_numbers,
+    quantize_input,
+    rotate_input,
 )
-from qjax.quantize import dequantize
+from qjax.nn.recipe import LayerQuant
+from qjax.nn.rewrite import QuantizedLinenModel, call_linen_layer, raw_site_call, run_linen
+from qjax.nn.sites import Site
+from qjax.qarray import QArray
+from qjax.qdot import check_int32_sum, int8_operand, integer_forward_reason
 
-__all__ = ["serve", "serving_matmul", "BACKENDS", "uses_integer_matmul"]
-
-#: ``"xla"``: the serving path below, whose weight-only product is bit-exact against the QAT
-#: forward; the others delegate to :func:`qjax.kernels.quantized_matmul` (``"auto"`` is
-#: ``"xla"`` on CPU, the platform's Pallas kernels on TPU and GPU).
-BACKENDS = ("xla", "auto", "pallas_tpu", "pallas_gpu", "interpret")
+__all__ = ["serve", "serve_layer", "serving_matmul", "BACKENDS", "uses_integer_matmul",
+           "conv_config"]
 
 
-def _training_view(spec: SP.QuantSpec) -> SP.QuantSpec:
-    """A serving ``(N, K)`` weight spec as :func:`integer_forward_reason` sees a ``(K, N)`` one."""
+def _weight_view(spec: SP.QuantSpec) -> SP.QuantSpec:
+    """A serving ``(N, K)`` weight spec as the integer rule sees a ``(K, N)`` one."""
     if isinstance(spec.granularity, G.PerRow) and spec.granularity.axis in (-1, 1):
         return spec.replace(granularity=G.PerRow(0))
     return spec
 
 
-def _weight_int8(w: QArray) -> tuple[jax.Array, jax.Array]:
-    fmt = w.spec.format
-    if isinstance(fmt, F.IntFormat) and fmt.bits == 8 and w.codes.dtype == jnp.int8:
-        return w.codes, w.scale  # stored as the int8 codes themselves
-    return int8_operand(w.codes_float32(), w.scale, fmt)
-
-
-def serving_matmul(
-    x: jax.Array,
-    w: QArray,
-    *,
-    act_spec: SP.QuantSpec | None = None,
-    precision=None,
-    backend: str = "xla",
-) -> jax.Array:
+def serving_matmul(x: jax.Array, w: QArray, *, act_spec: SP.QuantSpec | None = None,
+                   precision=None, backend: str = "xla") -> jax.Array:
     """``x @ dequantize(w).T``, or with ``act_spec`` the int8 product ``Q_a(x) @ w.T``.
 
-    The signature of ``qjax.kernels.quantized_matmul``, which can replace it for other backends.
+    Weight-only on ``"xla"``: a float ``lax.dot_general`` like ``flax.linen.Dense``'s (with
+    ``precision``); otherwise :func:`qjax.kernels.quantized_matmul`.
 
     Args:
       x: ``(..., K)`` float input (already rotated when the specs use the half Hadamard form).
       w: serving QArray ``(N, K)`` (from :func:`qjax.convert.convert`).
-      act_spec: None (weight-only: dequantize, then a float ``lax.dot_general`` like
-        ``flax.linen.Dense``'s), or an activation spec accepted by
-        :func:`qjax.qdot.integer_forward_reason` (quantize per token on the fly; int8 x int8 ->
-        int32 dot; float32 scales after).
+      act_spec: None (weight-only) or an activation spec with an integer matmul.
       precision: ``lax.dot_general`` precision of the float product.
-      backend: one of :data:`BACKENDS`. Pallas kernels agree with ``"xla"`` to float
-        accumulation order (integer codes identical), not bit for bit.
-
-    Returns:
-      ``(..., N)`` in ``x``'s dtype (weight-only: ``result_type(x, w.dtype)``).
-
-    Raises:
-      TypeError: ``x`` not a floating array, ``w`` not a QArray, ``act_spec`` not a QuantSpec.
-      ValueError: an unknown backend, mismatched shapes, specs without an integer matmul, or a K
-        whose int32 sum could overflow (:func:`qjax.qdot.check_int32_sum`).
+      backend: one of :data:`BACKENDS`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -108,107 +88,222 @@ def serving_matmul(
     SP.check_spec(act_spec, "act_spec", optional=True)
     if w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"need x (..., K) and w (N, K), got {x.shape} and {w.shape}")
-    if backend == "auto" and jax.default_backend() not in ("tpu", "gpu", "cuda"):
-        backend = "xla"
-    if backend != "xla":
-        return quantized_matmul(x, w, act_spec=act_spec, backend=backend)
-    if act_spec is None:
+    if act_spec is None and backend == "xla":
+        from qjax.quantize import dequantize
+
         dtype = jnp.result_type(x, jnp.dtype(w.dtype))
         wt = dequantize(w).T.astype(dtype)
         return jax.lax.dot_general(x.astype(dtype), wt, (((x.ndim - 1,), (0,)), ((), ())),
                                    precision=precision)
-    reason = integer_forward_reason(_training_view(w.spec), act_spec)
-    if reason:
-        raise ValueError(f"no integer matmul for these specs: {reason}")
-    check_int32_sum(w.shape[1], act_spec.format, w.spec.format)
-    q, s = operand_codes(x.astype(jnp.float32), act_spec.replace(hadamard=None), -1)
-    xi, xs = int8_operand(q, s, act_spec.format)
-    wi, ws = _weight_int8(w)
-    return int8_matmul(xi, xs, wi, ws, 1).astype(x.dtype)
+    if act_spec is not None:
+        reason = integer_forward_reason(_weight_view(w.spec), act_spec)
+        if reason:
+            raise ValueError(f"no integer matmul for these specs: {reason}")
+    return quantized_matmul(x, w, act_spec=act_spec, backend=backend)
 
 
-def uses_integer_matmul(lq: C.LayerQuant) -> bool:
-    """Whether :func:`serve` runs this layer as an int8 x int8 matmul."""
-    if not isinstance(lq, C.LayerQuant):
+def uses_integer_matmul(lq: LayerQuant, layout: KernelLayout | None = None) -> bool:
+    """Whether :func:`serve_layer` runs this layer with int8 x int8 products."""
+    if not isinstance(lq, LayerQuant):
         raise TypeError(f"lq must be a qjax.nn.LayerQuant, got {type(lq).__name__}")
-    return lq.activation is not None and integer_forward_reason(lq.weight, lq.activation) is None
+    if lq.activation is None or lq.weight is None:
+        return False
+    if layout is not None and layout.kind == "conv":
+        g = lq.activation.granularity
+        if g != G.PerTensor() and g != G.PerAxis(0):
+            return False
+        return integer_forward_reason(lq.weight, lq.activation.replace(
+            granularity=G.PerTensor())) is None
+    if layout is not None and (layout.kind != "dense" or layout.batch):
+        return False
+    return integer_forward_reason(lq.weight, lq.activation) is None
 
 
-def _discover(model: QuantizedLinenModel, args, kwargs) -> dict:
-    model._discover(args, kwargs)
-    return serving_layers(model)
+def conv_config(module) -> dict | None:
+    """``lax.conv_general_dilated`` arguments of a Flax ``Conv`` (Linen or NNX), or None if its
+    padding mode or mask has no integer convolution (CIRCULAR, CAUSAL, masked kernels)."""
+    padding = module.padding
+    if getattr(module, "mask", None) is not None:
+        return None
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            return None
+        padding = padding.upper()
+    elif isinstance(padding, int):
+        padding = None if padding < 0 else padding
+    n = len(module.kernel_size)
+
+    def tup(v):
+        return (1,) * n if v is None else ((v,) * n if isinstance(v, int) else tuple(v))
+
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * n
+    elif not isinstance(padding, str):
+        padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    return dict(window_strides=tup(module.strides), padding=padding,
+                lhs_dilation=tup(getattr(module, "input_dilation", 1)),
+                rhs_dilation=tup(module.kernel_dilation),
+                feature_group_count=int(getattr(module, "feature_group_count", 1)))
 
 
-def _check_params(serving_params: Mapping, layers: dict) -> None:
-    for path, lq in layers.items():
-        node = serving_params
-        for name in path:
-            if not isinstance(node, Mapping) or name not in node:
-                raise ValueError(f"serving params have no layer {'/'.join(path)!r}: they do not "
-                                 "match the model")
-            node = node[name]
-        kernel = node.get("kernel") if isinstance(node, Mapping) else None
-        if lq.weight is not None and not isinstance(kernel, QArray):
-            raise ValueError(f"layer {'/'.join(path)!r}: kernel is not a QArray; convert the "
-                             "params with qjax.convert.convert first")
-        if lq.weight is not None and kernel.spec != serving_spec(lq.weight):
-            raise ValueError(f"layer {'/'.join(path)!r}: the kernel was converted with "
-                             f"{kernel.spec}, not with the model's weight spec")
-        if "kernel_scale" in node:
-            raise ValueError(f"layer {'/'.join(path)!r} still has a kernel_scale: these are QAT "
-                             "params, not serving params")
+def _integer_conv(x, w: QArray, lq: LayerQuant, layout: KernelLayout, cfg: dict):
+    spec = lq.activation
+    x32 = rotate_input(x, lq, layout).astype(jnp.float32)
+    reduce = tuple(range(x32.ndim)) if spec.granularity == G.PerTensor() else tuple(
+        range(1, x32.ndim))
+    scale, _ = spec.scale.compute(x32, reduce, spec.format)
+    xi, xs = int8_operand(E.encode(x32, scale, None, spec.format), scale, spec.format)
+    wi, ws = int8_operand(w.codes_float32(), w.scale, w.spec.format)
+    check_int32_sum(layout.k, spec.format, w.spec.format)
+    wi = layout.from_matrix(jnp.swapaxes(wi, -1, -2))
+    acc = jax.lax.conv_general_dilated(
+        xi, wi, dimension_numbers=conv_dimension_numbers(x.ndim, wi.ndim),
+        preferred_element_type=jnp.int32, **cfg)
+    y = acc.astype(jnp.float32) * xs * ws.reshape(-1)
+    return jnp.maximum(y, jnp.finfo(jnp.float32).min)  # no FMA with a following add (jit == eager)
 
 
-def _input_scale(module: nn.Module):
-    return module.variables["params"].get("input_scale")
-
-
-def serve(model: QuantizedLinenModel, serving_params: Mapping, *args, backend: str = "xla",
-          **kwargs):
-    """The serving forward of ``model`` on ``serving_params`` (see the module docstring).
+def serve_layer(x: jax.Array, w, lq: LayerQuant, layout: KernelLayout, input_scale,
+                run_with_kernel: Callable, *, bias=None, dtype=None, conv: dict | None = None,
+                backend: str = "xla") -> jax.Array:
+    """The serving forward of one layer (see the module docstring).
 
     Args:
-      model: the :class:`~qjax.nn.QuantizedLinenModel` the params were trained with.
-      serving_params: the output of :func:`qjax.convert.convert` (the ``params`` collection).
-      *args, **kwargs: the model's inputs, as for ``model.apply``.
-      backend: the integer matmul's backend (see :func:`serving_matmul`).
+      x: the layer's input.
+      w: its serving kernel: a QArray ``(*batch, N, K)``, or a float kernel (no weight spec).
+      lq, layout: the layer's recipe and kernel layout.
+      input_scale: the learned activation parameter, or None.
+      run_with_kernel: ``f(x, kernel)`` runs the layer's own op (bias included) with ``kernel``.
+      bias: the layer's bias (integer paths add it as the layer would).
+      dtype: the layer's compute dtype (None: from the input and the weight).
+      conv: :func:`conv_config` of a convolution, or None.
+      backend: one of :data:`BACKENDS`.
+    """
+    if not isinstance(w, QArray):
+        return run_with_kernel(quantize_input(x, lq, layout, input_scale), w)
+    dtype = dtype or jnp.result_type(x, jnp.dtype(w.dtype))
+    x = x.astype(dtype)
+    dense = layout.kind == "dense" and not layout.batch
+    if uses_integer_matmul(lq, layout):
+        if dense:
+            rows = layout.input_to_rows(rotate_input(x, lq, layout))
+            y = quantized_matmul(rows, w, act_spec=lq.activation, backend=backend)
+            return add_bias(arrange_output(y, x.shape, layout), bias, layout)
+        if conv is not None and x.ndim == len(layout.shape):
+            y = _integer_conv(x, w, lq, layout, conv).astype(dtype)
+            return add_bias(y, bias, layout)
+    xq = quantize_input(x, lq, layout, input_scale)
+    if dense and backend != "xla" and lq.activation is None:
+        y = quantized_matmul(layout.input_to_rows(xq), w, backend=backend)
+        return add_bias(arrange_output(y, x.shape, layout), bias, layout)
+    return run_with_kernel(xq, dequantize_kernel(w, layout))
+
+
+def _check_params(serving_params: Mapping, sites: dict[str, Site]) -> None:
+    for path, site in sites.items():
+        node = serving_params
+        for name in site.keys:
+            if not isinstance(node, Mapping) or name not in node:
+                raise ValueError(f"serving params have no layer {path!r}: they do not match "
+                                 "the model")
+            node = node[name]
+        kernel = node.get(site.param) if isinstance(node, Mapping) else None
+        lq = site.recipe
+        if lq.weight is not None and not isinstance(kernel, QArray):
+            raise ValueError(f"layer {path!r}: kernel is not a QArray; convert the params with "
+                             "qjax.convert.convert first")
+        if lq.weight is not None and kernel.spec != serving_spec(lq.weight):
+            raise ValueError(f"layer {path!r}: the kernel was converted with {kernel.spec}, not "
+                             "with the model's weight spec")
+        if "kernel_scale" in node:
+            raise ValueError(f"layer {path!r} still has a kernel_scale: these are QAT params, "
+                             "not serving params")
+
+
+def _linen_handler(backend: str) -> Callable:
+    def handler(site: Site, m, a, kw, next_fun):
+        p = dict(nn.unbox(m.variables["params"]))
+        w, input_scale = p.pop("kernel"), p.pop("input_scale", None)
+        run = lambda xq, kernel: call_linen_layer(m, {**p, "kernel": kernel}, xq, *a[1:], **kw)
+        conv = conv_config(m) if site.layout.kind == "conv" else None
+        return serve_layer(a[0], w, site.recipe, site.layout, input_scale, run,
+                           bias=p.get("bias"), dtype=getattr(m, "dtype", None), conv=conv,
+                           backend=backend)
+
+    return handler
+
+
+def serve(model, *args, backend: str = "xla", **kwargs):
+    """The serving forward of a converted model.
+
+    * Linen: ``serve(model, serving_params, *inputs)`` with the
+      :class:`~qjax.nn.QuantizedLinenModel` the params were trained with and the output of
+      :func:`qjax.convert.convert`.
+    * NNX: ``serve(serving_model, *inputs)`` with the model :func:`qjax.convert.convert`
+      returned (the same as calling it, with ``backend`` set on its layers).
+
+    Args:
+      backend: the matmul backend, one of :data:`BACKENDS` (see :func:`serve_layer`).
 
     Returns:
       What the model returns.
     """
-    if not isinstance(model, QuantizedLinenModel):
-        raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel, got "
-                        f"{type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(serving_params, Mapping):
-        raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
-    layers = _discover(model, args, {k: v for k, v in kwargs.items()
-                                     if k not in ("rngs", "mutable", "method")})
-    _check_params(serving_params, layers)
+    from flax import nnx
 
-    def intercept(next_fun, a, kw, context):
-        m = context.module
-        lq = layers.get(tuple(m.path)) if context.method_name == "__call__" else None
-        if lq is None:
-            return next_fun(*a, **kw)
-        if lq.weight is None:
-            return next_fun(C.quantize_input(a[0], lq, _input_scale(m)), *a[1:], **kw)
-        if type(m) is not nn.Dense:
-            raise ValueError(f"layer {'/'.join(m.path)!r} ({type(m).__name__}): serving "
-                             "supports quantized nn.Dense layers only")
-        params = m.variables["params"]
-        w, bias = params["kernel"], params.get("bias")
-        if uses_integer_matmul(lq):
-            x = C._rotate(a[0], lq.rotation, -1)
-            y = serving_matmul(x, w, act_spec=lq.activation, backend=backend)
-        else:
-            x = C.quantize_input(a[0], lq, _input_scale(m))
-            dtype = m.dtype or jnp.result_type(x, jnp.dtype(w.dtype))
-            y = serving_matmul(x.astype(dtype), w, precision=m.precision, backend=backend)
-        if bias is not None:
-            y = y + jnp.reshape(bias.astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
-        return y
+    if isinstance(model, nnx.Module):
+        from qjax.convert.nnx_serving import call_serving_model
 
-    with nn.intercept_methods(intercept):
-        return model.model.apply({"params": serving_params}, *args, **kwargs)
+        return call_serving_model(model, *args, backend=backend, **kwargs)
+    if not isinstance(model, QuantizedLinenModel):
+        raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel or an NNX serving model, "
+                        f"got {type(model).__name__}")
+    if not args or not isinstance(args[0], Mapping):
+        raise TypeError("serve(model, serving_params, *inputs): serving_params must be a mapping")
+    serving_params, args = args[0], args[1:]
+    sites = model.sites(*args, **kwargs)
+    serving_layers(model)  # the sites are known
+    _check_params(serving_params, sites)
+    params = _raw_placeholders(serving_params, sites)
+    return run_linen(model.model, lambda: model.model.apply({"params": params}, *args, **kwargs),
+                     _linen_handler(backend), sites, _raw_serve_handler(sites, backend))
+
+
+_RAW_PREFIX = "qjax_serving_"
+
+
+def _raw_placeholders(serving_params: Mapping, sites: Mapping[str, Site]) -> Mapping:
+    """A raw kernel's module reads its parameter with ``self.param``, which checks its shape: the
+    QArray moves beside it (``qjax_serving_<name>``, so scans slice it per layer too) and the
+    parameter becomes a zero placeholder of the float kernel's shape, which the op handler
+    recognises and never multiplies (under ``jit`` it is not materialized)."""
+    raw = [s for s in sites.values() if s.raw]
+    if not raw:
+        return serving_params
+    out = jax.tree_util.tree_map(lambda a: a, dict(serving_params),
+                                 is_leaf=lambda a: isinstance(a, QArray))
+    for site in raw:
+        node = out
+        for key in site.keys:
+            node[key] = dict(node[key])
+            node = node[key]
+        w = node[site.param]
+        node[_RAW_PREFIX + site.param] = w
+        node[site.param] = jnp.broadcast_to(jnp.zeros((), w.dtype), site.kernel_shape)
+    return out
+
+
+def _raw_serve_handler(sites: Mapping[str, Site], backend: str) -> Callable | None:
+    if not any(s.raw for s in sites.values()):
+        return None
+
+    def handler(m, op, args, kwargs, original):
+        hit = raw_site_call(sites, m, op, args, kwargs)
+        if hit is None:
+            return original(*args, **kwargs)
+        site, x, _, call = hit
+        w = m.variables["params"][_RAW_PREFIX + site.param]
+        return serve_layer(x, w, site.recipe, site.layout, None, call, backend=backend)
+
+    return handler

@@ -19,7 +19,8 @@ becomes ``PerRow(-1)``, a Hadamard along axis 0 one along axis -1), so
 ``input_scale`` (a learned activation scale) and every float leaf stay as they are.
 
 References:
-  design.md section 2 (numerics contract); Panferov et al., 2025, QuEST (pre-rotated weights).
+  docs/design.md sections 3 and 9 (numerics contract); Panferov et al., 2025, QuEST
+  (pre-rotated weights).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ import jax.numpy as jnp
 
 from qjax import granularity as G
 from qjax import spec as SP
-from qjax.nn import common as C
+from qjax.nn.layout import dense_layout
+from qjax.nn.ops import quantize_kernel
+from qjax.nn.recipe import LayerQuant, learned, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, parse_rules
+from qjax.nn.sites import Site
 from qjax.qarray import QArray, codes_to_storage
-from qjax.quantize import quantize
+from qjax.quantize import dequantize, quantize
 
-__all__ = ["convert", "serving_layers", "serving_spec", "kernel_to_qarray"]
+__all__ = ["convert", "serving_layers", "serving_spec", "kernel_to_qarray", "layer_to_qarray",
+           "dequantize_kernel", "convert_layer", "check_layer_params"]
 
 
 def _other_axis(axis: int, name: str) -> int:
@@ -122,6 +127,38 @@ def kernel_to_qarray(kernel: jax.Array, spec: SP.QuantSpec,
 Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
 
+def layer_to_qarray(kernel: jax.Array, spec: SP.QuantSpec, layout,
+                    kernel_scale: jax.Array | None = None) -> QArray:
+    """A layer's kernel ``(*stack, *layout.shape)`` as a serving QArray ``(*stack, *batch, N, K)``.
+
+    Each ``(K, N)`` matrix of :meth:`~qjax.nn.KernelLayout.to_matrix` becomes a
+    :func:`kernel_to_qarray`; stacked layers and batch axes stay in front (the QArray's leaves
+    carry them, so ``nn.scan`` / ``nnx.scan`` hand each layer its own ``(N, K)`` QArray).
+    """
+    m = layout.to_matrix(kernel)
+    lead = m.shape[:-2]
+    if not lead:
+        return kernel_to_qarray(m, spec, kernel_scale)
+    # One matrix at a time, with the very ops of an unstacked layer (a vmapped Hadamard or
+    # statistic may round differently), so a stack converts exactly as its unrolled twin.
+    flat = m.reshape((-1,) + m.shape[-2:])
+    scales = None if kernel_scale is None else kernel_scale.reshape(
+        (flat.shape[0],) + kernel_scale.shape[len(lead):])
+    parts = [kernel_to_qarray(flat[i], spec, None if scales is None else scales[i])
+             for i in range(flat.shape[0])]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *parts)
+    return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), stacked)
+
+
+def dequantize_kernel(w: QArray, layout) -> jax.Array:
+    """Inverse view of :func:`layer_to_qarray`: the dequantized kernel in the layer's layout,
+    equal bit for bit to QAT's :func:`qjax.nn.ops.quantize_kernel` (float32 and bfloat16)."""
+    kernel = layout.from_matrix(jnp.swapaxes(dequantize(w), -1, -2))
+    # Materialized: XLA would otherwise fold the transpose into the layer's dot, whose other
+    # operand layout sums in another order than QAT's dot with the (K, N) kernel.
+    return jax.lax.optimization_barrier(kernel)
+
+
 def _walk_kernels(params, prefix=()):
     if isinstance(params, Mapping):
         if "kernel" in params and not isinstance(params["kernel"], Mapping):
@@ -132,41 +169,43 @@ def _walk_kernels(params, prefix=()):
 
 
 def serving_layers(model_or_rules: QuantizedLinenModel | Rules,
-                   params: Mapping | None = None) -> dict[tuple[str, ...], C.LayerQuant]:
-    """Quantized Dense layers: ``{path: LayerQuant}``.
+                   params: Mapping | None = None) -> dict[str, Site]:
+    """The quantized layers to convert: ``{path: Site}``.
 
     Args:
       model_or_rules: a :class:`~qjax.nn.QuantizedLinenModel` after ``init`` or ``apply`` (its
-        discovered layers), or rules as :func:`qjax.nn.quantize_model` takes them, matched
-        against the paths of ``params`` that hold a ``kernel`` (taken as Dense kernels ``(K, N)``).
+        :meth:`~qjax.nn.QuantizedLinenModel.sites`: every layer kind, stacked or not), or rules
+        as :func:`qjax.nn.quantize_model` takes them, matched against the paths of ``params``
+        that hold a ``kernel`` (taken as unstacked Dense kernels ``(K, N)``).
       params: needed with rules.
 
     Raises:
-      ValueError: a model whose layers are not discovered yet, or a quantized layer that is not
-        a Dense (kernel contracted along axis 0).
+      ValueError: a model whose layers are not discovered yet; rules without params, or that
+        match no kernel of ``params``.
     """
     if isinstance(model_or_rules, QuantizedLinenModel):
-        found = model_or_rules._layers
-        if found is None:
-            raise ValueError("the model's quantized layers are unknown until it has run: call "
-                             "model.init(...) or model.apply(...) once before converting")
-        out = {}
-        for path, layer in found.items():
-            if layer.contract_axis != 0:
-                raise ValueError(f"layer {'/'.join(path)!r}: convert supports Dense layers "
-                                 f"(kernel (K, N) contracted along axis 0) only")
-            out[path] = layer.lq
-        return out
+        return model_or_rules.sites()
     if params is None:
         raise ValueError("converting by rules needs params")
     rules = parse_rules(model_or_rules)
     out = {}
     for path in _walk_kernels(params):
+        name = "/".join(path)
         for pattern, target in rules:
-            if pattern.fullmatch("/".join(path)):
+            if pattern.fullmatch(name):
                 if target is not None:
-                    out[path] = C.resolve(target, 0)
+                    kernel = params
+                    for key in path + ("kernel",):
+                        kernel = kernel[key]
+                    if jnp.ndim(kernel) != 2:
+                        raise ValueError(f"layer {name!r}: converting by rules takes Dense "
+                                         f"kernels (K, N), got shape {jnp.shape(kernel)}; pass "
+                                         "the quantized model for other layers")
+                    layout = dense_layout(jnp.shape(kernel))
+                    out[name] = Site(name, "Dense", resolve(target, layout, name), layout)
                 break
+    if not out:
+        raise ValueError("the rules match no kernel of the params: nothing would be converted")
     return out
 
 
@@ -177,9 +216,9 @@ def _node(params: Mapping, path: tuple[str, ...]) -> Mapping:
             raise ValueError(f"params have no layer {'/'.join(path[:i + 1])!r}: the params do "
                              "not match the model")
         node = node[name]
-    if not isinstance(node, Mapping) or "kernel" not in node:
-        raise ValueError(f"params of layer {'/'.join(path)!r} have no kernel: the params do not "
-                         "match the model")
+    if not isinstance(node, Mapping):
+        raise ValueError(f"params of layer {'/'.join(path)!r} are not a mapping: the params do "
+                         "not match the model")
     return node
 
 
@@ -187,50 +226,84 @@ def _copy_tree(t):
     return {k: _copy_tree(v) for k, v in t.items()} if isinstance(t, Mapping) else t
 
 
-def convert(params: Mapping, model_or_rules: QuantizedLinenModel | Rules) -> dict:
-    """Serving params: quantized kernels as packed QArrays ``(N, K)``, float leaves unchanged.
+def check_layer_params(site: Site, kernel, kernel_scale, input_scale) -> None:
+    """Raises ValueError naming the layer if its QAT params do not fit its recipe: a learned
+    scale the recipe does not have (params trained with another method) or lacks, a kernel of
+    another shape, or a stack that is not on the leading axes."""
+    name, lq = site.path, site.recipe
+    if isinstance(kernel, QArray):
+        raise ValueError(f"layer {name!r} is already converted")
+    if tuple(jnp.shape(kernel)) != site.kernel_shape:
+        raise ValueError(f"layer {name!r}: kernel of shape {jnp.shape(kernel)}, the model's is "
+                         f"{site.kernel_shape}: the params do not match the model")
+    if site.stacked != tuple(range(len(site.stacked))):
+        raise ValueError(f"layer {name!r}: its layers are stacked along kernel axes "
+                         f"{site.stacked}; convert needs them leading (nn.scan with "
+                         "variable_axes={'params': 0})")
+    for what, value, spec in (("kernel_scale", kernel_scale, lq.weight),
+                              ("input_scale", input_scale, lq.activation)):
+        if value is not None and not learned(spec):
+            raise ValueError(f"layer {name!r} has a {what}, but its recipe learns none: the "
+                             "params were trained with another method than the model's rules")
+        if value is None and learned(spec):
+            raise ValueError(f"layer {name!r}: the recipe learns a {what}, but the params have "
+                             "none")
+
+
+def convert_layer(site: Site, kernel, kernel_scale=None):
+    """One layer's serving kernel: a QArray, or (no weight spec) the float kernel as QAT sees it
+    (rotated when the input is)."""
+    lq: LayerQuant = site.recipe
+    if lq.weight is None:
+        return quantize_kernel(kernel, lq, site.layout)
+    try:
+        return layer_to_qarray(kernel, lq.weight, site.layout, kernel_scale)
+    except ValueError as e:
+        raise ValueError(f"layer {site.path!r}: {e}") from None
+
+
+def convert(params, model_or_rules=None):
+    """Serving params of a QAT model: quantized kernels as packed QArrays, the rest unchanged.
 
     Args:
-      params: the QAT model's ``params`` collection (as returned by ``init`` / training), with
-        learned ``kernel_scale`` / ``input_scale`` beside the kernels where the specs learn them.
-      model_or_rules: the :class:`~qjax.nn.QuantizedLinenModel` (after ``init``) or its rules.
+      params: a Linen model's ``params`` collection (as returned by ``init`` / training), with
+        learned ``kernel_scale`` / ``input_scale`` beside the kernels where the recipes learn
+        them; or a quantized NNX model (then ``model_or_rules`` is omitted).
+      model_or_rules: the :class:`~qjax.nn.QuantizedLinenModel` (after ``init``) or its rules
+        (Dense kernels only).
 
     Returns:
-      A new nested dict; at each quantized layer ``kernel`` is a QArray (see
-      :func:`kernel_to_qarray`), ``kernel_scale`` is gone, ``input_scale`` stays.
+      Linen: a new nested dict; at each quantized layer ``kernel`` is a QArray
+      ``(*stack, *batch, N, K)`` (see :func:`layer_to_qarray`), ``kernel_scale`` is gone,
+      ``input_scale`` stays. NNX: a new serving model (:func:`qjax.convert.nnx_serving_model`);
+      the QAT model is left unchanged.
 
     Raises:
-      TypeError: params that are not a mapping.
-      ValueError: params that do not match the model (a quantized layer missing, a kernel that is
-        not 2-D or of another width than its learned scale, a missing learned scale).
+      TypeError: params that are not a mapping (nor an NNX model).
+      ValueError: params that do not match the model (see :func:`check_layer_params`), rules that
+        convert nothing.
     """
+    from flax import nnx
+
+    if isinstance(params, nnx.Module):
+        if model_or_rules is not None:
+            raise TypeError("an NNX model carries its own rules: call convert(model)")
+        from qjax.convert.nnx_serving import serving_model
+
+        return serving_model(params)
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping (the 'params' collection), got "
-                        f"{type(params).__name__}")
+        raise TypeError(f"params must be a mapping (the 'params' collection) or an NNX model, "
+                        f"got {type(params).__name__}")
     if "params" in params and len(params) <= 2 and isinstance(params["params"], Mapping):
         raise ValueError("pass the 'params' collection (variables['params']), not the variables")
+    if model_or_rules is None:
+        raise TypeError("convert(params, model_or_rules) needs the quantized model or its rules")
     layers = serving_layers(model_or_rules, params)
     out = _copy_tree(params)
-    for path, lq in layers.items():
-        node = _node(out, path)
-        kernel = node["kernel"]
-        if isinstance(kernel, QArray):
-            raise ValueError(f"layer {'/'.join(path)!r} is already converted")
-        w_scale = node.pop("kernel_scale", None)
-        if lq.weight is None:
-            if w_scale is not None:
-                raise ValueError(f"layer {'/'.join(path)!r} has a kernel_scale but no weight spec")
-            # A float kernel whose input is rotated is rotated too, as the QAT forward does.
-            node["kernel"] = C.quantize_kernel(kernel, lq, 0)
-            continue
-        if C.learned(lq.weight) and w_scale is None:
-            raise ValueError(f"layer {'/'.join(path)!r}: the weight spec learns its scale but "
-                             "the params have no kernel_scale")
-        if C.learned(lq.activation) and "input_scale" not in node:
-            raise ValueError(f"layer {'/'.join(path)!r}: the activation spec learns its scale "
-                             "but the params have no input_scale")
-        try:
-            node["kernel"] = kernel_to_qarray(kernel, lq.weight, w_scale)
-        except ValueError as e:
-            raise ValueError(f"layer {'/'.join(path)!r}: {e}") from None
+    for site in layers.values():
+        node = _node(out, site.keys)
+        kernel_scale = None if site.raw else node.pop("kernel_scale", None)
+        input_scale = None if site.raw else node.get("input_scale")
+        check_layer_params(site, node[site.param], kernel_scale, input_scale)
+        node[site.param] = convert_layer(site, node[site.param], kernel_scale)
     return out

@@ -1,17 +1,23 @@
-"""Dynamic activation quantization for the kernels: per-token codes and scales.
+"""Dynamic activation quantization for the kernels: codes and scales per token or per tensor.
 
-``activation_codes(x32, spec)`` gives the codes an integer or fp8 matmul consumes: for integer
-grids the int8 code ``q``; for QuEST's midrise grid the odd integer ``u = 2q + 1`` with half the
-scale (:func:`qjax.qdot.int8_operand`), so ``s * q_level = (s/2) * u`` exactly; for fp8 the
-e4m3/e5m2 value. The scale rule and the rounding are the spec's own (``spec.scale.compute`` and
-:func:`qjax.estimators.encode`), so the codes equal :func:`qjax.quantize`'s bit for bit.
+``activation_codes(x32, spec)`` gives the codes an integer or fp8 matmul consumes. Integer grids
+go through :func:`qjax.int8.quantize_operand`, the very ops of QAT's integer forward: the int8
+code ``q``, or for QuEST's midrise grid the odd integer ``u = 2q + 1`` with half the scale, so
+``s * q_level = (s/2) * u`` exactly; fp8 grids give the e4m3/e5m2 value
+(:func:`qjax.int8.operand_codes`, then a cast). The scale rule and the rounding are the spec's
+own, so the codes equal :func:`qjax.quantize`'s bit for bit. Per-tensor specs get one scale over
+the whole ``x``, broadcast to every row: the kernels always read one multiplier per row.
 
 :func:`quantize_rows` runs the same function as a small Pallas kernel over blocks of whole rows
-(per-token statistics need the full row: the block is ``(bm, K)``). QuEST's Hadamard rotation is
-applied by the caller before this op (``act_spec.hadamard`` is ignored here).
+(per-token statistics need the full row: the block is ``(bm, K)``). It serves per-token specs
+whose scale rule is a row statistic the kernel computes (:func:`row_kernel_reason`: ``AbsMax``,
+``RmsGaussian``); every other accepted spec (per tensor, MSE search, percentile) is quantized by
+``activation_codes`` as XLA ops before the matmul kernel. QuEST's Hadamard rotation is applied by
+the caller before this op (``act_spec.hadamard`` is ignored here).
 
 Both refuse a spec whose codes they cannot reproduce (unsigned or fp4 grids, zero points, other
-granularities or scale rules, learned scales, ...): the rules are :func:`qjax.kernels.classify`'s
+granularities, learned scales, ...): for integer grids the rule is the activation half of
+:func:`qjax.int8.integer_forward_reason`, as :func:`qjax.kernels.classify` applies it
 (:func:`qjax.kernels.cases.check_act_spec`).
 
 References:
@@ -26,14 +32,18 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qjax import estimators as E
 from qjax import formats as F
+from qjax import granularity as G
+from qjax import int8
+from qjax import scales as S
 from qjax import spec as SP
 from qjax._checks import check_floating, check_pos_int
 from qjax.kernels.cases import check_act_spec
-from qjax.qdot import int8_operand
 
-__all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block"]
+__all__ = ["activation_codes", "codes_dtype", "quantize_rows", "row_block", "row_kernel_reason"]
+
+#: Scale rules the row kernel computes in Pallas (plain row statistics).
+ROW_KERNEL_SCALES = (S.AbsMax, S.RmsGaussian)
 
 
 def codes_dtype(fmt: F.Format):
@@ -42,7 +52,11 @@ def codes_dtype(fmt: F.Format):
 
 
 def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax.Array]:
-    """Per-row codes ``(M, K)`` and float32 kernel scales ``(M, 1)`` of float32 ``x32 (M, K)``.
+    """Codes ``(..., K)`` and float32 kernel multipliers ``(..., 1)`` of float32 ``x32 (..., K)``.
+
+    Integer grids: :func:`qjax.int8.quantize_operand` along the last axis (odd ``2q + 1`` codes
+    and ``s/2`` for midrise); fp8: the fp8 value of ``encode(x / s)`` with ``s``. A per-tensor
+    scale is broadcast to ``(..., 1)``.
 
     Raises:
       TypeError: ``x32`` not a floating array, ``spec`` not a QuantSpec.
@@ -51,11 +65,28 @@ def activation_codes(x32: jax.Array, spec: SP.QuantSpec) -> tuple[jax.Array, jax
     check_floating(x32, "x32")
     check_act_spec(spec, "spec")
     fmt = spec.format
-    scale, _ = spec.scale.compute(x32, (x32.ndim - 1,), fmt)
-    q = E.encode(x32, scale, None, fmt)
     if isinstance(fmt, F.FloatFormat):
-        return q.astype(fmt.dtype), scale
-    return int8_operand(q, scale, fmt)
+        q, scale = int8.operand_codes(x32, spec, -1)
+        codes = q.astype(fmt.dtype)
+    else:
+        codes, scale = int8.quantize_operand(x32, spec, -1)
+    return codes, jnp.broadcast_to(scale, x32.shape[:-1] + (1,))
+
+
+def row_kernel_reason(spec: SP.QuantSpec) -> str | None:
+    """Why :func:`quantize_rows` cannot compute an (accepted) ``spec``, or None if it can.
+
+    The row kernel sees one block of whole rows: it needs a per-token spec (``PerRow(-1)``) and a
+    scale rule it computes in Pallas (:data:`ROW_KERNEL_SCALES`).
+    """
+    SP.check_spec(spec, "spec")
+    if spec.granularity != G.PerRow(-1):
+        return (f"spec granularity must be PerRow(-1) (per token) for the row kernel, got "
+                f"{spec.granularity}; use activation_codes (XLA) for per-tensor scales")
+    if not isinstance(spec.scale, ROW_KERNEL_SCALES):
+        return (f"spec scale must be AbsMax or RmsGaussian for the row kernel, got {spec.scale}; "
+                "use activation_codes (XLA)")
+    return None
 
 
 def row_block(rows: int, k: int, x_dtype, block_m: int, vmem_limit_bytes: int,
@@ -92,10 +123,19 @@ def quantize_rows(x: jax.Array, spec: SP.QuantSpec, block_m: int, interpret=Fals
                   compiler_params=None) -> tuple[jax.Array, jax.Array]:
     """Pallas kernel form of :func:`activation_codes` for ``x (M, K)``, ``M % block_m == 0``.
 
+    Serves the specs :func:`row_kernel_reason` accepts (per token, absmax or RMS scales).
+
     Returns codes ``(M, K)`` (:func:`codes_dtype`) and float32 scales ``(M, 1)``.
+
+    Raises:
+      TypeError: ``x`` not a floating array, ``spec`` not a QuantSpec.
+      ValueError: a spec the kernels or the row kernel cannot honour, bad shapes or block_m.
     """
     check_floating(x, "x")
     check_act_spec(spec, "spec")
+    reason = row_kernel_reason(spec)
+    if reason:
+        raise ValueError(reason)
     check_pos_int("block_m", block_m)
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (M, K), got shape {x.shape}")

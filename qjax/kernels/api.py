@@ -10,11 +10,15 @@ How the activation spec is passed (``act_spec``):
 
 * ``None``: weight-only (W8A16, W4A16 with per-group scales and optional zero points, W2,
   ternary, W1 sign codes as ``Midrise(1)``, fp8 weights): float activations, float32 accumulation.
-* a signed-int / midrise / ternary spec per token (``PerRow(-1)``, symmetric ``AbsMax`` or
-  ``RmsGaussian``): the integer kind, e.g. W8A8 (``QuantSpec("int8", "row")``) or W4A4 QuEST
-  (``qjax.methods.quest.spec(4)``; the caller applies the Hadamard rotation to ``x``, and ``w``
-  holds the codes of the rotated weight, as ``hadamard_mode="half"`` stores them). The weight must
-  be per channel or per tensor and symmetric.
+* a signed-int / midrise / ternary spec, per token (``PerRow(-1)``) or per tensor: the integer
+  kind, e.g. W8A8 (``QuantSpec("int8", "row")``) or W4A4 QuEST (``qjax.methods.quest.spec(4)``;
+  the caller applies the Hadamard rotation to ``x``, and ``w`` holds the codes of the rotated
+  weight, as ``hadamard_mode="half"`` stores them). Which pairs qualify is THE int8 rule,
+  :func:`qjax.int8.integer_forward_reason`, the one QAT's integer forward uses (see
+  :func:`qjax.kernels.classify`); the ``"xla"`` backend is then QAT's integer forward bit for
+  bit (:func:`qjax.int8.matmul` on the same codes); the Pallas backends agree with it to float
+  rounding (the same int32 sums; per-tensor and non-row-statistic scales come from the same XLA
+  ops, per-token absmax/RMS scales from the Pallas row kernel).
 * an ``e4m3``/``e5m2`` spec per token with fp8 weights: the fp8 kind.
 
 Backends: ``"xla"`` (:mod:`qjax.kernels.reference`), ``"pallas_tpu"``, ``"pallas_gpu"``,
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +45,13 @@ from qjax._checks import check_floating, check_pos_int
 from qjax.kernels import blocks as B
 from qjax.kernels import cases as C
 from qjax.kernels import pallas_gpu, pallas_tpu, reference
-from qjax.kernels.activation import codes_dtype, quantize_rows, row_block
+from qjax.kernels.activation import (
+    activation_codes,
+    codes_dtype,
+    quantize_rows,
+    row_block,
+    row_kernel_reason,
+)
 from qjax.qarray import QArray
 from qjax.quantize import dequantize, fake_quant
 
@@ -91,25 +102,37 @@ def _operand_dtype(case: C.Case, x_dtype, w_dtype):
     return codes_dtype(case.act_spec.format)
 
 
-def _pallas_2d(x2: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
-    case, bs = cfg.case, cfg.block_sizes
-    m = x2.shape[0]
-    mp = -(-m // bs.block_m) * bs.block_m
-    gpu = cfg.backend == "pallas_gpu"
+def _activation_operands(x: jax.Array, cfg: _Config, mp: int):
+    """Kernel activations ``(M or Mp, K)`` and multipliers ``(M or Mp, 1)`` (None: float kind).
+
+    Per-token specs with a row-statistic scale rule on TPU: the Pallas row kernel on ``x``
+    padded to ``mp`` rows. Everything else the rule accepts (per tensor: one scale over the
+    whole ``x``, broadcast to its rows; other scale rules; the GPU backend): the XLA ops of
+    :func:`~qjax.kernels.activation.activation_codes` on ``x`` itself, as the ``"xla"`` backend
+    computes them, so the codes are identical.
+    """
+    case = cfg.case
+    x2 = x.reshape(-1, case.k)
     if case.kind == "float":
-        xq, xs = x2.astype(_operand_dtype(case, x2.dtype, w.dtype)), None
-    else:
-        xpad = jnp.pad(x2, ((0, mp - m), (0, 0)))
-        if gpu:
-            xq, xs = pallas_gpu.quantize_rows(xpad, case.act_spec, bs.block_m)
-        else:
-            rows = row_block(mp, case.k, x2.dtype, bs.block_m, cfg.vmem_limit_bytes)
-            xq, xs = quantize_rows(xpad, case.act_spec, rows, interpret=cfg.interpret,
-                                   compiler_params=pallas_tpu.compiler_params(
-                                       cfg.vmem_limit_bytes))
+        return x2.astype(_operand_dtype(case, x.dtype, case.w_dtype)), None
+    if cfg.backend == "pallas_gpu" or row_kernel_reason(case.act_spec) is not None:
+        xq, xs = activation_codes(x.astype(jnp.float32), case.act_spec)
+        return xq.reshape(-1, case.k), xs.reshape(-1, 1)
+    rows = row_block(mp, case.k, x.dtype, cfg.block_sizes.block_m, cfg.vmem_limit_bytes)
+    return quantize_rows(jnp.pad(x2, ((0, mp - x2.shape[0]), (0, 0))), case.act_spec, rows,
+                         interpret=cfg.interpret,
+                         compiler_params=pallas_tpu.compiler_params(cfg.vmem_limit_bytes))
+
+
+def _pallas(x: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
+    """The Pallas backends on ``x (..., K)``: ``(M, N)``."""
+    case, bs = cfg.case, cfg.block_sizes
+    m = math.prod(x.shape[:-1])
+    mp = -(-m // bs.block_m) * bs.block_m
+    xq, xs = _activation_operands(x, cfg, mp)
     ops = C.prepare_operands(xq, xs, w, case, bs.block_m, bs.block_n, bs.block_k)
     out = jnp.dtype(cfg.out_dtype)
-    if gpu:
+    if cfg.backend == "pallas_gpu":
         y = pallas_gpu.matmul(ops, case, bs, out, interpret=cfg.interpret)
     else:
         y = pallas_tpu.matmul(ops, case, bs, out, interpret=cfg.interpret,
@@ -118,12 +141,9 @@ def _pallas_2d(x2: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
 
 
 def _forward(x: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
-    x2 = x.reshape(-1, cfg.case.k)
     if cfg.backend == "xla":
-        y = reference.matmul_2d(x2, w, cfg.case, jnp.dtype(cfg.out_dtype))
-    else:
-        y = _pallas_2d(x2, w, cfg)
-    return y.reshape(x.shape[:-1] + (cfg.case.n,))
+        return reference.matmul(x, w, cfg.case, jnp.dtype(cfg.out_dtype))
+    return _pallas(x, w, cfg).reshape(x.shape[:-1] + (cfg.case.n,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

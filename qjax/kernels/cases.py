@@ -7,10 +7,15 @@ Cases (``Case.kind``):
   float activations; float32 accumulation.
 * ``"int"``: both operands on integer grids (W8A8, W4A4 QuEST, W1A1): int8 codes, int32
   accumulation, ``y = s_x * s_w * acc`` in the epilogue. Midrise (QuEST) codes enter as the odd
-  integers ``u = 2q + 1`` with half the scale, so no correction term is needed. The int32 sum is
-  exact only while ``K * max|code_x| * max|code_w| <= 2^31 - 1`` (W8A8: ``K <= 131,071``);
-  :func:`classify` refuses larger K (:func:`qjax.qdot.check_int32_sum`).
-* ``"fp8"``: e4m3/e5m2 activations and weights with per-row scales, float32 accumulation.
+  integers ``u = 2q + 1`` with half the scale, so no correction term is needed. Which pairs are
+  int is not decided here: it is :func:`qjax.int8.integer_forward_reason`, the rule of QAT's
+  integer forward, applied to ``w.spec`` read in the training layout
+  (:func:`qjax.int8.training_weight_spec`: serving per channel ``PerRow(-1)``/``PerRow(1)`` is
+  the kernel's ``PerRow(0)``) and ``act_spec`` (per token or per tensor). The int32 sum is exact
+  only while ``K * max|code_x| * max|code_w| <= 2^31 - 1`` (W8A8: ``K <= 131,071``);
+  :func:`classify` refuses larger K (:func:`qjax.int8.check_int32_sum`).
+* ``"fp8"``: e4m3/e5m2 activations (per token) and weights with per-row scales, float32
+  accumulation.
 
 Kernel operand layout (built by :func:`prepare_operands`, shared by every Pallas backend):
 
@@ -45,10 +50,10 @@ import numpy as np
 
 from qjax import formats as F
 from qjax import granularity as G
+from qjax import int8
 from qjax import scales as S
 from qjax import spec as SP
 from qjax.qarray import PACKED_BITS, QArray
-from qjax.qdot import check_int32_sum, int8_code_max
 
 __all__ = ["Case", "classify", "check_act_spec", "prepare_operands", "Operands"]
 
@@ -94,48 +99,56 @@ class Case:
         return self.kind == "int" and isinstance(self.weight_format, F.Midrise)
 
 
-def _int_codeable(fmt: F.Format) -> bool:
-    return int8_code_max(fmt) is not None
-
-
 def _is_fp8(fmt: F.Format) -> bool:
     return isinstance(fmt, F.FloatFormat) and fmt.name in ("e4m3", "e5m2")
 
 
-def _symmetric(spec: SP.QuantSpec) -> bool:
-    return not (isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric)
+#: Scale rules of fp8 activations (the fp8 kind is per token with these rules only).
+FP8_ACT_SCALES = (S.AbsMax, S.RmsGaussian)
+
+
+def _fp8_act_reason(a: SP.QuantSpec, name: str) -> str | None:
+    if a.granularity != G.PerRow(-1):
+        return f"{name} granularity must be PerRow(-1) (per token) for fp8, got {a.granularity}"
+    if not isinstance(a.scale, FP8_ACT_SCALES):
+        return f"{name} scale must be AbsMax or RmsGaussian for fp8, got {a.scale}"
+    return int8.recompute_reason(a, name)
 
 
 def check_act_spec(a: object, name: str = "act_spec", *, optional: bool = False) -> None:
-    """Raises unless the kernels' per-token activation quantization can honour spec ``a``.
+    """Raises unless the kernels' activation quantization can honour spec ``a``.
 
-    The rules of :func:`classify` and :func:`qjax.kernels.activation_codes`: per-token symmetric
-    codes on an int8-codeable or fp8 grid, from a rule the kernels recompute (float32 scales,
-    nearest rounding, no learned scale, no rotation back).
+    Integer grids: the activation half of THE rule, :func:`qjax.int8.operand_reason` (per token
+    ``PerRow(-1)`` or per tensor, a symmetric scale rule recomputed in float32, nearest rounding,
+    no learned scale, no rotation back). fp8 (e4m3/e5m2): per token, symmetric ``AbsMax`` or
+    ``RmsGaussian``, and the same recompute conditions (:func:`qjax.int8.recompute_reason`).
+
+    Raises:
+      TypeError: ``a`` not a QuantSpec (or None when ``optional``).
+      ValueError: any other format, or a spec the rule refuses; the message names ``name``.
     """
     SP.check_spec(a, name, optional=optional)
     if a is None:
         return
     fmt = a.format
-    if not (_int_codeable(fmt) or _is_fp8(fmt)):
-        raise ValueError(f"{name} format {fmt.name} has no int8 or fp8 code; use a signed int, "
-                         "ternary, midrise (<= 7 bits), e4m3 or e5m2 format")
-    if a.granularity != G.PerRow(-1):
-        raise ValueError(f"{name} granularity must be PerRow(-1) (per token), got "
-                         f"{a.granularity}")
-    if not (isinstance(a.scale, (S.AbsMax, S.RmsGaussian)) and _symmetric(a)):
-        raise ValueError(f"{name} scale must be symmetric AbsMax or RmsGaussian (no zero point), "
-                         f"got {a.scale}")
-    if a.scale_dtype is not None:
-        raise ValueError(f"{name} scale_dtype must be None (the kernels apply float32 scales), "
-                         f"got {a.scale_dtype!r}")
-    if a.rounding != "nearest":
-        raise ValueError(f"{name} rounding must be 'nearest', got {a.rounding!r}")
-    if isinstance(a.estimator, SP.LEARNED_SCALE_ESTIMATORS):
-        raise ValueError(f"{name} must not use a learned-scale estimator (LSQ, PACT)")
-    if a.hadamard is not None and a.hadamard_mode != "half":
-        raise ValueError(f"{name} with a Hadamard rotation must use hadamard_mode='half' (the "
-                         "caller rotates x; the full form rotates back before the matmul)")
+    if _is_fp8(fmt):
+        reason = _fp8_act_reason(a, name)
+    elif int8.code_max(fmt) is not None:
+        reason = int8.operand_reason(a, "activation", name)
+    else:
+        reason = (f"{name} format {fmt.name} has no int8 or fp8 code; use a signed int, "
+                  "ternary, midrise (<= 7 bits), e4m3 or e5m2 format")
+    if reason:
+        raise ValueError(reason)
+
+
+def _int_kind(k: int, w: QArray, act_spec: SP.QuantSpec) -> None:
+    """Raises unless THE int8 rule (and the K limit) accepts ``w`` with ``act_spec``."""
+    reason = int8.integer_forward_reason(int8.training_weight_spec(w.spec), act_spec)
+    if reason:
+        raise ValueError(f"no integer matmul for w (spec {w.spec}, read as a (K, N) training "
+                         f"kernel by qjax.int8.training_weight_spec) and act_spec: {reason}")
+    int8.check_int32_sum(k, act_spec.format, w.spec.format)
 
 
 def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None) -> Case:
@@ -173,23 +186,21 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     has_zero = w.zero_point is not None
     if act_spec is None:
         kind = "float"
-    else:
-        afmt = act_spec.format
-        if _is_fp8(afmt) and _is_fp8(fmt):
-            kind = "fp8"
-        elif _int_codeable(afmt) and _int_codeable(fmt):
-            kind = "int"
-            check_int32_sum(k, afmt, fmt)
-        else:
-            raise ValueError(f"unsupported format pair: activations {afmt.name}, weights "
-                             f"{fmt.name}; both must be int8-codeable (signed int, ternary, "
-                             "midrise <= 7 bits) or both fp8")
+    elif _is_fp8(act_spec.format) and _is_fp8(fmt):
+        kind = "fp8"
         if group is not None:
-            raise ValueError("with quantized activations the weight needs one scale per output "
+            raise ValueError("with fp8 activations the weight needs one scale per output "
                              f"channel (PerRow(-1)) or per tensor, got {gran}")
         if has_zero:
-            raise ValueError("with quantized activations the weight must be symmetric (a zero "
-                             "point needs a correction term)")
+            raise ValueError("with fp8 activations the weight must be symmetric (a zero point "
+                             "needs a correction term)")
+    elif _is_fp8(act_spec.format) or _is_fp8(fmt):
+        raise ValueError(f"unsupported format pair: activations {act_spec.format.name}, weights "
+                         f"{fmt.name}; both must be int8-codeable (signed int, ternary, midrise "
+                         "<= 7 bits) or both fp8")
+    else:
+        kind = "int"
+        _int_kind(k, w, act_spec)
     if group is not None and group % (8 // bits if bits in PACKED_BITS else 1):
         raise ValueError(f"group size {group} must be a multiple of the {8 // bits} codes per "
                          f"byte of a {bits}-bit format")

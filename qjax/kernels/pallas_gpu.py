@@ -14,8 +14,10 @@ Two consequences, both tested: (1) ``jax.export`` refuses the Triton custom call
 device, so block sizes follow Triton's rules (powers of two) by validation, not by proof.
 
 The arithmetic per K step is :mod:`qjax.kernels.tiles`, as on TPU. Activation quantization for the
-integer and fp8 kinds runs as XLA ops before the kernel (a fused elementwise/reduction prologue;
-a whole-row Pallas block would need a power-of-two K under Triton).
+integer and fp8 kinds runs as XLA ops before the kernel
+(:func:`qjax.kernels.activation.activation_codes`, called by :mod:`qjax.kernels.api`: a fused
+elementwise/reduction prologue; a whole-row Pallas block would need a power-of-two K under
+Triton).
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from qjax.kernels import tiles
-from qjax.kernels.activation import activation_codes
 from qjax.kernels.blocks import BlockSizes
 from qjax.kernels.cases import Case, Operands
 
-__all__ = ["matmul", "quantize_rows", "unsupported_reason", "TRITON_CUSTOM_CALL"]
+__all__ = ["matmul", "unsupported_reason", "TRITON_CUSTOM_CALL"]
 
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
@@ -43,12 +44,6 @@ def unsupported_reason(case: Case) -> str | None:
     if g is not None and g & (g - 1):
         return f"group size {g} is not a power of two (Triton blocks are powers of two)"
     return None
-
-
-def quantize_rows(x: jax.Array, spec, block_m: int) -> tuple[jax.Array, jax.Array]:
-    """Activation codes and scales as XLA ops (see the module docstring)."""
-    del block_m
-    return activation_codes(x.astype(jnp.float32), spec)
 
 
 def _kernel(*refs, case: Case, out_dtype, has_xs: bool, has_z: bool, bk: int, nk: int):

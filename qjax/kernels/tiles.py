@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from qjax import estimators as E
 from qjax import formats as F
+from qjax.int8 import int8_operand
 from qjax.kernels.cases import Case, phase_codes
-from qjax.qdot import int8_operand
 
 __all__ = ["accumulator_dtype", "partial_product", "epilogue", "compute_dtype"]
 

@@ -1,6 +1,6 @@
 """A Llama-style decoder in plain Flax Linen, quantized with :func:`qjax.nn.quantize_model`.
 
-design.md section 3: RMSNorm (eps 1e-5), rotary embeddings (theta 1e4), SwiGLU MLP with hidden
+The QuEST paper's setup: RMSNorm (eps 1e-5), rotary embeddings (theta 1e4), SwiGLU MLP with hidden
 ``round_up(8/3 * d, multiple)``, no biases, untied input embedding and LM head, init std 0.02 and
 ``0.02 / sqrt(2 L)`` for the residual output projections. The model is written with ordinary
 ``nn.Dense`` layers; :func:`quantization_rules` quantizes every linear layer inside the blocks
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qjax import typed_sharding
-from qjax.nn.common import Method
+from qjax.nn.recipe import Method
 
 __all__ = [
     "LlamaConfig", "Llama", "quantization_rules", "non_embedding_params", "BLOCK_LINEARS",

@@ -1,16 +1,44 @@
-"""Flax integration: quantized Linen and NNX layers, and quantizing an existing model."""
+"""Flax integration: quantized Linen and NNX layers, and quantizing an existing model.
 
-from qjax.nn import linen, nnx
-from qjax.nn.common import METHODS, LayerQuant, Method, resolve
-from qjax.nn.rewrite import QuantizedLinenModel, quantize_model
+* :func:`quantize_model`: quantize a Linen or NNX model by path rules; :func:`sites` lists the
+  quantized layers (path, recipe, kernel layout, stacked axes).
+* :class:`Method` / :class:`LayerQuant`: how a layer is quantized; :func:`resolve` fits one to
+  a layer's :class:`KernelLayout`.
+* :mod:`qjax.nn.linen` / :mod:`qjax.nn.nnx`: explicit quantized layers.
+* :mod:`qjax.nn.ops`: the quantized-op core all of them call.
+"""
+
+from qjax.nn import layout, linen, nnx, ops
+from qjax.nn.layout import (
+    KernelLayout,
+    conv_layout,
+    dense_layout,
+    einsum_layout,
+    embed_layout,
+    general_layout,
+)
+from qjax.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
+from qjax.nn.rewrite import QuantizedLinenModel, quantize_model, sites
+from qjax.nn.sites import Site
 
 __all__ = [
     "METHODS",
+    "KernelLayout",
     "LayerQuant",
     "Method",
     "QuantizedLinenModel",
+    "Site",
+    "conv_layout",
+    "default_block_size",
+    "dense_layout",
+    "einsum_layout",
+    "embed_layout",
+    "general_layout",
+    "layout",
     "linen",
     "nnx",
+    "ops",
     "quantize_model",
     "resolve",
+    "sites",
 ]

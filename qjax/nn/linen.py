@@ -15,7 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qjax.nn import common as C
+from qjax.nn import ops as O
+from qjax.nn import recipe as R
+from qjax.nn.layout import conv_layout, dense_layout, einsum_layout, embed_layout
 from qjax.spec import QuantSpec
 
 __all__ = ["QDense", "QEinsum", "QConv", "QEmbed"]
@@ -24,14 +26,18 @@ _default_kernel_init = nn.initializers.lecun_normal()
 
 
 class _QLayer(nn.Module):
-    def _lq(self, contract_axis):
-        return C._resolve_layer(self.weight, self.activation, self.method, contract_axis)
+    def _lq(self, layout):
+        if self.method is not None:
+            if self.weight is not None or self.activation is not None:
+                raise ValueError("pass either method or weight/activation specs, not both")
+            return R.resolve(self.method, layout)
+        return R.resolve(R.LayerQuant(self.weight, self.activation), layout)
 
-    def _scales(self, lq, kernel, features):
-        w = (self.param("kernel_scale", lambda _: C.init_kernel_scale(kernel, lq.weight))
-             if C.learned(lq.weight) else None)
-        a = (self.param("input_scale", lambda _: C.init_input_scale(lq.activation, features))
-             if C.learned(lq.activation) else None)
+    def _scales(self, lq, kernel, layout, features):
+        w = (self.param("kernel_scale", lambda _: O.init_kernel_scale(kernel, lq.weight, layout))
+             if R.learned(lq.weight) else None)
+        a = (self.param("input_scale", lambda _: O.init_input_scale(lq.activation, features))
+             if R.learned(lq.activation) else None)
         return w, a
 
 
@@ -51,14 +57,14 @@ class QDense(_QLayer):
 
     @nn.compact
     def __call__(self, x, qat: bool = True, out_sharding=None):
-        C.check_sizes({"features": self.features})
-        lq = self._lq(0)
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                            self.param_dtype)
-        w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
+        O.check_sizes({"features": self.features})
+        layout = dense_layout((x.shape[-1], self.features))
+        lq = self._lq(layout)
+        kernel = self.param("kernel", self.kernel_init, layout.shape, self.param_dtype)
+        w_scale, a_scale = self._scales(lq, kernel, layout, x.shape[-1])
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        return C.dense_op(x, kernel, bias, lq, w_scale, a_scale, qat=qat, dtype=self.dtype,
+        return O.dense_op(x, kernel, bias, lq, w_scale, a_scale, qat=qat, dtype=self.dtype,
                           precision=self.precision, out_sharding=out_sharding)
 
 
@@ -81,11 +87,12 @@ class QEinsum(_QLayer):
 
     @nn.compact
     def __call__(self, x, qat: bool = True, out_sharding=None):
-        lq = self._lq(C.einsum_contract_axis(self.einsum_str))
-        shape = C.as_tuple(self.shape, len(self.shape), "shape")
+        shape = O.as_tuple(self.shape, len(self.shape), "shape")
+        layout = einsum_layout(self.einsum_str, shape)
+        lq = self._lq(layout)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
-        return C.einsum_op(self.einsum_str, x, kernel, None, lq, w_scale, a_scale, qat=qat,
+        w_scale, a_scale = self._scales(lq, kernel, layout, layout.k)
+        return O.einsum_op(self.einsum_str, x, kernel, None, lq, w_scale, a_scale, qat=qat,
                            dtype=self.dtype, precision=self.precision, out_sharding=out_sharding)
 
 
@@ -109,18 +116,19 @@ class QConv(_QLayer):
 
     @nn.compact
     def __call__(self, x, qat: bool = True):
-        C.check_sizes({"features": self.features})
-        lq = self._lq(-2)
+        O.check_sizes({"features": self.features})
         n = len(self.kernel_size)
-        shape = C.as_tuple(self.kernel_size, n, "kernel_size") + (x.shape[-1], self.features)
+        shape = O.as_tuple(self.kernel_size, n, "kernel_size") + (x.shape[-1], self.features)
+        layout = conv_layout(shape)
+        lq = self._lq(layout)
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        w_scale, a_scale = self._scales(lq, kernel, x.shape[-1])
+        w_scale, a_scale = self._scales(lq, kernel, layout, x.shape[-1])
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
-        return C.conv_op(
+        return O.conv_op(
             x, kernel, bias, lq, w_scale, a_scale, qat=qat,
-            strides=C.as_tuple(self.strides, n, "strides"), padding=self.padding,
-            kernel_dilation=C.as_tuple(self.kernel_dilation, n, "kernel_dilation"),
+            strides=O.as_tuple(self.strides, n, "strides"), padding=self.padding,
+            kernel_dilation=O.as_tuple(self.kernel_dilation, n, "kernel_dilation"),
             dtype=self.dtype, precision=self.precision,
         )
 
@@ -139,11 +147,11 @@ class QEmbed(_QLayer):
 
     @nn.compact
     def __call__(self, ids, qat: bool = True):
-        C.check_sizes({"num_embeddings": self.num_embeddings, "features": self.features})
-        lq = self._lq(None)
+        O.check_sizes({"num_embeddings": self.num_embeddings, "features": self.features})
+        layout = embed_layout((self.num_embeddings, self.features))
+        lq = self._lq(layout)
         if lq.activation is not None:
             raise ValueError("QEmbed is weight-only: activation must be None")
-        table = self.param("embedding", self.embedding_init,
-                           (self.num_embeddings, self.features), self.param_dtype)
-        w_scale, _ = self._scales(lq, table, self.features)
-        return C.embed_op(ids, table, lq, w_scale, qat=qat, dtype=self.dtype)
+        table = self.param("embedding", self.embedding_init, layout.shape, self.param_dtype)
+        w_scale, _ = self._scales(lq, table, layout, self.features)
+        return O.embed_op(ids, table, lq, w_scale, qat=qat, dtype=self.dtype)

@@ -16,10 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qjax.nn import common as C
+from qjax.nn import ops as O
+from qjax.nn import recipe as R
+from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layout, embed_layout
 from qjax.spec import QuantSpec
 
-__all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "set_qat"]
+__all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "set_qat",
+           "call_with_kernel"]
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _zeros_init = nnx.initializers.zeros_init()
@@ -27,13 +30,14 @@ _embed_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axi
 
 
 class _QLayer(nnx.Module):
-    def _setup_quant(self, weight, activation, method, contract_axis, features):
-        self.lq = C._resolve_layer(weight, activation, method, contract_axis)
+    def _setup_quant(self, weight, activation, method, layout, features):
+        self.lq = _resolve_layer(weight, activation, method, layout)
         self.qat = True
-        self.kernel_scale = (nnx.Param(C.init_kernel_scale(self._kernel_value(), self.lq.weight))
-                             if C.learned(self.lq.weight) else None)
-        self.input_scale = (nnx.Param(C.init_input_scale(self.lq.activation, features))
-                            if C.learned(self.lq.activation) else None)
+        self.kernel_scale = (nnx.Param(O.init_kernel_scale(self._kernel_value(), self.lq.weight,
+                                                           layout))
+                             if R.learned(self.lq.weight) else None)
+        self.input_scale = (nnx.Param(O.init_input_scale(self.lq.activation, features))
+                            if R.learned(self.lq.activation) else None)
 
     def _kernel_value(self):
         return self.kernel[...]
@@ -42,6 +46,14 @@ class _QLayer(nnx.Module):
         w = None if self.kernel_scale is None else self.kernel_scale[...]
         a = None if self.input_scale is None else self.input_scale[...]
         return w, a
+
+
+def _resolve_layer(weight, activation, method, layout: KernelLayout) -> R.LayerQuant:
+    if method is not None:
+        if weight is not None or activation is not None:
+            raise ValueError("pass either method or weight/activation specs, not both")
+        return R.resolve(method, layout)
+    return R.resolve(R.LayerQuant(weight, activation), layout)
 
 
 def _bias(rngs, init, shape, dtype, use_bias):
@@ -56,16 +68,17 @@ class QDense(_QLayer):
                  dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                  kernel_init: Callable = _default_kernel_init,
                  bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
-        C.check_sizes({"in_features": in_features, "out_features": out_features})
+        O.check_sizes({"in_features": in_features, "out_features": out_features})
         self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features),
                                             param_dtype))
         self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
         self.dtype, self.precision = dtype, precision
-        self._setup_quant(weight, activation, method, 0, in_features)
+        self._setup_quant(weight, activation, method,
+                          dense_layout((in_features, out_features)), in_features)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
-        return C.dense_op(x, self.kernel[...], bias, self.lq, *self._scale_values(),
+        return O.dense_op(x, self.kernel[...], bias, self.lq, *self._scale_values(),
                           qat=self.qat, dtype=self.dtype, precision=self.precision,
                           out_sharding=out_sharding)
 
@@ -78,15 +91,15 @@ class QEinsum(_QLayer):
                  method: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32,
                  precision: Any = None, kernel_init: Callable = _default_kernel_init,
                  rngs: nnx.Rngs):
-        axis = C.einsum_contract_axis(einsum_str)
-        kernel_shape = C.as_tuple(kernel_shape, len(kernel_shape), "kernel_shape")
+        kernel_shape = O.as_tuple(kernel_shape, len(kernel_shape), "kernel_shape")
+        layout = einsum_layout(einsum_str, kernel_shape)
         self.einsum_str = einsum_str
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.dtype, self.precision = dtype, precision
-        self._setup_quant(weight, activation, method, axis, kernel_shape[axis])
+        self._setup_quant(weight, activation, method, layout, layout.k)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-        return C.einsum_op(self.einsum_str, x, self.kernel[...], None, self.lq,
+        return O.einsum_op(self.einsum_str, x, self.kernel[...], None, self.lq,
                            *self._scale_values(), qat=self.qat, dtype=self.dtype,
                            precision=self.precision, out_sharding=out_sharding)
 
@@ -101,19 +114,19 @@ class QConv(_QLayer):
                  dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                  kernel_init: Callable = _default_kernel_init,
                  bias_init: Callable = _zeros_init, rngs: nnx.Rngs):
-        C.check_sizes({"in_features": in_features, "out_features": out_features})
+        O.check_sizes({"in_features": in_features, "out_features": out_features})
         n = len(kernel_size)
-        shape = C.as_tuple(kernel_size, n, "kernel_size") + (in_features, out_features)
+        shape = O.as_tuple(kernel_size, n, "kernel_size") + (in_features, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = _bias(rngs, bias_init, (out_features,), param_dtype, use_bias)
-        self.strides = C.as_tuple(strides, n, "strides")
-        self.kernel_dilation = C.as_tuple(kernel_dilation, n, "kernel_dilation")
+        self.strides = O.as_tuple(strides, n, "strides")
+        self.kernel_dilation = O.as_tuple(kernel_dilation, n, "kernel_dilation")
         self.padding, self.dtype, self.precision = padding, dtype, precision
-        self._setup_quant(weight, activation, method, -2, in_features)
+        self._setup_quant(weight, activation, method, conv_layout(shape), in_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
-        return C.conv_op(x, self.kernel[...], bias, self.lq, *self._scale_values(), qat=self.qat,
+        return O.conv_op(x, self.kernel[...], bias, self.lq, *self._scale_values(), qat=self.qat,
                          strides=self.strides, padding=self.padding,
                          kernel_dilation=self.kernel_dilation, dtype=self.dtype,
                          precision=self.precision)
@@ -125,18 +138,19 @@ class QEmbed(_QLayer):
     def __init__(self, num_embeddings: int, features: int, *, weight: QuantSpec | None = None,
                  method: Any = None, dtype: Any = None, param_dtype: Any = jnp.float32,
                  embedding_init: Callable = _embed_init, rngs: nnx.Rngs):
-        C.check_sizes({"num_embeddings": num_embeddings, "features": features})
+        O.check_sizes({"num_embeddings": num_embeddings, "features": features})
         self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features),
                                                   param_dtype))
         self.dtype = dtype
-        self._setup_quant(weight, None, method, None, features)
+        self._setup_quant(weight, None, method,
+                          embed_layout((num_embeddings, features)), features)
 
     def _kernel_value(self):
         return self.embedding[...]
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         w, _ = self._scale_values()
-        return C.embed_op(ids, self.embedding[...], self.lq, w, qat=self.qat, dtype=self.dtype)
+        return O.embed_op(ids, self.embedding[...], self.lq, w, qat=self.qat, dtype=self.dtype)
 
 
 class QuantizedLayer(nnx.Module):
@@ -145,36 +159,50 @@ class QuantizedLayer(nnx.Module):
 
     The layer is split into its graph and state, ``kernel`` is replaced by the quantized kernel
     and the layer is merged back for the call, so any layer whose op is linear in ``kernel`` and
-    in its input works unchanged; gradients reach the original ``kernel``.
+    in its input works unchanged; gradients reach the original ``kernel``. A stacked layer
+    (``nnx.vmap`` of a constructor: kernel ``(L, *layout.shape)``) gets stacked learned
+    parameters, so ``nnx.scan`` over the stack hands each layer its own.
     """
 
-    def __init__(self, inner: nnx.Module, lq: C.LayerQuant, contract_axis: int, features: int):
+    def __init__(self, inner: nnx.Module, lq: R.LayerQuant, layout: KernelLayout):
         self.inner = inner
-        self.contract_axis = contract_axis
+        self.layout = layout
         self.lq = lq
         self.qat = True
-        self.kernel_scale = (nnx.Param(C.init_kernel_scale(inner.kernel[...], lq.weight))
-                             if C.learned(lq.weight) else None)
-        self.input_scale = (nnx.Param(C.init_input_scale(lq.activation, features))
-                            if C.learned(lq.activation) else None)
+        kernel = inner.kernel[...]
+        stack = tuple(kernel.shape[:kernel.ndim - len(layout.shape)])
+        features = layout.channels if layout.kind == "conv" else layout.k
+        self.kernel_scale = (nnx.Param(O.init_kernel_scale(kernel, lq.weight, layout))
+                             if R.learned(lq.weight) else None)
+        self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
+                            if R.learned(lq.activation) else None)
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-        C.check_bool("qat", self.qat)  # a plain attribute: set_qat checks it, assignments do not
+        O.check_bool("qat", self.qat)  # a plain attribute: set_qat checks it, assignments do not
         if not self.qat:
             return self.inner(x, *args, **kwargs)
         w = None if self.kernel_scale is None else self.kernel_scale[...]
         a = None if self.input_scale is None else self.input_scale[...]
-        xq = C.quantize_input(x, self.lq, a)
-        graphdef, state = nnx.split(self.inner)
-        state["kernel"] = state["kernel"].replace(
-            C.quantize_kernel(self.inner.kernel[...], self.lq, self.contract_axis, w)
-        )
-        return nnx.merge(graphdef, state)(xq, *args, **kwargs)
+        kernel = self.inner.kernel[...]
+        if self.lq.integer_forward:
+            bias = getattr(self.inner, "bias", None)
+            return O.integer_dense(x, kernel, None if bias is None else bias[...], self.lq,
+                                   self.layout, dtype=getattr(self.inner, "dtype", None))
+        xq = O.quantize_input(x, self.lq, self.layout, a)
+        return call_with_kernel(self.inner, O.quantize_kernel(kernel, self.lq, self.layout, w),
+                                xq, *args, **kwargs)
+
+
+def call_with_kernel(layer: nnx.Module, kernel: jax.Array, *args, **kwargs):
+    """Calls an NNX layer with its ``kernel`` replaced by ``kernel`` (the layer is unchanged)."""
+    graphdef, state = nnx.split(layer)
+    state["kernel"] = state["kernel"].replace(kernel)
+    return nnx.merge(graphdef, state)(*args, **kwargs)
 
 
 def set_qat(model: nnx.Module, enabled: bool) -> int:
     """Turns quantization on or off in every quantized layer of ``model``; returns their count."""
-    C.check_bool("enabled", enabled)
+    O.check_bool("enabled", enabled)
     n = 0
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (_QLayer, QuantizedLayer)):

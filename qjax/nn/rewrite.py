@@ -6,35 +6,56 @@ layer's path (``"blocks_0/attn/q_proj"`` in Linen, ``"layers/0/attn/q"`` in NNX)
 does matching no rule. Targets are a method name (``"quest"``, ``"lsq"``, ``"pact"``, ``"ste"``), a
 :class:`~qjax.nn.Method` or a :class:`~qjax.nn.LayerQuant`. Layers that can be quantized: Linen
 ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``; NNX ``Linear``, ``LinearGeneral``, ``Einsum``,
-``Conv``. A rule that matches no layer triggers a warning.
+``Conv``, also stacked by ``nn.scan`` / ``nnx.vmap`` (each layer of the stack is quantized on its
+own). A rule that matches no layer triggers a warning; a recipe that does not fit a layer (a
+Hadamard block or group that does not divide its K, a weight spec along N) is a ValueError
+naming the layer.
 
 * **Linen**: returns a :class:`QuantizedLinenModel` with ``init`` and ``apply`` like the model's.
-  Weights are fake-quantized in the parameter tree before the model runs (so any layer whose op is
-  linear in ``kernel`` works unchanged), and inputs are quantized by intercepting the matched
-  layers' ``__call__`` (``flax.linen.intercept_methods``). Learned quantizer parameters are stored
-  beside each kernel as ``kernel_scale`` / ``input_scale``. ``apply(..., qat=False)`` runs in float.
+  Each matched layer's ``__call__`` is intercepted (``flax.linen.intercept_methods``): the layer
+  runs its own op on the quantized input and a quantized copy of its kernel
+  (:mod:`qjax.nn.ops`). Learned quantizer parameters are created in the layer's own scope as
+  ``kernel_scale`` / ``input_scale`` beside ``kernel`` (so ``nn.scan`` stacks them like the
+  kernel). ``apply(..., qat=False)`` runs in float. :meth:`QuantizedLinenModel.sites` lists the
+  quantized layers.
 * **NNX**: replaces each matched submodule in place by a
-  :class:`~qjax.nn.nnx.QuantizedLayer` wrapping it, and returns the model.
+  :class:`~qjax.nn.nnx.QuantizedLayer` wrapping it, and returns the model;
+  :func:`qjax.nn.sites` lists them.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import contextvars
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from qjax.nn import common as C
+from qjax._checks import check_bool
+from qjax.nn import ops
 from qjax.nn.nnx import QuantizedLayer
+from qjax.nn.op_intercept import current_module, entered, match_raw_call, patched_ops
+from qjax.nn.recipe import as_target, learned, resolve
+from qjax.nn.sites import LINEN_TYPES, Site, linen_layout, nnx_layout, path_keys
 
-__all__ = ["quantize_model", "QuantizedLinenModel", "parse_rules"]
+__all__ = ["quantize_model", "QuantizedLinenModel", "parse_rules", "sites", "call_linen_layer",
+           "run_linen", "raw_site_call", "set_submodule"]
 
 Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
+
+# Distinct primes no layer size equals: a probe parameter of this shape, created beside each
+# matched kernel while discovering the layers (under eval_shape), shows where nn.scan / nn.vmap
+# insert stack axes: the probe's extra axes are the kernel's.
+_PROBE = "qjax_stack_probe"
+_PROBE_DIMS = (7919, 7907, 7901, 7883, 7879, 7877, 7873, 7867)
+
+_INNER_APPLY = contextvars.ContextVar("qjax_inner_apply", default=False)
 
 
 def parse_rules(rules: Rules) -> tuple[tuple[re.Pattern, Any], ...]:
@@ -53,7 +74,7 @@ def parse_rules(rules: Rules) -> tuple[tuple[re.Pattern, Any], ...]:
             compiled = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"rule {pattern!r} is not a valid regular expression: {e}") from None
-        out.append((compiled, None if target is None else C.as_target(target)))
+        out.append((compiled, None if target is None else as_target(target)))
     return tuple(out)
 
 
@@ -70,37 +91,85 @@ def _warn_unused(rules, used: set[int]) -> None:
             warnings.warn(f"quantization rule {pattern.pattern!r} matches no layer", stacklevel=4)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-    path: tuple[str, ...]
-    lq: C.LayerQuant
-    contract_axis: int
+def call_linen_layer(module: nn.Module, params: Mapping, *args, **kwargs):
+    """Runs a bound Linen layer's own ``__call__`` on ``params`` (e.g. a substituted kernel).
+
+    Used inside an interceptor: the call is not intercepted again.
+    """
+    token = _INNER_APPLY.set(True)
+    try:
+        return module.clone(parent=None).apply({"params": dict(params)}, *args, **kwargs)
+    finally:
+        _INNER_APPLY.reset(token)
 
 
-def _general_contract_axis(axis, x_ndim: int | None) -> int | None:
-    """Kernel axis of a DenseGeneral/LinearGeneral that meets the input's last axis, or None."""
-    axes = tuple(axis) if isinstance(axis, Sequence) else (axis,)
-    if x_ndim is not None:
-        axes = tuple(a % x_ndim for a in axes)
-        last = x_ndim - 1
-    else:
-        last = -1
-    return axes.index(last) if last in axes else None
+def _layer_params(module: nn.Module) -> dict:
+    return dict(nn.unbox(module.variables.get("params", {})))
 
 
-def _linen_contract_axis(module: nn.Module, x_ndim: int) -> int | None:
-    if isinstance(module, nn.Dense):
-        return 0
-    if isinstance(module, nn.Conv):
-        return -2
-    if isinstance(module, nn.Einsum) and module.einsum_str is not None:
-        return C.einsum_contract_axis(module.einsum_str)
-    if isinstance(module, nn.DenseGeneral) and not module.batch_dims:
-        return _general_contract_axis(module.axis, x_ndim)
-    return None
+def _own_params(module: nn.Module) -> dict:
+    """A module's own parameters (not its children's), as ``self.param`` returns them."""
+    if module.scope is None:
+        return {}
+    return {k: v for k, v in module.variables.get("params", {}).items()
+            if not isinstance(v, Mapping)}
 
 
-_LINEN_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+def run_linen(model: nn.Module, method: Callable, handler: Callable, sites: Mapping | None,
+              op_handler: Callable | None = None):
+    """Runs ``method()`` (an ``init``/``apply`` of ``model``) with each Linen layer's call routed
+    to ``handler(site, module, args, kwargs, next_fun)``; ``sites=None`` routes every layer
+    of :data:`LINEN_TYPES` (with ``site=None``). With ``op_handler``, ``jnp.einsum`` and
+    ``lax.dot_general`` calls are routed to ``op_handler(module, op, args, kwargs, original)``
+    with the innermost running module that is not a Flax layer (:mod:`qjax.nn.op_intercept`).
+    """
+
+    def intercept(next_fun, a, kw, context):
+        m = context.module
+        with entered(m):
+            if _INNER_APPLY.get() or context.method_name != "__call__" or not isinstance(
+                    m, LINEN_TYPES):
+                return next_fun(*a, **kw)
+            if sites is None:
+                return handler(None, m, a, kw, next_fun)
+            site = sites.get("/".join(m.path))
+            if site is None or site.raw:
+                return next_fun(*a, **kw)
+            return handler(site, m, a, kw, next_fun)
+
+    def route_op(op, args, kwargs, original):
+        m = current_module()
+        if _INNER_APPLY.get() or m is None or isinstance(m, LINEN_TYPES) or m.scope is None:
+            return original(*args, **kwargs)
+        return op_handler(m, op, args, kwargs, original)
+
+    ops_context = patched_ops(route_op) if op_handler else contextlib.nullcontext()
+    with nn.intercept_methods(intercept), ops_context:
+        return method()
+
+
+def raw_site_call(sites: Mapping, m: nn.Module, op: str, args, kwargs):
+    """``(site, x, kernel, call)`` of an intercepted op on a raw kernel of ``sites``, or None."""
+    hit = match_raw_call(op, args, kwargs, _own_params(m))
+    if hit is None:
+        return None
+    name, x, kernel, _, call = hit
+    site = sites.get("/".join(tuple(m.path) + (name,)))
+    return None if site is None or not site.raw else (site, x, kernel, call)
+
+
+def _stack_axes(probe_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple]:
+    axes = tuple(i for i, d in enumerate(probe_shape) if d not in _PROBE_DIMS[:rank])
+    if len(probe_shape) - len(axes) != rank:
+        raise ValueError(f"cannot tell the stacked axes of a probe of shape {probe_shape}")
+    return axes, tuple(probe_shape[i] for i in axes)
+
+
+def _tree_get(tree: Mapping, path: tuple[str, ...]):
+    node = tree
+    for name in path:
+        node = node[name]
+    return node
 
 
 class QuantizedLinenModel:
@@ -111,152 +180,222 @@ class QuantizedLinenModel:
             raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
         self.model = model
         self.rules = parse_rules(rules)
-        self._layers: dict[tuple[str, ...], _Layer] | None = None
+        self._sites: dict[str, Site] | None = None
         self._signature: tuple | None = None
 
     @property
-    def layers(self) -> dict[str, C.LayerQuant]:
-        """Quantized layer paths and their specs (after ``init`` or a first ``apply``)."""
-        return {"/".join(k): v.lq for k, v in (self._layers or {}).items()}
+    def layers(self) -> dict[str, Any]:
+        """Quantized layer paths and their :class:`~qjax.nn.LayerQuant` (after ``init`` or a
+        first ``apply``; see :meth:`sites`)."""
+        return {p: s.recipe for p, s in (self._sites or {}).items()}
 
-    def _discover(self, args, kwargs) -> dict[tuple[str, ...], _Layer]:
+    def sites(self, *args, **kwargs) -> dict[str, Site]:
+        """The quantized layers, ``{path: Site}``, for inputs like ``args`` / ``kwargs``.
+
+        Without arguments, those of the last ``init`` / ``apply``.
+
+        Raises:
+          ValueError: no arguments and the model has not run yet; a recipe that does not fit a
+            layer (naming it).
+        """
+        if args or kwargs:
+            return dict(self._discover(args, kwargs))
+        if self._sites is None:
+            raise ValueError("the model's quantized layers are unknown until it has run: call "
+                             "model.init(...) or model.apply(...) once, or pass example inputs")
+        return dict(self._sites)
+
+    def _discover(self, args, kwargs) -> dict[str, Site]:
         # Which layers run, and the input rank they see, can depend on the inputs' ranks.
-        signature = tuple(jax.numpy.ndim(a) for a in jax.tree_util.tree_leaves((args, kwargs)))
-        if self._layers is not None and signature == self._signature:
-            return self._layers
-        self._signature = signature
-        found: dict[tuple[str, ...], _Layer] = {}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("rngs", "mutable", "method")}
+        signature = tuple(jnp.ndim(a) for a in jax.tree_util.tree_leaves((args, kwargs)))
+        if self._sites is not None and signature == self._signature:
+            return self._sites
+        found: dict[str, tuple] = {}
         used: set[int] = set()
 
-        def record(next_fun, a, kw, context):
-            m = context.module
-            if context.method_name == "__call__" and isinstance(m, _LINEN_TYPES):
-                path = tuple(m.path)
-                i, target = _match(self.rules, "/".join(path))
-                if i is not None:
-                    used.add(i)
-                if target is not None and path not in found:
-                    axis = _linen_contract_axis(m, jax.numpy.ndim(a[0]))
-                    if axis is None and not isinstance(target, C.LayerQuant):
-                        raise ValueError(
-                            f"layer {'/'.join(path)!r} ({type(m).__name__}) does not contract "
-                            "its input's last axis with one kernel axis; give a LayerQuant"
-                        )
-                    lq = C.resolve(target, axis)
-                    if lq.integer_forward and type(m) is not nn.Dense:
-                        raise ValueError(f"integer_forward supports nn.Dense layers only, not "
-                                         f"{'/'.join(path)!r} ({type(m).__name__})")
-                    found[path] = _Layer(path, lq, axis)
-            return next_fun(*a, **kw)
+        def record(_, m, a, kw, next_fun):
+            path = "/".join(m.path)
+            i, target = _match(self.rules, path)
+            if i is not None:
+                used.add(i)
+            y = next_fun(*a, **kw)
+            if target is None:
+                return y
+            if path not in found:
+                kernel_shape = jnp.shape(_layer_params(m)["kernel"])
+                layout = linen_layout(m, kernel_shape, jnp.ndim(a[0]), kw.get("einsum_str"))
+                if layout is None:
+                    raise ValueError(f"layer {path!r} ({type(m).__name__}): its kernel layout "
+                                     "is unknown (an Einsum needs an einsum_str)")
+                found[path] = (type(m).__name__, resolve(target, layout, path), layout)
+            # Every trace of the layer creates it: nn.scan may trace its body more than once.
+            rank = len(found[path][2].shape)
+            m.param(_PROBE, lambda _: jnp.zeros(_PROBE_DIMS[:rank], jnp.int8))
+            return y
 
-        with nn.intercept_methods(record):
-            jax.eval_shape(lambda: self.model.init(jax.random.key(0), *args, **kwargs))
+        raw: dict[str, tuple] = {}
+
+        def record_op(m, op, args, kwargs, original):
+            hit = match_raw_call(op, args, kwargs, _own_params(m))
+            if hit is None:
+                return original(*args, **kwargs)
+            name, _, _, layout_of, _ = hit
+            path = "/".join(tuple(m.path) + (name,))
+            i, target = _match(self.rules, path)
+            if i is not None:
+                used.add(i)
+            if target is None:
+                return original(*args, **kwargs)
+            if path not in raw:
+                raw[path] = (type(m).__name__, _raw_recipe(target, layout_of(), path), name)
+            rank = len(raw[path][1][1].shape)
+            m.param(f"{_PROBE}_{name}", lambda _: jnp.zeros(_PROBE_DIMS[:rank], jnp.int8))
+            return original(*args, **kwargs)
+
+        shapes = run_linen(self.model, lambda: jax.eval_shape(
+            lambda: self.model.init(jax.random.key(0), *args, **kwargs)), record, None,
+            record_op)
         _warn_unused(self.rules, used)
-        self._layers = found
-        return found
+        params = nn.unbox(shapes).get("params", {})
+        sites = {}
+        for path, (module, lq, layout) in found.items():
+            probe = _tree_get(params, path_keys(path) + (_PROBE,))
+            stacked, stack_shape = _stack_axes(tuple(probe.shape), len(layout.shape))
+            sites[path] = Site(path, module, lq, layout, stacked, stack_shape)
+        for path, (module, (lq, layout), name) in raw.items():
+            probe = _tree_get(params, path_keys(path)[:-1] + (f"{_PROBE}_{name}",))
+            stacked, stack_shape = _stack_axes(tuple(probe.shape), len(layout.shape))
+            sites[path] = Site(path, module, lq, layout, stacked, stack_shape, name, True)
+        self._sites, self._signature = sites, signature
+        return sites
 
     def init(self, rngs, *args, **kwargs) -> dict:
         """The model's variables plus learned quantizer parameters beside matched kernels."""
-        layers = self._discover(args, kwargs)
-        variables = nn.unbox(self.model.init(rngs, *args, **kwargs))
-        params = jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
-        for layer in layers.values():
-            node = _subtree(params, layer.path)
-            if C.learned(layer.lq.weight):
-                node["kernel_scale"] = C.init_kernel_scale(node["kernel"], layer.lq.weight)
-            if C.learned(layer.lq.activation):
-                features = node["kernel"].shape[layer.contract_axis]
-                node["input_scale"] = C.init_input_scale(layer.lq.activation, features)
-        return {**variables, "params": params}
+        sites = self._discover(args, kwargs)
+        return nn.unbox(run_linen(self.model, lambda: self.model.init(rngs, *args, **kwargs),
+                                  _qat_handler(True), sites, _raw_handler(sites, True)))
 
     def apply(self, variables, *args, qat: bool = True, **kwargs):
         """Runs the model; with ``qat`` its matched layers see quantized inputs and kernels."""
-        C.check_bool("qat", qat)
-        layers = self._discover(args, {k: v for k, v in kwargs.items()
-                                       if k not in ("rngs", "mutable", "method")})
-        params = jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
-        input_scales = {}
-        for layer in layers.values():
-            node = _subtree(params, layer.path)
-            w_scale = node.pop("kernel_scale", None)
-            input_scales[layer.path] = node.pop("input_scale", None)
-            if qat and not layer.lq.integer_forward:
-                node["kernel"] = C.quantize_kernel(node["kernel"], layer.lq,
-                                                   layer.contract_axis, w_scale)
-        new_vars = {**variables, "params": params}
+        check_bool("qat", qat)
+        sites = self._discover(args, kwargs)
+        return run_linen(self.model, lambda: self.model.apply(variables, *args, **kwargs),
+                         _qat_handler(qat), sites, _raw_handler(sites, qat))
+
+
+def _qat_handler(qat: bool) -> Callable:
+    def handler(site: Site, m, a, kw, next_fun):
+        lq, layout = site.recipe, site.layout
+        if m.is_initializing():
+            next_fun(*a, **kw)  # creates the layer's own parameters
+            kernel = _layer_params(m)["kernel"]
+            if learned(lq.weight):
+                m.param("kernel_scale", lambda _: ops.init_kernel_scale(kernel, lq.weight, layout))
+            if learned(lq.activation):
+                feats = layout.channels if layout.kind == "conv" else layout.k
+                m.param("input_scale", lambda _: ops.init_input_scale(lq.activation, feats))
         if not qat:
-            return self.model.apply(new_vars, *args, **kwargs)
-
-        def quantize_inputs(next_fun, a, kw, context):
-            m = context.module
-            layer = layers.get(tuple(m.path)) if context.method_name == "__call__" else None
-            if layer is not None and layer.lq.integer_forward:
-                # The whole Dense runs as an integer-forward QAT matmul (kernel left in float).
-                p = m.variables["params"]
-                return C.dense_op(a[0], p["kernel"], p.get("bias"), layer.lq, None, None,
-                                  qat=True, dtype=m.dtype, precision=m.precision)
-            if layer is not None and isinstance(m, _LINEN_TYPES):
-                a = (C.quantize_input(a[0], layer.lq, input_scales[layer.path]),) + tuple(a[1:])
             return next_fun(*a, **kw)
+        p = _layer_params(m)
+        w_scale, a_scale = p.pop("kernel_scale", None), p.pop("input_scale", None)
+        if lq.integer_forward:
+            return ops.integer_dense(a[0], p["kernel"], p.get("bias"), lq, layout,
+                                     dtype=getattr(m, "dtype", None))
+        xq = ops.quantize_input(a[0], lq, layout, a_scale)
+        p["kernel"] = ops.quantize_kernel(p["kernel"], lq, layout, w_scale)
+        return call_linen_layer(m, p, xq, *a[1:], **kw)
 
-        with nn.intercept_methods(quantize_inputs):
-            return self.model.apply(new_vars, *args, **kwargs)
-
-
-def _subtree(params: dict, path: tuple[str, ...]) -> dict:
-    node = params
-    for name in path:
-        if name not in node:
-            raise ValueError(f"no parameters at {'/'.join(path)!r}: params do not match the model")
-        node[name] = dict(node[name])
-        node = node[name]
-    return node
+    return handler
 
 
-def _nnx_layer_info(module) -> tuple[int | None, int] | None:
-    """(contract axis, input features) of a quantizable NNX layer, or None."""
-    if isinstance(module, nnx.Linear):
-        return 0, module.in_features
-    if isinstance(module, nnx.Conv):
-        return -2, module.in_features
-    if isinstance(module, nnx.Einsum):
-        axis = C.einsum_contract_axis(module.einsum_str)
-        return axis, module.kernel[...].shape[axis]
-    if isinstance(module, nnx.LinearGeneral):
-        ins = module.in_features
-        ins = (ins,) if isinstance(ins, int) else tuple(ins)
-        axis = _general_contract_axis(module.axis, None)
-        return axis, (ins[axis] if axis is not None else ins[-1])
-    return None
+def _raw_recipe(target, layout, path: str):
+    if layout is None:
+        raise ValueError(f"parameter {path!r}: its einsum / dot_general has no kernel layout "
+                         "qjax can quantize (an einsum 'x,kernel->out' with the parameter as one "
+                         "operand, or a dot_general with it on the right)")
+    lq = resolve(target, layout, path)
+    if learned(lq.weight) or learned(lq.activation):
+        raise ValueError(f"parameter {path!r}: learned scales (LSQ, PACT) need a Flax layer to "
+                         "hold kernel_scale / input_scale; use quest, ste or a LayerQuant "
+                         "without learned scales for a raw parameter")
+    return lq, layout
+
+
+def _raw_handler(sites: Mapping[str, Site], qat: bool) -> Callable | None:
+    """QAT of raw kernels (a module's own parameter in jnp.einsum / lax.dot_general)."""
+    if not qat or not any(s.raw for s in sites.values()):
+        return None
+
+    def handler(m, op, args, kwargs, original):
+        hit = raw_site_call(sites, m, op, args, kwargs)
+        if hit is None:
+            return original(*args, **kwargs)
+        site, x, kernel, call = hit
+        lq, layout = site.recipe, site.layout
+        if lq.integer_forward:
+            return ops.integer_dense(x, kernel, None, lq, layout)
+        return call(ops.quantize_input(x, lq, layout), ops.quantize_kernel(kernel, lq, layout))
+
+    return handler
 
 
 def _quantize_nnx(model: nnx.Module, rules) -> nnx.Module:
     replacements = []
     used: set[int] = set()
     for path, module in nnx.iter_modules(model):
-        info = _nnx_layer_info(module)
-        if info is None or not path:
+        if isinstance(module, QuantizedLayer):
+            raise ValueError(f"layer {'/'.join(map(str, path))!r} is already quantized")
+        info = nnx_layout(module) if path else None
+        if info is None:
             continue
-        i, target = _match(rules, "/".join(str(p) for p in path))
+        name = "/".join(str(p) for p in path)
+        i, target = _match(rules, name)
         if i is not None:
             used.add(i)
         if target is None:
             continue
-        axis, features = info
-        if axis is None and not isinstance(target, C.LayerQuant):
-            raise ValueError(f"layer {path!r} has several contraction axes; give a LayerQuant")
-        replacements.append((path, QuantizedLayer(module, C.resolve(target, axis), axis,
-                                                  features)))
+        layout, _ = info
+        replacements.append((path, QuantizedLayer(module, resolve(target, layout, name), layout)))
     _warn_unused(rules, used)
     for path, wrapper in replacements:
-        parent = model
-        for p in path[:-1]:
-            parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-        if isinstance(path[-1], int):
-            parent[path[-1]] = wrapper
-        else:
-            setattr(parent, path[-1], wrapper)
+        set_submodule(model, path, wrapper)
     return model
+
+
+def set_submodule(model: nnx.Module, path: tuple, value) -> None:
+    """Replaces the NNX submodule at ``path`` (attribute names and list indices)."""
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def sites(model) -> dict[str, Site]:
+    """The quantized layers of a model: ``{path: Site}``.
+
+    Args:
+      model: an NNX model quantized by :func:`quantize_model` (or holding
+        :class:`~qjax.nn.nnx.QuantizedLayer` modules), or a :class:`QuantizedLinenModel` after
+        ``init`` / ``apply`` (see :meth:`QuantizedLinenModel.sites` for example inputs).
+    """
+    if isinstance(model, QuantizedLinenModel):
+        return model.sites()
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a QuantizedLinenModel or an NNX module, got "
+                        f"{type(model).__name__}")
+    out = {}
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, QuantizedLayer):
+            name = "/".join(str(p) for p in path)
+            lead = jnp.ndim(module.inner.kernel[...]) - len(module.layout.shape)
+            stack_shape = tuple(jnp.shape(module.inner.kernel[...])[:lead])
+            out[name] = Site(name, type(module.inner).__name__, module.lq, module.layout,
+                             tuple(range(lead)), stack_shape)
+    return out
 
 
 def quantize_model(model, rules: Rules):
