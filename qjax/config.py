@@ -18,7 +18,16 @@ from collections.abc import Sequence
 from qjax.scales import as_scale_rule
 from qjax.sharding import MESH_AXES
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides", "STUDY", "study_config"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "STUDY", "study_config", "SCHEDULES",
+           "LOW_RANK_METHODS"]
+
+# LR schedule and QAT switch of a run: "cosine" is qjax.optim.warmup_cosine with QAT from
+# qat_start; the others are qjax.methods.compute_optimal.fused_cooldown / classical_qat.
+Schedule = typing.Literal["cosine", "wsd_fused", "wsd_classical"]
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+# Low-rank QAT of a pretrained model (qjax.nn.lowrank): these methods need init_from.
+LOW_RANK_METHODS = ("lr_qat", "qalora")
+LOW_RANK_PHI_DTYPES = ("float32", "bfloat16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +68,20 @@ class TrainConfig:
     scale: str = "auto"  # scale rule name (qjax.scales.as_scale_rule), e.g. "mse:8:0.6"
     block_size: int = 128
     qat_start: float = 0.0
+    # schedule: see SCHEDULES. The wsd ones put QAT on the last qat_fraction of the steps: a
+    # float in [0, 1], or "optimal" for exp(-6.7297 / ln S) with S = tokens / (N * weight_bits
+    # / 8), N the model's non-embedding parameters (qjax.methods.compute_optimal).
+    schedule: Schedule = "cosine"
+    qat_fraction: float | typing.Literal["optimal"] | None = None
     quantizer_lr_multiplier: float = 1.0
     integer_forward: bool = False
+    # Start from a float checkpoint: the run directory of a float run of the same model sizes
+    # (e.g. runs/<name>/float, or its ckpt/ folder). method="lr_qat" / "qalora" (qjax.nn.lowrank,
+    # weights int<weight_bits> per output channel, activations int<act_bits> per token) need it
+    # and train rank-`rank` adapters and the scales only (Phi0 stored in phi_dtype for lr_qat).
+    init_from: str | None = None
+    rank: int = 8
+    phi_dtype: str = "float32"
     baseline: bool = True
     # evaluation and output
     eval_every: int = 100
@@ -89,6 +110,8 @@ class TrainConfig:
             raise ValueError(
                 f"qat_start must be a fraction in [0, 1] or a step, got {self.qat_start}"
             )
+        self._check_schedule()
+        self._check_low_rank()
         if self.scale != "auto":
             as_scale_rule(self.scale)  # a bad name fails here, naming the allowed ones
         if self.stop_after is not None and self.stop_after <= 0:
@@ -112,6 +135,47 @@ class TrainConfig:
         if self.num_processes > 1 and not self.coordinator_address:
             raise ValueError("num_processes > 1 needs coordinator_address (host:port)")
 
+    def _check_low_rank(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        if self.phi_dtype not in LOW_RANK_PHI_DTYPES:
+            raise ValueError(f"phi_dtype must be one of {LOW_RANK_PHI_DTYPES}, "
+                             f"got {self.phi_dtype!r}")
+        if self.method not in LOW_RANK_METHODS:
+            return
+        if self.init_from is None:
+            raise ValueError(f"method={self.method!r} trains adapters on a pretrained model: "
+                             "set init_from to a float run directory")
+        if self.weight_bits is None:
+            raise ValueError(f"method={self.method!r} needs weight_bits")
+        if self.mesh is not None:
+            raise ValueError(f"method={self.method!r} runs on one device: mesh must be None")
+        if self.method == "qalora" and self.phi_dtype != "float32":
+            raise ValueError("phi_dtype is for method='lr_qat'")
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        f = self.qat_fraction
+        if f is not None and f != "optimal" and (
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
+            raise ValueError(f"qat_fraction must be a fraction in [0, 1], 'optimal' or None, "
+                             f"got {f!r}")
+        if self.schedule == "cosine":
+            if f is not None:
+                raise ValueError("qat_fraction is for schedule='wsd_fused' or 'wsd_classical'; "
+                                 "schedule='cosine' starts QAT at qat_start")
+            return
+        if f is None:
+            raise ValueError(f"schedule={self.schedule!r} needs qat_fraction: a fraction in "
+                             f"[0, 1] or 'optimal'")
+        if self.qat_start != 0.0:
+            raise ValueError(f"qat_start is for schedule='cosine'; schedule={self.schedule!r} "
+                             f"starts QAT at round(steps * (1 - qat_fraction))")
+        if f == "optimal" and self.weight_bits is None:
+            raise ValueError("qat_fraction='optimal' needs weight_bits: f* is a function of "
+                             "S = tokens / (params * weight_bits / 8)")
+
     @property
     def run_dir(self) -> str:
         return self.out_dir or os.path.join("runs", self.name)
@@ -120,11 +184,17 @@ class TrainConfig:
 def _convert(name: str, text: str, annotation) -> object:
     hint = typing.get_type_hints(TrainConfig)[name]
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return text  # TrainConfig checks it, naming the allowed values
     optional = type(None) in args
     if optional and text.strip().lower() in ("none", "null", ""):
         return None
-    base = [a for a in args if a is not type(None)][0] if args and (
-        typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
+    literals = [v for a in args if typing.get_origin(a) is typing.Literal
+                for v in typing.get_args(a)]
+    if text in literals:
+        return text
+    base = [a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal
+            ][0] if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
     if typing.get_origin(base) is tuple:
         return tuple(p for p in text.split(",") if p)
     if typing.get_origin(base) is dict:  # "data:2,fsdp:2" or JSON
@@ -144,7 +214,8 @@ def _convert(name: str, text: str, annotation) -> object:
     try:
         return base(text)
     except ValueError:
-        raise ValueError(f"{name} must be {base.__name__}, got {text!r}") from None
+        alternatives = "".join(f" or {v!r}" for v in literals)
+        raise ValueError(f"{name} must be {base.__name__}{alternatives}, got {text!r}") from None
 
 
 def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfig:

@@ -30,12 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qjax import data as D
+from qjax import granularity as G
 from qjax import optim, sharding
-from qjax.config import TrainConfig, load_config
+from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config
+from qjax.methods import compute_optimal
 from qjax.models.llama import (
     BLOCK_LINEARS,
     Llama,
@@ -43,16 +46,26 @@ from qjax.models.llama import (
     non_embedding_params,
     quantization_rules,
 )
+from qjax.nn import lowrank
 from qjax.nn.layout import dense_layout
+from qjax.nn.ops import init_kernel_scale
+from qjax.nn.pretrained import init_from_float
 from qjax.nn.recipe import Method, resolve
 from qjax.nn.rewrite import quantize_model
+from qjax.spec import QuantSpec
 
 __all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed"]
 
 
-def _method(config: TrainConfig) -> Method | None:
+def _method(config: TrainConfig) -> Method | lowrank.LowRankQAT | None:
     if config.method is None:
         return None
+    if config.method in LOW_RANK_METHODS:
+        weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
+        act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+        if config.method == "qalora":
+            return lowrank.qalora(weight, act, rank=config.rank)
+        return lowrank.lr_qat(weight, act, rank=config.rank, phi_dtype=config.phi_dtype)
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
                   block_size=config.block_size, trust=config.trust, clip=config.clip,
                   hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
@@ -68,6 +81,9 @@ def _label(config: TrainConfig) -> str:
                             else "")
     if config.scale != "auto":
         name += "+" + config.scale.split(":")[0]
+    if config.method in LOW_RANK_METHODS:
+        name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
+                                      else f" {config.phi_dtype}")
     return f"{name} {w}{a}"
 
 
@@ -116,11 +132,28 @@ def build_model(config: TrainConfig):
     return model, model.init(jax.random.key(config.seed), sample)["params"]
 
 
-def _optimizer(config: TrainConfig):
-    schedule = optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction)
+def _schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSchedule]:
+    """The learning-rate schedule and QAT switch of ``config.schedule``; ``params`` gives N for
+    ``qat_fraction="optimal"`` (non-embedding parameters: the ones the blocks quantize)."""
+    if config.schedule == "cosine":
+        return optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction), \
+            optim.QATSchedule(config.qat_start if config.qat_start <= 1.0
+                              else int(config.qat_start), config.steps)
+    fraction = config.qat_fraction
+    if fraction == "optimal":
+        fraction = compute_optimal.optimal_qat_fraction(
+            config.steps * config.batch_size * config.seq_len, non_embedding_params(params),
+            config.weight_bits)
+    make = (compute_optimal.fused_cooldown if config.schedule == "wsd_fused"
+            else compute_optimal.classical_qat)
+    return make(config.steps, config.lr, fraction, config.warmup_fraction)
+
+
+def _optimizer(config: TrainConfig, params):
+    schedule, qat = _schedules(config, params)
     tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                          quantizer_lr_multiplier=config.quantizer_lr_multiplier)
-    return schedule, tx
+    return schedule, qat, tx
 
 
 def _abstract_state(params, tx, seed: int) -> dict:
@@ -129,10 +162,72 @@ def _abstract_state(params, tx, seed: int) -> dict:
     return state
 
 
+def _ckpt_run_dir(path: str) -> str:
+    """A run directory from ``init_from``: the run directory itself or its ``ckpt`` folder."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == "ckpt" and not os.path.isdir(os.path.join(path, "ckpt")):
+        path = os.path.dirname(path)
+    if not os.path.isdir(os.path.join(path, "ckpt")):
+        raise FileNotFoundError(f"init_from={path!r} holds no checkpoint (no ckpt/ folder); "
+                                "give the run directory of a float run, e.g. runs/<name>/float")
+    return path
+
+
+def _from_pretrained(config: TrainConfig, model):
+    """(trainable params, fixed variables or None) of ``config`` starting from the float
+    checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`). Learned kernel steps
+    (LSQ, PACT) are initialized from the pretrained kernels by their own rule; for the low-rank
+    methods only the adapters and scales are trained, the rest of the params and the frozen
+    tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
+    float_config = dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
+                                       qat_fraction=None, qat_start=0.0, mesh=None)
+    base = load_params(float_config, _ckpt_run_dir(config.init_from))
+    sample = jnp.zeros((1, config.seq_len), jnp.int32)
+    variables = model.init(jax.random.key(config.seed), sample)
+    if config.method is None:
+        if jax.tree.structure(base) != jax.tree.structure(variables["params"]):
+            raise ValueError(f"init_from={config.init_from!r} does not match the model")
+        return base, None
+    variables = init_from_float(model, variables, base)
+    for site in model.sites().values():
+        node = variables["params"]
+        for k in site.keys:
+            node = node[k]
+        if site.adapter is None and "kernel_scale" in node:
+            node["kernel_scale"] = init_kernel_scale(node["kernel"], site.recipe.weight,
+                                                     site.layout)
+    if config.method not in LOW_RANK_METHODS:
+        return variables["params"], None
+    flat = traverse_util.flatten_dict(variables["params"])
+    adapter = {k: v for k, v in flat.items() if k[-1] in ("lora_down", "lora_up",
+                                                          "kernel_scale")}
+    rest = {k: v for k, v in flat.items() if k not in adapter}
+    fixed = {"params": rest, "collections": {k: v for k, v in variables.items()
+                                             if k != "params"}}
+    return traverse_util.unflatten_dict(adapter), fixed
+
+
+def _variables(p, fixed) -> dict:
+    """The model's variables: ``{"params": p}``, or the trained ``p`` with the fixed tree."""
+    if fixed is None:
+        return {"params": p}
+    flat = {**traverse_util.flatten_dict(p), **fixed["params"]}
+    return {**fixed["collections"], "params": traverse_util.unflatten_dict(flat)}
+
+
+def _initial_params(config: TrainConfig):
+    """(model, initial trained params, fixed variables or None) of ``config``."""
+    model, params = build_model(config)
+    if config.init_from is None:
+        return model, params, None
+    return (model, *_from_pretrained(config, model))
+
+
 def load_params(config: TrainConfig, run_dir: str):
-    """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``)."""
-    _, params = build_model(config)
-    _, tx = _optimizer(config)
+    """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``; with
+    ``init_from`` and a low-rank method, the trained adapters and scales only)."""
+    _, params, _ = _initial_params(config)
+    _, _, tx = _optimizer(config, params)
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "ckpt")))
     step = manager.latest_step()
     if step is None:
@@ -209,41 +304,41 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
             return json.load(f)
     os.makedirs(run_dir, exist_ok=True)
     method = _method(config)
-    model, params = build_model(config)
-    schedule, tx = _optimizer(config)
-    qat = optim.QATSchedule(
-        config.qat_start if config.qat_start <= 1.0 else int(config.qat_start), config.steps
-    )
+    model, params, fixed = _initial_params(config)
+    schedule, qat, tx = _optimizer(config, params)
     place = _Placement(config, params, tx)
     with place.context():
         return _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place,
-                           place.state(_abstract_state(params, tx, config.seed)))
+                           place.state(_abstract_state(params, tx, config.seed)), fixed)
 
 
-def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place, state):
+def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place, state,
+                fixed=None):
     done_path = os.path.join(run_dir, "done.json")
     lead = jax.process_index() == 0
+    extra = () if fixed is None else (fixed,)  # fixed variables: a step argument, not donated
 
-    def loss_fn(p, inputs, targets, qat_on):
-        logits = model.apply({"params": p}, inputs, qat=qat_on)
+    def loss_fn(p, inputs, targets, qat_on, *fx):
+        logits = model.apply(_variables(p, fx[0] if fx else None), inputs, qat=qat_on)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     def make_step(qat_on: bool):
-        def step_fn(p, opt_state, inputs, targets):
-            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets, qat_on)
+        def step_fn(p, opt_state, inputs, targets, *fx):
+            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets, qat_on, *fx)
             updates, opt_state = tx.update(grads, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
         return place.jit_step(step_fn)
 
     steps = {True: make_step(True), False: make_step(False)}
-    eval_fns = {q: jax.jit(lambda p, i, t, q=q: loss_fn(p, i, t, q)) for q in (True, False)}
+    eval_fns = {q: jax.jit(lambda p, i, t, *fx, q=q: loss_fn(p, i, t, q, *fx))
+                for q in (True, False)}
     # Placed once: every evaluation reuses the same validation batches.
     val = [place.batch_arrays(i, t) for i, t in D.val_batches(
         corpus.val, config.batch_size, config.seq_len, max_batches=config.eval_batches)]
 
     def evaluate(p, qat_on: bool) -> float:
-        losses = [_scalar(eval_fns[qat_on](p, i, t)) for i, t in val]
+        losses = [_scalar(eval_fns[qat_on](p, i, t, *extra)) for i, t in val]
         return float(np.mean(losses))
 
     ckpt_dir = os.path.abspath(os.path.join(run_dir, "ckpt"))
@@ -269,7 +364,7 @@ def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place
                                           config.seed)
             qat_on = method is not None and qat.enabled(step)
             p, opt_state, loss = steps[qat_on](p, opt_state,
-                                               *place.batch_arrays(inputs, targets))
+                                               *place.batch_arrays(inputs, targets), *extra)
             done, since = step + 1, since + 1
             if done % config.log_every == 0 or done == config.steps:
                 loss_v = _scalar(loss)

@@ -49,3 +49,25 @@ def test_repo_configs_load():
     assert paths
     for p in paths:
         assert isinstance(load_config(p), TrainConfig)
+
+
+def test_schedule_and_qat_fraction():
+    c = TrainConfig()
+    assert (c.schedule, c.qat_fraction) == ("cosine", None)
+    c = apply_overrides(c, ["schedule=wsd_fused", "qat_fraction=0.25"])
+    assert (c.schedule, c.qat_fraction) == ("wsd_fused", 0.25)
+    c = apply_overrides(c, ["schedule=wsd_classical", "qat_fraction=optimal"])
+    assert (c.schedule, c.qat_fraction) == ("wsd_classical", "optimal")
+    bad = {
+        "schedule must be one of": ["schedule=linear"],
+        "qat_fraction must be a fraction in \\[0, 1\\]": ["schedule=wsd_fused", "qat_fraction=1.5"],
+        "qat_fraction must be float or 'optimal'": ["qat_fraction=most"],
+        "needs qat_fraction": ["schedule=wsd_fused"],
+        "needs weight_bits": ["schedule=wsd_fused", "qat_fraction=optimal", "weight_bits=none"],
+        "schedule='cosine' starts QAT at qat_start": ["qat_fraction=0.2"],
+        "qat_start is for schedule='cosine'": ["schedule=wsd_fused", "qat_fraction=0.2",
+                                              "qat_start=0.5"],
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(TrainConfig(), overrides)

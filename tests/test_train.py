@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from flax import traverse_util
 
 from qjax import train
 from qjax.config import TrainConfig
@@ -106,3 +107,18 @@ def test_float_phase_then_qat(tmp_path):
     train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
     assert [r["qat"] for r in rows] == [False, False, True, True]
+
+
+def test_low_rank_qat_from_a_float_run(tmp_path):
+    small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
+    train.run(TrainConfig(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
+    config = TrainConfig(name="lr", out_dir=str(tmp_path / "lr"), baseline=False,
+                         method="lr_qat", act_bits=None, rank=4,
+                         init_from=str(tmp_path / "base" / "float"), **small)
+    (result,) = train.run(config)
+    assert result["label"] == "lr_qat r4 W4" and 0 < result["val_loss"] < 6
+    params = train.load_params(config, str(tmp_path / "lr" / "qat"))
+    assert {k[-1] for k in traverse_util.flatten_dict(params)} == {
+        "lora_down", "lora_up", "kernel_scale"}
+    with pytest.raises(ValueError, match="needs init_from|set init_from"):
+        TrainConfig(method="qalora")

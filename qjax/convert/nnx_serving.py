@@ -18,9 +18,14 @@ import jax
 from flax import nnx
 
 from qjax.convert.serve import BACKENDS, conv_config, serve_layer
-from qjax.convert.weights import check_layer_params, convert_layer
+from qjax.convert.weights import (
+    adapter_to_qarray,
+    check_layer_params,
+    convert_layer,
+    multi_precision_qarray,
+)
 from qjax.nn.layout import KernelLayout
-from qjax.nn.nnx import QuantizedLayer
+from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import set_submodule, sites
 
@@ -70,7 +75,8 @@ class ServingLayer(nnx.Module):
                            dtype=getattr(inner, "dtype", None), conv=conv, backend=self.backend)
 
 
-def serving_model(model: nnx.Module, backend: str = "xla") -> nnx.Module:
+def serving_model(model: nnx.Module, backend: str = "xla", bits: int | None = None
+                  ) -> nnx.Module:
     """A serving copy of a quantized NNX model (the model itself is left unchanged).
 
     Raises:
@@ -85,6 +91,22 @@ def serving_model(model: nnx.Module, backend: str = "xla") -> nnx.Module:
                          "nothing would be converted")
     out = nnx.clone(model)
     for path, module in list(nnx.iter_modules(out)):
+        if isinstance(module, MultiPrecisionLayer):
+            site = found["/".join(str(p) for p in path)]
+            served = multi_precision_qarray(site, module.inner.kernel[...],
+                                            module.kernel_scale[...], bits)
+            module.inner.kernel = None
+            layer = ServingLayer(module.inner, served, module.input_scale, module.lq,
+                                 module.layout, backend)
+            set_submodule(out, path, layer)
+            continue
+        if isinstance(module, LowRankLayer):
+            site = found["/".join(str(p) for p in path)]
+            served = adapter_to_qarray(site, *module.tensors())
+            layer = ServingLayer(module.inner, served, module.input_scale, module.lq,
+                                 module.layout, backend)
+            set_submodule(out, path, layer)
+            continue
         if not isinstance(module, QuantizedLayer):
             continue
         site = found["/".join(str(p) for p in path)]

@@ -41,7 +41,9 @@ from qjax import spec as SP
 from qjax._checks import check_floating
 from qjax.convert.weights import dequantize_kernel, serving_layers, serving_spec
 from qjax.kernels import BACKENDS, quantized_matmul
+from qjax.nn.double_rounding import DoubleRounding
 from qjax.nn.layout import KernelLayout
+from qjax.nn.linen_intercept import call_linen_layer, raw_site_call, run_linen
 from qjax.nn.ops import (
     add_bias,
     arrange_output,
@@ -50,7 +52,7 @@ from qjax.nn.ops import (
     rotate_input,
 )
 from qjax.nn.recipe import LayerQuant
-from qjax.nn.rewrite import QuantizedLinenModel, call_linen_layer, raw_site_call, run_linen
+from qjax.nn.rewrite import QuantizedLinenModel
 from qjax.nn.sites import Site
 from qjax.qarray import QArray
 from qjax.qdot import check_int32_sum, int8_operand, integer_forward_reason
@@ -212,7 +214,11 @@ def _check_params(serving_params: Mapping, sites: dict[str, Site]) -> None:
         if lq.weight is not None and not isinstance(kernel, QArray):
             raise ValueError(f"layer {path!r}: kernel is not a QArray; convert the params with "
                              "qjax.convert.convert first")
-        if lq.weight is not None and kernel.spec != serving_spec(lq.weight):
+        want = serving_spec(lq.weight) if lq.weight is not None else None
+        if isinstance(site.adapter, DoubleRounding) and isinstance(kernel, QArray) and (
+                kernel.spec.format.bits in site.adapter.bits):
+            want = want.replace(format=kernel.spec.format)  # any of its precisions serves
+        if lq.weight is not None and kernel.spec != want:
             raise ValueError(f"layer {path!r}: the kernel was converted with {kernel.spec}, not "
                              "with the model's weight spec")
         if "kernel_scale" in node:

@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,8 +34,9 @@ import jax.numpy as jnp
 
 from qjax import granularity as G
 from qjax import spec as SP
+from qjax.nn import double_rounding, lowrank
 from qjax.nn.layout import dense_layout
-from qjax.nn.ops import quantize_kernel
+from qjax.nn.ops import per_matrix, quantize_kernel
 from qjax.nn.recipe import LayerQuant, learned, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, parse_rules
 from qjax.nn.sites import Site
@@ -42,7 +44,8 @@ from qjax.qarray import QArray, codes_to_storage
 from qjax.quantize import dequantize, quantize
 
 __all__ = ["convert", "serving_layers", "serving_spec", "kernel_to_qarray", "layer_to_qarray",
-           "dequantize_kernel", "convert_layer", "check_layer_params"]
+           "dequantize_kernel", "convert_layer", "check_layer_params", "transpose_qarray",
+           "adapter_to_qarray", "multi_precision_qarray"]
 
 
 def _other_axis(axis: int, name: str) -> int:
@@ -105,11 +108,18 @@ def kernel_to_qarray(kernel: jax.Array, spec: SP.QuantSpec,
     if getattr(kernel, "ndim", None) != 2:
         raise ValueError(f"kernel must be a 2-D (K, N) array, got shape "
                          f"{getattr(kernel, 'shape', None)}")
-    new_spec = serving_spec(spec)  # first: it checks that spec is a QuantSpec for a 2-D kernel
+    serving_spec(spec)  # first: it checks that spec is a QuantSpec for a 2-D kernel
     if spec.rounding == "stochastic":
         raise ValueError("stochastic rounding has no deterministic serving codes; use "
                          "rounding='nearest' for the weights")
-    qa = quantize(kernel, spec, scale=kernel_scale)
+    return transpose_qarray(quantize(kernel, spec, scale=kernel_scale))
+
+
+def transpose_qarray(qa: QArray) -> QArray:
+    """A training-layout QArray ``(K, N)`` in the serving layout ``(N, K)`` (exact: integer codes
+    and copies of the scales; the spec's axes move with them, :func:`serving_spec`)."""
+    spec = qa.spec
+    new_spec = serving_spec(spec)
     old_lay = G.layout(spec.granularity, qa.shape)
     new_lay = G.layout(new_spec.granularity, qa.shape[::-1])
     codes = qa.codes_float32().T
@@ -136,18 +146,30 @@ def layer_to_qarray(kernel: jax.Array, spec: SP.QuantSpec, layout,
     carry them, so ``nn.scan`` / ``nnx.scan`` hand each layer its own ``(N, K)`` QArray).
     """
     m = layout.to_matrix(kernel)
-    lead = m.shape[:-2]
-    if not lead:
-        return kernel_to_qarray(m, spec, kernel_scale)
-    # One matrix at a time, with the very ops of an unstacked layer (a vmapped Hadamard or
-    # statistic may round differently), so a stack converts exactly as its unrolled twin.
-    flat = m.reshape((-1,) + m.shape[-2:])
-    scales = None if kernel_scale is None else kernel_scale.reshape(
-        (flat.shape[0],) + kernel_scale.shape[len(lead):])
-    parts = [kernel_to_qarray(flat[i], spec, None if scales is None else scales[i])
-             for i in range(flat.shape[0])]
-    stacked = jax.tree.map(lambda *a: jnp.stack(a), *parts)
-    return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), stacked)
+    return per_matrix(lambda t: kernel_to_qarray(t["m"], spec, t["s"]),
+                      {"m": m, "s": kernel_scale}, m.shape[:-2])
+
+
+def adapter_to_qarray(site: Site, frozen: Mapping, adapters: Mapping) -> QArray:
+    """A low-rank QAT layer merged for serving: QArray ``(*stack, N, K)``.
+
+    LR-QAT: the codes ``W_int`` and the stored scale ``s``; QALoRA: the merged weight
+    ``W0' + delta`` quantized with the learned step. Both dequantize to the trained forward's
+    kernel bit for bit.
+    """
+    recipe = site.adapter
+    dtype = jnp.dtype(frozen["w0"].dtype) if "w0" in frozen else jnp.float32
+    tree = {"frozen": dict(frozen), "adapters": dict(adapters)}
+
+    def one(t):
+        if recipe.kind == "lr_qat":
+            return transpose_qarray(lowrank.merged_codes(t["frozen"], t["adapters"], recipe,
+                                                         dtype))
+        w = lowrank.float_kernel(t["frozen"], t["adapters"], recipe, jnp.float32)
+        qa = kernel_to_qarray(w, recipe.training_spec, t["adapters"]["kernel_scale"])
+        return dataclasses.replace(qa, dtype=dtype.name)
+
+    return per_matrix(one, tree, site.stack_shape)
 
 
 def dequantize_kernel(w: QArray, layout) -> jax.Array:
@@ -157,6 +179,26 @@ def dequantize_kernel(w: QArray, layout) -> jax.Array:
     # Materialized: XLA would otherwise fold the transpose into the layer's dot, whose other
     # operand layout sums in another order than QAT's dot with the (K, N) kernel.
     return jax.lax.optimization_barrier(kernel)
+
+
+def multi_precision_qarray(site: Site, kernel: jax.Array, kernel_scale: jax.Array,
+                           bits: int | None = None) -> QArray:
+    """A Double Rounding layer for serving: its highest-precision codes ``q_h`` and ``s_h`` as a
+    QArray ``(*stack, N, K)``, or at ``bits`` (:func:`qjax.nn.double_rounding.lower_precision`);
+    it dequantizes to QAT's weights at that precision bit for bit."""
+    recipe = site.adapter
+    spec = recipe.spec()
+
+    def one(t):
+        q = double_rounding.codes(t["w"], t["s"], recipe, recipe.highest)
+        qa = QArray(codes=codes_to_storage(q.reshape(t["w"].shape), spec.format),
+                    scale=t["s"], zero_point=None, spec=spec, shape=tuple(t["w"].shape),
+                    dtype=jnp.dtype(t["w"].dtype).name)
+        return transpose_qarray(qa)
+
+    m = site.layout.to_matrix(kernel)
+    w = per_matrix(one, {"w": m, "s": kernel_scale}, m.shape[:-2])
+    return w if bits is None else double_rounding.lower_precision(w, recipe, bits)
 
 
 def _walk_kernels(params, prefix=()):
@@ -262,7 +304,8 @@ def convert_layer(site: Site, kernel, kernel_scale=None):
         raise ValueError(f"layer {site.path!r}: {e}") from None
 
 
-def convert(params, model_or_rules=None):
+def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
+            bits: int | None = None):
     """Serving params of a QAT model: quantized kernels as packed QArrays, the rest unchanged.
 
     Args:
@@ -271,6 +314,10 @@ def convert(params, model_or_rules=None):
         them; or a quantized NNX model (then ``model_or_rules`` is omitted).
       model_or_rules: the :class:`~qjax.nn.QuantizedLinenModel` (after ``init``) or its rules
         (Dense kernels only).
+      frozen: the model's ``qjax_frozen`` collection (``variables["qjax_frozen"]``), needed when
+        it has low-rank QAT layers (:mod:`qjax.nn.lowrank`): their adapters are merged.
+      bits: the precision of multi-precision layers (:mod:`qjax.nn.double_rounding`); default
+        their highest (the integer checkpoint every lower precision derives from).
 
     Returns:
       Linen: a new nested dict; at each quantized layer ``kernel`` is a QArray
@@ -290,7 +337,7 @@ def convert(params, model_or_rules=None):
             raise TypeError("an NNX model carries its own rules: call convert(model)")
         from qjax.convert.nnx_serving import serving_model
 
-        return serving_model(params)
+        return serving_model(params, bits=bits)
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping (the 'params' collection) or an NNX model, "
                         f"got {type(params).__name__}")
@@ -302,8 +349,30 @@ def convert(params, model_or_rules=None):
     out = _copy_tree(params)
     for site in layers.values():
         node = _node(out, site.keys)
+        if isinstance(site.adapter, double_rounding.DoubleRounding):
+            if bits is not None:
+                site.adapter.check(bits)
+            node["kernel"] = multi_precision_qarray(site, node["kernel"],
+                                                    node.pop("kernel_scale"), bits)
+            continue
+        if site.adapter is not None:
+            _merge_adapter(site, node, frozen)
+            continue
         kernel_scale = None if site.raw else node.pop("kernel_scale", None)
         input_scale = None if site.raw else node.get("input_scale")
         check_layer_params(site, node[site.param], kernel_scale, input_scale)
         node[site.param] = convert_layer(site, node[site.param], kernel_scale)
     return out
+
+
+def _merge_adapter(site: Site, node: dict, frozen: Mapping | None) -> None:
+    if frozen is None:
+        raise ValueError(f"layer {site.path!r} has a low-rank QAT recipe: pass "
+                         "frozen=variables['qjax_frozen'] to merge its adapters")
+    missing = [k for k in ("lora_down", "lora_up", "kernel_scale") if k not in node]
+    if missing:
+        raise ValueError(f"layer {site.path!r}: the params have no {missing}: they were not "
+                         f"trained with the model's {site.adapter.kind} recipe")
+    frozen_node = _node(frozen, site.keys)
+    adapters = {k: node.pop(k) for k in ("lora_down", "lora_up", "kernel_scale")}
+    node["kernel"] = adapter_to_qarray(site, frozen_node, adapters)

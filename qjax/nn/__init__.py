@@ -6,9 +6,11 @@
   a layer's :class:`KernelLayout`.
 * :mod:`qjax.nn.linen` / :mod:`qjax.nn.nnx`: explicit quantized layers.
 * :mod:`qjax.nn.ops`: the quantized-op core all of them call.
+* :mod:`qjax.nn.lowrank`: LR-QAT and QALoRA recipes (``lr_qat(spec, rank=8)``) for pretrained
+  weights; :func:`init_from_float` starts them from a float checkpoint (Linen).
 """
 
-from qjax.nn import layout, linen, nnx, ops
+from qjax.nn import layout, linen, lowrank, nnx, ops
 from qjax.nn.layout import (
     KernelLayout,
     conv_layout,
@@ -17,6 +19,8 @@ from qjax.nn.layout import (
     embed_layout,
     general_layout,
 )
+from qjax.nn.lowrank import LowRankQAT, lr_qat, qalora
+from qjax.nn.pretrained import init_from_float
 from qjax.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, quantize_model, sites
 from qjax.nn.sites import Site
@@ -25,6 +29,7 @@ __all__ = [
     "METHODS",
     "KernelLayout",
     "LayerQuant",
+    "LowRankQAT",
     "Method",
     "QuantizedLinenModel",
     "Site",
@@ -34,10 +39,14 @@ __all__ = [
     "einsum_layout",
     "embed_layout",
     "general_layout",
+    "init_from_float",
     "layout",
     "linen",
+    "lowrank",
+    "lr_qat",
     "nnx",
     "ops",
+    "qalora",
     "quantize_model",
     "resolve",
     "sites",

@@ -16,13 +16,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qjax.nn import double_rounding as DR
+from qjax.nn import lowrank as LR
 from qjax.nn import ops as O
 from qjax.nn import recipe as R
 from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layout, embed_layout
 from qjax.spec import QuantSpec
 
-__all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "set_qat",
-           "call_with_kernel"]
+__all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "LowRankLayer",
+           "FrozenWeight", "MultiPrecisionLayer", "set_qat", "set_bits", "call_with_kernel"]
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _zeros_init = nnx.initializers.zeros_init()
@@ -177,6 +179,12 @@ class QuantizedLayer(nnx.Module):
         self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
                             if R.learned(lq.activation) else None)
 
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Sizes of the leading stack axes of the kernel (``()`` when not stacked)."""
+        kernel = self.inner.kernel[...]
+        return tuple(kernel.shape[:kernel.ndim - len(self.layout.shape)])
+
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         O.check_bool("qat", self.qat)  # a plain attribute: set_qat checks it, assignments do not
         if not self.qat:
@@ -194,10 +202,78 @@ class QuantizedLayer(nnx.Module):
 
 
 def call_with_kernel(layer: nnx.Module, kernel: jax.Array, *args, **kwargs):
-    """Calls an NNX layer with its ``kernel`` replaced by ``kernel`` (the layer is unchanged)."""
+    """Calls an NNX layer with its ``kernel`` replaced by ``kernel`` (the layer is unchanged; a
+    layer whose ``kernel`` was removed, None, gets one on a copy)."""
     graphdef, state = nnx.split(layer)
-    state["kernel"] = state["kernel"].replace(kernel)
-    return nnx.merge(graphdef, state)(*args, **kwargs)
+    if "kernel" in state:
+        state["kernel"] = state["kernel"].replace(kernel)
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+    copy = nnx.merge(graphdef, state)
+    copy.kernel = nnx.Param(kernel)
+    return copy(*args, **kwargs)
+
+
+class FrozenWeight(nnx.Variable):
+    """A frozen tensor (LR-QAT's ``Phi0``, QALoRA's dequantized ``W0``): not an ``nnx.Param``,
+    so ``nnx.Optimizer(..., wrt=nnx.Param)`` and ``nnx.grad`` leave it alone."""
+
+
+_ADAPTERS = ("lora_down", "lora_up", "kernel_scale")
+
+
+class LowRankLayer(nnx.Module):
+    """Wraps an NNX layer for LR-QAT or QALoRA (:mod:`qjax.nn.lowrank`): its kernel becomes a
+    frozen tensor plus trained adapters; the float kernel is dropped (``inner.kernel = None``).
+
+    A stacked layer (``nnx.vmap`` of a constructor) gets stacked tensors, each layer's computed
+    on its own slice with the ops of an unstacked one.
+    """
+
+    def __init__(self, inner: nnx.Module, lq: R.LayerQuant, layout: KernelLayout,
+                 recipe: LR.LowRankQAT, key: jax.Array):
+        kernel = inner.kernel[...]
+        m = layout.to_matrix(kernel)
+        stack = tuple(m.shape[:-2])
+        flat = m.reshape((-1,) + m.shape[-2:])
+        keys = jax.random.split(key, flat.shape[0])
+        parts = [LR.init_state(flat[i], recipe, keys[i]) for i in range(flat.shape[0])]
+        frozen, trained = jax.tree.map(
+            lambda *a: jnp.stack(a).reshape(stack + a[0].shape), *parts)
+        self.frozen_names = tuple(frozen)
+        for name, value in frozen.items():
+            setattr(self, name, FrozenWeight(value))
+        for name in _ADAPTERS:
+            setattr(self, name, nnx.Param(trained[name]))
+        features = layout.channels if layout.kind == "conv" else layout.k
+        self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
+                            if R.learned(lq.activation) else None)
+        self.dtype = kernel.dtype
+        self.stack_shape = stack
+        inner.kernel = None
+        self.inner, self.lq, self.layout, self.recipe = inner, lq, layout, recipe
+        self.qat = True
+
+    def tensors(self) -> tuple[dict, dict]:
+        """(frozen, adapters) as arrays."""
+        frozen = {k: getattr(self, k)[...] for k in self.frozen_names}
+        return frozen, {k: getattr(self, k)[...] for k in _ADAPTERS}
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        O.check_bool("qat", self.qat)
+        frozen, adapters = self.tensors()
+        layout, recipe, inner = self.layout, self.recipe, self.inner
+        if not self.qat:
+            kernel = layout.from_matrix(LR.float_kernel(frozen, adapters, recipe, self.dtype))
+            return call_with_kernel(inner, kernel, x, *args, **kwargs)
+        a = None if self.input_scale is None else self.input_scale[...]
+        xq = O.quantize_input(x, self.lq, layout, a)
+
+        def run(xq, frozen, adapters):
+            kernel = layout.from_matrix(LR.effective_kernel(frozen, adapters, recipe,
+                                                            self.dtype))
+            return call_with_kernel(inner, kernel, xq, *args, **kwargs)
+
+        return jax.checkpoint(run)(xq, frozen, adapters)
 
 
 def set_qat(model: nnx.Module, enabled: bool) -> int:
@@ -205,7 +281,47 @@ def set_qat(model: nnx.Module, enabled: bool) -> int:
     O.check_bool("enabled", enabled)
     n = 0
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, (_QLayer, QuantizedLayer)):
+        if isinstance(module, (_QLayer, QuantizedLayer, LowRankLayer)):
             module.qat = enabled
+            n += 1
+    return n
+
+
+class MultiPrecisionLayer(QuantizedLayer):
+    """Wraps an NNX layer for Double Rounding (:mod:`qjax.nn.double_rounding`): ``kernel_scale``
+    is ``s_h`` (``max|W| / qmax_h`` per block at init); the attribute ``bits`` picks the
+    precision of the forward (:func:`set_bits`; default the highest)."""
+
+    def __init__(self, inner: nnx.Module, lq: R.LayerQuant, layout: KernelLayout,
+                 recipe: DR.DoubleRounding):
+        self.inner, self.layout, self.lq, self.recipe = inner, layout, lq, recipe
+        self.qat = True
+        self.bits = recipe.highest
+        m = layout.to_matrix(inner.kernel[...])
+        stack = tuple(m.shape[:-2])
+        self.kernel_scale = nnx.Param(O.per_matrix(
+            lambda t: DR.init_scale(t["w"], recipe), {"w": m}, stack))
+        features = layout.channels if layout.kind == "conv" else layout.k
+        self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
+                            if R.learned(lq.activation) else None)
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        O.check_bool("qat", self.qat)
+        if not self.qat:
+            return self.inner(x, *args, **kwargs)
+        kernel = self.inner.kernel[...]
+        w = DR.double_round(self.layout.to_matrix(kernel), self.kernel_scale[...], self.recipe,
+                            self.bits)
+        a = None if self.input_scale is None else self.input_scale[...]
+        xq = O.quantize_input(x, self.lq, self.layout, a)
+        return call_with_kernel(self.inner, self.layout.from_matrix(w), xq, *args, **kwargs)
+
+
+def set_bits(model: nnx.Module, bits: int) -> int:
+    """Sets the precision of every multi-precision layer of ``model``; returns their count."""
+    n = 0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MultiPrecisionLayer):
+            module.bits = module.recipe.check(bits)
             n += 1
     return n

@@ -45,7 +45,7 @@ from qjax.quantize import fake_quant, rotate_like_spec
 
 __all__ = ["quantize_kernel", "quantize_input", "rotate_input", "integer_dense",
            "init_kernel_scale", "init_input_scale", "arrange_output", "add_bias", "dense_op",
-           "einsum_op", "conv_op", "embed_op", "map_matrices"]
+           "einsum_op", "conv_op", "embed_op", "map_matrices", "per_matrix"]
 
 
 def map_matrices(f, m: jax.Array, *extras):
@@ -62,6 +62,21 @@ def map_matrices(f, m: jax.Array, *extras):
     axes = (0,) + tuple(None if e is None else 0 for e in extras)
     out = jax.vmap(f, in_axes=axes)(flat(m), *map(flat, extras))
     return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
+def per_matrix(f, tree: dict, lead: tuple[int, ...]):
+    """``f`` on each slice of ``tree``'s leaves along the leading axes ``lead``, stacked back.
+
+    One matrix at a time, with the very ops of an unstacked layer (a vmapped Hadamard or
+    statistic may round differently), so a stack converts exactly as its unrolled twin.
+    """
+    if not lead:
+        return f(tree)
+    b = math.prod(lead)
+    flat = jax.tree.map(lambda a: a.reshape((b,) + a.shape[len(lead):]), tree)
+    parts = [f(jax.tree.map(lambda a, i=i: a[i], flat)) for i in range(b)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *parts)
+    return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), stacked)
 
 
 def rotate(a: jax.Array, rotation: tuple[int, str] | None, axis: int) -> jax.Array:

@@ -25,10 +25,9 @@ naming the layer.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,14 +37,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qjax._checks import check_bool
-from qjax.nn import ops
-from qjax.nn.nnx import QuantizedLayer
-from qjax.nn.op_intercept import current_module, entered, match_raw_call, patched_ops
+from qjax.nn import double_rounding as DR
+from qjax.nn import lowrank, ops
+from qjax.nn.double_rounding import DoubleRounding
+from qjax.nn.linen_intercept import (
+    call_linen_layer,
+    create_input_scale,
+    layer_params,
+    own_params,
+    raw_site_call,
+    run_linen,
+)
+from qjax.nn.lowrank import LowRankQAT
+from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer
+from qjax.nn.op_intercept import match_raw_call
 from qjax.nn.recipe import as_target, learned, resolve
-from qjax.nn.sites import LINEN_TYPES, Site, linen_layout, nnx_layout, path_keys
+from qjax.nn.sites import Site, linen_layout, nnx_layout, path_keys
 
-__all__ = ["quantize_model", "QuantizedLinenModel", "parse_rules", "sites", "call_linen_layer",
-           "run_linen", "raw_site_call", "set_submodule"]
+__all__ = ["quantize_model", "QuantizedLinenModel", "parse_rules", "sites", "set_submodule"]
 
 Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
@@ -54,9 +63,6 @@ Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 # insert stack axes: the probe's extra axes are the kernel's.
 _PROBE = "qjax_stack_probe"
 _PROBE_DIMS = (7919, 7907, 7901, 7883, 7879, 7877, 7873, 7867)
-
-_INNER_APPLY = contextvars.ContextVar("qjax_inner_apply", default=False)
-
 
 def parse_rules(rules: Rules) -> tuple[tuple[re.Pattern, Any], ...]:
     """Compiles ``rules``; validates every target (None, a method name, Method or LayerQuant)."""
@@ -74,7 +80,9 @@ def parse_rules(rules: Rules) -> tuple[tuple[re.Pattern, Any], ...]:
             compiled = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"rule {pattern!r} is not a valid regular expression: {e}") from None
-        out.append((compiled, None if target is None else as_target(target)))
+        if target is not None and not isinstance(target, (LowRankQAT, DoubleRounding)):
+            target = as_target(target)
+        out.append((compiled, target))
     return tuple(out)
 
 
@@ -89,73 +97,6 @@ def _warn_unused(rules, used: set[int]) -> None:
     for i, (pattern, _) in enumerate(rules):
         if i not in used:
             warnings.warn(f"quantization rule {pattern.pattern!r} matches no layer", stacklevel=4)
-
-
-def call_linen_layer(module: nn.Module, params: Mapping, *args, **kwargs):
-    """Runs a bound Linen layer's own ``__call__`` on ``params`` (e.g. a substituted kernel).
-
-    Used inside an interceptor: the call is not intercepted again.
-    """
-    token = _INNER_APPLY.set(True)
-    try:
-        return module.clone(parent=None).apply({"params": dict(params)}, *args, **kwargs)
-    finally:
-        _INNER_APPLY.reset(token)
-
-
-def _layer_params(module: nn.Module) -> dict:
-    return dict(nn.unbox(module.variables.get("params", {})))
-
-
-def _own_params(module: nn.Module) -> dict:
-    """A module's own parameters (not its children's), as ``self.param`` returns them."""
-    if module.scope is None:
-        return {}
-    return {k: v for k, v in module.variables.get("params", {}).items()
-            if not isinstance(v, Mapping)}
-
-
-def run_linen(model: nn.Module, method: Callable, handler: Callable, sites: Mapping | None,
-              op_handler: Callable | None = None):
-    """Runs ``method()`` (an ``init``/``apply`` of ``model``) with each Linen layer's call routed
-    to ``handler(site, module, args, kwargs, next_fun)``; ``sites=None`` routes every layer
-    of :data:`LINEN_TYPES` (with ``site=None``). With ``op_handler``, ``jnp.einsum`` and
-    ``lax.dot_general`` calls are routed to ``op_handler(module, op, args, kwargs, original)``
-    with the innermost running module that is not a Flax layer (:mod:`qjax.nn.op_intercept`).
-    """
-
-    def intercept(next_fun, a, kw, context):
-        m = context.module
-        with entered(m):
-            if _INNER_APPLY.get() or context.method_name != "__call__" or not isinstance(
-                    m, LINEN_TYPES):
-                return next_fun(*a, **kw)
-            if sites is None:
-                return handler(None, m, a, kw, next_fun)
-            site = sites.get("/".join(m.path))
-            if site is None or site.raw:
-                return next_fun(*a, **kw)
-            return handler(site, m, a, kw, next_fun)
-
-    def route_op(op, args, kwargs, original):
-        m = current_module()
-        if _INNER_APPLY.get() or m is None or isinstance(m, LINEN_TYPES) or m.scope is None:
-            return original(*args, **kwargs)
-        return op_handler(m, op, args, kwargs, original)
-
-    ops_context = patched_ops(route_op) if op_handler else contextlib.nullcontext()
-    with nn.intercept_methods(intercept), ops_context:
-        return method()
-
-
-def raw_site_call(sites: Mapping, m: nn.Module, op: str, args, kwargs):
-    """``(site, x, kernel, call)`` of an intercepted op on a raw kernel of ``sites``, or None."""
-    hit = match_raw_call(op, args, kwargs, _own_params(m))
-    if hit is None:
-        return None
-    name, x, kernel, _, call = hit
-    site = sites.get("/".join(tuple(m.path) + (name,)))
-    return None if site is None or not site.raw else (site, x, kernel, call)
 
 
 def _stack_axes(probe_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple]:
@@ -223,12 +164,14 @@ class QuantizedLinenModel:
             if target is None:
                 return y
             if path not in found:
-                kernel_shape = jnp.shape(_layer_params(m)["kernel"])
+                kernel_shape = jnp.shape(layer_params(m)["kernel"])
                 layout = linen_layout(m, kernel_shape, jnp.ndim(a[0]), kw.get("einsum_str"))
                 if layout is None:
                     raise ValueError(f"layer {path!r} ({type(m).__name__}): its kernel layout "
                                      "is unknown (an Einsum needs an einsum_str)")
-                found[path] = (type(m).__name__, resolve(target, layout, path), layout)
+                found[path] = (type(m).__name__, _fit(target, layout, path), layout,
+                               target if isinstance(target, (LowRankQAT, DoubleRounding))
+                               else None)
             # Every trace of the layer creates it: nn.scan may trace its body more than once.
             rank = len(found[path][2].shape)
             m.param(_PROBE, lambda _: jnp.zeros(_PROBE_DIMS[:rank], jnp.int8))
@@ -237,7 +180,7 @@ class QuantizedLinenModel:
         raw: dict[str, tuple] = {}
 
         def record_op(m, op, args, kwargs, original):
-            hit = match_raw_call(op, args, kwargs, _own_params(m))
+            hit = match_raw_call(op, args, kwargs, own_params(m))
             if hit is None:
                 return original(*args, **kwargs)
             name, _, _, layout_of, _ = hit
@@ -259,10 +202,10 @@ class QuantizedLinenModel:
         _warn_unused(self.rules, used)
         params = nn.unbox(shapes).get("params", {})
         sites = {}
-        for path, (module, lq, layout) in found.items():
+        for path, (module, lq, layout, adapter) in found.items():
             probe = _tree_get(params, path_keys(path) + (_PROBE,))
             stacked, stack_shape = _stack_axes(tuple(probe.shape), len(layout.shape))
-            sites[path] = Site(path, module, lq, layout, stacked, stack_shape)
+            sites[path] = Site(path, module, lq, layout, stacked, stack_shape, adapter=adapter)
         for path, (module, (lq, layout), name) in raw.items():
             probe = _tree_get(params, path_keys(path)[:-1] + (f"{_PROBE}_{name}",))
             stacked, stack_shape = _stack_axes(tuple(probe.shape), len(layout.shape))
@@ -273,31 +216,106 @@ class QuantizedLinenModel:
     def init(self, rngs, *args, **kwargs) -> dict:
         """The model's variables plus learned quantizer parameters beside matched kernels."""
         sites = self._discover(args, kwargs)
-        return nn.unbox(run_linen(self.model, lambda: self.model.init(rngs, *args, **kwargs),
-                                  _qat_handler(True), sites, _raw_handler(sites, True)))
+        variables = nn.unbox(run_linen(self.model, lambda: self.model.init(rngs, *args, **kwargs),
+                                       _qat_handler(True), sites, _raw_handler(sites, True)))
+        adapted = [s for s in sites.values() if isinstance(s.adapter, LowRankQAT)]
+        if not adapted:
+            return variables
+        params = jax.tree_util.tree_map(lambda a: a, dict(variables["params"]))
+        for site in adapted:  # the float kernel is not kept: the frozen tensor replaces it
+            node = params
+            for key in site.keys:
+                node[key] = dict(node[key])
+                node = node[key]
+            node.pop("kernel", None)
+        return {**variables, "params": params}
 
-    def apply(self, variables, *args, qat: bool = True, **kwargs):
-        """Runs the model; with ``qat`` its matched layers see quantized inputs and kernels."""
+    def apply(self, variables, *args, qat: bool = True, bits: int | None = None, **kwargs):
+        """Runs the model; with ``qat`` its matched layers see quantized inputs and kernels.
+
+        ``bits`` picks the precision of multi-precision layers
+        (:class:`~qjax.nn.double_rounding.DoubleRounding`; default: their highest).
+        """
         check_bool("qat", qat)
         sites = self._discover(args, kwargs)
+        for site in sites.values():
+            if bits is not None and isinstance(site.adapter, DoubleRounding):
+                site.adapter.check(bits)
         return run_linen(self.model, lambda: self.model.apply(variables, *args, **kwargs),
-                         _qat_handler(qat), sites, _raw_handler(sites, qat))
+                         _qat_handler(qat, bits), sites, _raw_handler(sites, qat))
 
 
-def _qat_handler(qat: bool) -> Callable:
+def _fit(target, layout, path: str):
+    if isinstance(target, (LowRankQAT, DoubleRounding)):
+        return target.layer_quant(layout, path)
+    return resolve(target, layout, path)
+
+
+_ADAPTER_PARAMS = ("kernel", "lora_down", "lora_up", "kernel_scale", "input_scale")
+
+
+def _lowrank_call(site: Site, m, a, kw, next_fun, qat: bool):
+    """A layer with a low-rank QAT recipe (:mod:`qjax.nn.lowrank`)."""
+    lq, layout, recipe = site.recipe, site.layout, site.adapter
+    if m.is_initializing():
+        next_fun(*a, **kw)
+        w0 = layout.to_matrix(layer_params(m)["kernel"])
+        frozen0, trained0 = lowrank.init_state(w0, recipe, m.make_rng("params"))
+        for name, value in frozen0.items():
+            m.variable(lowrank.FROZEN, name, lambda v=value: v)
+        for name, value in trained0.items():
+            m.param(name, lambda _, v=value: v)
+        create_input_scale(m, lq, layout)
+    p = layer_params(m)
+    frozen = dict(m.variables[lowrank.FROZEN])
+    adapters = {k: p[k] for k in ("lora_down", "lora_up", "kernel_scale")}
+    rest = {k: v for k, v in p.items() if k not in _ADAPTER_PARAMS}
+    dtype = getattr(m, "param_dtype", None) or jnp.float32
+    if not qat:
+        kernel = layout.from_matrix(lowrank.float_kernel(frozen, adapters, recipe, dtype))
+        return call_linen_layer(m, {**rest, "kernel": kernel}, *a, **kw)
+    xq = ops.quantize_input(a[0], lq, layout, p.get("input_scale"))
+
+    def run(xq, frozen, adapters, rest):
+        kernel = layout.from_matrix(lowrank.effective_kernel(frozen, adapters, recipe, dtype))
+        return call_linen_layer(m, {**rest, "kernel": kernel}, xq, *a[1:], **kw)
+
+    return jax.checkpoint(run)(xq, frozen, adapters, rest)
+
+
+def _double_rounding_call(site: Site, m, a, kw, next_fun, qat: bool, bits: int | None):
+    """A layer with a multi-precision recipe (:mod:`qjax.nn.double_rounding`)."""
+    lq, layout, recipe = site.recipe, site.layout, site.adapter
+    if m.is_initializing():
+        next_fun(*a, **kw)
+        w = layout.to_matrix(layer_params(m)["kernel"])
+        m.param("kernel_scale", lambda _: DR.init_scale(w, recipe))
+        create_input_scale(m, lq, layout)
+    if not qat:
+        return next_fun(*a, **kw)
+    p = layer_params(m)
+    scale, a_scale = p.pop("kernel_scale"), p.pop("input_scale", None)
+    w = DR.double_round(layout.to_matrix(p["kernel"]), scale, recipe, bits)
+    p["kernel"] = layout.from_matrix(w)
+    return call_linen_layer(m, p, ops.quantize_input(a[0], lq, layout, a_scale), *a[1:], **kw)
+
+
+def _qat_handler(qat: bool, bits: int | None = None) -> Callable:
     def handler(site: Site, m, a, kw, next_fun):
         lq, layout = site.recipe, site.layout
+        if isinstance(site.adapter, LowRankQAT):
+            return _lowrank_call(site, m, a, kw, next_fun, qat)
+        if isinstance(site.adapter, DoubleRounding):
+            return _double_rounding_call(site, m, a, kw, next_fun, qat, bits)
         if m.is_initializing():
             next_fun(*a, **kw)  # creates the layer's own parameters
-            kernel = _layer_params(m)["kernel"]
+            kernel = layer_params(m)["kernel"]
             if learned(lq.weight):
                 m.param("kernel_scale", lambda _: ops.init_kernel_scale(kernel, lq.weight, layout))
-            if learned(lq.activation):
-                feats = layout.channels if layout.kind == "conv" else layout.k
-                m.param("input_scale", lambda _: ops.init_input_scale(lq.activation, feats))
+            create_input_scale(m, lq, layout)
         if not qat:
             return next_fun(*a, **kw)
-        p = _layer_params(m)
+        p = layer_params(m)
         w_scale, a_scale = p.pop("kernel_scale", None), p.pop("input_scale", None)
         if lq.integer_forward:
             return ops.integer_dense(a[0], p["kernel"], p.get("bias"), lq, layout,
@@ -344,7 +362,7 @@ def _quantize_nnx(model: nnx.Module, rules) -> nnx.Module:
     replacements = []
     used: set[int] = set()
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, QuantizedLayer):
+        if isinstance(module, (QuantizedLayer, LowRankLayer, MultiPrecisionLayer)):
             raise ValueError(f"layer {'/'.join(map(str, path))!r} is already quantized")
         info = nnx_layout(module) if path else None
         if info is None:
@@ -356,7 +374,16 @@ def _quantize_nnx(model: nnx.Module, rules) -> nnx.Module:
         if target is None:
             continue
         layout, _ = info
-        replacements.append((path, QuantizedLayer(module, resolve(target, layout, name), layout)))
+        if isinstance(target, DoubleRounding):
+            wrapper = MultiPrecisionLayer(module, target.layer_quant(layout, name), layout,
+                                          target)
+        elif isinstance(target, LowRankQAT):
+            wrapper = LowRankLayer(module, target.layer_quant(layout, name), layout, target,
+                                   jax.random.fold_in(jax.random.key(0), zlib.crc32(
+                                       name.encode())))
+        else:
+            wrapper = QuantizedLayer(module, resolve(target, layout, name), layout)
+        replacements.append((path, wrapper))
     _warn_unused(rules, used)
     for path, wrapper in replacements:
         set_submodule(model, path, wrapper)
@@ -389,12 +416,12 @@ def sites(model) -> dict[str, Site]:
                         f"{type(model).__name__}")
     out = {}
     for path, module in nnx.iter_modules(model):
-        if isinstance(module, QuantizedLayer):
+        if isinstance(module, (QuantizedLayer, LowRankLayer, MultiPrecisionLayer)):
             name = "/".join(str(p) for p in path)
-            lead = jnp.ndim(module.inner.kernel[...]) - len(module.layout.shape)
-            stack_shape = tuple(jnp.shape(module.inner.kernel[...])[:lead])
+            stack_shape = module.stack_shape
+            adapter = getattr(module, "recipe", None)
             out[name] = Site(name, type(module.inner).__name__, module.lq, module.layout,
-                             tuple(range(lead)), stack_shape)
+                             tuple(range(len(stack_shape))), stack_shape, adapter=adapter)
     return out
 
 

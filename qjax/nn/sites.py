@@ -16,7 +16,9 @@ import dataclasses
 import flax.linen as nn
 from flax import nnx
 
+from qjax.nn.double_rounding import DoubleRounding
 from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layout, general_layout
+from qjax.nn.lowrank import LowRankQAT
 from qjax.nn.recipe import LayerQuant
 
 __all__ = ["Site", "linen_layout", "nnx_layout", "path_keys", "LINEN_TYPES", "NNX_TYPES"]
@@ -40,6 +42,9 @@ class Site:
         parameter fed to ``jnp.einsum`` / ``lax.dot_general`` (a "raw" kernel, whose site path is
         the parameter's path ``"<module path>/<param>"``), that parameter's name.
       raw: whether the kernel is such a raw parameter.
+      adapter: the layer's weight parametrization, if any: a low-rank QAT recipe
+        (:class:`~qjax.nn.lowrank.LowRankQAT`: a frozen tensor plus trained adapters) or a
+        multi-precision one (:class:`~qjax.nn.double_rounding.DoubleRounding`).
     """
 
     path: str
@@ -50,6 +55,7 @@ class Site:
     stack_shape: tuple[int, ...] = ()
     param: str = "kernel"
     raw: bool = False
+    adapter: LowRankQAT | DoubleRounding | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:

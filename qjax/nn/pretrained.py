@@ -1,0 +1,96 @@
+"""Start low-rank QAT from pretrained float weights (Linen).
+
+``init_from_float(model, variables, float_params)`` takes the variables of a quantized Linen
+model (``model.init``) and the float model's parameters (a pretrained checkpoint of the same
+architecture) and returns variables that start from the pretrained weights: every float leaf the
+two share is copied, and each low-rank QAT layer (:mod:`qjax.nn.lowrank`) gets its frozen tensor
+(``Phi0`` or ``W0'``) and its scale ``s0`` from the pretrained kernel, ``lora_up = 0`` (so the
+model is round-to-nearest PTQ of the pretrained one) and the random ``lora_down`` of ``init``.
+NNX models need nothing of the kind: ``quantize_model`` wraps the pretrained model's own layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from qjax.nn import lowrank
+from qjax.nn.ops import per_matrix
+from qjax.nn.rewrite import QuantizedLinenModel
+
+__all__ = ["init_from_float"]
+
+
+def _copy(t):
+    return {k: _copy(v) for k, v in t.items()} if isinstance(t, Mapping) else t
+
+
+def _node(tree: Mapping, keys: tuple[str, ...], what: str) -> dict:
+    node = tree
+    for i, k in enumerate(keys):
+        if not isinstance(node, Mapping) or k not in node:
+            raise ValueError(f"{what} have no layer {'/'.join(keys[:i + 1])!r}: the checkpoint "
+                             "does not match the model")
+        node = node[k]
+    return node
+
+
+def _fill(dst: dict, src: Mapping, path: str = "") -> None:
+    """Copies ``src``'s leaves into ``dst`` where ``dst`` has the same path and shape."""
+    for k, v in src.items():
+        if k not in dst:
+            continue
+        if isinstance(v, Mapping):
+            if isinstance(dst[k], Mapping):
+                _fill(dst[k], v, f"{path}/{k}")
+            continue
+        if jnp.shape(dst[k]) != jnp.shape(v):
+            raise ValueError(f"{path}/{k}: shape {jnp.shape(v)} in the checkpoint, "
+                             f"{jnp.shape(dst[k])} in the model: the checkpoint does not match "
+                             "the model")
+        dst[k] = jnp.asarray(v, jnp.asarray(dst[k]).dtype)
+
+
+def init_from_float(model: QuantizedLinenModel, variables: Mapping,
+                    float_params: Mapping) -> dict:
+    """Variables of ``model`` starting from the pretrained ``float_params`` (module docstring).
+
+    Raises:
+      TypeError: not a QuantizedLinenModel, or variables without a ``params`` collection.
+      ValueError: a checkpoint that does not match the model (a layer missing, a shape that
+        differs), or a model without low-rank QAT layers and no shared leaves.
+    """
+    if not isinstance(model, QuantizedLinenModel):
+        raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel, got "
+                        f"{type(model).__name__}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise TypeError("variables must be the model's variables (from model.init)")
+    if "params" in float_params and isinstance(float_params["params"], Mapping):
+        float_params = float_params["params"]
+    out = _copy(dict(variables))
+    _fill(out["params"], float_params)
+    for site in model.sites().values():
+        if site.adapter is None:
+            continue
+        kernel = _node(float_params, site.keys, "the float params")
+        if "kernel" not in kernel:
+            raise ValueError(f"the float params have no kernel at {site.path!r}")
+        kernel = jnp.asarray(kernel["kernel"])
+        if tuple(kernel.shape) != site.kernel_shape:
+            raise ValueError(f"{site.path}/kernel: shape {kernel.shape} in the checkpoint, "
+                             f"{site.kernel_shape} in the model: the checkpoint does not match "
+                             "the model")
+        node = _node(out["params"], site.keys, "the model's params")
+        frozen = _node(out[lowrank.FROZEN], site.keys, "the model's frozen tensors")
+        def one(t, site=site):
+            f, a = lowrank.init_state(t["w"], site.adapter, jax.random.key(0))
+            return {"frozen": f, "scale": a["kernel_scale"]}
+
+        fresh = per_matrix(one, {"w": site.layout.to_matrix(kernel)}, site.stack_shape)
+        for k, v in fresh["frozen"].items():
+            frozen[k] = v
+        node["kernel_scale"] = fresh["scale"]
+        node["lora_up"] = jnp.zeros_like(node["lora_up"])
+    return out
