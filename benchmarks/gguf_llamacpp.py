@@ -79,7 +79,7 @@ def main(llama_python: str) -> None:
             sp = QC.convert(params, qm)
             ours = np.asarray(jax.jit(lambda p, i, qm=qm: QC.serve(qm, p, i))(sp, ids))[0]
             path = os.path.join(d, "model.gguf")
-            QC.export_gguf(sp, path, cfg)
+            QC.export_gguf(sp, path, cfg, overwrite=True)
             out = os.path.join(d, "logits.npy")
             subprocess.run([llama_python, "-c", _RUN, path, json.dumps(tokens), out], check=True)
             theirs = np.load(out)

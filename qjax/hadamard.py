@@ -15,20 +15,23 @@ MXUs). Both compute in float32 whatever the input dtype (the result is float32) 
 rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
 transpose (itself) with no custom rule.
 
-Range: the ``1/sqrt(block_size)`` is split into an exact power of two ``2^-k``,
-``k = ceil(log2(block_size) / 2)``, applied before the sums, and the rest (1 or ``sqrt(2)``)
-after, so that partial sums stay within ``2^(log2(block_size) - k) * max|x| <= sqrt(block_size) *
-max|x|``: the result is finite for ``max|x| <= float32 max / sqrt(block_size)`` (``3.0e37`` at
-block 128) and overflows only beyond that. Scaling by a power of two is exact, so the result is
-bit for bit that of normalising after the sums, except that inputs below ``2^(k - 126)`` (``2e-37``
-at block 128) fall into float32's denormals before the sums (flushed to zero where the hardware
-flushes them).
+Range: the ``1/sqrt(block_size)`` is split into the exact power of two ``1/block_size``, applied
+before the sums, and ``sqrt(block_size)`` after, so that every partial sum stays within
+``max|x|`` and cannot overflow: finite input never gives NaN (``inf - inf``). Results beyond
+float32's range (possible only for ``max|x| > float32 max / sqrt(block_size)``, ``3.0e37`` at block
+128) saturate at ``+-float32 max`` (:func:`saturating_cast`; the gradient passes unchanged), so
+finite input gives finite output. Scaling by a power of two is exact, so in range the result is
+bit for bit that of normalising after the sums, except that inputs below
+``2^(log2(block_size) - 126)`` (``1.5e-36`` at block 128) fall into float32's denormals before the
+sums (flushed to zero where the hardware flushes them).
 
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ __all__ = [
     "hadamard_matrix",
     "random_signs",
     "check_block_size",
+    "saturating_cast",
     "METHODS",
 ]
 
@@ -71,6 +75,33 @@ def random_signs(key: jax.Array, block_size: int) -> jax.Array:
     """A fixed ``(block_size,)`` float32 vector of random +-1 for a randomized Hadamard."""
     check_block_size(block_size)
     return jnp.where(jax.random.bernoulli(key, 0.5, (block_size,)), 1.0, -1.0).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _clip_finite(y: jax.Array, big: float) -> jax.Array:
+    return jnp.clip(y, -big, big)
+
+
+@_clip_finite.defjvp
+def _clip_finite_jvp(big, primals, tangents):
+    # The saturation belongs to the cast, not to the function before it: the gradient passes
+    # unchanged, as it does through a plain cast (and autodiff through clip would halve it at the
+    # bound and zero it beyond).
+    (y,), (t,) = primals, tangents
+    return _clip_finite(y, big), t
+
+
+def saturating_cast(y: jax.Array, dtype) -> jax.Array:
+    """``y`` cast to the floating ``dtype``, values beyond its largest finite value saturated to it.
+
+    The output cast of :func:`hadamard_transform`, :func:`qjax.fake_quant` and
+    :func:`qjax.dequantize`: finite input gives finite output (``+-inf`` saturate too; NaN stays
+    NaN). Differentiable with the identity gradient, as a plain cast.
+    """
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return _clip_finite(jnp.asarray(y), float(jnp.finfo(dtype).max)).astype(dtype)
 
 
 def _butterfly(y: jax.Array) -> jax.Array:
@@ -132,7 +163,8 @@ def hadamard_transform(
 
     Returns:
       float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs);
-      finite for ``max|x| <= float32 max / sqrt(block_size)`` (see the module docstring).
+      finite input gives finite output: exact up to ``max|x| <= float32 max / sqrt(block_size)``,
+      saturating at ``+-float32 max`` beyond (see the module docstring).
 
     Raises:
       TypeError: non-floating ``x``.
@@ -171,12 +203,13 @@ def hadamard_transform(
     y = x.astype(jnp.float32).reshape(*lead, n // b, b, q)
     if signs is not None and not inverse:
         y = y * signs[:, None]
-    # 1/sqrt(b) = pre * post with pre = 2^-ceil(log2(b)/2) applied before the sums (exact), so
-    # they cannot overflow unless the result does (module docstring), and post in {1, sqrt(2)}.
-    k = -(-(b.bit_length() - 1) // 2)
-    pre = 2.0**-k
-    post = np.float32(2.0**k / np.sqrt(b))
+    # 1/sqrt(b) = pre * post with pre = 1/b applied before the sums (exact: a power of two), so
+    # no partial sum exceeds max|x| (module docstring), and post = sqrt(b) after; a result beyond
+    # float32's range saturates rather than becoming inf.
+    pre = 1.0 / b
+    post = np.float32(np.sqrt(b))
     y = (_butterfly(y * np.float32(pre)) if method == "butterfly" else _dense(y, pre)) * post
+    y = saturating_cast(y, jnp.float32)
     if signs is not None and inverse:
         y = y * signs[:, None]
     return typed_sharding.reshape(y, x.shape, like=x)

@@ -13,6 +13,14 @@ For ``x`` and a static :class:`~qjax.QuantSpec`:
    the input dtype, saturating at its largest finite value (a clip of ``1.22 * RMS`` of float16
    values near 65504 lies beyond float16's range), so finite input gives finite output.
 
+Empty input (a zero-size axis, e.g. ``(4, 0)`` or ``(0, 64)``) is valid for every granularity,
+format, scale rule and preset: the result is empty, of ``x``'s shape and dtype, and a
+:class:`~qjax.QArray` of it has empty codes and the scale (and zero point) of
+:func:`scale_shape`, e.g. ``(4, 1)`` for ``(4, 0)`` per row. Every block then has no element, so no
+statistic exists: the scale is the one the rule gives a block of one zero. A group size along an
+empty axis means zero groups (``PerGroup(-1, 32)`` of ``(4, 0)`` has scale shape ``(4, 0, 1)``).
+Arguments (spec, key, scale, axis_name) are validated as for non-empty input.
+
 Contract (docs/design.md s. 3): ``fake_quant(x, spec) == dequantize(quantize(x, spec))`` bit for
 bit, because both run the same float32 ops on the same codes; it holds under ``jit`` and in eager
 mode alike. Across the two modes, XLA may fuse reductions and multiply-adds differently, so
@@ -22,7 +30,6 @@ the spec's estimator.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -33,7 +40,7 @@ from qjax import granularity as G
 from qjax import scales as S
 from qjax import typed_sharding
 from qjax._checks import check_axis_name
-from qjax.hadamard import hadamard_transform
+from qjax.hadamard import hadamard_transform, saturating_cast
 from qjax.qarray import QArray, codes_to_storage
 from qjax.spec import LEARNED_SCALE_ESTIMATORS, QuantSpec, check_spec
 
@@ -46,24 +53,6 @@ def _check_x(x) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating array (float32, bfloat16, float16), got {x.dtype}")
     return x
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _clip_finite(y: jax.Array, big: float) -> jax.Array:
-    return jnp.clip(y, -big, big)
-
-
-@_clip_finite.defjvp
-def _clip_finite_jvp(big, primals, tangents):
-    # The saturation belongs to the cast, not to the estimator: the gradient passes unchanged,
-    # as it does through a plain cast (and autodiff through clip would halve it at the bound).
-    (y,), (t,) = primals, tangents
-    return _clip_finite(y, big), t
-
-
-def _saturating_cast(y: jax.Array, dtype) -> jax.Array:
-    """``y`` cast to ``dtype``, values beyond its largest finite value saturated to it."""
-    return _clip_finite(y, float(jnp.finfo(dtype).max)).astype(dtype)
 
 
 def rotate_like_spec(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
@@ -92,6 +81,13 @@ def _prepare(x, spec: QuantSpec, axis_name=None):
 def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, dtype, axis_name):
     if axis_name is not None and not lay.reduce_axes:
         raise ValueError(f"axis_name={axis_name!r} given but {spec.granularity} reduces no axis")
+    if xb.size == 0:
+        # Empty x: no statistic exists, so every (possibly empty) block gets the scale the rule
+        # gives a block of one zero, broadcast to the scale shape (module docstring).
+        one = jnp.zeros(tuple(max(d, 1) for d in xb.shape), jnp.float32)
+        s, z = spec.scale.compute(one, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
+        z = None if z is None else jnp.broadcast_to(z, lay.scale_shape)
+        return jnp.broadcast_to(s, lay.scale_shape), z
     return spec.scale.compute(xb, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
 
 
@@ -169,6 +165,7 @@ def fake_quant(
             n = lay.block_elements * (math.prod(lay.scale_shape) // max(1, jnp.size(scale)))
             if axis_name is not None:  # the step is shared across the shards too
                 n *= math.prod(jax.lax.axis_size(a) for a in typed_sharding.axis_names(axis_name))
+            n = max(1, n)  # empty x: no element feeds the step's gradient, which is 0 anyway
         yb = E.learned_scale_quant(xb, s, spec.format, spec.estimator, n=n)
     else:
         yb = E.quantize_dequantize(
@@ -178,7 +175,7 @@ def fake_quant(
     y = lay.unblock(yb, like=x)
     if spec.hadamard_mode == "full":
         y = rotate_like_spec(y, spec, inverse=True)
-    return _saturating_cast(y, x.dtype)
+    return saturating_cast(y, x.dtype)
 
 
 def quantize(
@@ -222,4 +219,4 @@ def dequantize(qa: QArray) -> jax.Array:
     y = lay.unblock(E.decode(q, qa.scale, z, spec.format))
     if spec.hadamard_mode == "full":
         y = rotate_like_spec(y, spec, inverse=True)
-    return _saturating_cast(y, qa.dtype)
+    return saturating_cast(y, qa.dtype)

@@ -12,8 +12,9 @@ qjax adds no communication of its own. A QAT step is an ordinary ``jax.jit`` pro
   (``P("tensor", "fsdp")``), so the activations between them stay split over ``tensor``.
 
 Partition rules are ``(regex, PartitionSpec)`` pairs matched (``re.fullmatch``, first match wins)
-against ``/``-joined param paths, as in t5x and MaxText. Mesh axes a spec names but the mesh lacks
-(or has with size 1) are dropped, so one rule set serves every mesh. Leaves no rule matches are
+against ``/``-joined param paths, as in t5x and MaxText. Axes of :data:`MESH_AXES` a spec names
+but the mesh lacks (or has with size 1) are dropped, so one rule set serves every mesh; any other
+name (a typo) or an axis named twice is a ValueError. Leaves no rule matches are
 split over ``fsdp`` along their largest divisible axis (matrices only) or replicated.
 
 Quantizer state is sharded like the axis it scales: a learned step ``kernel_scale`` of shape
@@ -170,6 +171,24 @@ def _scale_spec(shape: tuple[int, ...], kernel_shape: tuple[int, ...], kernel_sp
     return P()
 
 
+def _check_rule_axes(pattern: str, spec: P, mesh: Mesh) -> None:
+    """Every axis a rule's spec names is a known one (:data:`MESH_AXES` or the mesh's own; known
+    axes the mesh lacks are dropped later), and none is named twice."""
+    allowed = tuple(MESH_AXES) + tuple(a for a in mesh.axis_names if a not in MESH_AXES)
+    seen = set()
+    for entry in spec:
+        if entry is P.UNCONSTRAINED:
+            continue
+        for a in typed_sharding.axis_names(entry):
+            if not isinstance(a, str) or a not in allowed:
+                raise ValueError(f"rule {pattern!r}: {spec} names unknown mesh axis {a!r}; "
+                                 f"allowed axes are {allowed}")
+            if a in seen:
+                raise ValueError(f"rule {pattern!r}: {spec} names mesh axis {a!r} more than once "
+                                 "(an axis can split only one dimension)")
+            seen.add(a)
+
+
 def param_specs(params: Any, mesh: Mesh,
                 rules: Sequence[tuple[str, P]] = LLAMA_RULES) -> Any:
     """A ``PartitionSpec`` per leaf of ``params`` (same tree structure).
@@ -182,12 +201,15 @@ def param_specs(params: Any, mesh: Mesh,
         (:data:`QUANTIZER_STATE`) follow the ``kernel`` beside them.
 
     Raises:
-      ValueError: a bad rule, or a dimension the mesh axes of its spec do not divide.
+      ValueError: a bad rule (not ``(regex, PartitionSpec)``, a spec naming a mesh axis that is
+        neither in :data:`MESH_AXES` nor the mesh's, or one axis twice), or a dimension the mesh
+        axes of its spec do not divide.
     """
     compiled = []
     for item in rules:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], P)):
             raise ValueError(f"a rule must be (regex, PartitionSpec), got {item!r}")
+        _check_rule_axes(item[0], item[1], mesh)
         compiled.append((re.compile(item[0]), item[1]))
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_str(p) for p, _ in flat]

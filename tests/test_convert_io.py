@@ -143,3 +143,52 @@ def test_from_arrays_rejects_codes_of_another_dtype():
         QC.from_arrays(arrays, sp)
     q["codes"] = q["codes"].astype(np.uint8)
     assert tree_equal(QC.from_arrays(arrays, sp), sp)
+
+
+def test_one_overwrite_policy_for_save_and_export_serving(tmp_path):
+    # save(overwrite=True) onto a regular file raised NotADirectoryError after writing and left
+    # path.old-<hex> behind; export_serving overwrote silently.
+    qm, sp, _ = setup(W4)
+    for existing in ("file", "dir"):
+        path = str(tmp_path / f"ckpt_{existing}")
+        if existing == "file":
+            open(path, "w").write("x")
+        else:
+            os.makedirs(os.path.join(path, "sub"))
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            QC.save(path, sp)
+        QC.save(path, sp, overwrite=True)
+        assert tree_equal(QC.restore(path, sp), sp)
+        art = str(tmp_path / f"art_{existing}")
+        if existing == "file":
+            open(art, "w").write("x")
+        else:
+            os.makedirs(os.path.join(art, "sub"))
+        with pytest.raises(FileExistsError, match="overwrite=True"):
+            QC.export_serving(qm, sp, IDS, path=art)
+        data = QC.export_serving(qm, sp, IDS, path=art, overwrite=True)
+        assert os.path.isfile(art) and open(art, "rb").read() == data
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        QC.export_serving(qm, sp, IDS, path=str(tmp_path / "new"), overwrite="no")
+    # A checkpoint directory replaced by an export artifact (and back) leaves nothing else.
+    QC.export_serving(qm, sp, IDS, path=str(tmp_path / "ckpt_dir"), overwrite=True)
+    QC.save(str(tmp_path / "art_file"), sp, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["art_dir", "art_file", "ckpt_dir", "ckpt_file"]
+    assert os.path.isfile(tmp_path / "ckpt_dir") and os.path.isdir(tmp_path / "art_file")
+
+
+def test_write_atomically_cleans_up_on_failure(tmp_path):
+    from qjax.convert.io import write_atomically
+    path = str(tmp_path / "p")
+    open(path, "w").write("old")
+
+    def bad(tmp):
+        os.makedirs(os.path.join(tmp, "half"))
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(path, bad, overwrite=True)
+    assert os.listdir(tmp_path) == ["p"] and open(path).read() == "old"
+    with pytest.raises(FileExistsError):  # path appeared while writing: not replaced
+        write_atomically(path, lambda tmp: open(tmp, "w").write("new"), overwrite=False)
+    assert os.listdir(tmp_path) == ["p"] and open(path).read() == "old"

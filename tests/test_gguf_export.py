@@ -138,3 +138,55 @@ def test_export_errors_leave_no_file(tmp_path):
     with pytest.raises(TypeError, match="config must be"):
         QC.export_gguf(sp, path, {"n_layers": 2})
     assert os.listdir(tmp_path) == []
+
+
+def test_config_that_disagrees_with_the_tensors_is_refused(tmp_path):
+    # A wrong hidden size or d_model wrote a wrong file or raised IndexError.
+    import dataclasses
+    _, sp = setup()
+    path = str(tmp_path / "m.gguf")
+    cases = [(dict(hidden=256), r"blocks_0/mlp/gate/kernel .* has shape \(128, 64\).*\(256, 64\)"),
+             (dict(d_model=128, n_heads=4), r"embed/embedding has shape \(256, 64\)"),
+             (dict(n_layers=3), r"missing \['blocks_2'\]"),
+             (dict(n_layers=1), r"layers the Llama config does not: \['blocks_1'\]")]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            QC.export_gguf(sp, path, dataclasses.replace(CFG, **change))
+    bad = {**sp, "final_norm": {"scale": np.ones(32, np.float32)}}
+    with pytest.raises(ValueError, match=r"final_norm/scale has shape \(32,\)"):
+        QC.export_gguf(bad, path, CFG)
+    extra = {**sp, "lm_head": {**sp["lm_head"], "bias": np.zeros(256, np.float32)}}
+    with pytest.raises(ValueError, match=r"leaves a llama.cpp llama model does not read: "
+                                         r"\['/lm_head/bias'\]"):
+        QC.export_gguf(extra, path, CFG)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unconverted_qat_params_are_refused(tmp_path):
+    # QAT params wrote an all-F32 GGUF silently.
+    params, sp = setup()
+    path = str(tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=r"layer 'blocks_0/attn/\w+'.* not a QArray; convert"):
+        QC.export_gguf(params, path, CFG, model=RULES)
+    lsq = {**sp, "blocks_1": {**sp["blocks_1"], "mlp": {**sp["blocks_1"]["mlp"], "up": {
+        **sp["blocks_1"]["mlp"]["up"], "kernel_scale": np.ones((1, 128), np.float32)}}}}
+    for config in (CFG, None):
+        with pytest.raises(ValueError, match=r"kernel_scale .*these are QAT params"):
+            QC.export_gguf(lsq, path, config)
+    assert os.listdir(tmp_path) == []
+    QC.export_gguf(sp, path, CFG, model=RULES)  # converted params pass the same check
+
+
+def test_export_gguf_overwrite_policy(tmp_path):
+    _, sp = setup()
+    path = str(tmp_path / "m.gguf")
+    QC.export_gguf(sp, path, CFG)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        QC.export_gguf(sp, path, CFG)
+    with pytest.raises(TypeError, match="overwrite must be a bool"):
+        QC.export_gguf(sp, path, CFG, overwrite=1)
+    os.remove(path)
+    os.makedirs(os.path.join(path, "sub"))  # a directory in the way is replaced too
+    QC.export_gguf(sp, path, CFG, overwrite=True)
+    assert os.listdir(tmp_path) == ["m.gguf"] and os.path.isfile(path)
+    read(path)

@@ -102,9 +102,39 @@ def test_huge_input_stays_finite_up_to_the_documented_bound(method):
 
 
 @pytest.mark.parametrize("method", ["butterfly", "matmul"])
+def test_finite_input_beyond_the_range_saturates_never_nan(method):
+    # 1e38 * sqrt(128) is beyond float32: the partial sums overflowed and inf - inf gave all-NaN
+    # rows. Now no partial sum exceeds max|x| and the result saturates at float32 max.
+    fmax = float(np.finfo(np.float32).max)
+    x = jnp.stack([jnp.full(128, 1e38), jnp.full(128, -3.4e38).at[::2].set(3.4e38),
+                   jnp.full(128, fmax)])
+    y = np.asarray(qjax.hadamard_transform(x, 128, method=method))
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(y[0, 0], fmax)
+    np.testing.assert_array_equal(y[1, 1], fmax)  # the alternating row's one nonzero
+    np.testing.assert_allclose(np.delete(y[1], 1), 0.0, atol=1e-6 * fmax)
+    back = np.asarray(qjax.hadamard_transform(y, 128, method=method, inverse=True))
+    assert np.all(np.isfinite(back))
+    # The saturation is the cast's: the gradient stays the transform's own (H is symmetric).
+    c = jax.random.normal(jax.random.key(3), x.shape)
+    g = jax.grad(lambda a: jnp.sum(qjax.hadamard_transform(a, 128, method=method) * c))(x)
+    np.testing.assert_allclose(g, qjax.hadamard_transform(c, 128, method=method), atol=1e-5)
+
+
+def test_saturating_cast():
+    from qjax.hadamard import saturating_cast
+    y = saturating_cast(jnp.array([1e5, -1e6, 1.0, jnp.inf, jnp.nan]), jnp.float16)
+    assert y.dtype == jnp.float16
+    np.testing.assert_array_equal(y[:4], [65504, -65504, 1.0, 65504])
+    assert np.isnan(y[4])
+    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+        saturating_cast(jnp.ones(2), jnp.int8)
+
+
+@pytest.mark.parametrize("method", ["butterfly", "matmul"])
 @pytest.mark.parametrize("block", [1, 2, 8, 64, 128, 256])
 def test_split_normalisation_is_bit_identical_to_normalising_after(method, block):
-    # Scaling by 2^-ceil(log2(b)/2) before the sums is exact: same bits as H y * (1/sqrt(b)).
+    # Scaling by 1/b before the sums is exact: same bits as H y * (1/sqrt(b)).
     from qjax import hadamard as H
     x = jax.random.normal(jax.random.key(9), (3, 2 * block)) * jnp.logspace(-20, 20, 2 * block)
     y = x.reshape(3, 2, block, 1)

@@ -390,3 +390,27 @@ def test_block_size_helpers_validate_their_arguments():
     with pytest.raises(TypeError, match="act_spec must be a qjax.QuantSpec or None, got str"):
         K.quantized_matmul(x, qjax.quantize(wf, CASES["w8a8"][0]), act_spec="int8")
     assert K.BlockSizes(np.int64(8), 128, 256) == K.BlockSizes(8, 128, 256)
+
+
+@pytest.mark.parametrize("name", ["w8a8", "w4a16_zero_point", "w4a4_quest", "fp8"])
+def test_empty_rows_give_empty_output_on_every_backend(name):
+    # (0, K) activations gave slice/gather errors in the Pallas backends (a grid of 0 blocks).
+    wspec, aspec = CASES[name]
+    w = qjax.quantize(_data(1, 72, 320)[1], wspec)
+    for backend, interpret in (("xla", None), ("interpret", None), ("pallas_gpu", True)):
+        for shape in ((0, 320), (2, 0, 320)):
+            x = jnp.zeros(shape, jnp.bfloat16)
+            y = K.quantized_matmul(x, w, act_spec=aspec, backend=backend, interpret=interpret)
+            assert y.shape == shape[:-1] + (72,) and y.dtype == jnp.bfloat16, (backend, shape)
+    g = jax.grad(lambda x: K.quantized_matmul(x, w, act_spec=aspec, backend="interpret").sum())(
+        jnp.zeros((0, 320)))
+    assert g.shape == (0, 320)
+
+
+def test_empty_weight_rows_served_and_empty_contraction_refused():
+    w0 = qjax.quantize(jnp.zeros((0, 64)), CASES["w8a8"][0])
+    for backend in ("xla", "interpret"):
+        assert K.quantized_matmul(jnp.ones((3, 64)), w0, backend=backend).shape == (3, 0)
+    wk0 = qjax.quantize(jnp.zeros((8, 0)), CASES["w8a8"][0])
+    with pytest.raises(ValueError, match=r"w must have K >= 1"):
+        K.quantized_matmul(jnp.ones((3, 0)), wk0, backend="interpret")

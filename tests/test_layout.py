@@ -76,7 +76,8 @@ def test_conv_and_embed_views():
     ("btd,dn", "x,kernel->out"),
     ("btd,dn->bt...n", "ellipsis"),
     ("btd,dd->btd", "repeated labels"),
-    ("btd,nh->btnh", "contracts no input axis"),
+    ("bt,nh->btnh", "contracts no input axis"),
+    ("btd,nh->btnh", "summed on one side only"),
 ])
 def test_einsum_layout_errors(eq, match):
     with pytest.raises(ValueError, match=match):

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qjax
+from qjax.hadamard import saturating_cast
 from qjax.methods import quest
-from qjax.quantize import _saturating_cast
 
 FORMATS = ["int8", "int4", "int3", "int2", "uint8", "uint4", "uint1", "midrise1", "midrise2",
            "midrise4", "midrise8", "ternary", "e4m3", "e5m2", "e2m1"]
@@ -241,6 +241,13 @@ EDGE_CASES = [  # (x, spec): finite input that gave NaN or inf before
     (jnp.array([[2e38, -2e38]], jnp.bfloat16), qjax.presets.torchao_int8_per_token_activation()),
     (jnp.full((1, 32), 3.4e38).at[0, ::2].set(-3.4e38),
      qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.AbsMax(False))),  # decode overflows f32
+    # Rows whose rotation lies beyond float32 (1e38 * sqrt(128)): inf - inf gave all-NaN rows.
+    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard=128)),
+    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard=128,
+                                              hadamard_method="matmul")),
+    (jnp.full((2, 128), -3.4e38).at[1, ::3].set(3.4e38),
+     qjax.QuantSpec("int4", "row", hadamard=128, hadamard_mode="half")),
+    (jnp.full((2, 256), 3.4e38), quest.spec(4, hadamard="full")),
 ]
 
 
@@ -260,9 +267,80 @@ def test_output_cast_saturates_and_passes_the_gradient():
     # The saturation is part of the cast: the STE gradient still passes unchanged.
     g = jax.grad(lambda a: qjax.fake_quant(a, spec).astype(jnp.float32).sum())(x)
     np.testing.assert_array_equal(g, 1.0)
-    _, t = jax.jvp(lambda a: _saturating_cast(a, jnp.float16),
+    _, t = jax.jvp(lambda a: saturating_cast(a, jnp.float16),
                    (jnp.array([1e5, 1.0]),), (jnp.array([2.0, 3.0]),))
     np.testing.assert_array_equal(t, [2.0, 3.0])
+
+
+EMPTY_SPECS = [
+    qjax.QuantSpec(fmt, gran, scale)
+    for fmt, gran, scale in itertools.product(
+        ["int4", "midrise2", "e4m3"],
+        [qjax.PerTensor(), qjax.PerAxis((0, 1)), qjax.PerRow(0), qjax.PerGroup(-1, 16),
+         qjax.PerGroup(0, 2)],
+        ["absmax", "absmax_asymmetric", "rms_gaussian", "mse"])
+    if not (scale == "absmax_asymmetric" and fmt != "int4")
+    and not (scale == "rms_gaussian" and fmt == "e4m3")
+] + [
+    qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.TorchAOAffine(False)),
+    qjax.QuantSpec("int4", qjax.PerRow(-1), qjax.GgmlMax()),
+    qjax.QuantSpec("int4", qjax.PerRow(-1), qjax.Percentile(99.0)),
+    qjax.QuantSpec("uint4", qjax.PerAxis(0), rounding="stochastic"),
+    qjax.QuantSpec("ternary", "row", "rms_gaussian"),
+    qjax.QuantSpec("e2m1", qjax.PerGroup(-1, 16)),
+    qjax.QuantSpec("int8", "row", hadamard=16),
+    qjax.QuantSpec("int4", "row", hadamard=16, hadamard_mode="half", hadamard_method="matmul"),
+    qjax.presets.gguf_q8_0(), qjax.presets.gguf_q4_0(),
+    qjax.presets.torchao_int8_per_token_activation(),
+    qjax.presets.torchao_intx_weight(4, 16), qjax.presets.torchao_int4_weight(16),
+    quest.spec(2, block_size=64), quest.spec(4, hadamard="full", block_size=16),
+]
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 64)], ids=str)
+def test_empty_input_gives_empty_output_for_every_spec(shape):
+    # Empty input gave ZeroDivisionError, a reduction without identity or a gather error.
+    key = jax.random.key(1)
+    x = jnp.zeros(shape, jnp.bfloat16)
+    for spec in EMPTY_SPECS:
+        y = qjax.fake_quant(x, spec, key=key)
+        assert y.shape == shape and y.dtype == x.dtype, spec
+        qa = qjax.quantize(x, spec, key=key)
+        assert qa.shape == shape and qa.scale.shape == qjax.scale_shape(spec, shape), spec
+        assert np.all(np.isfinite(np.asarray(qa.scale))) and np.all(np.asarray(qa.scale) > 0)
+        z = qjax.dequantize(qa)
+        assert z.shape == shape and z.dtype == x.dtype, spec
+        assert qjax.compute_scale(x, spec)[0].shape == qjax.scale_shape(spec, shape), spec
+    for spec in EMPTY_SPECS[::7]:
+        g = jax.grad(lambda a, sp=spec: qjax.fake_quant(a, sp, key=key).sum())(x.astype(
+            jnp.float32))
+        assert g.shape == shape
+    # jit, (0, 0), a 1-D empty array, and the learned-scale estimators (step gradient 0)
+    spec = qjax.QuantSpec("int8", "row")
+    assert jax.jit(lambda a: qjax.fake_quant(a, spec))(jnp.zeros(shape)).shape == shape
+    assert qjax.fake_quant(jnp.zeros((0, 0)), spec).shape == (0, 0)
+    assert qjax.fake_quant(jnp.zeros((0,)), qjax.QuantSpec("int4")).shape == (0,)
+    for est in ("lsq", "pact"):
+        spec = qjax.QuantSpec("int4", "row", estimator=est)
+        step = jnp.ones(qjax.scale_shape(spec, shape))
+        gx, gs = jax.grad(lambda a, s, sp=spec: qjax.fake_quant(a, sp, scale=s).sum(), (0, 1))(
+            jnp.zeros(shape), step)
+        assert gx.shape == shape
+        np.testing.assert_array_equal(gs, 0.0)
+
+
+def test_empty_input_arguments_still_validated():
+    x = jnp.zeros((4, 0))
+    with pytest.raises(ValueError, match="PRNG key"):
+        qjax.fake_quant(x, qjax.QuantSpec("int4", rounding="stochastic"))
+    with pytest.raises(ValueError, match="learns its scale"):
+        qjax.quantize(x, qjax.QuantSpec("int4", estimator="lsq"))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        qjax.fake_quant(x, qjax.QuantSpec("int4", "row"), scale=jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match="group size 16 does not divide"):
+        qjax.fake_quant(jnp.zeros((0, 8)), qjax.QuantSpec("int4", qjax.PerGroup(-1, 16)))
+    with pytest.raises(TypeError, match="x must be a floating array"):
+        qjax.fake_quant(jnp.zeros((4, 0), jnp.int32), qjax.QuantSpec("int4"))
 
 
 def test_spec_and_call_arguments_validated():

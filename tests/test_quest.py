@@ -186,3 +186,16 @@ def test_hadamard_form_and_block_size_always_validated():
         quest.spec(4, trust=True)
     with pytest.raises(ValueError, match="trust multiplier must be positive and finite"):
         quest.spec(4, trust=float("nan"))
+
+
+@pytest.mark.parametrize("method", ["matmul", "butterfly"])
+def test_high_precision_operand_saturates_like_fake_quant(method):
+    # bits_x=None rotated float16 rows near 60000 beyond 65504 and cast them to inf.
+    x = jnp.full((2, 128), 6e4, jnp.float16)
+    k = jnp.full((128, 4), 1e-3, jnp.float16)
+    xq, _ = quest.quantize_dense_operands(x, k, bits_x=None, bits_w=4, hadamard_method=method)
+    assert xq.dtype == jnp.float16
+    np.testing.assert_array_equal(xq[:, 0], np.float16(65504))
+    for bits_w in (None, 4):
+        y = quest.dense(x, k, bits_x=None, bits_w=bits_w, hadamard_method=method)
+        assert np.all(np.isfinite(np.asarray(y, np.float32)))

@@ -297,6 +297,21 @@ def test_bad_meshes_and_shapes_raise():
         S.param_specs({"w": jnp.zeros((8, 8))}, mesh, [("w", ("fsdp",))])
 
 
+def test_param_specs_refuse_unknown_and_repeated_mesh_axes():
+    # P("foo", None) was silently replicated and P("fsdp", "fsdp") accepted.
+    mesh = _mesh({"data": 2, "fsdp": 4})
+    w = {"w": jnp.zeros((8, 8))}
+    with pytest.raises(ValueError, match=r"rule 'w'.*unknown mesh axis 'foo'.*'data', 'fsdp'"):
+        S.param_specs(w, mesh, [(r"w", P("foo", None))])
+    with pytest.raises(ValueError, match=r"rule 'w'.*unknown mesh axis 'tensr'"):
+        S.param_specs(w, mesh, [(r"x", P()), (r"w", P(None, ("fsdp", "tensr")))])
+    for bad in (P("fsdp", "fsdp"), P(("data", "fsdp"), "fsdp")):
+        with pytest.raises(ValueError, match=r"rule 'w'.*mesh axis 'fsdp' more than once"):
+            S.param_specs(w, mesh, [(r"w", bad)])
+    # A known axis the mesh lacks is still dropped, so one rule set serves every mesh.
+    assert S.param_specs(w, mesh, [(r"w", P("fsdp", "tensor"))]) == {"w": P("fsdp")}
+
+
 def test_batch_and_block_arguments_are_checked():
     mesh = _mesh({"data": 2})
     for bad, error in ((0, ValueError), (-4, ValueError), (2.5, TypeError), (True, TypeError)):

@@ -19,7 +19,17 @@ llama.cpp's ``(2i, 2i + 1)`` (the permutation of convert_hf_to_gguf.py's ``Llama
 both use frequencies ``theta^(-2i/d)``). Without ``config`` the tensors keep their param paths as
 names (``blocks_0.attn.q.kernel``) and their layouts.
 
-The file is written to a temporary path and renamed when complete.
+Checks (ValueError naming what is wrong, before anything is written): QAT params (a
+``kernel_scale`` leaf, or with ``model=`` a layer its rules quantize whose kernel is not a QArray:
+convert them first); with ``config``, every tensor's shape against it (``n_layers`` blocks,
+``d_model``, ``ffn_hidden``, ``vocab_size``) and that every leaf of the params is used (a leaf
+llama.cpp would not read, e.g. a bias, an adapter or a learned ``input_scale``, is refused rather
+than dropped). ``n_heads`` leaves no trace in the tensors (the projections are
+``(d_model, d_model)`` for any head count): only LlamaConfig's own check applies (heads of an
+even size that divide ``d_model``).
+
+The file is written to a temporary path and renamed when complete; an existing ``path`` raises
+``FileExistsError`` unless ``overwrite=True`` (:func:`qjax.convert.save`'s policy).
 
 References:
   GGUF spec and gguf-py (``GGUFWriter``, ``gguf/constants.py``, ``gguf/quants.py``); llama.cpp
@@ -28,15 +38,14 @@ References:
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping
 
 import gguf
 import numpy as np
 
 from qjax import presets
-from qjax.convert.io import flatten
+from qjax.convert.io import check_overwrite, flatten, write_atomically
+from qjax.convert.weights import serving_layers
 from qjax.models.llama import LlamaConfig
 from qjax.qarray import QArray
 from qjax.quantize import dequantize
@@ -95,48 +104,84 @@ def _take_rows(a, perm: np.ndarray):
     return np.asarray(a)[perm]
 
 
-def _out_in(node: Mapping, path: str):
-    """A Dense layer's weight as ``(out, in)``: QArrays are stored so, float kernels transposed."""
+def _out_in(node: Mapping, path: str, shape: tuple[int, int], used: set):
+    """A Dense layer's weight as ``(out, in) = shape``: QArrays are stored so, float kernels
+    transposed."""
     if not isinstance(node, Mapping) or "kernel" not in node:
         raise ValueError(f"params have no layer {path!r}: they do not match the Llama config")
     k = node["kernel"]
+    used.add(f"{path}/kernel")
     if isinstance(k, QArray):
         if k.spec.hadamard is not None:
             raise ValueError(f"layer {path!r} is stored Hadamard-rotated; llama.cpp does not "
                              "rotate its inputs, so it cannot run this model")
-        return k
-    return np.asarray(k).T
+        w = k
+    else:
+        w = np.asarray(k).T
+    _check_shape(f"{path}/kernel (as (out, in))", w, shape)
+    return w
+
+
+def _check_shape(what: str, a, shape: tuple[int, ...]) -> None:
+    got = tuple(a.shape) if isinstance(a, QArray) else tuple(np.shape(a))
+    if got != tuple(shape):
+        raise ValueError(f"{what} has shape {got}, the Llama config's is {tuple(shape)}: the "
+                         "params do not match the config")
+
+
+def _vector(node, path: str, key: str, shape: tuple[int, ...], used: set) -> np.ndarray:
+    if not isinstance(node, Mapping) or key not in node:
+        raise ValueError(f"params have no {path}/{key}: they do not match the Llama config")
+    used.add(f"{path}/{key}")
+    a = np.asarray(node[key])
+    _check_shape(f"{path}/{key}", a, shape)
+    return a
 
 
 def llama_tensors(serving_params: Mapping, config: LlamaConfig) -> dict[str, object]:
-    """llama.cpp tensor names -> QArray or array ``(out, in)`` for the reference Llama's params."""
+    """llama.cpp tensor names -> QArray or array ``(out, in)`` for the reference Llama's params.
+
+    Raises:
+      ValueError: params that do not match ``config`` (a missing or extra block or leaf, a
+        tensor of another shape; see the module docstring).
+    """
     p = serving_params
-    hd = config.d_model // config.n_heads
-    perm = rope_permutation(config.n_heads, hd)
-    try:
-        out = {"token_embd.weight": np.asarray(p["embed"]["embedding"]),
-               "output_norm.weight": np.asarray(p["final_norm"]["scale"]),
-               "output.weight": _out_in(p["lm_head"], "lm_head")}
-        for i in range(config.n_layers):
-            b = p[f"blocks_{i}"]
-            pre = f"blk.{i}."
-            out[pre + "attn_norm.weight"] = np.asarray(b["attn_norm"]["scale"])
-            out[pre + "ffn_norm.weight"] = np.asarray(b["mlp_norm"]["scale"])
-            for ours, theirs in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"),
-                                 ("o", "attn_output")):
-                w = _out_in(b["attn"][ours], f"blocks_{i}/attn/{ours}")
-                out[pre + theirs + ".weight"] = _take_rows(w, perm) if ours in "qk" else w
-            for ours in ("gate", "up", "down"):
-                out[pre + f"ffn_{ours}.weight"] = _out_in(b["mlp"][ours], f"blocks_{i}/mlp/{ours}")
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"params do not match the Llama config: missing {e}") from None
-    if out["token_embd.weight"].shape != (config.vocab_size, config.d_model):
-        raise ValueError(f"embedding shape {out['token_embd.weight'].shape} does not match the "
-                         f"config ({config.vocab_size}, {config.d_model})")
-    extra = set(p) - {"embed", "final_norm", "lm_head"} - {
-        f"blocks_{i}" for i in range(config.n_layers)}
+    d, v, h = config.d_model, config.vocab_size, config.ffn_hidden
+    perm = rope_permutation(config.n_heads, d // config.n_heads)
+    used: set = set()
+    blocks = {f"blocks_{i}" for i in range(config.n_layers)}
+    extra = set(p) - {"embed", "final_norm", "lm_head"} - blocks
     if extra:
-        raise ValueError(f"params have layers the Llama config does not: {sorted(extra)}")
+        raise ValueError(f"params have layers the Llama config does not: {sorted(extra)} "
+                         f"(config.n_layers={config.n_layers})")
+    missing = sorted(blocks - set(p))
+    if missing:
+        raise ValueError(f"params do not match the Llama config: missing {missing} "
+                         f"(config.n_layers={config.n_layers})")
+    out = {"token_embd.weight": _vector(p.get("embed"), "embed", "embedding", (v, d), used),
+           "output_norm.weight": _vector(p.get("final_norm"), "final_norm", "scale", (d,), used),
+           "output.weight": _out_in(p.get("lm_head"), "lm_head", (v, d), used)}
+    for i in range(config.n_layers):
+        name = f"blocks_{i}"
+        b = p[name]
+        pre = f"blk.{i}."
+        attn, mlp = (b.get(k) if isinstance(b, Mapping) else None for k in ("attn", "mlp"))
+        out[pre + "attn_norm.weight"] = _vector(b.get("attn_norm") if isinstance(
+            b, Mapping) else None, f"{name}/attn_norm", "scale", (d,), used)
+        out[pre + "ffn_norm.weight"] = _vector(b.get("mlp_norm") if isinstance(
+            b, Mapping) else None, f"{name}/mlp_norm", "scale", (d,), used)
+        for ours, theirs in (("q", "attn_q"), ("k", "attn_k"), ("v", "attn_v"),
+                             ("o", "attn_output")):
+            node = attn.get(ours) if isinstance(attn, Mapping) else None
+            w = _out_in(node, f"{name}/attn/{ours}", (d, d), used)
+            out[pre + theirs + ".weight"] = _take_rows(w, perm) if ours in "qk" else w
+        for ours, shape in (("gate", (h, d)), ("up", (h, d)), ("down", (d, h))):
+            node = mlp.get(ours) if isinstance(mlp, Mapping) else None
+            out[pre + f"ffn_{ours}.weight"] = _out_in(node, f"{name}/mlp/{ours}", shape, used)
+    unused = sorted(set(flatten(p)) - {"/" + u for u in used})
+    if unused:
+        raise ValueError(f"params have leaves a llama.cpp llama model does not read: {unused} "
+                         "(they would be dropped)")
     return out
 
 
@@ -151,9 +196,6 @@ def _llama_metadata(w: gguf.GGUFWriter, config: LlamaConfig) -> None:
     w.add_rope_freq_base(float(config.rope_theta))
     w.add_layer_norm_rms_eps(float(config.norm_eps))
     w.add_vocab_size(config.vocab_size)
-    if config.vocab_size != 256:
-        raise ValueError(f"the byte-level vocabulary has 256 tokens; config.vocab_size is "
-                         f"{config.vocab_size}")
     w.add_tokenizer_model("llama")
     w.add_token_list([f"<0x{i:02X}>" for i in range(256)])
     w.add_token_scores([0.0] * 256)
@@ -166,29 +208,60 @@ def _llama_metadata(w: gguf.GGUFWriter, config: LlamaConfig) -> None:
     w.add_add_space_prefix(False)
 
 
+def _check_converted(serving_params: Mapping, model) -> None:
+    """QAT params are refused: a ``kernel_scale`` leaf anywhere, or with ``model`` (a
+    QuantizedLinenModel or rules) a layer it quantizes whose kernel is not a QArray."""
+    scales = [k for k in flatten(serving_params) if k.rsplit("/", 1)[-1] == "kernel_scale"]
+    if scales:
+        raise ValueError(f"params have a kernel_scale ({scales[0]}): these are QAT params; "
+                         "convert them with qjax.convert.convert first")
+    if model is None:
+        return
+    for path, site in serving_layers(model, serving_params).items():
+        if site.recipe.weight is None:
+            continue
+        node = serving_params
+        for key in site.keys:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        kernel = node.get(site.param) if isinstance(node, Mapping) else None
+        if not isinstance(kernel, QArray):
+            raise ValueError(f"layer {path!r}: the model quantizes it but its kernel is not a "
+                             "QArray; convert the params with qjax.convert.convert first")
+
+
 def export_gguf(serving_params: Mapping, path: str, config: LlamaConfig | None = None, *,
-                name: str = "qjax") -> None:
+                name: str = "qjax", model=None, overwrite: bool = False) -> None:
     """Writes ``serving_params`` to the GGUF file ``path`` (see the module docstring).
 
     Args:
       serving_params: the output of :func:`qjax.convert.convert`.
-      path: the file to write (replaced atomically).
+      path: the file to write (atomically).
       config: the reference Llama's config, to write a llama.cpp ``llama`` model; None writes the
         tensors under their param paths (architecture ``qjax``).
       name: ``general.name``.
+      model: optional, the :class:`~qjax.nn.QuantizedLinenModel` (or rules) the params were
+        converted with: every layer it quantizes must hold a QArray (float kernels there are
+        unconverted QAT params, which would be written as F32).
+      overwrite: replace an existing ``path`` (a file or a directory); False raises.
 
     Raises:
-      ValueError: params that do not match ``config``, or Hadamard-rotated weights for llama.
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      ValueError: QAT params, params that do not match ``config``, or Hadamard-rotated weights
+        for llama (module docstring).
     """
     if not isinstance(serving_params, Mapping):
         raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
     if config is not None and not isinstance(config, LlamaConfig):
         raise TypeError(f"config must be a LlamaConfig or None, got {type(config).__name__}")
+    if config is not None and config.vocab_size != 256:
+        raise ValueError(f"the byte-level vocabulary has 256 tokens; config.vocab_size is "
+                         f"{config.vocab_size}")
+    path = check_overwrite(path, overwrite)
+    _check_converted(serving_params, model)
     tensors = (llama_tensors(serving_params, config) if config is not None
                else flatten(serving_params, sep="."))
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
+
+    def write(tmp):
         w = gguf.GGUFWriter(tmp, "llama" if config is not None else "qjax")
         w.add_name(name)
         if config is not None:
@@ -202,11 +275,8 @@ def export_gguf(serving_params: Mapping, path: str, config: LlamaConfig | None =
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    write_atomically(path, write, overwrite=overwrite)
 
 
 def _file_type(tensors: dict[str, object]) -> int:

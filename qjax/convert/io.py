@@ -11,6 +11,12 @@ A checkpoint directory holds ``arrays/`` (an Orbax PyTree checkpoint of the plai
 spec). :func:`save` writes everything into a temporary sibling directory and renames it into place
 only when complete, so a crash never leaves a half-written checkpoint; :func:`restore` checks the
 manifest, the arrays and their checksums and raises ``ValueError`` on a corrupt or truncated one.
+
+One overwrite policy for every writer (:func:`save`, :func:`export_serving`,
+:func:`qjax.convert.export_gguf`): an ``overwrite: bool = False`` keyword; an existing ``path`` (a
+file or a directory) raises ``FileExistsError`` unless ``overwrite=True``, which replaces it,
+whatever its kind, with the complete new one (:func:`write_atomically`): nothing else is left
+behind.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from qjax.nn.rewrite import QuantizedLinenModel
 from qjax.qarray import QArray
 
 __all__ = ["to_arrays", "from_arrays", "save", "restore", "directory_bytes", "export_serving",
-           "load_exported"]
+           "load_exported", "check_overwrite", "write_atomically"]
 
 FORMAT = "qjax-serving-v1"
 _QFIELDS = ("codes", "scale", "zero_point")
@@ -125,43 +131,104 @@ def _as_tree(serving):
     return serving
 
 
+def check_overwrite(path: object, overwrite: object) -> str:
+    """The absolute ``path`` to write, after the writers' shared checks (module docstring).
+
+    Raises:
+      TypeError: ``path`` not a str or os.PathLike, ``overwrite`` not a bool (a truthy string such
+        as ``"no"`` must not replace a file).
+      FileExistsError: ``path`` exists (a file, a directory or a broken link) and ``overwrite``
+        is False.
+    """
+    _check_path(path)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
+    path = os.path.abspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    return path
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def _replace_path(tmp: str, path: str) -> None:
+    """Moves the complete ``tmp`` (a file or directory) to ``path``, replacing what is there.
+
+    A file over a file (or nothing) is one atomic ``os.replace``. Otherwise (a directory on either
+    side) the old ``path`` is renamed aside, ``tmp`` renamed in and the old one removed: ``path``
+    holds the old or the new content, except between the two renames, and if the second rename
+    fails the old one is put back. Nothing but ``path`` remains.
+    """
+    if not os.path.lexists(path) or not (os.path.isdir(tmp) or os.path.isdir(path)):
+        os.replace(tmp, path)
+        return
+    old = f"{path}.old-{uuid.uuid4().hex}"
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _remove(old)
+
+
+def write_atomically(path: str, write: Callable[[str], None], *, overwrite: bool) -> None:
+    """``write(tmp)`` to a temporary sibling ``tmp`` of ``path`` (a file or a directory), then
+    moves it to ``path``; the temporary is removed if anything fails.
+
+    Call :func:`check_overwrite` first (before the work); this checks again just before the move,
+    so a ``path`` that appeared meanwhile is not replaced unless ``overwrite``. Replacing a file
+    with a file is one atomic ``os.replace``. Otherwise (a directory on either side) the old
+    ``path`` is renamed aside, the new one renamed in and the old one removed: ``path`` holds the
+    old or the new content except between the two renames, and the old one is put back if the
+    second rename fails. Nothing but ``path`` remains.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        write(tmp)
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        _replace_path(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+        raise
+
+
 def save(path: str, serving_params, *, overwrite: bool = False) -> int:
     """Writes serving params (or an NNX serving model's state) to the directory ``path``
     atomically; returns its size in bytes.
+
+    ``overwrite=True`` replaces whatever ``path`` holds, a checkpoint, another directory or a file
+    (see the module docstring).
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
       TypeError: ``path`` is not a path, ``serving_params`` not a mapping, ``overwrite`` not a
         bool (a truthy string such as ``"no"`` must not replace a checkpoint).
     """
-    _check_path(path)
     serving_params = _as_tree(serving_params)
     if not isinstance(serving_params, Mapping):
         raise TypeError(f"serving_params must be a mapping or an NNX serving model, got "
                         f"{type(serving_params).__name__}")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    os.makedirs(tmp)
-    try:
+    path = check_overwrite(path, overwrite)
+
+    def write(tmp):
+        os.makedirs(tmp)
         arrays = jax.tree_util.tree_map(np.asarray, to_arrays(serving_params))
-        ckpt = ocp.PyTreeCheckpointer()
-        ckpt.save(os.path.join(tmp, "arrays"), arrays)
+        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "arrays"), arrays)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(_manifest(serving_params), f)
-        if os.path.exists(path):
-            old = f"{path}.old-{uuid.uuid4().hex}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(path, write, overwrite=overwrite)
     return directory_bytes(path)
 
 
@@ -253,7 +320,8 @@ def _struct(a):
                                 else a.dtype)
 
 
-def export_serving(model, *args, path: str | None = None, backend: str = "xla") -> bytes:
+def export_serving(model, *args, path: str | None = None, backend: str = "xla",
+                   overwrite: bool = False) -> bytes:
     """Serializes the serving forward to StableHLO (``jax.export``) for the shapes of the inputs.
 
     * Linen: ``export_serving(model, serving_params, *inputs)``;
@@ -265,9 +333,16 @@ def export_serving(model, *args, path: str | None = None, backend: str = "xla") 
 
     Returns:
       The serialized artifact; also written atomically to ``path`` if given.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False (checked before exporting;
+        ``overwrite=True`` replaces a file or directory there, see the module docstring).
+      TypeError: a bad ``model``, ``path`` or ``overwrite``.
     """
     if path is not None:
-        _check_path(path)
+        path = check_overwrite(path, overwrite)
+    elif not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool (True or False), got {overwrite!r}")
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
         like = nnx.to_pure_dict(state)
@@ -292,15 +367,11 @@ def export_serving(model, *args, path: str | None = None, backend: str = "xla") 
         jax.tree_util.tree_map(_struct, arrays), *jax.tree_util.tree_map(_struct, args))
     data = bytes(exported.serialize())
     if path is not None:
-        tmp = f"{os.path.abspath(path)}.tmp-{uuid.uuid4().hex}"
-        try:
+        def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        write_atomically(path, write, overwrite=overwrite)
     return data
 
 

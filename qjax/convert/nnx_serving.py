@@ -26,6 +26,7 @@ from qjax.convert.weights import (
 )
 from qjax.nn.layout import KernelLayout
 from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer
+from qjax.nn.ops import split_input
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import set_submodule, sites
 
@@ -58,7 +59,8 @@ class ServingLayer(nnx.Module):
         self.layout = layout
         self.backend = backend
 
-    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        x, args, kwargs = split_input(args, kwargs)
         inner = self.inner
 
         def run(xq, kernel):

@@ -53,7 +53,7 @@ from qjax.nn.ops import (
 )
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import QuantizedLinenModel
-from qjax.nn.sites import Site
+from qjax.nn.site import Site
 from qjax.qarray import QArray
 from qjax.qdot import check_int32_sum, int8_operand, integer_forward_reason
 

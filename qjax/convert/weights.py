@@ -1,10 +1,12 @@
 """Trained QAT params -> serving params: every quantized kernel becomes a packed QArray.
 
-``convert(params, model_or_rules)`` walks the quantized layers of a model built with
-:func:`qjax.nn.quantize_model` (or matched by path rules) and replaces each Flax ``Dense`` kernel
-``(K, N)`` by a :class:`~qjax.QArray` in the serving layout ``(N, K)``:
+``convert(params, model)`` walks the quantized layers (:class:`~qjax.nn.Site`) of a model built
+with :func:`qjax.nn.quantize_model` (Dense, DenseGeneral, Einsum, Conv, raw einsum parameters,
+stacked or not; or, for rules, unstacked Dense kernels) and replaces each kernel by a
+:class:`~qjax.QArray` of its matrix view ``(K, N)`` (:mod:`qjax.nn.layout`) in the serving
+layout ``(N, K)``, stacks and batch axes in front:
 
-1. codes and scales come from :func:`qjax.quantize` on the kernel **in its training layout**,
+1. codes and scales come from :func:`qjax.quantize` on the matrix **in its training layout**,
    with the learned ``kernel_scale`` if the spec learns one, so they are the very codes the QAT
    forward decodes (QuEST weights are quantized after their Hadamard rotation, so they are stored
    pre-rotated);
@@ -15,8 +17,10 @@
 
 The serving spec is the training spec with its axes moved to the transposed layout (``PerRow(0)``
 becomes ``PerRow(-1)``, a Hadamard along axis 0 one along axis -1), so
-``dequantize(w).T == fake_quant(kernel)`` bit for bit. ``kernel_scale`` is folded into the QArray;
-``input_scale`` (a learned activation scale) and every float leaf stay as they are.
+``dequantize(w).T == fake_quant(matrix)`` bit for bit. ``kernel_scale`` is folded into the QArray;
+``input_scale`` (a learned activation scale) and every float leaf stay as they are. Low-rank QAT
+layers are merged (:func:`adapter_to_qarray`), Double Rounding layers give their highest (or a
+chosen) precision (:func:`multi_precision_qarray`).
 
 References:
   docs/design.md sections 3 and 9 (numerics contract); Panferov et al., 2025, QuEST
@@ -39,7 +43,7 @@ from qjax.nn.layout import dense_layout
 from qjax.nn.ops import per_matrix, quantize_kernel
 from qjax.nn.recipe import LayerQuant, learned, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, parse_rules
-from qjax.nn.sites import Site
+from qjax.nn.site import Site
 from qjax.qarray import QArray, codes_to_storage
 from qjax.quantize import dequantize, quantize
 
@@ -158,7 +162,7 @@ def adapter_to_qarray(site: Site, frozen: Mapping, adapters: Mapping) -> QArray:
     kernel bit for bit.
     """
     recipe = site.adapter
-    dtype = jnp.dtype(frozen["w0"].dtype) if "w0" in frozen else jnp.float32
+    dtype = jnp.dtype(adapters["lora_down"].dtype)  # the layer's param dtype (init_state)
     tree = {"frozen": dict(frozen), "adapters": dict(adapters)}
 
     def one(t):

@@ -128,10 +128,12 @@ def _pallas(x: jax.Array, w: QArray, cfg: _Config) -> jax.Array:
     """The Pallas backends on ``x (..., K)``: ``(M, N)``."""
     case, bs = cfg.case, cfg.block_sizes
     m = math.prod(x.shape[:-1])
+    out = jnp.dtype(cfg.out_dtype)
+    if m == 0 or case.n == 0:  # nothing to tile (a grid of zero blocks): an empty product
+        return jnp.zeros((m, case.n), out)
     mp = -(-m // bs.block_m) * bs.block_m
     xq, xs = _activation_operands(x, cfg, mp)
     ops = C.prepare_operands(xq, xs, w, case, bs.block_m, bs.block_n, bs.block_k)
-    out = jnp.dtype(cfg.out_dtype)
     if cfg.backend == "pallas_gpu":
         y = pallas_gpu.matmul(ops, case, bs, out, interpret=cfg.interpret)
     else:
@@ -206,7 +208,9 @@ def quantized_matmul(
         the interpreter (how they are tested on CPU).
 
     Returns:
-      ``(..., N)`` in ``out_dtype``.
+      ``(..., N)`` in ``out_dtype``. Empty products are served on every backend (arguments are
+      still validated): an empty ``x`` (a zero-size leading axis, e.g. ``(0, K)``) or ``N = 0``
+      gives the empty result; ``K = 0`` raises ValueError.
 
     References:
       Panferov et al., 2025 (QuEST odd-integer int4 codes); Frantar et al., 2024 (Marlin,
@@ -223,7 +227,7 @@ def quantized_matmul(
     bs = None
     if resolved != "xla":
         kind = "pallas_gpu" if resolved == "pallas_gpu" else "pallas_tpu"
-        m = max(1, x.size // case.k)
+        m = max(1, math.prod(x.shape[:-1]))
         opd = _operand_dtype(case, x.dtype, w.dtype)
         bs = block_sizes or B.default_block_sizes(case, m, opd, out, kind)
         B.validate_block_sizes(bs, case, opd, out, kind)

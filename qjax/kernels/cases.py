@@ -152,12 +152,18 @@ def _int_kind(k: int, w: QArray, act_spec: SP.QuantSpec) -> None:
 
 
 def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None) -> Case:
-    """The :class:`Case` of ``x (..., K) @ dequantize(w (N, K)).T``; raises on unsupported input."""
+    """The :class:`Case` of ``x (..., K) @ dequantize(w (N, K)).T``; raises on unsupported input.
+
+    ``M = 0`` rows of ``x`` and ``N = 0`` are valid (empty products); ``K = 0`` is refused.
+    """
     if not isinstance(w, QArray):
         raise TypeError(f"w must be a qjax.QArray, got {type(w).__name__}")
     if len(w.shape) != 2:
         raise ValueError(f"w must be a 2-D QArray of shape (N, K), got shape {w.shape}")
     n, k = w.shape
+    if k == 0:  # empty x rows (M = 0) and N = 0 are served; an empty contraction is not
+        raise ValueError(f"w must have K >= 1 (in_features), got shape {w.shape}: there is no "
+                         "quantized matmul over an empty contraction axis")
     check_act_spec(act_spec, optional=True)
     if not isinstance(x_shape, (tuple, list)):
         raise TypeError(f"x_shape must be a tuple of ints (x.shape), got {type(x_shape).__name__}")

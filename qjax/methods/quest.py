@@ -27,7 +27,7 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
-from qjax.hadamard import check_block_size, hadamard_transform
+from qjax.hadamard import check_block_size, hadamard_transform, saturating_cast
 from qjax.quantize import fake_quant as core_fake_quant
 
 __all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
@@ -123,7 +123,8 @@ def quantize_dense_operands(
 
     Activations are quantized per token along K, the kernel per output column along K (axis 0);
     both are rotated along K. ``bits_x=None`` (or ``bits_w=None``) leaves that operand in high
-    precision (rotated in the half form so the product is unchanged).
+    precision (rotated in the half form so the product is unchanged, and cast back to its dtype
+    saturating at the dtype's largest finite value, as :func:`qjax.fake_quant` does).
     """
     _check_hadamard(hadamard, block_size)
     if kernel.ndim != 2:
@@ -139,7 +140,7 @@ def quantize_dense_operands(
                               hadamard_method=hadamard_method, scale=scale)
         if hadamard == "half":
             rotated = hadamard_transform(a, block_size, axis=axis, method=hadamard_method)
-            return rotated.astype(a.dtype)
+            return saturating_cast(rotated, a.dtype)  # as fake_quant: finite stays finite
         return a
 
     return one(x, bits_x, -1), one(kernel, bits_w, 0)

@@ -23,7 +23,7 @@ from qjax.nn.lowrank import LowRankQAT, lr_qat, qalora
 from qjax.nn.pretrained import init_from_float
 from qjax.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, quantize_model, sites
-from qjax.nn.sites import Site
+from qjax.nn.site import Site
 
 __all__ = [
     "METHODS",

@@ -67,6 +67,15 @@ class KernelLayout:
     equation: str | None = None
 
     def __post_init__(self):
+        if self.kind not in ("dense", "conv", "embed"):
+            raise ValueError(f"kind must be 'dense', 'conv' or 'embed', got {self.kind!r}")
+        if self.x_contract is not None and len(self.x_contract) != len(self.contract):
+            raise ValueError(f"x_contract {self.x_contract} must match contract {self.contract}")
+        if self.x_batch is not None and len(self.x_batch) != len(self.batch):
+            raise ValueError(f"x_batch {self.x_batch} must match batch {self.batch}")
+        x_axes = (self.x_contract or ()) + (self.x_batch or ())
+        if len(set(x_axes)) != len(x_axes):
+            raise ValueError(f"input axes {x_axes} must be distinct")
         nd = len(self.shape)
         axes = self.contract + self.batch
         if len(set(axes)) != len(axes) or any(not 0 <= a < nd for a in axes):
@@ -192,12 +201,21 @@ def general_layout(shape: Sequence[int], axis: Sequence[int], batch_dims: Sequen
     given, negative ones counted from the end).
     """
     shape = tuple(int(d) for d in shape)
+    # Flax sorts the contracted axes before it builds the kernel and calls dot_general.
     if x_ndim is not None:
-        axis = tuple(a % x_ndim - x_ndim for a in axis)
-        batch_dims = tuple(sorted(a % x_ndim for a in batch_dims))
-        batch_dims = tuple(a - x_ndim for a in batch_dims)
+        axis = tuple(a - x_ndim for a in sorted(a % x_ndim for a in axis))
+        batch_dims = tuple(a - x_ndim for a in sorted(a % x_ndim for a in batch_dims))
+    else:
+        for name, axes in (("axis", axis), ("batch_dims", batch_dims)):
+            if len({a < 0 for a in axes}) > 1:
+                raise ValueError(f"{name}={tuple(axes)} mixes negative and non-negative axes; "
+                                 "without the input's rank give them with one sign")
+        axis, batch_dims = tuple(sorted(axis)), tuple(sorted(batch_dims))
     axis, batch_dims = tuple(axis), tuple(batch_dims)
     nb, nc = len(batch_dims), len(axis)
+    if nb + nc >= len(shape) or len(set(axis + batch_dims)) != nb + nc:
+        raise ValueError(f"axis {axis} and batch_dims {batch_dims} do not fit a kernel of shape "
+                         f"{shape}")
     return KernelLayout("dense", shape, tuple(range(nb, nb + nc)), tuple(range(nb)), axis,
                         batch_dims)
 
@@ -229,6 +247,11 @@ def einsum_layout(einsum_str: str, shape: Sequence[int]) -> KernelLayout:
     shape = tuple(int(d) for d in shape)
     if len(ks) != len(shape):
         raise ValueError(f"{einsum_str!r}: kernel labels {ks!r} do not match shape {shape}")
+    one_sided = [c for c in xs + ks if c not in out and (c in xs) != (c in ks)]
+    if one_sided:
+        raise ValueError(f"{einsum_str!r}: labels {''.join(one_sided)!r} are summed on one side "
+                         "only; qjax quantizes einsums 'x,kernel->out' whose non-output labels "
+                         "are contracted between the two operands")
     contract = tuple(i for i, c in enumerate(ks) if c in xs and c not in out)
     batch = tuple(i for i, c in enumerate(ks) if c in xs and c in out)
     if not contract:

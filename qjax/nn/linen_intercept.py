@@ -19,7 +19,7 @@ import flax.linen as nn
 from qjax.nn import ops
 from qjax.nn.op_intercept import current_module, entered, match_raw_call, patched_ops
 from qjax.nn.recipe import LayerQuant, learned
-from qjax.nn.sites import LINEN_TYPES
+from qjax.nn.site import LINEN_TYPES
 
 __all__ = ["run_linen", "call_linen_layer", "layer_params", "own_params", "raw_site_call",
            "create_input_scale"]
@@ -47,7 +47,8 @@ def own_params(module: nn.Module) -> dict:
     """A module's own parameters (not its children's), as ``self.param`` returns them."""
     if module.scope is None:
         return {}
-    return {k: v for k, v in module.variables.get("params", {}).items()
+    # Unboxed (nn.Partitioned etc.): the very arrays ``self.param`` returned.
+    return {k: nn.unbox(v) for k, v in module.variables.get("params", {}).items()
             if not isinstance(v, Mapping)}
 
 
@@ -66,6 +67,8 @@ def run_linen(model: nn.Module, method: Callable, handler: Callable, sites: Mapp
             if _INNER_APPLY.get() or context.method_name != "__call__" or not isinstance(
                     m, LINEN_TYPES):
                 return next_fun(*a, **kw)
+            a, rest, kw = ops.split_input(a, kw)  # the input positional, as handlers take it
+            a = (a,) + rest
             if sites is None:
                 return handler(None, m, a, kw, next_fun)
             site = sites.get("/".join(m.path))
@@ -96,9 +99,10 @@ def raw_site_call(sites: Mapping, m: nn.Module, op: str, args, kwargs):
 
 
 
-def create_input_scale(m: nn.Module, lq: LayerQuant, layout) -> None:
+def create_input_scale(m: nn.Module, lq: LayerQuant, layout, x) -> None:
     """Creates a learned ``input_scale`` in layer ``m``'s scope (at ``init``) if ``lq`` learns
-    one."""
+    one, for the input ``x`` (a per-channel scale has one entry per feature of the row view,
+    or per input channel of a convolution, all groups included)."""
     if learned(lq.activation):
-        feats = layout.channels if layout.kind == "conv" else layout.k
+        feats = x.shape[-1] if layout.kind == "conv" else layout.k
         m.param("input_scale", lambda _: ops.init_input_scale(lq.activation, feats))

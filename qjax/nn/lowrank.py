@@ -153,8 +153,8 @@ def init_state(w0: jax.Array, recipe: LowRankQAT, key: jax.Array) -> tuple[dict,
     """(frozen, trainable) tensors for one pretrained kernel matrix ``w0 (K, N)``.
 
     frozen: ``{"phi0"}`` (LR-QAT, in ``phi_dtype``) or ``{"w0"}`` (QALoRA, ``w0``'s dtype);
-    trainable: ``lora_down (K, r)``, ``lora_up (r, N)`` (zeros), ``kernel_scale`` (``s0``,
-    blocked scale shape, float32).
+    trainable: ``lora_down (K, r)``, ``lora_up (r, N)`` (zeros), both in ``w0``'s dtype, and
+    ``kernel_scale`` (``s0``, blocked scale shape, float32).
     """
     spec, fmt = recipe.weight, recipe.weight.format
     k, n = w0.shape
@@ -169,8 +169,11 @@ def init_state(w0: jax.Array, recipe: LowRankQAT, key: jax.Array) -> tuple[dict,
             frozen = {"phi0": phi.astype(recipe.phi_dtype)}
     else:
         frozen = {"w0": fake_quant(w0, spec.replace(estimator=SP.STE()))}
-    down = jax.random.normal(key, (k, recipe.rank), jnp.float32) / math.sqrt(k)
-    trainable = {"lora_down": down, "lora_up": jnp.zeros((recipe.rank, n), jnp.float32),
+    # The adapters take the kernel's dtype (the layer's param_dtype), which also tells convert
+    # the dtype of the merged weights.
+    dtype = w0.dtype
+    down = (jax.random.normal(key, (k, recipe.rank), jnp.float32) / math.sqrt(k)).astype(dtype)
+    trainable = {"lora_down": down, "lora_up": jnp.zeros((recipe.rank, n), dtype),
                  "kernel_scale": s0}
     return frozen, trainable
 

@@ -173,7 +173,7 @@ class QuantizedLayer(nnx.Module):
         self.qat = True
         kernel = inner.kernel[...]
         stack = tuple(kernel.shape[:kernel.ndim - len(layout.shape)])
-        features = layout.channels if layout.kind == "conv" else layout.k
+        features = inner.in_features if layout.kind == "conv" else layout.k
         self.kernel_scale = (nnx.Param(O.init_kernel_scale(kernel, lq.weight, layout))
                              if R.learned(lq.weight) else None)
         self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
@@ -185,7 +185,8 @@ class QuantizedLayer(nnx.Module):
         kernel = self.inner.kernel[...]
         return tuple(kernel.shape[:kernel.ndim - len(self.layout.shape)])
 
-    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        x, args, kwargs = O.split_input(args, kwargs)
         O.check_bool("qat", self.qat)  # a plain attribute: set_qat checks it, assignments do not
         if not self.qat:
             return self.inner(x, *args, **kwargs)
@@ -244,7 +245,7 @@ class LowRankLayer(nnx.Module):
             setattr(self, name, FrozenWeight(value))
         for name in _ADAPTERS:
             setattr(self, name, nnx.Param(trained[name]))
-        features = layout.channels if layout.kind == "conv" else layout.k
+        features = inner.in_features if layout.kind == "conv" else layout.k
         self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
                             if R.learned(lq.activation) else None)
         self.dtype = kernel.dtype
@@ -258,7 +259,8 @@ class LowRankLayer(nnx.Module):
         frozen = {k: getattr(self, k)[...] for k in self.frozen_names}
         return frozen, {k: getattr(self, k)[...] for k in _ADAPTERS}
 
-    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        x, args, kwargs = O.split_input(args, kwargs)
         O.check_bool("qat", self.qat)
         frozen, adapters = self.tensors()
         layout, recipe, inner = self.layout, self.recipe, self.inner
@@ -301,11 +303,12 @@ class MultiPrecisionLayer(QuantizedLayer):
         stack = tuple(m.shape[:-2])
         self.kernel_scale = nnx.Param(O.per_matrix(
             lambda t: DR.init_scale(t["w"], recipe), {"w": m}, stack))
-        features = layout.channels if layout.kind == "conv" else layout.k
+        features = inner.in_features if layout.kind == "conv" else layout.k
         self.input_scale = (nnx.Param(O.init_input_scale(lq.activation, features, stack))
                             if R.learned(lq.activation) else None)
 
-    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    def __call__(self, *args, **kwargs) -> jax.Array:
+        x, args, kwargs = O.split_input(args, kwargs)
         O.check_bool("qat", self.qat)
         if not self.qat:
             return self.inner(x, *args, **kwargs)

@@ -37,7 +37,7 @@ from qjax import scales as S
 from qjax import spec as SP
 from qjax import typed_sharding
 from qjax._checks import check_bool, check_pos_int
-from qjax.hadamard import hadamard_transform
+from qjax.hadamard import hadamard_transform, saturating_cast
 from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layout, embed_layout
 from qjax.nn.recipe import LayerQuant, learned
 from qjax.qdot import qat_dense
@@ -45,7 +45,7 @@ from qjax.quantize import fake_quant, rotate_like_spec
 
 __all__ = ["quantize_kernel", "quantize_input", "rotate_input", "integer_dense",
            "init_kernel_scale", "init_input_scale", "arrange_output", "add_bias", "dense_op",
-           "einsum_op", "conv_op", "embed_op", "map_matrices", "per_matrix"]
+           "einsum_op", "conv_op", "embed_op", "map_matrices", "per_matrix", "split_input"]
 
 
 def map_matrices(f, m: jax.Array, *extras):
@@ -84,7 +84,7 @@ def rotate(a: jax.Array, rotation: tuple[int, str] | None, axis: int) -> jax.Arr
     if rotation is None:
         return a
     block, method = rotation
-    return hadamard_transform(a, block, axis=axis, method=method).astype(a.dtype)
+    return saturating_cast(hadamard_transform(a, block, axis=axis, method=method), a.dtype)
 
 
 def init_kernel_scale(kernel: jax.Array, spec: SP.QuantSpec, layout: KernelLayout) -> jax.Array:
@@ -274,6 +274,17 @@ def embed_op(ids, table, lq, w_scale, *, qat, dtype=None):
     if qat:
         table = quantize_kernel(table, lq, embed_layout(table.shape), w_scale)
     return jnp.take(table, ids, axis=0)
+
+
+def split_input(args: tuple, kwargs: dict) -> tuple[jax.Array, tuple, dict]:
+    """A Flax layer call's input and the rest: ``(x, other args, other kwargs)``; the input is
+    the first positional argument or the keyword ``inputs`` (Flax's name for it)."""
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    if "inputs" in kwargs:
+        rest = dict(kwargs)
+        return rest.pop("inputs"), (), rest
+    raise TypeError("the layer was called without an input (positional or inputs=)")
 
 
 def check_sizes(sizes: dict[str, object]) -> None:

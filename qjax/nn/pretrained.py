@@ -1,12 +1,14 @@
-"""Start low-rank QAT from pretrained float weights (Linen).
+"""Start QAT from pretrained float weights (Linen).
 
 ``init_from_float(model, variables, float_params)`` takes the variables of a quantized Linen
 model (``model.init``) and the float model's parameters (a pretrained checkpoint of the same
-architecture) and returns variables that start from the pretrained weights: every float leaf the
-two share is copied, and each low-rank QAT layer (:mod:`qjax.nn.lowrank`) gets its frozen tensor
-(``Phi0`` or ``W0'``) and its scale ``s0`` from the pretrained kernel, ``lora_up = 0`` (so the
-model is round-to-nearest PTQ of the pretrained one) and the random ``lora_down`` of ``init``.
-NNX models need nothing of the kind: ``quantize_model`` wraps the pretrained model's own layers.
+architecture) and returns variables that start from the pretrained weights: every float leaf
+the two share is copied, learned scales (LSQ steps, PACT clips, Double Rounding's ``s_h``) are
+recomputed from the copied kernels, and each low-rank QAT layer (:mod:`qjax.nn.lowrank`) gets
+its frozen tensor (``Phi0`` or ``W0'``) and its scale ``s0`` from the pretrained kernel,
+``lora_up = 0`` (so the model is round-to-nearest PTQ of the pretrained one) and the random
+``lora_down`` of ``init``. NNX models need nothing of the kind: ``quantize_model`` wraps the
+pretrained model's own layers.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from qjax.nn import double_rounding as DR
 from qjax.nn import lowrank
-from qjax.nn.ops import per_matrix
+from qjax.nn.double_rounding import DoubleRounding
+from qjax.nn.layout import dense_layout
+from qjax.nn.lowrank import LowRankQAT
+from qjax.nn.ops import init_kernel_scale, per_matrix
 from qjax.nn.rewrite import QuantizedLinenModel
 
 __all__ = ["init_from_float"]
@@ -37,20 +43,41 @@ def _node(tree: Mapping, keys: tuple[str, ...], what: str) -> dict:
     return node
 
 
-def _fill(dst: dict, src: Mapping, path: str = "") -> None:
-    """Copies ``src``'s leaves into ``dst`` where ``dst`` has the same path and shape."""
+def _fill(dst: dict, src: Mapping, path: str = "") -> int:
+    """Copies ``src``'s leaves into ``dst`` where ``dst`` has the same path (and must have the
+    same shape); returns how many were copied."""
+    n = 0
     for k, v in src.items():
         if k not in dst:
             continue
         if isinstance(v, Mapping):
             if isinstance(dst[k], Mapping):
-                _fill(dst[k], v, f"{path}/{k}")
+                n += _fill(dst[k], v, f"{path}/{k}")
             continue
         if jnp.shape(dst[k]) != jnp.shape(v):
             raise ValueError(f"{path}/{k}: shape {jnp.shape(v)} in the checkpoint, "
                              f"{jnp.shape(dst[k])} in the model: the checkpoint does not match "
                              "the model")
         dst[k] = jnp.asarray(v, jnp.asarray(dst[k]).dtype)
+        n += 1
+    return n
+
+
+def _refresh_scale(site, params: dict) -> None:
+    """A learned ``kernel_scale`` recomputed from the copied pretrained kernel (LSQ, PACT,
+    Double Rounding's ``s_h``): the one ``init`` made came from the random kernel."""
+    node = _node(params, site.keys, "the model's params")
+    if "kernel_scale" not in node or site.raw:
+        return
+    m = site.layout.to_matrix(jnp.asarray(node["kernel"]))
+    if isinstance(site.adapter, DoubleRounding):
+        fresh = per_matrix(lambda t: DR.init_scale(t["w"], site.adapter), {"w": m},
+                           site.stack_shape)
+    else:
+        fresh = per_matrix(lambda t: init_kernel_scale(t["w"], site.recipe.weight,
+                                                       dense_layout(t["w"].shape)),
+                           {"w": m}, site.stack_shape)
+    node["kernel_scale"] = fresh.reshape(jnp.shape(node["kernel_scale"]))
 
 
 def init_from_float(model: QuantizedLinenModel, variables: Mapping,
@@ -70,9 +97,13 @@ def init_from_float(model: QuantizedLinenModel, variables: Mapping,
     if "params" in float_params and isinstance(float_params["params"], Mapping):
         float_params = float_params["params"]
     out = _copy(dict(variables))
-    _fill(out["params"], float_params)
+    copied = _fill(out["params"], float_params)
+    if not copied:
+        raise ValueError("the float params share no leaf with the model: the checkpoint does "
+                         "not match the model")
     for site in model.sites().values():
-        if site.adapter is None:
+        if not isinstance(site.adapter, LowRankQAT):
+            _refresh_scale(site, out["params"])
             continue
         kernel = _node(float_params, site.keys, "the float params")
         if "kernel" not in kernel:

@@ -23,7 +23,7 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
-from qjax._checks import check_axis_name, check_bool, check_real
+from qjax._checks import check_axis_name, check_bool, check_int, check_real
 from qjax.hadamard import check_block_size
 from qjax.methods import quest
 from qjax.nn.layout import KernelLayout
@@ -168,7 +168,7 @@ class Method:
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
             if bits is not None:
-                F._check_bits(bits)
+                check_int(name, bits, 1, 8)
         if self.hadamard not in quest.HADAMARD_FORMS + ("auto",):
             raise ValueError(f"hadamard must be one of {quest.HADAMARD_FORMS + ('auto',)}")
         if self.grid not in ("auto", "midrise", "int"):

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qjax import granularity as G
 from qjax._checks import check_bool
 from qjax.nn import double_rounding as DR
 from qjax.nn import lowrank, ops
@@ -52,7 +53,7 @@ from qjax.nn.lowrank import LowRankQAT
 from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer
 from qjax.nn.op_intercept import match_raw_call
 from qjax.nn.recipe import as_target, learned, resolve
-from qjax.nn.sites import Site, linen_layout, nnx_layout, path_keys
+from qjax.nn.site import Site, linen_layout, nnx_layout, path_keys
 
 __all__ = ["quantize_model", "QuantizedLinenModel", "parse_rules", "sites", "set_submodule"]
 
@@ -147,11 +148,19 @@ class QuantizedLinenModel:
         return dict(self._sites)
 
     def _discover(self, args, kwargs) -> dict[str, Site]:
-        # Which layers run, and the input rank they see, can depend on the inputs' ranks.
+        # Which layers run, and what they see, depends on the method, the inputs' structure and
+        # shapes, and static (non-array) arguments such as a train flag.
+        method = kwargs.get("method")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("rngs", "mutable", "method")}
-        signature = tuple(jnp.ndim(a) for a in jax.tree_util.tree_leaves((args, kwargs)))
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        signature = (getattr(method, "__qualname__", method), treedef, tuple(
+            (jnp.shape(a), jnp.result_type(a).name) if hasattr(a, "shape") or isinstance(
+                a, (int, float, complex)) and not isinstance(a, bool) else repr(a)
+            for a in leaves))
         if self._sites is not None and signature == self._signature:
             return self._sites
+        if method is not None:
+            kwargs = {**kwargs, "method": method}
         found: dict[str, tuple] = {}
         used: set[int] = set()
 
@@ -165,7 +174,9 @@ class QuantizedLinenModel:
                 return y
             if path not in found:
                 kernel_shape = jnp.shape(layer_params(m)["kernel"])
-                layout = linen_layout(m, kernel_shape, jnp.ndim(a[0]), kw.get("einsum_str"))
+                eq = kw.get("einsum_str") or next((v for v in a[1:2] if isinstance(v, str)),
+                                                   None)
+                layout = linen_layout(m, kernel_shape, jnp.ndim(a[0]), eq)
                 if layout is None:
                     raise ValueError(f"layer {path!r} ({type(m).__name__}): its kernel layout "
                                      "is unknown (an Einsum needs an einsum_str)")
@@ -205,6 +216,12 @@ class QuantizedLinenModel:
         for path, (module, lq, layout, adapter) in found.items():
             probe = _tree_get(params, path_keys(path) + (_PROBE,))
             stacked, stack_shape = _stack_axes(tuple(probe.shape), len(layout.shape))
+            if stacked and stacked[0] != 0 and learned(lq.activation) and isinstance(
+                    lq.activation.granularity, G.PerTensor):
+                raise ValueError(f"layer {path!r}: stacked along axis {stacked[0]}, where Flax "
+                                 "cannot stack its scalar learned input_scale; use "
+                                 "variable_axes={'params': 0} or a recipe without a learned "
+                                 "per-tensor input scale")
             sites[path] = Site(path, module, lq, layout, stacked, stack_shape, adapter=adapter)
         for path, (module, (lq, layout), name) in raw.items():
             probe = _tree_get(params, path_keys(path)[:-1] + (f"{_PROBE}_{name}",))
@@ -265,7 +282,7 @@ def _lowrank_call(site: Site, m, a, kw, next_fun, qat: bool):
             m.variable(lowrank.FROZEN, name, lambda v=value: v)
         for name, value in trained0.items():
             m.param(name, lambda _, v=value: v)
-        create_input_scale(m, lq, layout)
+        create_input_scale(m, lq, layout, a[0])
     p = layer_params(m)
     frozen = dict(m.variables[lowrank.FROZEN])
     adapters = {k: p[k] for k in ("lora_down", "lora_up", "kernel_scale")}
@@ -290,7 +307,7 @@ def _double_rounding_call(site: Site, m, a, kw, next_fun, qat: bool, bits: int |
         next_fun(*a, **kw)
         w = layout.to_matrix(layer_params(m)["kernel"])
         m.param("kernel_scale", lambda _: DR.init_scale(w, recipe))
-        create_input_scale(m, lq, layout)
+        create_input_scale(m, lq, layout, a[0])
     if not qat:
         return next_fun(*a, **kw)
     p = layer_params(m)
@@ -312,7 +329,7 @@ def _qat_handler(qat: bool, bits: int | None = None) -> Callable:
             kernel = layer_params(m)["kernel"]
             if learned(lq.weight):
                 m.param("kernel_scale", lambda _: ops.init_kernel_scale(kernel, lq.weight, layout))
-            create_input_scale(m, lq, layout)
+            create_input_scale(m, lq, layout, a[0])
         if not qat:
             return next_fun(*a, **kw)
         p = layer_params(m)
@@ -328,6 +345,10 @@ def _qat_handler(qat: bool, bits: int | None = None) -> Callable:
 
 
 def _raw_recipe(target, layout, path: str):
+    if isinstance(target, (LowRankQAT, DoubleRounding)):
+        raise ValueError(f"parameter {path!r}: {type(target).__name__} recipes need a Flax layer "
+                         "(they replace its kernel parameter); use quest, ste or a LayerQuant "
+                         "for a raw parameter")
     if layout is None:
         raise ValueError(f"parameter {path!r}: its einsum / dot_general has no kernel layout "
                          "qjax can quantize (an einsum 'x,kernel->out' with the parameter as one "
