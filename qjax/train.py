@@ -12,6 +12,15 @@ since batch ``k`` is a pure function of ``(seed, k)``), and ``done.json`` at the
 killed resumes from its last checkpoint and reproduces the uninterrupted run's losses exactly;
 metrics logged after that checkpoint are dropped and recomputed. Orbax writes each checkpoint to a
 temporary directory and renames it when complete, so a kill never leaves a half-written one.
+
+``init_from=<run dir of a float run>`` starts from that checkpoint's params (same model sizes):
+the float model continues from them, a quantized one gets them through
+:func:`qjax.nn.init_from_float` (learned steps recomputed from the pretrained kernels), and
+``method=lr_qat`` / ``qalora`` (``rank=``, ``phi_dtype=``; :mod:`qjax.nn.lowrank`, int
+``weight_bits`` per output channel, int ``act_bits`` per token) trains the adapters and scales
+only: the embedding, norms, LM head and frozen tensors are a fixed step argument, rebuilt from
+the checkpoint on resume, and the checkpoints hold the trained params only. ZeroQAT and
+distillation are not options of the program (see ``benchmarks/llm_finetune.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +57,6 @@ from qjax.models.llama import (
 )
 from qjax.nn import lowrank
 from qjax.nn.layout import dense_layout
-from qjax.nn.ops import init_kernel_scale
 from qjax.nn.pretrained import init_from_float
 from qjax.nn.recipe import Method, resolve
 from qjax.nn.rewrite import quantize_model
@@ -175,8 +183,8 @@ def _ckpt_run_dir(path: str) -> str:
 
 def _from_pretrained(config: TrainConfig, model):
     """(trainable params, fixed variables or None) of ``config`` starting from the float
-    checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`). Learned kernel steps
-    (LSQ, PACT) are initialized from the pretrained kernels by their own rule; for the low-rank
+    checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`, which also recomputes
+    learned steps such as LSQ's from the pretrained kernels); for the low-rank
     methods only the adapters and scales are trained, the rest of the params and the frozen
     tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
     float_config = dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
@@ -189,13 +197,6 @@ def _from_pretrained(config: TrainConfig, model):
             raise ValueError(f"init_from={config.init_from!r} does not match the model")
         return base, None
     variables = init_from_float(model, variables, base)
-    for site in model.sites().values():
-        node = variables["params"]
-        for k in site.keys:
-            node = node[k]
-        if site.adapter is None and "kernel_scale" in node:
-            node["kernel_scale"] = init_kernel_scale(node["kernel"], site.recipe.weight,
-                                                     site.layout)
     if config.method not in LOW_RANK_METHODS:
         return variables["params"], None
     flat = traverse_util.flatten_dict(variables["params"])

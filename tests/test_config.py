@@ -71,3 +71,20 @@ def test_schedule_and_qat_fraction():
     for message, overrides in bad.items():
         with pytest.raises(ValueError, match=message):
             apply_overrides(TrainConfig(), overrides)
+
+
+def test_low_rank_fields():
+    c = apply_overrides(TrainConfig(), ["method=lr_qat", "init_from=runs/x/float", "rank=16",
+                                        "phi_dtype=int8", "act_bits=none"])
+    assert (c.method, c.init_from, c.rank, c.phi_dtype) == ("lr_qat", "runs/x/float", 16, "int8")
+    assert apply_overrides(TrainConfig(), ["init_from=none"]).init_from is None
+    bad = {
+        "set init_from": ["method=qalora"],
+        "rank must be a positive int": ["rank=0"],
+        "phi_dtype must be one of": ["phi_dtype=fp8"],
+        "phi_dtype is for method='lr_qat'": ["method=qalora", "init_from=a", "phi_dtype=int8"],
+        "runs on one device": ["method=lr_qat", "init_from=a", "mesh=data:2"],
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(TrainConfig(), overrides)

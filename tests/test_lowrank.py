@@ -182,6 +182,8 @@ def test_bad_input():
         qalora(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard=16, hadamard_axis=0))
     with pytest.raises(ValueError, match="zero point"):
         lr_qat(qjax.QuantSpec("int4", qjax.PerRow(0), "absmax_asymmetric"))
+    with pytest.raises(ValueError, match="qalora learns an LSQ step"):
+        qalora(presets.gguf_q4_0(axis=0))
     with pytest.raises(ValueError, match="phi_dtype"):
         qalora(SPEC).__class__("qalora", SPEC, phi_dtype="int8")
     qm = quantize_model(MLP(), {"up|down": lr_qat(SPEC, rank=2)})

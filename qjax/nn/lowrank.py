@@ -103,6 +103,10 @@ class LowRankQAT:
             reason = "a zero point"
         if reason:
             raise ValueError(f"{self.kind} cannot use a weight spec with {reason}")
+        if self.kind == "qalora" and (w.rounding != "nearest" or w.scale_dtype is not None):
+            raise ValueError("qalora learns an LSQ step, which needs nearest rounding and float32 "
+                             f"scales (got rounding={w.rounding!r}, scale_dtype="
+                             f"{w.scale_dtype!r}); presets such as gguf_q4_0 train with lr_qat")
         if self.kind == "lr_qat" and self.phi_dtype == "int8" and fmt.bits > 7:
             raise ValueError("phi_dtype='int8' stores Phi0 with 8 - b fractional bits: b <= 7")
 
