@@ -15,15 +15,14 @@ MXUs). Both compute in float32 whatever the input dtype (the result is float32) 
 rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
 transpose (itself) with no custom rule.
 
-Range: the ``1/sqrt(block_size)`` is split into the exact power of two ``1/block_size``, applied
-before the sums, and ``sqrt(block_size)`` after, so that every partial sum stays within
-``max|x|`` and cannot overflow: finite input never gives NaN (``inf - inf``). Results beyond
-float32's range (possible only for ``max|x| > float32 max / sqrt(block_size)``, ``3.0e37`` at block
-128) saturate at ``+-float32 max`` (:func:`saturating_cast`; the gradient passes unchanged), so
-finite input gives finite output. Scaling by a power of two is exact, so in range the result is
-bit for bit that of normalising after the sums, except that inputs below
-``2^(log2(block_size) - 126)`` (``1.5e-36`` at block 128) fall into float32's denormals before the
-sums (flushed to zero where the hardware flushes them).
+Range: inputs beyond ``float32 max / sqrt(block_size)`` (``3.0e37`` at block 128) saturate to it
+first (identity gradient), so finite input gives finite output: no partial sum overflows to inf and
+no ``inf - inf`` gives NaN (results of such inputs are saturated, not accurate). The
+``1/sqrt(block_size)`` is split into an exact power of two ``2^-k``, ``k = ceil(log2(block_size)
+/ 2)``, applied before the sums, and the rest (1 or ``sqrt(2)``) after. Scaling by a power of two
+is exact, so the result is bit for bit that of normalising after the sums, except that inputs below
+``2^(k - 126)`` (``2e-37`` at block 128) fall into float32's denormals before the sums (flushed to
+zero where the hardware flushes them).
 
 References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
@@ -164,7 +163,7 @@ def hadamard_transform(
     Returns:
       float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs);
       finite input gives finite output: exact up to ``max|x| <= float32 max / sqrt(block_size)``,
-      saturating at ``+-float32 max`` beyond (see the module docstring).
+      inputs beyond that saturated first (see the module docstring).
 
     Raises:
       TypeError: non-floating ``x``.
@@ -203,13 +202,16 @@ def hadamard_transform(
     y = x.astype(jnp.float32).reshape(*lead, n // b, b, q)
     if signs is not None and not inverse:
         y = y * signs[:, None]
-    # 1/sqrt(b) = pre * post with pre = 1/b applied before the sums (exact: a power of two), so
-    # no partial sum exceeds max|x| (module docstring), and post = sqrt(b) after; a result beyond
-    # float32's range saturates rather than becoming inf.
-    pre = 1.0 / b
-    post = np.float32(np.sqrt(b))
+    # Inputs beyond float32 max / sqrt(b) saturate first (identity gradient), so no partial sum
+    # or result can overflow to inf (and no inf - inf to NaN); in range this is the identity.
+    # (A margin of 2^-10 keeps the float32-rounded sums below float32 max.)
+    y = _clip_finite(y, float(np.finfo(np.float32).max / np.sqrt(b) * (1 - 2.0**-10)))
+    # 1/sqrt(b) = pre * post with pre = 2^-ceil(log2(b)/2) applied before the sums (exact), so
+    # they cannot overflow unless the result does (module docstring), and post in {1, sqrt(2)}.
+    k = -(-(b.bit_length() - 1) // 2)
+    pre = 2.0**-k
+    post = np.float32(2.0**k / np.sqrt(b))
     y = (_butterfly(y * np.float32(pre)) if method == "butterfly" else _dense(y, pre)) * post
-    y = saturating_cast(y, jnp.float32)
     if signs is not None and inverse:
         y = y * signs[:, None]
     return typed_sharding.reshape(y, x.shape, like=x)

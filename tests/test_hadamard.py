@@ -104,14 +104,15 @@ def test_huge_input_stays_finite_up_to_the_documented_bound(method):
 @pytest.mark.parametrize("method", ["butterfly", "matmul"])
 def test_finite_input_beyond_the_range_saturates_never_nan(method):
     # 1e38 * sqrt(128) is beyond float32: the partial sums overflowed and inf - inf gave all-NaN
-    # rows. Now no partial sum exceeds max|x| and the result saturates at float32 max.
+    # rows. Now inputs beyond float32 max / sqrt(128) saturate first: the result is finite,
+    # near float32 max.
     fmax = float(np.finfo(np.float32).max)
     x = jnp.stack([jnp.full(128, 1e38), jnp.full(128, -3.4e38).at[::2].set(3.4e38),
                    jnp.full(128, fmax)])
     y = np.asarray(qjax.hadamard_transform(x, 128, method=method))
     assert np.all(np.isfinite(y))
-    np.testing.assert_array_equal(y[0, 0], fmax)
-    np.testing.assert_array_equal(y[1, 1], fmax)  # the alternating row's one nonzero
+    np.testing.assert_allclose(y[0, 0], fmax, rtol=2e-3)
+    np.testing.assert_allclose(y[1, 1], fmax, rtol=2e-3)  # the alternating row's one nonzero
     np.testing.assert_allclose(np.delete(y[1], 1), 0.0, atol=1e-6 * fmax)
     back = np.asarray(qjax.hadamard_transform(y, 128, method=method, inverse=True))
     assert np.all(np.isfinite(back))
