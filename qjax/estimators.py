@@ -30,6 +30,8 @@ from qjax import typed_sharding
 from qjax._checks import check_finite_positive, check_int
 
 __all__ = [
+    "estimator_mask",
+    "check_static_scale",
     "quantize_dequantize",
     "encode",
     "decode",
@@ -84,7 +86,9 @@ def _sum_to(t: jax.Array, like: jax.Array) -> jax.Array:
     return typed_sharding.cotangent_like(t, like)
 
 
-def _mask(x, y, scale, zero_point, fmt, estimator):
+def estimator_mask(x, y, scale, zero_point, fmt, estimator):
+    """The backward mask of ``estimator`` for input ``x`` and fake-quant values ``y`` (bool, like
+    ``x``), or None where the gradient passes everywhere (STE)."""
     if isinstance(estimator, SP.ClippedSTE):
         lo, hi = fmt.range_in_scale_units(zero_point)
         v = x * (1.0 / scale)
@@ -98,7 +102,7 @@ def _mask(x, y, scale, zero_point, fmt, estimator):
     return None
 
 
-def _check_static_scale(name: str, scale) -> None:
+def check_static_scale(name: str, scale) -> None:
     """Refuses a scale given as a Python or numpy number that is not positive and finite.
 
     Arrays (and tracers) are not inspected: that would branch on traced values.
@@ -123,7 +127,7 @@ def _qdq(x, scale, zero_point, noise, fmt, estimator, rounding, scale_dtype):
 
 def _qdq_fwd(x, scale, zero_point, noise, fmt, estimator, rounding, scale_dtype):
     y = _qdq_values(x, scale, zero_point, noise, fmt, rounding, scale_dtype)
-    return y, (_mask(x, y, scale, zero_point, fmt, estimator), scale, zero_point, noise)
+    return y, (estimator_mask(x, y, scale, zero_point, fmt, estimator), scale, zero_point, noise)
 
 
 def _qdq_bwd(fmt, estimator, rounding, scale_dtype, res, g):
@@ -178,7 +182,7 @@ def quantize_dequantize(
     SP.check_rounding(rounding, fmt)
     if rounding == "stochastic" and noise is None:
         raise ValueError("rounding='stochastic' needs noise= (U[0, 1) float32 like x)")
-    _check_static_scale("scale", scale)
+    check_static_scale("scale", scale)
     return _qdq(x, scale, zero_point, noise, fmt, est, rounding, scale_dtype)
 
 
@@ -280,7 +284,7 @@ def _check_lsq_format(fmt):
     fmt = F.as_format(fmt)
     if not fmt.uniform:
         raise ValueError(f"LSQ and PACT need a uniform grid, not the float format {fmt.name}")
-    F._check_positive_level(fmt, "LSQ and PACT")  # they divide by max_level
+    F.check_positive_level(fmt, "LSQ and PACT")  # they divide by max_level
     return fmt
 
 
@@ -291,7 +295,7 @@ def learned_scale_quant(x, scale, fmt, estimator: SP.Estimator, *, n: int | None
     clipping level ``alpha`` (the step is ``alpha / max_level``).
     """
     fmt = _check_lsq_format(fmt)
-    _check_static_scale("scale (the LSQ step or PACT alpha)", scale)
+    check_static_scale("scale (the LSQ step or PACT alpha)", scale)
     scale = jnp.asarray(scale, jnp.float32)
     if isinstance(estimator, SP.PACT):
         return _pact(x, S.clamp_scale(scale), fmt)
@@ -332,7 +336,7 @@ def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
       better initialization. CVPR Workshops.
     """
     fmt = _check_lsq_format(fmt)
-    _check_static_scale("step", step)
+    check_static_scale("step", step)
     step = jnp.asarray(step, jnp.float32)
     offset = jnp.asarray(offset, jnp.float32)
     return _learned(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))
@@ -349,7 +353,7 @@ def pact(x: jax.Array, alpha: jax.Array, bits: int, *, signed: bool = False) -> 
     References:
       Choi et al., 2018. PACT: Parameterized Clipping Activation for Quantized Neural Networks.
     """
-    fmt = F.IntFormat(F._check_bits(bits), signed=signed)
+    fmt = F.IntFormat(F.check_bits(bits), signed=signed)
     if fmt.qmax <= 0:
         raise ValueError("signed PACT needs bits >= 2")
     return learned_scale_quant(x, alpha, fmt, SP.PACT())

@@ -41,10 +41,13 @@ __all__ = [
     "FloatFormat",
     "Format",
     "format_from_name",
+    "check_bits",
+    "check_positive_level",
 ]
 
 
-def _check_bits(bits: object, lo: int = 1, hi: int = 8) -> int:
+def check_bits(bits: object, lo: int = 1, hi: int = 8) -> int:
+    """``bits`` as an int in ``[lo, hi]`` (TypeError / ValueError naming ``bits``)."""
     return check_int("bits", bits, lo, hi)
 
 
@@ -75,7 +78,7 @@ class IntFormat:
     signed: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _check_bits(self.bits))
+        object.__setattr__(self, "bits", check_bits(self.bits))
         object.__setattr__(self, "signed", check_bool("signed", self.signed))
 
     @property
@@ -151,7 +154,7 @@ class Midrise:
     bits: int
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _check_bits(self.bits))
+        object.__setattr__(self, "bits", check_bits(self.bits))
 
     signed = True
 
@@ -313,7 +316,7 @@ Format = IntFormat | Midrise | Ternary | FloatFormat
 FORMAT_TYPES = (IntFormat, Midrise, Ternary, FloatFormat)
 
 
-def _check_positive_level(fmt: Format, user: str) -> None:
+def check_positive_level(fmt: Format, user: str) -> None:
     """Refuses, for ``user``, a grid without a positive level: the signed ``IntFormat(1)``, whose
     codes are -1 and 0 (``max_level = qmax = 0``; symmetric scales, LSQ and PACT divide by it)."""
     if fmt.max_level <= 0:

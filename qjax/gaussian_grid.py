@@ -97,6 +97,6 @@ def gaussian_clip(fmt: F.Format) -> float:
     fmt = F.as_format(fmt)
     if not fmt.uniform:
         raise ValueError(f"rms_gaussian needs a uniform grid, not the float format {fmt.name}")
-    F._check_positive_level(fmt, "rms_gaussian")
+    F.check_positive_level(fmt, "rms_gaussian")
     n = fmt.num_levels
     return QUEST_GAUSSIAN_CLIP.get(n) or optimal_gaussian_clip(n)

@@ -24,14 +24,16 @@ import numpy as np
 from qjax import typed_sharding
 from qjax._checks import check_int
 
-__all__ = ["PerTensor", "PerAxis", "PerRow", "PerGroup", "Granularity", "Layout", "to_blocks"]
+__all__ = ["PerTensor", "PerAxis", "PerRow", "PerGroup", "Granularity", "Layout", "to_blocks",
+           "normalize_axis"]
 
 
 def _check_axis(axis: object, name: str = "axis") -> int:
     return check_int(name, axis)
 
 
-def _normalize(axis: int, ndim: int, name: str = "axis") -> int:
+def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
+    """``axis`` in ``[0, ndim)``; ValueError naming ``name`` if out of range."""
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}={axis} is out of range for an array of rank {ndim}")
     return axis % ndim
@@ -61,7 +63,7 @@ class PerAxis:
 
     def reduce_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
-        kept = {_normalize(a, len(shape)) for a in axes}
+        kept = {normalize_axis(a, len(shape)) for a in axes}
         return tuple(i for i in range(len(shape)) if i not in kept)
 
 
@@ -75,7 +77,7 @@ class PerRow:
         object.__setattr__(self, "axis", _check_axis(self.axis))
 
     def reduce_axes(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return (_normalize(self.axis, len(shape)),)
+        return (normalize_axis(self.axis, len(shape)),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,7 @@ def layout(granularity: Granularity, shape: tuple[int, ...]) -> Layout:
     if isinstance(granularity, PerGroup):
         if not shape:
             raise ValueError("PerGroup needs an array of rank >= 1")
-        axis = _normalize(granularity.axis, len(shape))
+        axis = normalize_axis(granularity.axis, len(shape))
         size = granularity.size
         if shape[axis] % size:
             raise ValueError(

@@ -49,7 +49,7 @@ from qjax import formats as F
 from qjax import granularity as G
 from qjax import scales as S
 from qjax import spec as SP
-from qjax.formats import _check_bits
+from qjax.formats import check_bits
 
 __all__ = [
     "GGUF_BLOCK",
@@ -143,7 +143,7 @@ def torchao_intx_weight(
       torchao ``IntxFakeQuantizeConfig(torch.intN, group_size=g)``,
       ``get_group_qparams_symmetric``, ``choose_qparams_affine`` (SYMMETRIC).
     """
-    bits = _check_bits(bits, 2, 8)
+    bits = check_bits(bits, 2, 8)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         raise ValueError(f"group_size must be an int >= 2, got {group_size!r}")
     return SP.QuantSpec(

@@ -55,7 +55,7 @@ def _codes(a32: jax.Array, spec: SP.QuantSpec, axis: int):
     fmt = spec.format
     q, scale = int8.operand_codes(a32, spec, axis)
     values = E.decode(q, scale, None, fmt)
-    mask = E._mask(a32, values, scale, None, fmt, spec.estimator)
+    mask = E.estimator_mask(a32, values, scale, None, fmt, spec.estimator)
     return (values, mask) + int8.int8_operand(q, scale, fmt)
 
 

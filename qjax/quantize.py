@@ -93,7 +93,7 @@ def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, dtype, axis_name):
 
 def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale, dtype, axis_name=None):
     if scale is not None:
-        E._check_static_scale("scale", scale)
+        E.check_static_scale("scale", scale)
         s = jnp.asarray(scale, jnp.float32)
         try:
             s = jnp.broadcast_to(s, lay.scale_shape)

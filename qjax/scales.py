@@ -150,7 +150,7 @@ class AbsMax:
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         if self.symmetric:
-            F._check_positive_level(fmt, "symmetric absmax")
+            F.check_positive_level(fmt, "symmetric absmax")
             amax = _reduce_max(jnp.abs(xb), axes, axis_name)
             return clamp_scale(amax * (1.0 / fmt.max_level)), None
         if not isinstance(fmt, F.IntFormat):
@@ -185,7 +185,7 @@ class RmsGaussian:
             object.__setattr__(self, "clip", check_finite_positive("RmsGaussian clip", self.clip))
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
-        F._check_positive_level(fmt, "rms_gaussian")
+        F.check_positive_level(fmt, "rms_gaussian")
         a = gaussian_clip(fmt) if self.clip is None else self.clip
         capped = jnp.clip(xb, -_RMS_CAP, _RMS_CAP)
         sq = _unfused(jnp.square(capped))
@@ -248,7 +248,7 @@ class Percentile:
 
     def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
         _no_axis_name(axis_name, "the percentile rule")
-        F._check_positive_level(fmt, "the percentile rule")
+        F.check_positive_level(fmt, "the percentile rule")
         p = jnp.quantile(jnp.abs(xb), self.q / 100.0, axis=axes, keepdims=True)
         return clamp_scale(p * (1.0 / fmt.max_level)), None
 

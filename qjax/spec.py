@@ -175,7 +175,7 @@ class QuantSpec:
         object.__setattr__(self, "estimator", est)
         # A signed 1-bit integer grid (codes -1, 0) has no positive level: every rule and
         # estimator but asymmetric absmax would divide by zero, and that one is uint1's grid.
-        F._check_positive_level(fmt, "QuantSpec")
+        F.check_positive_level(fmt, "QuantSpec")
         check_rounding(self.rounding, fmt)
         if self.scale_dtype is not None and self.scale_dtype not in S.SCALE_DTYPES:
             raise ValueError(

@@ -152,6 +152,6 @@ def test_format_arguments_are_checked():
 
 def test_signed_one_bit_int_has_no_positive_level():
     with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'.*'uint1'"):
-        F._check_positive_level(qjax.IntFormat(1), "LSQ")
+        F.check_positive_level(qjax.IntFormat(1), "LSQ")
     for ok in (qjax.IntFormat(1, signed=False), qjax.Midrise(1), qjax.Ternary(), qjax.IntFormat(2)):
-        F._check_positive_level(ok, "LSQ")
+        F.check_positive_level(ok, "LSQ")

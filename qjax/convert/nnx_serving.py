@@ -25,7 +25,7 @@ from qjax.convert.weights import (
     multi_precision_qarray,
 )
 from qjax.nn.layout import KernelLayout
-from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer
+from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer, call_with_kernel
 from qjax.nn.ops import split_input
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import set_submodule, sites
@@ -64,10 +64,7 @@ class ServingLayer(nnx.Module):
         inner = self.inner
 
         def run(xq, kernel):
-            graphdef, state = nnx.split(inner)
-            layer = nnx.merge(graphdef, state)
-            layer.kernel = nnx.Param(kernel)
-            return layer(xq, *args, **kwargs)
+            return call_with_kernel(inner, kernel, xq, *args, **kwargs)
 
         bias = getattr(inner, "bias", None)
         a_scale = None if self.input_scale is None else self.input_scale[...]

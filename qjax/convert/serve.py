@@ -39,7 +39,7 @@ from qjax import estimators as E
 from qjax import granularity as G
 from qjax import spec as SP
 from qjax._checks import check_floating
-from qjax.convert.weights import dequantize_kernel, serving_layers, serving_spec
+from qjax.convert.weights import dequantize_kernel, serving_spec
 from qjax.kernels import BACKENDS, quantized_matmul
 from qjax.nn.double_rounding import DoubleRounding
 from qjax.nn.layout import KernelLayout
@@ -53,7 +53,7 @@ from qjax.nn.ops import (
 )
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import QuantizedLinenModel
-from qjax.nn.site import Site
+from qjax.nn.site import Site, subtree
 from qjax.qarray import QArray
 from qjax.qdot import check_int32_sum, int8_operand, integer_forward_reason
 
@@ -203,13 +203,8 @@ def serve_layer(x: jax.Array, w, lq: LayerQuant, layout: KernelLayout, input_sca
 
 def _check_params(serving_params: Mapping, sites: dict[str, Site]) -> None:
     for path, site in sites.items():
-        node = serving_params
-        for name in site.keys:
-            if not isinstance(node, Mapping) or name not in node:
-                raise ValueError(f"serving params have no layer {path!r}: they do not match "
-                                 "the model")
-            node = node[name]
-        kernel = node.get(site.param) if isinstance(node, Mapping) else None
+        node = subtree(serving_params, site.keys, "serving params")
+        kernel = node.get(site.param)
         lq = site.recipe
         if lq.weight is not None and not isinstance(kernel, QArray):
             raise ValueError(f"layer {path!r}: kernel is not a QArray; convert the params with "
@@ -269,7 +264,6 @@ def serve(model, *args, backend: str = "xla", **kwargs):
         raise TypeError("serve(model, serving_params, *inputs): serving_params must be a mapping")
     serving_params, args = args[0], args[1:]
     sites = model.sites(*args, **kwargs)
-    serving_layers(model)  # the sites are known
     _check_params(serving_params, sites)
     params = _raw_placeholders(serving_params, sites)
     return run_linen(model.model, lambda: model.model.apply({"params": params}, *args, **kwargs),

@@ -43,7 +43,7 @@ from qjax.nn.layout import dense_layout
 from qjax.nn.ops import per_matrix, quantize_kernel
 from qjax.nn.recipe import LayerQuant, learned, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, parse_rules
-from qjax.nn.site import Site
+from qjax.nn.site import Site, subtree
 from qjax.qarray import QArray, codes_to_storage
 from qjax.quantize import dequantize, quantize
 
@@ -57,7 +57,7 @@ def _other_axis(axis: int, name: str) -> int:
 
     Raises ValueError for an axis a rank-2 kernel does not have (``axis % 2`` would wrap it).
     """
-    return -1 if G._normalize(axis, 2, name) == 0 else -2
+    return -1 if G.normalize_axis(axis, 2, name) == 0 else -2
 
 
 def _transpose_granularity(g: G.Granularity) -> G.Granularity:
@@ -255,19 +255,6 @@ def serving_layers(model_or_rules: QuantizedLinenModel | Rules,
     return out
 
 
-def _node(params: Mapping, path: tuple[str, ...]) -> Mapping:
-    node = params
-    for i, name in enumerate(path):
-        if not isinstance(node, Mapping) or name not in node:
-            raise ValueError(f"params have no layer {'/'.join(path[:i + 1])!r}: the params do "
-                             "not match the model")
-        node = node[name]
-    if not isinstance(node, Mapping):
-        raise ValueError(f"params of layer {'/'.join(path)!r} are not a mapping: the params do "
-                         "not match the model")
-    return node
-
-
 def _copy_tree(t):
     return {k: _copy_tree(v) for k, v in t.items()} if isinstance(t, Mapping) else t
 
@@ -352,7 +339,7 @@ def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
     layers = serving_layers(model_or_rules, params)
     out = _copy_tree(params)
     for site in layers.values():
-        node = _node(out, site.keys)
+        node = subtree(out, site.keys)
         if isinstance(site.adapter, double_rounding.DoubleRounding):
             if bits is not None:
                 site.adapter.check(bits)
@@ -377,6 +364,6 @@ def _merge_adapter(site: Site, node: dict, frozen: Mapping | None) -> None:
     if missing:
         raise ValueError(f"layer {site.path!r}: the params have no {missing}: they were not "
                          f"trained with the model's {site.adapter.kind} recipe")
-    frozen_node = _node(frozen, site.keys)
+    frozen_node = subtree(frozen, site.keys)
     adapters = {k: node.pop(k) for k in ("lora_down", "lora_up", "kernel_scale")}
     node["kernel"] = adapter_to_qarray(site, frozen_node, adapters)

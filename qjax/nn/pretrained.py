@@ -25,22 +25,13 @@ from qjax.nn.layout import dense_layout
 from qjax.nn.lowrank import LowRankQAT
 from qjax.nn.ops import init_kernel_scale, per_matrix
 from qjax.nn.rewrite import QuantizedLinenModel
+from qjax.nn.site import subtree
 
 __all__ = ["init_from_float"]
 
 
 def _copy(t):
     return {k: _copy(v) for k, v in t.items()} if isinstance(t, Mapping) else t
-
-
-def _node(tree: Mapping, keys: tuple[str, ...], what: str) -> dict:
-    node = tree
-    for i, k in enumerate(keys):
-        if not isinstance(node, Mapping) or k not in node:
-            raise ValueError(f"{what} have no layer {'/'.join(keys[:i + 1])!r}: the checkpoint "
-                             "does not match the model")
-        node = node[k]
-    return node
 
 
 def _fill(dst: dict, src: Mapping, path: str = "") -> int:
@@ -66,7 +57,7 @@ def _fill(dst: dict, src: Mapping, path: str = "") -> int:
 def _refresh_scale(site, params: dict) -> None:
     """A learned ``kernel_scale`` recomputed from the copied pretrained kernel (LSQ, PACT,
     Double Rounding's ``s_h``): the one ``init`` made came from the random kernel."""
-    node = _node(params, site.keys, "the model's params")
+    node = subtree(params, site.keys, "the model's params")
     if "kernel_scale" not in node or site.raw:
         return
     m = site.layout.to_matrix(jnp.asarray(node["kernel"]))
@@ -105,7 +96,7 @@ def init_from_float(model: QuantizedLinenModel, variables: Mapping,
         if not isinstance(site.adapter, LowRankQAT):
             _refresh_scale(site, out["params"])
             continue
-        kernel = _node(float_params, site.keys, "the float params")
+        kernel = subtree(float_params, site.keys, "the float params")
         if "kernel" not in kernel:
             raise ValueError(f"the float params have no kernel at {site.path!r}")
         kernel = jnp.asarray(kernel["kernel"])
@@ -113,8 +104,8 @@ def init_from_float(model: QuantizedLinenModel, variables: Mapping,
             raise ValueError(f"{site.path}/kernel: shape {kernel.shape} in the checkpoint, "
                              f"{site.kernel_shape} in the model: the checkpoint does not match "
                              "the model")
-        node = _node(out["params"], site.keys, "the model's params")
-        frozen = _node(out[lowrank.FROZEN], site.keys, "the model's frozen tensors")
+        node = subtree(out["params"], site.keys, "the model's params")
+        frozen = subtree(out[lowrank.FROZEN], site.keys, "the model's frozen tensors")
         def one(t, site=site):
             f, a = lowrank.init_state(t["w"], site.adapter, jax.random.key(0))
             return {"frozen": f, "scale": a["kernel_scale"]}

@@ -12,6 +12,7 @@ stack of layers (``nn.scan``, ``nnx.vmap``), the axes of the stored kernel that 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import flax.linen as nn
 from flax import nnx
@@ -21,7 +22,8 @@ from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layou
 from qjax.nn.lowrank import LowRankQAT
 from qjax.nn.recipe import LayerQuant
 
-__all__ = ["Site", "linen_layout", "nnx_layout", "path_keys", "LINEN_TYPES", "NNX_TYPES"]
+__all__ = ["Site", "linen_layout", "nnx_layout", "path_keys", "subtree", "LINEN_TYPES",
+           "NNX_TYPES"]
 
 LINEN_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 NNX_TYPES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
@@ -80,6 +82,24 @@ class Site:
 def path_keys(path: str) -> tuple[str, ...]:
     """``"a/b/c"`` -> ``("a", "b", "c")``; ``""`` (the root module) -> ``()``."""
     return tuple(path.split("/")) if path else ()
+
+
+def subtree(tree: Mapping, keys: tuple[str, ...], what: str = "params") -> Mapping:
+    """The node of the nested mapping ``tree`` at ``keys`` (a layer's parameters).
+
+    Raises:
+      ValueError: naming the first missing key: ``what`` do not match the model.
+    """
+    node = tree
+    for i, key in enumerate(keys):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ValueError(f"{what} have no layer {'/'.join(keys[:i + 1])!r}: they do not "
+                             "match the model")
+        node = node[key]
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{what} of layer {'/'.join(keys)!r} are not a mapping: they do not "
+                         "match the model")
+    return node
 
 
 def linen_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_ndim: int,
