@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -18,8 +19,8 @@ from collections.abc import Sequence
 from qjax.scales import as_scale_rule
 from qjax.sharding import MESH_AXES
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides", "STUDY", "study_config", "SCHEDULES",
-           "LOW_RANK_METHODS"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "run_identity", "STUDY",
+           "study_config", "SCHEDULES", "LOW_RANK_METHODS", "PLACEMENT_FIELDS", "QUANT_FIELDS"]
 
 # LR schedule and QAT switch of a run: "cosine" is qjax.optim.warmup_cosine with QAT from
 # qat_start; the others are qjax.methods.compute_optimal.fused_cooldown / classical_qat.
@@ -66,7 +67,7 @@ class TrainConfig:
     grid: str = "auto"
     estimator: str = "auto"
     scale: str = "auto"  # scale rule name (qjax.scales.as_scale_rule), e.g. "mse:8:0.6"
-    block_size: int = 128
+    block_size: int | None = 128  # Hadamard block; None: largest power of 2 <= 128 dividing K
     qat_start: float = 0.0
     # schedule: see SCHEDULES. The wsd ones put QAT on the last qat_fraction of the steps: a
     # float in [0, 1], or "optimal" for exp(-6.7297 / ln S) with S = tokens / (N * weight_bits
@@ -104,8 +105,16 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for f, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
+                             ("grad_clip", 0.0, math.inf), ("warmup_fraction", 0.0, 1.0),
+                             ("val_fraction", 0.0, 1.0), ("trust", 0.0, math.inf),
+                             ("quantizer_lr_multiplier", 0.0, math.inf)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not low <= v <= high or (f in ("lr", "grad_clip", "trust") and v == 0):
+                raise ValueError(f"{f} must be a finite number in [{low}, {high}]"
+                                 f"{' (not 0)' if f in ('lr', 'grad_clip', 'trust') else ''}, "
+                                 f"got {v!r}")
         if not 0.0 <= self.qat_start <= self.steps:
             raise ValueError(
                 f"qat_start must be a fraction in [0, 1] or a step, got {self.qat_start}"
@@ -179,6 +188,39 @@ class TrainConfig:
     @property
     def run_dir(self) -> str:
         return self.out_dir or os.path.join("runs", self.name)
+
+
+# Fields that say where and how a run is observed, not what it computes: resuming a run
+# directory under other values of these is allowed (e.g. on another mesh, or logging more often).
+PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "log_every",
+                    "checkpoint_every", "mesh", "mesh_axis_types", "coordinator_address",
+                    "num_processes", "process_id")
+# Fields a float run (method=None) does not read.
+QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
+                "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
+                "rank", "phi_dtype")
+
+
+def run_identity(config: TrainConfig) -> dict:
+    """The config fields that determine a run's results, as a JSON-able dict.
+
+    Everything except :data:`PLACEMENT_FIELDS`; for a float run also without
+    :data:`QUANT_FIELDS` (so a float baseline is shared by runs that differ only in their
+    quantization), except ``weight_bits`` when ``qat_fraction="optimal"`` sets the float
+    schedule's decay start. Two runs with equal identities on the same corpus train the same
+    model on the same batches.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in PLACEMENT_FIELDS:
+            continue
+        if config.method is None and f.name in QUANT_FIELDS and not (
+                f.name == "weight_bits" and config.qat_fraction == "optimal"):
+            continue
+        out[f.name] = getattr(config, f.name)
+    return json.loads(json.dumps(out))
 
 
 def _convert(name: str, text: str, annotation) -> object:

@@ -8,10 +8,13 @@ float model on the same data, then the quantized one, and ends with a table of b
 Per run (``<out_dir>/<float|qat>/``): ``metrics.jsonl`` (train loss, learning rate, tokens/s; and
 validation loss and perplexity every ``eval_every`` steps), Orbax checkpoints in ``ckpt/`` every
 ``checkpoint_every`` steps (params, optimizer state, step and RNG; the data position is the step,
-since batch ``k`` is a pure function of ``(seed, k)``), and ``done.json`` at the end. A run that is
-killed resumes from its last checkpoint and reproduces the uninterrupted run's losses exactly;
-metrics logged after that checkpoint are dropped and recomputed. Orbax writes each checkpoint to a
-temporary directory and renames it when complete, so a kill never leaves a half-written one.
+since batch ``k`` is a pure function of ``(seed, k)``), ``run.json`` (what the directory is a run
+of: :func:`run_dir_identity`) and ``done.json`` at the end. A run that is killed resumes from its
+newest intact checkpoint and reproduces the uninterrupted run's losses exactly; metrics logged
+after that checkpoint are dropped and recomputed. Each checkpoint carries a manifest of file sizes
+and CRC-32s (:mod:`qjax.checkpoint`): a damaged or truncated newest step is moved aside with a
+one-line notice and the run resumes from the step before. A directory holding a run of another
+config or corpus is refused in one line naming the differing fields, before anything trains.
 
 ``init_from=<run dir of a float run>`` starts from that checkpoint's params (same model sizes):
 the float model continues from them, a quantized one gets them through
@@ -22,11 +25,9 @@ only: the embedding, norms, LM head and frozen tensors are a fixed step argument
 the checkpoint on resume, and the checkpoints hold the trained params only. ZeroQAT and
 distillation are not options of the program (see ``benchmarks/llm_finetune.py``).
 """
-
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -35,49 +36,27 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from flax import traverse_util
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from qjax import data as D
-from qjax import granularity as G
-from qjax import optim, sharding
-from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config
-from qjax.methods import compute_optimal
-from qjax.models.llama import (
-    BLOCK_LINEARS,
-    Llama,
-    LlamaConfig,
-    non_embedding_params,
-    quantization_rules,
+from qjax.checkpoint import RunDirError, TrainingCheckpoints, check_run_dir, write_json_atomic
+from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config, run_identity
+from qjax.models.llama import non_embedding_params
+from qjax.train_setup import (
+    Placement,
+    build_model,
+    initial_params,
+    initial_state,
+    load_params,
+    method_from_config,
+    model_variables,
+    optimizer,
+    validate,
 )
-from qjax.nn import lowrank
-from qjax.nn.layout import dense_layout
-from qjax.nn.pretrained import init_from_float
-from qjax.nn.recipe import Method, resolve
-from qjax.nn.rewrite import quantize_model
-from qjax.spec import QuantSpec
 
-__all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed"]
-
-
-def _method(config: TrainConfig) -> Method | lowrank.LowRankQAT | None:
-    if config.method is None:
-        return None
-    if config.method in LOW_RANK_METHODS:
-        weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
-        act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
-        if config.method == "qalora":
-            return lowrank.qalora(weight, act, rank=config.rank)
-        return lowrank.lr_qat(weight, act, rank=config.rank, phi_dtype=config.phi_dtype)
-    return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                  block_size=config.block_size, trust=config.trust, clip=config.clip,
-                  hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
-                  scale=config.scale, integer_forward=config.integer_forward)
+__all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed",
+           "validate", "run_dir_identity"]
 
 
 def _label(config: TrainConfig) -> str:
@@ -130,288 +109,167 @@ def _read_metrics(path: str, keep_until: int) -> list[dict]:
     os.replace(tmp, path)
     return rows
 
-
-def build_model(config: TrainConfig):
-    """The (quantized) reference model of ``config`` and its initial params."""
-    model_cfg = LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
-                            n_heads=config.n_heads, max_seq_len=config.seq_len)
-    model = quantize_model(Llama(model_cfg), quantization_rules(_method(config)))
-    sample = jnp.zeros((1, config.seq_len), jnp.int32)
-    return model, model.init(jax.random.key(config.seed), sample)["params"]
-
-
-def _schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSchedule]:
-    """The learning-rate schedule and QAT switch of ``config.schedule``; ``params`` gives N for
-    ``qat_fraction="optimal"`` (non-embedding parameters: the ones the blocks quantize)."""
-    if config.schedule == "cosine":
-        return optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction), \
-            optim.QATSchedule(config.qat_start if config.qat_start <= 1.0
-                              else int(config.qat_start), config.steps)
-    fraction = config.qat_fraction
-    if fraction == "optimal":
-        fraction = compute_optimal.optimal_qat_fraction(
-            config.steps * config.batch_size * config.seq_len, non_embedding_params(params),
-            config.weight_bits)
-    make = (compute_optimal.fused_cooldown if config.schedule == "wsd_fused"
-            else compute_optimal.classical_qat)
-    return make(config.steps, config.lr, fraction, config.warmup_fraction)
-
-
-def _optimizer(config: TrainConfig, params):
-    schedule, qat = _schedules(config, params)
-    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
-    return schedule, qat, tx
-
-
-def _abstract_state(params, tx, seed: int) -> dict:
-    state = {"params": params, "opt_state": tx.init(params), "step": 0,
-             "rng": jax.random.key_data(jax.random.key(seed + 1))}
-    return state
-
-
-def _ckpt_run_dir(path: str) -> str:
-    """A run directory from ``init_from``: the run directory itself or its ``ckpt`` folder."""
-    path = os.path.normpath(path)
-    if os.path.basename(path) == "ckpt" and not os.path.isdir(os.path.join(path, "ckpt")):
-        path = os.path.dirname(path)
-    if not os.path.isdir(os.path.join(path, "ckpt")):
-        raise FileNotFoundError(f"init_from={path!r} holds no checkpoint (no ckpt/ folder); "
-                                "give the run directory of a float run, e.g. runs/<name>/float")
-    return path
-
-
-def _from_pretrained(config: TrainConfig, model):
-    """(trainable params, fixed variables or None) of ``config`` starting from the float
-    checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`, which also recomputes
-    learned steps such as LSQ's from the pretrained kernels); for the low-rank
-    methods only the adapters and scales are trained, the rest of the params and the frozen
-    tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
-    float_config = dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
-                                       qat_fraction=None, qat_start=0.0, mesh=None)
-    base = load_params(float_config, _ckpt_run_dir(config.init_from))
-    sample = jnp.zeros((1, config.seq_len), jnp.int32)
-    variables = model.init(jax.random.key(config.seed), sample)
-    if config.method is None:
-        if jax.tree.structure(base) != jax.tree.structure(variables["params"]):
-            raise ValueError(f"init_from={config.init_from!r} does not match the model")
-        return base, None
-    variables = init_from_float(model, variables, base)
-    if config.method not in LOW_RANK_METHODS:
-        return variables["params"], None
-    flat = traverse_util.flatten_dict(variables["params"])
-    adapter = {k: v for k, v in flat.items() if k[-1] in ("lora_down", "lora_up",
-                                                          "kernel_scale")}
-    rest = {k: v for k, v in flat.items() if k not in adapter}
-    fixed = {"params": rest, "collections": {k: v for k, v in variables.items()
-                                             if k != "params"}}
-    return traverse_util.unflatten_dict(adapter), fixed
-
-
-def _variables(p, fixed) -> dict:
-    """The model's variables: ``{"params": p}``, or the trained ``p`` with the fixed tree."""
-    if fixed is None:
-        return {"params": p}
-    flat = {**traverse_util.flatten_dict(p), **fixed["params"]}
-    return {**fixed["collections"], "params": traverse_util.unflatten_dict(flat)}
-
-
-def _initial_params(config: TrainConfig):
-    """(model, initial trained params, fixed variables or None) of ``config``."""
-    model, params = build_model(config)
-    if config.init_from is None:
-        return model, params, None
-    return (model, *_from_pretrained(config, model))
-
-
-def load_params(config: TrainConfig, run_dir: str):
-    """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``; with
-    ``init_from`` and a low-rank method, the trained adapters and scales only)."""
-    _, params, _ = _initial_params(config)
-    _, _, tx = _optimizer(config, params)
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "ckpt")))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}/ckpt")
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                      _abstract_state(params, tx, config.seed))
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    manager.close()
-    return restored["params"]
-
-
-class _Placement:
-    """Where arrays live: one device, or a mesh from ``config.mesh`` (:mod:`qjax.sharding`)."""
-
-    def __init__(self, config: TrainConfig, params, tx):
-        self.mesh = None
-        if config.mesh is None:
-            return
-        self.mesh = sharding.make_mesh(config.mesh, axis_types=config.mesh_axis_types)
-        sharding.check_batch(config.batch_size, self.mesh)
-        self.param_specs = sharding.param_specs(params, self.mesh, sharding.LLAMA_RULES)
-        method = _method(config)
-        if method is not None:
-            lq = resolve(method, dense_layout((config.d_model, config.d_model)))
-            block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard", None)
-            if block:
-                sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,
-                                               BLOCK_LINEARS + "/kernel")
-        self.opt_specs = sharding.opt_state_specs(tx, params, self.param_specs)
-        self.batch = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
-
-    def state(self, state: dict) -> dict:
-        if self.mesh is None:
-            return state
-        placed = sharding.put((state["params"], state["opt_state"]),
-                              self.shardings((self.param_specs, self.opt_specs)))
-        return {**state, "params": placed[0], "opt_state": placed[1]}
-
-    def shardings(self, specs):
-        return sharding.named_shardings(specs, self.mesh)
-
-    def jit_step(self, fn):
-        """``fn(p, opt_state, inputs, targets) -> (p, opt_state, loss)`` jitted; on a mesh the
-        outputs keep the params' and optimizer state's shardings."""
-        if self.mesh is None:
-            return jax.jit(fn, donate_argnums=(0, 1))
-        out = self.shardings((self.param_specs, self.opt_specs, P()))
-        return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
-
-    def batch_arrays(self, *arrays):
-        if self.mesh is None:
-            return tuple(jnp.asarray(a) for a in arrays)
-        return tuple(sharding.put(a, self.batch) for a in arrays)
-
-    def context(self):
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-
-
 def _scalar(x) -> float:
     """A replicated scalar as a Python float (multi-host arrays are not fully addressable)."""
     return float(np.asarray(x.addressable_shards[0].data))
+
+def run_dir_identity(config: TrainConfig, corpus: D.Corpus) -> dict:
+    """What a run directory of ``config`` on ``corpus`` is a run of (recorded in ``run.json``)."""
+    info = corpus.info
+    return {"config": run_identity(config),
+            "corpus": {"sha256": info.sha256, "train_bytes": info.train_bytes,
+                       "val_bytes": info.val_bytes}}
 
 
 def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
     """Trains one model (float if ``config.method`` is None) and returns its final metrics.
 
+    ``run_dir`` records what it is a run of (:func:`run_dir_identity`); a directory holding a
+    run of another config or corpus is refused (:class:`qjax.checkpoint.RunDirError`), and a
+    finished run of the same identity returns its recorded result without training.
+
     With ``config.mesh`` the step runs sharded (params, quantizer and optimizer state placed by
     :data:`qjax.sharding.LLAMA_RULES`, batches over the data axes); with several processes, only
     process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
     """
+    lead = jax.process_index() == 0
+    check_run_dir(run_dir, run_dir_identity(config, corpus), write=lead)
     done_path = os.path.join(run_dir, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
             return json.load(f)
-    os.makedirs(run_dir, exist_ok=True)
-    method = _method(config)
-    model, params, fixed = _initial_params(config)
-    schedule, qat, tx = _optimizer(config, params)
-    place = _Placement(config, params, tx)
-    with place.context():
-        return _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place,
-                           place.state(_abstract_state(params, tx, config.seed)), fixed)
+    job = _Job.build(config, corpus, run_dir)
+    with job.place.context():
+        return job.train()
 
 
-def _train_loop(config, corpus, run_dir, model, method, schedule, tx, qat, place, state,
-                fixed=None):
-    done_path = os.path.join(run_dir, "done.json")
-    lead = jax.process_index() == 0
-    extra = () if fixed is None else (fixed,)  # fixed variables: a step argument, not donated
+@dataclasses.dataclass
+class _Job:
+    """One run: the config, what it builds, and where it writes."""
 
-    def loss_fn(p, inputs, targets, qat_on, *fx):
-        logits = model.apply(_variables(p, fx[0] if fx else None), inputs, qat=qat_on)
+    config: TrainConfig
+    corpus: D.Corpus
+    run_dir: str
+    model: object
+    method: object
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    qat: object
+    place: Placement
+    state: dict
+    fixed: dict | None  # fixed variables of a low-rank run: a step argument, not donated
+
+    @classmethod
+    def build(cls, config: TrainConfig, corpus: D.Corpus, run_dir: str) -> _Job:
+        model, params, fixed = initial_params(config)
+        schedule, qat, tx = optimizer(config, params)
+        place = Placement(config, params, tx)
+        with place.context():
+            state = place.state(initial_state(params, tx, config.seed))
+        return cls(config, corpus, run_dir, model, method_from_config(config), schedule, tx, qat,
+                   place, state, fixed)
+
+    @property
+    def extra(self) -> tuple:
+        return () if self.fixed is None else (self.fixed,)
+
+    def loss(self, p, inputs, targets, qat_on, *fx):
+        logits = self.model.apply(model_variables(p, fx[0] if fx else None), inputs, qat=qat_on)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-    def make_step(qat_on: bool):
-        def step_fn(p, opt_state, inputs, targets, *fx):
-            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets, qat_on, *fx)
-            updates, opt_state = tx.update(grads, opt_state, p)
+    def step_fn(self, qat_on: bool):
+        """The jitted train step ``(p, opt_state, inputs, targets, *fixed) -> (p, opt_state,
+        loss)`` with QAT on or off."""
+        def step(p, opt_state, inputs, targets, *fx):
+            loss, grads = jax.value_and_grad(self.loss)(p, inputs, targets, qat_on, *fx)
+            updates, opt_state = self.tx.update(grads, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
-        return place.jit_step(step_fn)
+        return self.place.jit_step(step)
 
-    steps = {True: make_step(True), False: make_step(False)}
-    eval_fns = {q: jax.jit(lambda p, i, t, *fx, q=q: loss_fn(p, i, t, q, *fx))
-                for q in (True, False)}
-    # Placed once: every evaluation reuses the same validation batches.
-    val = [place.batch_arrays(i, t) for i, t in D.val_batches(
-        corpus.val, config.batch_size, config.seq_len, max_batches=config.eval_batches)]
+    def evaluator(self):
+        """``evaluate(p, qat_on) -> mean validation loss`` over fixed, pre-placed batches."""
+        fns = {q: jax.jit(lambda p, i, t, *fx, q=q: self.loss(p, i, t, q, *fx))
+               for q in (True, False)}
+        c = self.config
+        val = [self.place.batch_arrays(i, t) for i, t in D.val_batches(
+            self.corpus.val, c.batch_size, c.seq_len, max_batches=c.eval_batches)]
+        return lambda p, q: float(np.mean([_scalar(fns[q](p, i, t, *self.extra))
+                                           for i, t in val]))
 
-    def evaluate(p, qat_on: bool) -> float:
-        losses = [_scalar(eval_fns[qat_on](p, i, t, *extra)) for i, t in val]
-        return float(np.mean(losses))
-
-    ckpt_dir = os.path.abspath(os.path.join(run_dir, "ckpt"))
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    def resume(self, store: TrainingCheckpoints, lead: bool) -> tuple[dict, int]:
+        """(state, first step): the newest intact checkpoint's, or the initial state's."""
+        start = store.latest_intact_step()
+        if start is None:
+            return self.state, 0
+        state = store.restore(start, self.state)
         if lead:
-            print(f"[{_label(config)}] resumed from step {start} ({ckpt_dir})", file=sys.stderr)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl" if lead else os.devnull)
-    if lead:
-        _read_metrics(metrics_path, start)
-    p, opt_state = state["params"], state["opt_state"]
-    progress = _Progress(config.steps, _label(config), config.log_every)
-    tokens = config.batch_size * config.seq_len
-    t_last, last_val, since = time.perf_counter(), None, 0
-    with open(metrics_path, "a") as log:
-        for step in range(start, config.steps):
-            inputs, targets = D.get_batch(corpus.train, step, config.batch_size, config.seq_len,
-                                          config.seed)
-            qat_on = method is not None and qat.enabled(step)
-            p, opt_state, loss = steps[qat_on](p, opt_state,
-                                               *place.batch_arrays(inputs, targets), *extra)
-            done, since = step + 1, since + 1
-            if done % config.log_every == 0 or done == config.steps:
-                loss_v = _scalar(loss)
-                now = time.perf_counter()
-                tok_s = tokens * since / max(now - t_last, 1e-9)
-                t_last, since = now, 0
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss is {loss_v} at step {done}")
-                log.write(json.dumps({"step": done, "loss": loss_v, "lr": float(schedule(step)),
-                                      "tokens_per_s": tok_s, "qat": qat_on}) + "\n")
-                if lead:
-                    progress.update(done, loss_v, tok_s)
-            if done % config.eval_every == 0 or done == config.steps:
-                last_val = evaluate(p, qat_on)
-                log.write(json.dumps({"step": done, "val_loss": last_val,
-                                      "val_ppl": math.exp(last_val)}) + "\n")
-            log.flush()
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                manager.save(done, args=ocp.args.StandardSave(
-                    {"params": p, "opt_state": opt_state, "step": done, "rng": state["rng"]}))
-                manager.wait_until_finished()
-            if since == 0:  # keep evaluation and checkpoint time out of tokens/s
-                t_last = time.perf_counter()
-            if config.stop_after is not None and done >= config.stop_after and \
-                    done < config.steps:
-                progress.close()
-                print(f"[{_label(config)}] stopped after step {done} (stop_after)",
-                      file=sys.stderr)
-                manager.close()
-                return {"stopped": done}
-    progress.close()
-    manager.close()
-    result = {
-        "label": _label(config), "method": config.method,
-        "weight_bits": config.weight_bits if method else None,
-        "act_bits": config.act_bits if method else None,
-        "val_loss": last_val, "val_ppl": math.exp(last_val),
-        "steps": config.steps, "tokens": config.steps * tokens,
-        "non_embedding_params": non_embedding_params(p),
-    }
-    if lead:
-        tmp = done_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, done_path)
-    return result
+            print(f"[{_label(self.config)}] resumed from step {start} ({store.directory})",
+                  file=sys.stderr)
+        return state, start
+
+    def train(self) -> dict:
+        c, lead = self.config, jax.process_index() == 0
+        steps = {True: self.step_fn(True), False: self.step_fn(False)}
+        evaluate = self.evaluator()
+        store = TrainingCheckpoints(os.path.join(self.run_dir, "ckpt"), lead=lead)
+        state, start = self.resume(store, lead)
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl" if lead else os.devnull)
+        if lead:
+            _read_metrics(metrics_path, start)
+        p, opt_state = state["params"], state["opt_state"]
+        progress = _Progress(c.steps, _label(c), c.log_every)
+        tokens = c.batch_size * c.seq_len
+        t_last, last_val, since = time.perf_counter(), None, 0
+        with open(metrics_path, "a") as log:
+            for step in range(start, c.steps):
+                inputs, targets = D.get_batch(self.corpus.train, step, c.batch_size, c.seq_len,
+                                              c.seed)
+                qat_on = self.method is not None and self.qat.enabled(step)
+                p, opt_state, loss = steps[qat_on](
+                    p, opt_state, *self.place.batch_arrays(inputs, targets), *self.extra)
+                done, since = step + 1, since + 1
+                if done % c.log_every == 0 or done == c.steps:
+                    loss_v = _scalar(loss)
+                    now = time.perf_counter()
+                    tok_s = tokens * since / max(now - t_last, 1e-9)
+                    t_last, since = now, 0
+                    if not math.isfinite(loss_v):
+                        raise FloatingPointError(f"loss is {loss_v} at step {done}")
+                    log.write(json.dumps({"step": done, "loss": loss_v,
+                                          "lr": float(self.schedule(step)),
+                                          "tokens_per_s": tok_s, "qat": qat_on}) + "\n")
+                    if lead:
+                        progress.update(done, loss_v, tok_s)
+                if done % c.eval_every == 0 or done == c.steps:
+                    last_val = evaluate(p, qat_on)
+                    log.write(json.dumps({"step": done, "val_loss": last_val,
+                                          "val_ppl": math.exp(last_val)}) + "\n")
+                log.flush()
+                if done % c.checkpoint_every == 0 or done == c.steps:
+                    store.save(done, {"params": p, "opt_state": opt_state, "step": done,
+                                      "rng": state["rng"]})
+                if since == 0:  # keep evaluation and checkpoint time out of tokens/s
+                    t_last = time.perf_counter()
+                if c.stop_after is not None and c.stop_after <= done < c.steps:
+                    progress.close()
+                    print(f"[{_label(c)}] stopped after step {done} (stop_after)",
+                          file=sys.stderr)
+                    store.close()
+                    return {"stopped": done}
+        progress.close()
+        store.close()
+        result = {
+            "label": _label(c), "method": c.method,
+            "weight_bits": c.weight_bits if self.method else None,
+            "act_bits": c.act_bits if self.method else None,
+            "val_loss": last_val, "val_ppl": math.exp(last_val),
+            "steps": c.steps, "tokens": c.steps * tokens,
+            "non_embedding_params": non_embedding_params(p),
+        }
+        if lead:
+            write_json_atomic(os.path.join(self.run_dir, "done.json"), result)
+        return result
 
 
 def _table(results: list[dict], entropy: float) -> str:
@@ -426,24 +284,38 @@ def _table(results: list[dict], entropy: float) -> str:
     lines.append(f"| unigram entropy of val bytes | {entropy:.4f} | {math.exp(entropy):.3f} | | |")
     return "\n".join(lines)
 
+def _runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
+    """(sub-directory, config) of each model ``config`` trains, in order."""
+    runs = []
+    if config.baseline and config.method is not None:
+        runs.append(("float", dataclasses.replace(config, method=None)))
+    runs.append(("qat" if config.method is not None else "float", config))
+    return runs
+
 
 def run(config: TrainConfig) -> list[dict]:
-    """Runs the float baseline (if ``config.baseline``) and the configured model; prints a table."""
+    """Runs the float baseline (if ``config.baseline``) and the configured model; prints a table.
+
+    Everything that can be checked before training is checked first: the config and its recipe
+    on every layer (:func:`validate`), then, once the corpus is read, every run directory's
+    identity, so a mistake is reported before the float baseline has trained for minutes.
+    """
+    validate(config)
     corpus = D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
                                           max_bytes=config.max_corpus_bytes,
                                           val_fraction=config.val_fraction))
     lead = jax.process_index() == 0
+    runs = _runs(config)
+    for sub, cfg in runs:
+        check_run_dir(os.path.join(config.run_dir, sub), run_dir_identity(cfg, corpus),
+                      write=False)
     if lead:
         print(corpus.info.describe(), file=sys.stderr)
         os.makedirs(config.run_dir, exist_ok=True)
-        with open(os.path.join(config.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=1)
-    configs = []
-    if config.baseline and config.method is not None:
-        configs.append(("float", dataclasses.replace(config, method=None)))
-    configs.append(("qat" if config.method is not None else "float", config))
+        write_json_atomic(os.path.join(config.run_dir, "config.json"),
+                          dataclasses.asdict(config))
     results = []
-    for sub, cfg in configs:
+    for sub, cfg in runs:
         r = train_one(cfg, corpus, os.path.join(config.run_dir, sub))
         if "stopped" in r:
             return results
@@ -469,10 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.override)
+        validate(config)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
     initialize_distributed(config)
-    run(config)
+    try:
+        run(config)
+    except RunDirError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -88,3 +88,25 @@ def test_low_rank_fields():
     for message, overrides in bad.items():
         with pytest.raises(ValueError, match=message):
             apply_overrides(TrainConfig(), overrides)
+
+
+def test_run_identity_keeps_what_changes_results_only():
+    from qjax.config import PLACEMENT_FIELDS, QUANT_FIELDS, run_identity
+
+    base = TrainConfig()
+    ident = run_identity(base)
+    assert not set(PLACEMENT_FIELDS) & set(ident)
+    assert ident["weight_bits"] == 4 and ident["corpus_paths"] == []
+    # placement never changes the identity; results-bearing fields do
+    moved = TrainConfig(out_dir="/elsewhere", log_every=1, mesh={"data": 2}, stop_after=3)
+    assert run_identity(moved) == ident
+    assert run_identity(TrainConfig(lr=1e-3)) != ident
+    # a float run ignores the quantization fields, unless they set its schedule
+    float_a = run_identity(TrainConfig(method=None, weight_bits=4))
+    assert float_a == run_identity(TrainConfig(method=None, weight_bits=2, trust=2.0))
+    assert not set(QUANT_FIELDS) & set(float_a)
+    opt = dict(method=None, schedule="wsd_fused", qat_fraction="optimal")
+    assert run_identity(TrainConfig(**opt, weight_bits=4)) != run_identity(
+        TrainConfig(**opt, weight_bits=2))
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        run_identity({"lr": 1})

@@ -7,6 +7,7 @@ import pytest
 from flax import traverse_util
 
 from qjax import train
+from qjax.checkpoint import MANIFEST, RunDirError
 from qjax.config import TrainConfig
 
 TINY = dict(d_model=64, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, lr=3e-3,
@@ -49,6 +50,12 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
     # a half-written step-4 metrics line, as a kill right after logging would leave
     with open(tmp_path / "qat" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    # resuming under another config is refused, naming the field, before anything is trained
+    for change, field in ((dict(act_bits=2), "act_bits: 4 -> 2"),
+                          (dict(d_model=128, block_size=None), "d_model: 64 -> 128")):
+        with pytest.raises(RunDirError, match=field):
+            train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False,
+                                  **{**TINY, **change}))
     resumed = train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, **TINY))
     def strip(rows):  # wall-clock throughput differs between runs; everything else must not
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
@@ -122,3 +129,59 @@ def test_low_rank_qat_from_a_float_run(tmp_path):
         "lora_down", "lora_up", "kernel_scale"}
     with pytest.raises(ValueError, match="needs init_from|set init_from"):
         TrainConfig(method="qalora")
+
+
+def test_rerun_with_other_overrides_never_returns_the_old_results(uninterrupted, capsys):
+    out, results = uninterrupted
+    before = (out / "qat" / "done.json").read_text()
+    with pytest.raises(RunDirError, match=r"qat holds a run of another config \(config\."
+                                          r"weight_bits: 4 -> 2\)"):
+        train.run(TrainConfig(name="tiny", out_dir=str(out), **{**TINY, "weight_bits": 2}))
+    assert (out / "qat" / "done.json").read_text() == before
+    # the same config again returns the recorded results without training
+    assert train.run(TrainConfig(name="tiny", out_dir=str(out), **TINY)) == results
+    assert "resumed" not in capsys.readouterr().err
+
+
+def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
+        uninterrupted, tmp_path, capsys):
+    full_out, _ = uninterrupted
+    tiny = {**TINY, "checkpoint_every": 2}
+    train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, stop_after=4,
+                          **tiny))
+    step4 = tmp_path / "qat" / "ckpt" / "4"
+    files = [os.path.join(r, n) for r, _, ns in os.walk(step4) for n in ns if n != MANIFEST]
+    big = max(files, key=os.path.getsize)
+    with open(big, "r+b") as f:
+        f.seek(os.path.getsize(big) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    capsys.readouterr()
+    result = train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, **tiny))
+    err = capsys.readouterr().err
+    assert "checkpoint step 4" in err and "fails its CRC-32 check" in err
+    assert "resuming from step 2" in err and "resumed from step 2" in err
+    assert os.listdir(tmp_path / "qat" / "ckpt_corrupt") == ["4-0"]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert strip(_rows(tmp_path / "qat" / "metrics.jsonl")) == strip(
+        _rows(full_out / "qat" / "metrics.jsonl"))
+    assert result[0]["val_loss"] == json.loads((full_out / "qat" / "done.json").read_text())[
+        "val_loss"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method=foo", "unknown method 'foo'"),
+    ("weight_bits=9", "weight_bits must be in [1, 8], got 9"),
+    ("lr=nan", "lr must be a finite number"),
+    ("d_model=96", "Hadamard block_size 128 does not divide the K (contracted size) 96"),
+    ("grad_clip=0", "grad_clip must be a finite number"),
+], ids=["method", "bits", "lr", "hadamard_block", "grad_clip"])
+def test_config_mistakes_fail_in_one_line_before_any_data_is_read(override, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--override", override, "corpus_paths=/nonexistent"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err

@@ -1,0 +1,245 @@
+"""What a :class:`~qjax.config.TrainConfig` builds: the quantized reference model, its method,
+learning-rate schedule and QAT switch, optimizer, initial state, and where arrays live.
+
+Used by the training program (:mod:`qjax.train`) and by anything that needs the exact model of a
+run, e.g. to reload its checkpoint (:func:`load_params`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qjax import granularity as G
+from qjax import optim, sharding
+from qjax.checkpoint import RunDirError, TrainingCheckpoints
+from qjax.config import LOW_RANK_METHODS, TrainConfig
+from qjax.methods import compute_optimal
+from qjax.models.llama import (
+    BLOCK_LINEARS,
+    Llama,
+    LlamaConfig,
+    non_embedding_params,
+    quantization_rules,
+)
+from qjax.nn import lowrank
+from qjax.nn.layout import dense_layout
+from qjax.nn.pretrained import init_from_float
+from qjax.nn.recipe import Method, resolve
+from qjax.nn.rewrite import quantize_model
+from qjax.spec import QuantSpec
+
+__all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
+           "initial_params", "model_variables", "load_params", "Placement", "model_config",
+           "validate"]
+
+
+def method_from_config(config: TrainConfig) -> Method | lowrank.LowRankQAT | None:
+    """The layer recipe of ``config.method`` (None for a float run)."""
+    if config.method is None:
+        return None
+    if config.method in LOW_RANK_METHODS:
+        weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
+        act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+        if config.method == "qalora":
+            return lowrank.qalora(weight, act, rank=config.rank)
+        return lowrank.lr_qat(weight, act, rank=config.rank, phi_dtype=config.phi_dtype)
+    return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
+                  block_size=config.block_size, trust=config.trust, clip=config.clip,
+                  hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
+                  scale=config.scale, integer_forward=config.integer_forward)
+
+
+def model_config(config: TrainConfig) -> LlamaConfig:
+    """The reference model's sizes of ``config``."""
+    return LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
+                       n_heads=config.n_heads, max_seq_len=config.seq_len)
+
+
+def validate(config: TrainConfig) -> None:
+    """Checks everything about ``config`` that can fail before any data is read or any step is
+    run: the model sizes, the method and its recipe resolved on every linear layer's kernel
+    (a Hadamard block or group that does not divide K names the layer), the schedule.
+
+    Raises:
+      ValueError / TypeError: naming the field or layer.
+    """
+    mc = model_config(config)
+    method = method_from_config(config)
+    if isinstance(method, Method):
+        for name, shape in (("attention and output projections", (mc.d_model, mc.d_model)),
+                            ("mlp gate/up", (mc.d_model, mc.ffn_hidden)),
+                            ("mlp down", (mc.ffn_hidden, mc.d_model))):
+            try:
+                resolve(method, dense_layout(shape), name)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{e} (d_model={config.d_model})") from None
+    if config.method is not None and config.schedule != "cosine":
+        schedules(config, {"probe": jnp.zeros((1,))})
+
+
+def build_model(config: TrainConfig):
+    """The (quantized) reference model of ``config`` and its initial params."""
+    model = quantize_model(Llama(model_config(config)),
+                           quantization_rules(method_from_config(config)))
+    sample = jnp.zeros((1, config.seq_len), jnp.int32)
+    return model, model.init(jax.random.key(config.seed), sample)["params"]
+
+
+def schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSchedule]:
+    """The learning-rate schedule and QAT switch of ``config.schedule``; ``params`` gives N for
+    ``qat_fraction="optimal"`` (non-embedding parameters: the ones the blocks quantize)."""
+    if config.schedule == "cosine":
+        return optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction), \
+            optim.QATSchedule(config.qat_start if config.qat_start <= 1.0
+                              else int(config.qat_start), config.steps)
+    fraction = config.qat_fraction
+    if fraction == "optimal":
+        fraction = compute_optimal.optimal_qat_fraction(
+            config.steps * config.batch_size * config.seq_len, non_embedding_params(params),
+            config.weight_bits)
+    make = (compute_optimal.fused_cooldown if config.schedule == "wsd_fused"
+            else compute_optimal.classical_qat)
+    return make(config.steps, config.lr, fraction, config.warmup_fraction)
+
+
+def optimizer(config: TrainConfig, params):
+    schedule, qat = schedules(config, params)
+    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
+    return schedule, qat, tx
+
+
+def initial_state(params, tx, seed: int) -> dict:
+    state = {"params": params, "opt_state": tx.init(params), "step": 0,
+             "rng": jax.random.key_data(jax.random.key(seed + 1))}
+    return state
+
+
+def _ckpt_run_dir(path: str) -> str:
+    """A run directory from ``init_from``: the run directory itself or its ``ckpt`` folder."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == "ckpt" and not os.path.isdir(os.path.join(path, "ckpt")):
+        path = os.path.dirname(path)
+    if not os.path.isdir(os.path.join(path, "ckpt")):
+        raise FileNotFoundError(f"init_from={path!r} holds no checkpoint (no ckpt/ folder); "
+                                "give the run directory of a float run, e.g. runs/<name>/float")
+    return path
+
+
+def _from_pretrained(config: TrainConfig, model):
+    """(trainable params, fixed variables or None) of ``config`` starting from the float
+    checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`, which also recomputes
+    learned steps such as LSQ's from the pretrained kernels); for the low-rank
+    methods only the adapters and scales are trained, the rest of the params and the frozen
+    tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
+    float_config = dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
+                                       qat_fraction=None, qat_start=0.0, mesh=None)
+    base = load_params(float_config, _ckpt_run_dir(config.init_from))
+    sample = jnp.zeros((1, config.seq_len), jnp.int32)
+    variables = model.init(jax.random.key(config.seed), sample)
+    if config.method is None:
+        if jax.tree.structure(base) != jax.tree.structure(variables["params"]):
+            raise ValueError(f"init_from={config.init_from!r} does not match the model")
+        return base, None
+    variables = init_from_float(model, variables, base)
+    if config.method not in LOW_RANK_METHODS:
+        return variables["params"], None
+    flat = traverse_util.flatten_dict(variables["params"])
+    adapter = {k: v for k, v in flat.items() if k[-1] in ("lora_down", "lora_up",
+                                                          "kernel_scale")}
+    rest = {k: v for k, v in flat.items() if k not in adapter}
+    fixed = {"params": rest, "collections": {k: v for k, v in variables.items()
+                                             if k != "params"}}
+    return traverse_util.unflatten_dict(adapter), fixed
+
+
+def model_variables(p, fixed) -> dict:
+    """The model's variables: ``{"params": p}``, or the trained ``p`` with the fixed tree."""
+    if fixed is None:
+        return {"params": p}
+    flat = {**traverse_util.flatten_dict(p), **fixed["params"]}
+    return {**fixed["collections"], "params": traverse_util.unflatten_dict(flat)}
+
+
+def initial_params(config: TrainConfig):
+    """(model, initial trained params, fixed variables or None) of ``config``."""
+    model, params = build_model(config)
+    if config.init_from is None:
+        return model, params, None
+    return (model, *_from_pretrained(config, model))
+
+
+def load_params(config: TrainConfig, run_dir: str):
+    """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``; with
+    ``init_from`` and a low-rank method, the trained adapters and scales only)."""
+    _, params, _ = initial_params(config)
+    _, _, tx = optimizer(config, params)
+    ckpt = os.path.join(run_dir, "ckpt")
+    if not os.path.isdir(ckpt):
+        raise FileNotFoundError(f"no checkpoint in {ckpt}")
+    store = TrainingCheckpoints(ckpt, create=False, max_to_keep=None)
+    try:
+        step = store.latest_intact_step(move_aside=False)
+        if step is None:
+            raise RunDirError(f"no intact checkpoint in {ckpt} (steps {store.steps()})")
+        return store.restore(step, initial_state(params, tx, config.seed))["params"]
+    finally:
+        store.close()
+
+
+class Placement:
+    """Where arrays live: one device, or a mesh from ``config.mesh`` (:mod:`qjax.sharding`)."""
+
+    def __init__(self, config: TrainConfig, params, tx):
+        self.mesh = None
+        if config.mesh is None:
+            return
+        self.mesh = sharding.make_mesh(config.mesh, axis_types=config.mesh_axis_types)
+        sharding.check_batch(config.batch_size, self.mesh)
+        self.param_specs = sharding.param_specs(params, self.mesh, sharding.LLAMA_RULES)
+        method = method_from_config(config)
+        if method is not None:
+            lq = resolve(method, dense_layout((config.d_model, config.d_model)))
+            block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard", None)
+            if block:
+                sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,
+                                               BLOCK_LINEARS + "/kernel")
+        self.opt_specs = sharding.opt_state_specs(tx, params, self.param_specs)
+        self.batch = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
+
+    def state(self, state: dict) -> dict:
+        if self.mesh is None:
+            return state
+        placed = sharding.put((state["params"], state["opt_state"]),
+                              self.shardings((self.param_specs, self.opt_specs)))
+        return {**state, "params": placed[0], "opt_state": placed[1]}
+
+    def shardings(self, specs):
+        return sharding.named_shardings(specs, self.mesh)
+
+    def jit_step(self, fn):
+        """``fn(p, opt_state, inputs, targets) -> (p, opt_state, loss)`` jitted; on a mesh the
+        outputs keep the params' and optimizer state's shardings."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=(0, 1))
+        out = self.shardings((self.param_specs, self.opt_specs, P()))
+        return jax.jit(fn, donate_argnums=(0, 1), out_shardings=out)
+
+    def batch_arrays(self, *arrays):
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(sharding.put(a, self.batch) for a in arrays)
+
+    def context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+

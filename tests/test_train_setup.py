@@ -1,0 +1,33 @@
+"""What a TrainConfig builds (qjax.train_setup), checked without training."""
+
+import pytest
+
+from qjax import train_setup as S
+from qjax.config import TrainConfig
+from qjax.nn.recipe import Method
+
+
+def test_validate_accepts_the_default_and_auto_blocks():
+    S.validate(TrainConfig())
+    S.validate(TrainConfig(d_model=96, block_size=None))  # auto block: 32 divides 96
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(d_model=96), "layer 'attention and output projections': Hadamard block_size 128"),
+    (dict(d_model=96, n_heads=5), "must split into n_heads"),
+    (dict(estimator="foo"), "estimator of quest must be one of"),
+    (dict(grid="foo"), "grid must be 'auto', 'midrise' or 'int'"),
+    (dict(schedule="wsd_fused", qat_fraction="optimal", weight_bits=None, act_bits=4),
+     "needs weight_bits"),
+], ids=["block", "heads", "estimator", "grid", "optimal_without_bits"])
+def test_validate_names_the_mistake(fields, message):
+    with pytest.raises(ValueError, match=message):
+        S.validate(TrainConfig(**fields)) if "schedule" not in fields else TrainConfig(**fields)
+
+
+def test_method_from_config_and_model_config():
+    assert S.method_from_config(TrainConfig(method=None)) is None
+    m = S.method_from_config(TrainConfig(method="lsq", weight_bits=2, act_bits=8))
+    assert isinstance(m, Method) and (m.weight_bits, m.act_bits) == (2, 8)
+    mc = S.model_config(TrainConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32))
+    assert (mc.d_model, mc.n_layers, mc.n_heads, mc.max_seq_len) == (64, 3, 2, 32)
