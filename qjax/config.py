@@ -47,6 +47,7 @@ class TrainConfig:
     seq_len: int = 256
     # data (qjax.data.CorpusConfig); () is the Python standard library's own sources
     corpus_paths: tuple[str, ...] = ()
+    corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md")  # files taken from directories
     max_corpus_bytes: int = 64 * 2**20
     val_fraction: float = 0.05
     # optimisation (QuEST recipe: AdamW 0.9/0.95, decay 0.1 on matrices, clip 1.0, warm-up 10%)

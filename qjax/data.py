@@ -8,6 +8,10 @@ file named twice is read once), empty files are skipped, and whole files are rea
 the next one would push the raw file bytes (separators not counted) past ``max_bytes``. Tokens are
 bytes (vocab 256).
 
+A single file (or a first file that alone exceeds ``max_bytes``) is taken as its first
+``max_bytes`` bytes and split inside: validation is the tail from the first line break at or after
+byte ``round(len * (1 - val_fraction))``.
+
 Split: whole files, no seed. With ``n`` files and ``n_val = clamp(round(n * val_fraction), 1,
 n - 1)``, file ``i`` is validation iff ``i == ((2 j + 1) n) // (2 n_val)`` for some ``j < n_val``
 (evenly spaced through the sorted list, so no single package dominates validation). Train and val
@@ -131,8 +135,8 @@ def _val_indices(n: int, val_fraction: float) -> set[int]:
 def load_corpus(config: CorpusConfig | None = None) -> Corpus:
     """Read, cap, concatenate and split the corpus described by ``config`` (see module doc).
 
-    Raises ``FileNotFoundError`` for a missing user path and ``ValueError`` if fewer than two
-    non-empty files fit in ``max_bytes`` (an empty corpus or one that cannot be split by files).
+    Raises ``FileNotFoundError`` for a missing user path and ``ValueError`` for an empty corpus
+    (naming the suffix filter) or a one-file corpus too short to split.
     """
     config = CorpusConfig() if config is None else config
     source, files = _list_files(config)
@@ -144,15 +148,19 @@ def load_corpus(config: CorpusConfig | None = None) -> Corpus:
         if not data:
             continue
         if total + len(data) > config.max_bytes:
+            if not blobs:  # one large file: its first max_bytes bytes, split inside
+                names, blobs = [str(f)], [data[:config.max_bytes]]
             break
         total += len(data)
         names.append(str(f))
         blobs.append(data)
     if not blobs:
-        raise ValueError(f"empty corpus: no non-empty files within max_bytes={config.max_bytes} "
-                         f"(source={source}, {len(files)} candidate files)")
-    if len(blobs) < 2:
-        raise ValueError(f"corpus has a single file ({names[0]!r}); need >= 2 to split by files")
+        kinds = "" if not config.paths else f" ending in {'/'.join(config.suffixes)}"
+        raise ValueError(f"empty corpus: no non-empty files{kinds} (source={source}, "
+                         f"{len(files)} candidate files; the suffixes are CorpusConfig.suffixes, "
+                         f"corpus_suffixes in TrainConfig)")
+    if len(blobs) == 1:
+        return _split_one_file(source, names[0], blobs[0], config.val_fraction)
     val_idx = _val_indices(len(blobs), config.val_fraction)
     train_ids = [i for i in range(len(blobs)) if i not in val_idx]
     val_ids = sorted(val_idx)
@@ -165,6 +173,36 @@ def load_corpus(config: CorpusConfig | None = None) -> Corpus:
         train_files=tuple(names[i] for i in train_ids), val_files=tuple(names[i] for i in val_ids))
     # np.frombuffer over bytes gives read-only arrays that share memory with the bytes objects.
     return Corpus(np.frombuffer(train_b, np.uint8), np.frombuffer(val_b, np.uint8), info)
+
+
+def _split_one_file(source: str, name: str, data: bytes, val_fraction: float) -> Corpus:
+    """A one-file corpus split inside the file at a line break (see module doc)."""
+    cut = round(len(data) * (1.0 - val_fraction))
+    line = data.find(b"\n", cut)
+    cut = line + 1 if 0 <= line < len(data) - 1 else cut
+    if not 0 < cut < len(data):
+        raise ValueError(f"corpus is one file of {len(data)} bytes ({name!r}): too short to "
+                         f"split into training and validation bytes")
+    info = CorpusInfo(
+        source=source, num_files=1, num_train_files=1, num_val_files=1, train_bytes=cut,
+        val_bytes=len(data) - cut, sha256=hashlib.sha256(data).hexdigest()[:16],
+        train_files=(name,), val_files=(name,))
+    return Corpus(np.frombuffer(data[:cut], np.uint8), np.frombuffer(data[cut:], np.uint8), info)
+
+
+def check_fits(corpus: Corpus, batch_size: int, seq_len: int) -> None:
+    """Raises ValueError naming the split if training windows (``seq_len + 1`` bytes) or one
+    validation batch (``batch_size * seq_len + 1`` bytes) do not fit in it."""
+    check_pos_int("batch_size", batch_size)
+    check_pos_int("seq_len", seq_len)
+    advice = "raise max_corpus_bytes or val_fraction, or lower seq_len or batch_size"
+    if corpus.train.shape[0] < seq_len + 1:
+        raise ValueError(f"the training split has {corpus.train.shape[0]} bytes, fewer than "
+                         f"seq_len + 1 = {seq_len + 1}: {advice}")
+    if num_val_batches(corpus.val.shape[0], batch_size, seq_len) == 0:
+        raise ValueError(f"the validation split has {corpus.val.shape[0]} bytes, too few for "
+                         f"one batch of batch_size={batch_size} x seq_len={seq_len} "
+                         f"({batch_size * seq_len + 1} bytes): {advice}")
 
 
 def get_batch(tokens: np.ndarray, step: int, batch_size: int, seq_len: int,
@@ -262,6 +300,6 @@ def unigram_entropy(tokens: np.ndarray | Sequence[int]) -> float:
 
 
 __all__ = [
-    "SEPARATOR", "VOCAB_SIZE", "Corpus", "CorpusConfig", "CorpusInfo", "get_batch",
+    "SEPARATOR", "VOCAB_SIZE", "Corpus", "CorpusConfig", "CorpusInfo", "check_fits", "get_batch",
     "load_corpus", "num_val_batches", "train_batches", "unigram_entropy", "val_batches",
 ]

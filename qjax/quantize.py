@@ -52,6 +52,10 @@ def _check_x(x) -> jax.Array:
         x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a floating array (float32, bfloat16, float16), got {x.dtype}")
+    if jax.dtypes.canonicalize_dtype(x.dtype) == jnp.float64:
+        # Only reachable with jax_enable_x64: without it JAX itself computes float64 as float32.
+        raise TypeError("x is float64 with jax_enable_x64 on, but quantizers compute in float32 "
+                        "(scales, rotation, rounding): cast x to float32 first")
     return x
 
 

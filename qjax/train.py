@@ -303,7 +303,9 @@ def run(config: TrainConfig) -> list[dict]:
     validate(config)
     corpus = D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
                                           max_bytes=config.max_corpus_bytes,
-                                          val_fraction=config.val_fraction))
+                                          val_fraction=config.val_fraction,
+                                          suffixes=config.corpus_suffixes))
+    D.check_fits(corpus, config.batch_size, config.seq_len)
     lead = jax.process_index() == 0
     runs = _runs(config)
     for sub, cfg in runs:

@@ -63,10 +63,11 @@ def test_stdlib_corpus_contents_and_cap(corpus):
         rel = Path(f).relative_to(STDLIB)
         assert rel.suffix == ".py"
         assert not {"site-packages", "test", "tests", "idlelib", "__pycache__"} & set(rel.parts)
-    # A larger cap includes more files; a cap smaller than the first file gives an empty corpus.
+    # A larger cap includes more files; a cap smaller than the first file takes that file's
+    # first max_bytes bytes (here 1: too short to split).
     bigger = load_corpus(CorpusConfig(max_bytes=2 * MAX_BYTES)).info
     assert bigger.num_files > info.num_files
-    with pytest.raises(ValueError, match="empty corpus"):
+    with pytest.raises(ValueError, match="one file of 1 bytes .* too short to split"):
         load_corpus(CorpusConfig(max_bytes=1))
 
 
@@ -134,10 +135,11 @@ def test_bad_corpus_inputs(tmp_path):
         load_corpus(CorpusConfig(paths=(str(missing),)))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x.bin").write_bytes(b"123")
-    with pytest.raises(ValueError, match="empty corpus"):
+    with pytest.raises(ValueError, match=r"empty corpus: no non-empty files ending in "
+                                         r"\.py/\.txt/\.md .*corpus_suffixes"):
         load_corpus(CorpusConfig(paths=(str(tmp_path / "d"),)))
     (tmp_path / "one.txt").write_bytes(b"hello")
-    with pytest.raises(ValueError, match="single file"):
+    with pytest.raises(ValueError, match="one file of 5 bytes .* too short to split"):
         load_corpus(CorpusConfig(paths=(str(tmp_path / "one.txt"),)))
     for bad in (0.0, 0.51, -0.1):
         with pytest.raises(ValueError, match="val_fraction"):
@@ -148,6 +150,36 @@ def test_bad_corpus_inputs(tmp_path):
         CorpusConfig(max_bytes=1.5)
     with pytest.raises(TypeError, match="paths"):
         CorpusConfig(paths=str(tmp_path))
+
+
+def test_one_large_text_file_is_split_inside_at_a_line_break(tmp_path):
+    lines = [f"line {i:04d}\n".encode() for i in range(100)]  # 10 bytes each
+    data = b"".join(lines)
+    (tmp_path / "big.txt").write_bytes(data)
+    c = load_corpus(CorpusConfig(paths=(str(tmp_path / "big.txt"),), val_fraction=0.1))
+    # cut at round(1000 * 0.9) = 900, the first line break at or after it ends line 90
+    assert c.train.tobytes() == data[:910] and c.val.tobytes() == data[910:]
+    assert (c.info.num_files, c.info.train_bytes, c.info.val_bytes) == (1, 910, 90)
+    assert c.info.sha256 == hashlib.sha256(data).hexdigest()[:16]
+    # a file larger than max_bytes is its first max_bytes bytes
+    capped = load_corpus(CorpusConfig(paths=(str(tmp_path / "big.txt"),), max_bytes=500,
+                                      val_fraction=0.1))
+    assert capped.train.tobytes() + capped.val.tobytes() == data[:500]
+    assert capped.train.tobytes() == data[:460]  # 450 -> the line break ending line 45
+
+
+def test_check_fits_names_the_short_split(tmp_path):
+    from qjax.data import check_fits
+
+    (tmp_path / "a.txt").write_bytes(b"x" * 1000)
+    (tmp_path / "b.txt").write_bytes(b"y" * 100)
+    c = load_corpus(CorpusConfig(paths=(str(tmp_path),), val_fraction=0.5))
+    check_fits(c, batch_size=2, seq_len=32)
+    with pytest.raises(ValueError, match=r"validation split has 100 bytes, too few for one "
+                                         r"batch of batch_size=4 x seq_len=32 \(129 bytes\)"):
+        check_fits(c, batch_size=4, seq_len=32)
+    with pytest.raises(ValueError, match="training split has 1000 bytes, fewer than seq_len"):
+        check_fits(c, batch_size=1, seq_len=1000)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -369,3 +369,16 @@ def test_spec_and_call_arguments_validated():
         qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerGroup(-1, 4)), (2, -8))
     with pytest.raises(TypeError, match="shape must be a tuple of ints"):
         qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerRow(-1)), 8)
+
+
+def test_float64_is_refused_under_x64_and_canonicalized_without():
+    x64 = np.linspace(-1, 1, 64).reshape(2, 32)  # numpy float64
+    spec = qjax.QuantSpec("int8", "row")
+    # without x64, JAX itself computes float64 numpy input as float32: accepted
+    assert qjax.fake_quant(x64, spec).dtype == jnp.float32
+    with jax.enable_x64(True):
+        with pytest.raises(TypeError, match="float64 with jax_enable_x64 on.*cast x to float32"):
+            qjax.fake_quant(jnp.asarray(x64), spec)
+        with pytest.raises(TypeError, match="cast x to float32"):
+            qjax.quantize(jnp.asarray(x64), spec)
+        assert qjax.fake_quant(jnp.asarray(x64, jnp.float32), spec).dtype == jnp.float32
