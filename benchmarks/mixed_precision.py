@@ -51,6 +51,7 @@ import optax
 from qjax import convert as QC
 from qjax import data as D
 from qjax import optim, precision, train
+from qjax.checkpoint import write_json_atomic
 from qjax.config import TrainConfig
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
 from qjax.nn import Method, quantize_model
@@ -174,9 +175,7 @@ class Bench:
         """``fn()``, or its result stored in ``runs_dir/<name>.json`` by an earlier run."""
         path = os.path.join(self.runs_dir, f"{name}.json")
         if not os.path.exists(path):
-            with open(path + ".tmp", "w") as f:
-                json.dump(fn(), f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json_atomic(path, fn())
         with open(path) as f:
             return json.load(f)
 

@@ -26,7 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 
 __all__ = ["RunDirError", "TrainingCheckpoints", "check_run_dir", "file_crc32",
-           "write_manifest", "verify_step", "MANIFEST", "RUN_FILE"]
+           "write_manifest", "verify_step", "write_atomic", "write_json_atomic", "MANIFEST",
+           "RUN_FILE"]
 
 MANIFEST = "qjax_manifest.json"
 RUN_FILE = "run.json"
@@ -46,15 +47,20 @@ def file_crc32(path: str) -> int:
     return crc
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to ``path`` through a temporary file and a rename: a kill leaves the old file
-    or the new one, never half of one."""
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old
+    file or the new one, never half of one."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """:func:`write_atomic` of ``obj`` as indented JSON with sorted keys."""
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _step_files(step_dir: str) -> list[str]:

@@ -40,7 +40,13 @@ import numpy as np
 import optax
 
 from qjax import data as D
-from qjax.checkpoint import RunDirError, TrainingCheckpoints, check_run_dir, write_json_atomic
+from qjax.checkpoint import (
+    RunDirError,
+    TrainingCheckpoints,
+    check_run_dir,
+    write_atomic,
+    write_json_atomic,
+)
 from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config, run_identity
 from qjax.models.llama import non_embedding_params
 from qjax.train_setup import (
@@ -103,10 +109,7 @@ def _read_metrics(path: str, keep_until: int) -> list[dict]:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if r["step"] <= keep_until]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 def _scalar(x) -> float:

@@ -24,7 +24,7 @@ import math
 import jax.numpy as jnp
 
 from qjax._checks import check_pos_int
-from qjax.kernels.cases import Case
+from qjax.kernels.cases import Case, round_up
 
 __all__ = ["BlockSizes", "default_block_sizes", "validate_block_sizes"]
 
@@ -44,10 +44,6 @@ class BlockSizes:
             check_pos_int(name, getattr(self, name))
             # Python ints: block shapes of Pallas BlockSpecs and parts of a static jit argument.
             object.__setattr__(self, name, int(getattr(self, name)))
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
 
 
 _SUBLANES = {4: 8, 2: 16, 1: 32}
@@ -101,10 +97,10 @@ def default_block_sizes(case: Case, m: int, x_dtype, out_dtype, backend: str) ->
         bk = min(max(unit, 128 * case.per // 2), max(unit, _pow2(case.k)))
         return BlockSizes(bm, bn, bk)
     sub = _tpu_sublanes(x_dtype, out_dtype)
-    bm = min(256, _round_up(m, sub))
+    bm = min(256, round_up(m, sub))
     bn = 256 if case.n >= 256 else 128
     unit = k_unit(case)
-    bk = min(unit * max(1, 512 // unit), _round_up(case.k, unit))
+    bk = min(unit * max(1, 512 // unit), round_up(case.k, unit))
     return BlockSizes(bm, bn, bk)
 
 
@@ -139,7 +135,7 @@ def validate_block_sizes(bs: BlockSizes, case: Case, x_dtype, out_dtype, backend
     if bs.block_k % (128 * case.per):
         bad(f"block_k must be a multiple of {128 * case.per} (128 lanes per activation phase)")
     if case.group is not None:
-        kp = _round_up(case.k, bs.block_k)
+        kp = round_up(case.k, bs.block_k)
         if (bs.block_k // case.group) % 8 and kp != bs.block_k:
             bad(f"block_k / group size = {bs.block_k // case.group} scale rows per block must be "
                 f"a multiple of 8 (TPU sublanes) unless one block covers all of K; use a "

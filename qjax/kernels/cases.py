@@ -226,12 +226,13 @@ class Operands:
     wz: jax.Array | None  # (Gp, Np) float32 zero points
 
 
-def _round_up(a: int, b: int) -> int:
+def round_up(a: int, b: int) -> int:
+    """The smallest multiple of ``b`` that is >= ``a`` (padding of a dimension to tiles)."""
     return -(-a // b) * b
 
 
 def padded_dims(m: int, case: Case, bm: int, bn: int, bk: int) -> tuple[int, int, int]:
-    return _round_up(m, bm), _round_up(case.n, bn), _round_up(case.k, bk)
+    return round_up(m, bm), round_up(case.n, bn), round_up(case.k, bk)
 
 
 def prepare_operands(xq: jax.Array, xs: jax.Array | None, w: QArray, case: Case,

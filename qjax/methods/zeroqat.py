@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from qjax._checks import check_finite_positive, check_pos_int, check_real
+from qjax.sharding import path_str
 
 __all__ = ["ZeroOrderConfig", "zo_gradient", "zo_step", "regenerate_z", "zo_projections"]
 
@@ -82,16 +83,6 @@ class ZeroOrderConfig:
         check_real("weight_decay", self.weight_decay, 0.0)
 
 
-def _path_str(path) -> str:
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-    return "/".join(names)
-
-
 def _is_float(leaf) -> bool:
     return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
@@ -103,33 +94,33 @@ def _mask(params, trainable: Trainable) -> tuple[bool, ...]:
         raise ValueError("params has no leaves to train")
     for path, leaf in with_path:
         if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise TypeError(f"params leaf {_path_str(path)!r} must be an array, got "
+            raise TypeError(f"params leaf {path_str(path)!r} must be an array, got "
                             f"{type(leaf).__name__}")
     if trainable is None:
         mask = [_is_float(leaf) for _, leaf in with_path]
     elif callable(trainable):
         mask = []
         for path, leaf in with_path:
-            m = trainable(_path_str(path), leaf)
+            m = trainable(path_str(path), leaf)
             if not isinstance(m, (bool, np.bool_)):
                 raise TypeError(f"trainable predicate must return a bool, got {m!r} for "
-                                f"{_path_str(path)!r}")
+                                f"{path_str(path)!r}")
             mask.append(bool(m))
     else:
         flags = jax.tree_util.tree_flatten_with_path(trainable)[0]
         if [p for p, _ in flags] != [p for p, _ in with_path]:
             raise ValueError(
                 "trainable must be a pytree of bools with the structure of params (or a predicate "
-                f"(path, leaf) -> bool); got leaves {[_path_str(p) for p, _ in flags]}, params "
-                f"has {[_path_str(p) for p, _ in with_path]}")
+                f"(path, leaf) -> bool); got leaves {[path_str(p) for p, _ in flags]}, params "
+                f"has {[path_str(p) for p, _ in with_path]}")
         for path, m in flags:
             if not isinstance(m, (bool, np.bool_)):
-                raise TypeError(f"trainable leaf {_path_str(path)!r} must be a Python bool, got "
+                raise TypeError(f"trainable leaf {path_str(path)!r} must be a Python bool, got "
                                 f"{m!r}")
         mask = [bool(m) for _, m in flags]
     for (path, leaf), m in zip(with_path, mask, strict=True):
         if m and not _is_float(leaf):
-            raise TypeError(f"trainable leaf {_path_str(path)!r} has dtype "
+            raise TypeError(f"trainable leaf {path_str(path)!r} has dtype "
                             f"{jnp.result_type(leaf)}: only floating leaves can be perturbed")
     if not any(mask):
         raise ValueError("trainable selects no leaf of params: nothing would be trained")
