@@ -1,6 +1,6 @@
 """QuEST end to end: validation loss of 1- to 8-bit QAT against LSQ, PACT and plain STE.
 
-Runs the study configs of ``qjax.config.STUDY`` (one tiny Llama-style LM, one token budget, the
+Runs the study configs of ``configs/_study.py`` (one tiny Llama-style LM, one token budget, the
 same midrise grid for every method; ``configs/study_*.py`` hold the same rows) one at a time with
 the training program, so an interrupted benchmark resumes from its checkpoints
 (``runs/quest_quality/<row>/lr<lr>/seed<k>``) and never redoes a finished run. Then it writes
@@ -11,7 +11,8 @@ STE and trust at 4 and 2 bits, QuEST's forward in all three), and the error of Q
 activation quantizer on the real inputs of each layer as its clip varies.
 
 ``--sweep lr=0.0015,0.003,0.005`` trains seed 0 of ``--configs`` at each learning rate instead
-and writes ``quest_quality_lr_sweep.{json,md}`` (where each row's ``lr`` in ``STUDY`` comes from);
+and writes ``quest_quality_lr_sweep.{json,md}`` (where each row's ``lr`` in
+``configs/_study.py`` comes from);
 ``--sweep steps=1200,2400`` does the same for the token budget (``quest_quality_steps_sweep``),
 ``--sweep weight_decay=0,0.1`` for the weight decay; ``--seeds`` averages a sweep over seeds.
 
@@ -28,15 +29,18 @@ import dataclasses
 import math
 import os
 import statistics
+import sys
 
 import jax
 import optax
 
 from qjax import data as D
 from qjax import train
-from qjax.config import STUDY, study_config
 from qjax.diagnostics import clip_error, dense_inputs, gradient_cosine
 from qjax.methods import quest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+from _study import STUDY, study_config  # noqa: E402  (configs/ is not a package)
 
 try:
     from benchmarks._timing import machine, write_results
@@ -183,7 +187,7 @@ def _paired(a: dict, b: dict) -> dict | None:
 def _sweep(names: list[str], field: str, values: list, seeds: list[int], quick: bool,
            runs_dir: str, corpus: D.Corpus) -> None:
     """Validation loss (mean over ``seeds``) of each row at each value of ``field`` (``lr``: where
-    the rows' tuned ``lr`` in ``qjax.config.STUDY`` comes from; ``steps``: how gaps move with
+    the rows' tuned ``lr`` in ``configs/_study.py`` comes from; ``steps``: how gaps move with
     tokens; ``weight_decay``: QuEST's quantized weights are scale invariant per row)."""
     table = {n: {v: _row(n, seeds, quick, runs_dir, corpus, **{field: v})["mean"] for v in values}
              for n in names}

@@ -1,6 +1,8 @@
-"""QuEST study row 'pact_w4a4': see qjax.config.STUDY for what differs between rows."""
+"""QuEST study row 'pact_w4a4': see configs/_study.py for what differs between rows."""
 
-from qjax.config import TrainConfig, study_config
+from _study import study_config
+
+from qjax.config import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -1,6 +1,8 @@
-"""QuEST study row 'quest_w3a3': see qjax.config.STUDY for what differs between rows."""
+"""QuEST study row 'quest_w3a3': see configs/_study.py for what differs between rows."""
 
-from qjax.config import TrainConfig, study_config
+from _study import study_config
+
+from qjax.config import TrainConfig
 
 
 def get_config() -> TrainConfig:

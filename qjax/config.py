@@ -1,6 +1,7 @@
 """Training configuration: a frozen dataclass, loaded from a Python file and overridden by strings.
 
-A config file (``configs/<name>.py``) defines ``get_config() -> TrainConfig``.
+A config file (``configs/<name>.py``) defines ``get_config() -> TrainConfig``; it may import
+modules beside it (the study rows share ``configs/_study.py``).
 ``load_config(path, overrides)`` imports it and applies ``key=value`` overrides, converting each
 value to the field's type; an unknown key is an error that names it and lists the known ones.
 """
@@ -12,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -19,8 +21,8 @@ from collections.abc import Sequence
 from qjax.scales import as_scale_rule
 from qjax.sharding import MESH_AXES
 
-__all__ = ["TrainConfig", "load_config", "apply_overrides", "run_identity", "STUDY",
-           "study_config", "SCHEDULES", "LOW_RANK_METHODS", "PLACEMENT_FIELDS", "QUANT_FIELDS"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "run_identity", "SCHEDULES",
+           "LOW_RANK_METHODS", "PLACEMENT_FIELDS", "QUANT_FIELDS"]
 
 # LR schedule and QAT switch of a run: "cosine" is qjax.optim.warmup_cosine with QAT from
 # qat_start; the others are qjax.methods.compute_optimal.fused_cooldown / classical_qat.
@@ -285,62 +287,16 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
             raise FileNotFoundError(f"config file {path!r} does not exist")
         spec = importlib.util.spec_from_file_location("qjax_user_config", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        # A config file may import its siblings (e.g. configs/_study.py), as a script could.
+        folder = os.path.dirname(os.path.abspath(path))
+        sys.path.insert(0, folder)
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
         if not hasattr(module, "get_config"):
             raise ValueError(f"config file {path!r} must define get_config()")
         config = module.get_config()
         if not isinstance(config, TrainConfig):
             raise TypeError(f"get_config() in {path!r} must return a TrainConfig")
     return apply_overrides(config, overrides)
-
-
-# The QuEST study (benchmarks/quest_quality.py, configs/study_*.py): one tiny model and token
-# budget for every method. Every method uses QuEST's midrise grid (2^b levels) so that grids are
-# equal; weights are quantized per output channel everywhere; what differs is stated per row.
-# integer_forward (int8 forward matmuls, same values and gradients up to float rounding) is on
-# wherever the specs allow it, to save CPU time.
-STUDY_BASE = dict(d_model=128, n_layers=2, n_heads=4, seq_len=256, batch_size=16, steps=1200,
-                  lr=3e-3, baseline=False, eval_every=200, checkpoint_every=200, eval_batches=32,
-                  grid="midrise")
-STUDY: dict[str, dict] = {
-    "float": dict(method=None),
-    # QuEST: Hadamard (half form), RMS-Gaussian scales per row/token, trust estimator.
-    "quest_w8a8": dict(method="quest", weight_bits=8, act_bits=8),
-    "quest_w4a4": dict(method="quest", weight_bits=4, act_bits=4, integer_forward=True),
-    "quest_w3a3": dict(method="quest", weight_bits=3, act_bits=3, integer_forward=True),
-    "quest_w2a2": dict(method="quest", weight_bits=2, act_bits=2, integer_forward=True),
-    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip=1.3,  # clip mask 1.3
-                       integer_forward=True),
-    "quest_w4": dict(method="quest", weight_bits=4, act_bits=None),  # weight-only
-    "quest_w2": dict(method="quest", weight_bits=2, act_bits=None),
-    # Ablation: QuEST's forward (Hadamard, RMS scales) with identity STE instead of trust.
-    "quest_ste_w4a4": dict(method="quest", weight_bits=4, act_bits=4, estimator="ste",
-                           integer_forward=True),
-    "quest_ste_w2a2": dict(method="quest", weight_bits=2, act_bits=2, estimator="ste",
-                           integer_forward=True),
-    # QuEST with the clip searched per row (least squared error over 8 fractions of the row's
-    # absmax in [0.6, 1]) instead of the Gaussian-optimal a * RMS: the rows that reach the first
-    # block's linears are heavy-tailed after training (see the study's clip diagnostic).
-    "quest_mse_w4a4": dict(method="quest", weight_bits=4, act_bits=4, scale="mse:8:0.6",
-                           integer_forward=True),
-    # At 2 bits the Gaussian-optimal clip is ~0.5 of a 128-row's absmax: search [0.2, 1].
-    "quest_mse_w2a2": dict(method="quest", weight_bits=2, act_bits=2, scale="mse:16:0.2",
-                           integer_forward=True),
-    # LSQ: learned steps, per output channel (weights) and per tensor (inputs: a step per token
-    # cannot be learned); no Hadamard.
-    "lsq_w4a4": dict(method="lsq", weight_bits=4, act_bits=4),
-    "lsq_w2a2": dict(method="lsq", weight_bits=2, act_bits=2),
-    # PACT: learned symmetric clip per tensor for inputs; absmax weights with clipped STE.
-    "pact_w4a4": dict(method="pact", weight_bits=4, act_bits=4),
-    "pact_w2a2": dict(method="pact", weight_bits=2, act_bits=2),
-    # Plain STE: absmax per output channel and per token, identity STE, no Hadamard.
-    "ste_w4a4": dict(method="ste", weight_bits=4, act_bits=4, integer_forward=True),
-    "ste_w2a2": dict(method="ste", weight_bits=2, act_bits=2, integer_forward=True),
-}
-
-
-def study_config(name: str, **overrides) -> TrainConfig:
-    """The :class:`TrainConfig` of study row ``name`` (see :data:`STUDY`)."""
-    if name not in STUDY:
-        raise ValueError(f"unknown study config {name!r}; known: {', '.join(STUDY)}")
-    return TrainConfig(**{**STUDY_BASE, "name": f"study_{name}", **STUDY[name], **overrides})
