@@ -22,7 +22,7 @@ from qjax.scales import as_scale_rule
 from qjax.sharding import MESH_AXES
 
 __all__ = ["TrainConfig", "load_config", "apply_overrides", "run_identity", "SCHEDULES",
-           "LOW_RANK_METHODS", "PLACEMENT_FIELDS", "QUANT_FIELDS"]
+           "LOW_RANK_METHODS", "METHOD_NAMES", "PLACEMENT_FIELDS", "QUANT_FIELDS"]
 
 # LR schedule and QAT switch of a run: "cosine" is qjax.optim.warmup_cosine with QAT from
 # qat_start; the others are qjax.methods.compute_optimal.fused_cooldown / classical_qat.
@@ -30,6 +30,9 @@ Schedule = typing.Literal["cosine", "wsd_fused", "wsd_classical"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 # Low-rank QAT of a pretrained model (qjax.nn.lowrank): these methods need init_from.
 LOW_RANK_METHODS = ("lr_qat", "qalora")
+# Every method= the program runs: qjax.nn.Method's, the low-rank ones, zeroth-order QAT of an
+# lsq model (qjax.methods.zeroqat, needs init_from) and Double Rounding (qjax.nn.double_rounding).
+METHOD_NAMES = ("quest", "lsq", "pact", "ste", *LOW_RANK_METHODS, "zeroqat", "double_rounding")
 LOW_RANK_PHI_DTYPES = ("float32", "bfloat16", "int8")
 
 
@@ -86,6 +89,17 @@ class TrainConfig:
     init_from: str | None = None
     rank: int = 8
     phi_dtype: str = "float32"
+    # Distillation from the init_from float model (qjax.methods.distill): the loss is
+    # (1 - distill) * cross-entropy + distill * KL(teacher || student) at distill_temperature.
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+    # method="zeroqat": MeZO-style SGD (two forward passes per probe, no backward) of an lsq model
+    # started from init_from, perturbation zo_eps, zo_probes directions per step.
+    zo_eps: float = 1e-3
+    zo_probes: int = 1
+    # method="double_rounding": the weight bit widths trained jointly (one forward each, losses
+    # summed) and served from one weight_bits (= the highest) checkpoint.
+    double_rounding_bits: tuple[int, ...] = (8, 4)
     baseline: bool = True
     # evaluation and output
     eval_every: int = 100
@@ -123,6 +137,7 @@ class TrainConfig:
                 f"qat_start must be a fraction in [0, 1] or a step, got {self.qat_start}"
             )
         self._check_schedule()
+        self._check_method()
         self._check_low_rank()
         if self.scale != "auto":
             as_scale_rule(self.scale)  # a bad name fails here, naming the allowed ones
@@ -146,6 +161,40 @@ class TrainConfig:
                              f"{self.num_processes} and {self.process_id}")
         if self.num_processes > 1 and not self.coordinator_address:
             raise ValueError("num_processes > 1 needs coordinator_address (host:port)")
+
+    def _check_method(self) -> None:
+        if self.method is not None and self.method not in METHOD_NAMES:
+            raise ValueError(f"method must be None or one of {METHOD_NAMES}, got {self.method!r}")
+        d, t = self.distill, self.distill_temperature
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ValueError(f"distill must be a weight in [0, 1], got {d!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+                or t <= 0:
+            raise ValueError(f"distill_temperature must be a finite number > 0, got {t!r}")
+        if d > 0 and (self.method is None or self.init_from is None):
+            raise ValueError("distill > 0 distills the init_from float model into a quantized "
+                             "one: set method and init_from")
+        if isinstance(self.zo_probes, bool) or not isinstance(self.zo_probes, int) \
+                or self.zo_probes < 1:
+            raise ValueError(f"zo_probes must be a positive int, got {self.zo_probes!r}")
+        if not isinstance(self.zo_eps, (int, float)) or not math.isfinite(self.zo_eps) \
+                or self.zo_eps <= 0:
+            raise ValueError(f"zo_eps must be a finite number > 0, got {self.zo_eps!r}")
+        if self.method == "zeroqat":
+            if self.init_from is None or self.weight_bits is None:
+                raise ValueError("method='zeroqat' fine-tunes a pretrained model: set init_from "
+                                 "and weight_bits")
+            if self.mesh is not None or d > 0:
+                raise ValueError("method='zeroqat' runs on one device (mesh=None), without "
+                                 "distill")
+        bits = self.double_rounding_bits
+        if self.method == "double_rounding":
+            if not bits or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
+                raise ValueError(f"double_rounding_bits must be a tuple of ints, got {bits!r}")
+            if self.weight_bits != max(bits):
+                raise ValueError(f"method='double_rounding' stores weight_bits = the highest of "
+                                 f"double_rounding_bits {tuple(bits)}, got weight_bits="
+                                 f"{self.weight_bits}")
 
     def _check_low_rank(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -201,7 +250,8 @@ PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "
 # Fields a float run (method=None) does not read.
 QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
                 "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
-                "rank", "phi_dtype")
+                "rank", "phi_dtype", "distill", "distill_temperature", "zo_eps", "zo_probes",
+                "double_rounding_bits")
 
 
 def run_identity(config: TrainConfig) -> dict:
@@ -241,7 +291,12 @@ def _convert(name: str, text: str, annotation) -> object:
     base = [a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal
             ][0] if args and (typing.get_origin(hint) in (typing.Union, types.UnionType)) else hint
     if typing.get_origin(base) is tuple:
-        return tuple(p for p in text.split(",") if p)
+        item = typing.get_args(base)[0] if typing.get_args(base) else str
+        try:
+            return tuple(item(p.strip()) for p in text.split(",") if p.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a comma list of {item.__name__}, got {text!r}"
+                             ) from None
     if typing.get_origin(base) is dict:  # "data:2,fsdp:2" or JSON
         text = text.strip()
         if text.startswith("{"):

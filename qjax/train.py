@@ -22,8 +22,13 @@ the float model continues from them, a quantized one gets them through
 ``method=lr_qat`` / ``qalora`` (``rank=``, ``phi_dtype=``; :mod:`qjax.nn.lowrank`, int
 ``weight_bits`` per output channel, int ``act_bits`` per token) trains the adapters and scales
 only: the embedding, norms, LM head and frozen tensors are a fixed step argument, rebuilt from
-the checkpoint on resume, and the checkpoints hold the trained params only. ZeroQAT and
-distillation are not options of the program (see ``benchmarks/llm_finetune.py``).
+the checkpoint on resume, and the checkpoints hold the trained params only. ``distill=<w>``
+(with ``init_from``) trains on ``(1 - w) CE + w KL(teacher || student)`` at
+``distill_temperature`` (:mod:`qjax.methods.distill`), the teacher being the float checkpoint;
+``method=zeroqat`` fine-tunes an lsq model from ``init_from`` with zeroth-order steps
+(:mod:`qjax.methods.zeroqat`; ``zo_eps``, ``zo_probes``, no backward pass, no weight decay);
+``method=double_rounding`` (``double_rounding_bits=8,4``, ``weight_bits`` the highest) trains
+one model at every width (losses averaged) and reports each width from the one checkpoint.
 """
 from __future__ import annotations
 
@@ -48,7 +53,9 @@ from qjax.checkpoint import (
     write_json_atomic,
 )
 from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config, run_identity
+from qjax.methods import distill, zeroqat
 from qjax.models.llama import non_embedding_params
+from qjax.nn import double_rounding as DR
 from qjax.train_setup import (
     Placement,
     build_model,
@@ -58,6 +65,7 @@ from qjax.train_setup import (
     method_from_config,
     model_variables,
     optimizer,
+    teacher,
     validate,
 )
 
@@ -74,6 +82,10 @@ def _label(config: TrainConfig) -> str:
                             else "")
     if config.scale != "auto":
         name += "+" + config.scale.split(":")[0]
+    if config.method == "double_rounding":
+        w = "W" + "/".join(map(str, config.double_rounding_bits))
+    if config.distill:
+        name += f"+kd{config.distill:g}"
     if config.method in LOW_RANK_METHODS:
         name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
                                       else f" {config.phi_dtype}")
@@ -160,7 +172,10 @@ class _Job:
     qat: object
     place: Placement
     state: dict
-    fixed: dict | None  # fixed variables of a low-rank run: a step argument, not donated
+    # Step arguments that are neither trained nor donated: "fixed", the frozen variables of a
+    # low-rank run; "teacher", the float params distilled from. None when unused.
+    aux: dict
+    teacher_model: object = None
 
     @classmethod
     def build(cls, config: TrainConfig, corpus: D.Corpus, run_dir: str) -> _Job:
@@ -169,36 +184,76 @@ class _Job:
         place = Placement(config, params, tx)
         with place.context():
             state = place.state(initial_state(params, tx, config.seed))
+        pair = teacher(config)
         return cls(config, corpus, run_dir, model, method_from_config(config), schedule, tx, qat,
-                   place, state, fixed)
+                   place, state, {"fixed": fixed, "teacher": None if pair is None else pair[1]},
+                   None if pair is None else pair[0])
 
-    @property
-    def extra(self) -> tuple:
-        return () if self.fixed is None else (self.fixed,)
+    def cross_entropy(self, p, inputs, targets, qat_on, aux, bits=None):
+        """Mean next-byte cross-entropy (at weight width ``bits`` for Double Rounding)."""
+        return optax.softmax_cross_entropy_with_integer_labels(
+            self._logits(p, inputs, qat_on, aux, bits), targets).mean()
 
-    def loss(self, p, inputs, targets, qat_on, *fx):
-        logits = self.model.apply(model_variables(p, fx[0] if fx else None), inputs, qat=qat_on)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    def _logits(self, p, inputs, qat_on, aux, bits=None):
+        kw = {} if bits is None else {"bits": bits}
+        return self.model.apply(model_variables(p, aux["fixed"]), inputs, qat=qat_on, **kw)
+
+    def loss(self, p, inputs, targets, qat_on, aux):
+        """The training objective: cross-entropy, or with ``distill`` its mix with the KL to the
+        float teacher; Double Rounding averages it over its widths (one forward each)."""
+        c = self.config
+        teacher_logits = None
+        if aux["teacher"] is not None:
+            teacher_logits = jax.lax.stop_gradient(
+                self.teacher_model.apply({"params": aux["teacher"]}, inputs))
+
+        def at(bits):
+            if teacher_logits is None:
+                return self.cross_entropy(p, inputs, targets, qat_on, aux, bits)
+            value, _ = distill.distillation_loss(
+                self._logits(p, inputs, qat_on, aux, bits), teacher_logits, targets,
+                ce_weight=1.0 - c.distill, kl_weight=c.distill,
+                temperature=c.distill_temperature)
+            return value
+
+        if isinstance(self.method, DR.DoubleRounding) and qat_on:
+            widths = self.method.bits
+            return DR.joint_loss(at, widths, (1.0 / len(widths),) * len(widths))
+        return at(None)
 
     def step_fn(self, qat_on: bool):
-        """The jitted train step ``(p, opt_state, inputs, targets, *fixed) -> (p, opt_state,
-        loss)`` with QAT on or off."""
-        def step(p, opt_state, inputs, targets, *fx):
-            loss, grads = jax.value_and_grad(self.loss)(p, inputs, targets, qat_on, *fx)
+        """The train step ``(p, opt_state, inputs, targets, aux) -> (p, opt_state, loss)`` with
+        QAT on or off: AdamW on the gradient, or for ZeroQAT the zeroth-order step."""
+        if self.tx is None:
+            c = self.config
+            zo = zeroqat.zo_step(lambda p, b: self.loss(p, *b[:2], qat_on, b[2]),
+                                 zeroqat.ZeroOrderConfig(self.schedule, eps=c.zo_eps,
+                                                         num_probes=c.zo_probes))
+            key = jax.random.key(c.seed + 2)  # directions from (key, step, probe)
+
+            def zo_train(p, opt_state, inputs, targets, aux):
+                count = opt_state["count"]
+                p, loss = zo(p, (inputs, targets, aux), key, count)
+                return p, {"count": count + 1}, loss
+
+            return zo_train
+
+        def step(p, opt_state, inputs, targets, aux):
+            loss, grads = jax.value_and_grad(self.loss)(p, inputs, targets, qat_on, aux)
             updates, opt_state = self.tx.update(grads, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
         return self.place.jit_step(step)
 
     def evaluator(self):
-        """``evaluate(p, qat_on) -> mean validation loss`` over fixed, pre-placed batches."""
-        fns = {q: jax.jit(lambda p, i, t, *fx, q=q: self.loss(p, i, t, q, *fx))
-               for q in (True, False)}
+        """``evaluate(p, qat_on, bits=None) -> mean validation cross-entropy`` over fixed,
+        pre-placed batches."""
+        fn = jax.jit(self.cross_entropy, static_argnums=(3, 5))
         c = self.config
         val = [self.place.batch_arrays(i, t) for i, t in D.val_batches(
             self.corpus.val, c.batch_size, c.seq_len, max_batches=c.eval_batches)]
-        return lambda p, q: float(np.mean([_scalar(fns[q](p, i, t, *self.extra))
-                                           for i, t in val]))
+        return lambda p, q, bits=None: float(np.mean(
+            [_scalar(fn(p, i, t, q, self.aux, bits)) for i, t in val]))
 
     def resume(self, store: TrainingCheckpoints, lead: bool) -> tuple[dict, int]:
         """(state, first step): the newest intact checkpoint's, or the initial state's."""
@@ -230,7 +285,7 @@ class _Job:
                                               c.seed)
                 qat_on = self.method is not None and self.qat.enabled(step)
                 p, opt_state, loss = steps[qat_on](
-                    p, opt_state, *self.place.batch_arrays(inputs, targets), *self.extra)
+                    p, opt_state, *self.place.batch_arrays(inputs, targets), self.aux)
                 done, since = step + 1, since + 1
                 if done % c.log_every == 0 or done == c.steps:
                     loss_v = _scalar(loss)
@@ -270,6 +325,8 @@ class _Job:
             "steps": c.steps, "tokens": c.steps * tokens,
             "non_embedding_params": non_embedding_params(p),
         }
+        if isinstance(self.method, DR.DoubleRounding):  # every width from the one checkpoint
+            result["val_loss_at_bits"] = {str(b): evaluate(p, True, b) for b in self.method.bits}
         if lead:
             write_json_atomic(os.path.join(self.run_dir, "done.json"), result)
         return result
@@ -280,12 +337,18 @@ def _table(results: list[dict], entropy: float) -> str:
     lines = ["| model | val loss (nats/byte) | val ppl | vs float | tokens |",
              "|---|---|---|---|---|"]
     for r in results:
-        gap = "" if base is None or r["method"] is None else \
-            f"{100 * (r['val_loss'] / base - 1):+.1f}%"
-        lines.append(f"| {r['label']} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | {gap} | "
-                     f"{r['tokens']:,} |")
+        rows = [(r["label"], r["val_loss"])]
+        if "val_loss_at_bits" in r:  # one Double Rounding model served at each width
+            rows = [(f"{r['label'].split(' W')[0]} W{b} (of W{r['weight_bits']})", v)
+                    for b, v in r["val_loss_at_bits"].items()]
+        for label, loss in rows:
+            gap = "" if base is None or r["method"] is None else \
+                f"{100 * (loss / base - 1):+.1f}%"
+            lines.append(f"| {label} | {loss:.4f} | {math.exp(loss):.3f} | {gap} | "
+                         f"{r['tokens']:,} |")
     lines.append(f"| unigram entropy of val bytes | {entropy:.4f} | {math.exp(entropy):.3f} | | |")
     return "\n".join(lines)
+
 
 def _runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(sub-directory, config) of each model ``config`` trains, in order."""

@@ -30,6 +30,7 @@ from qjax.models.llama import (
     non_embedding_params,
     quantization_rules,
 )
+from qjax.nn import double_rounding as DR
 from qjax.nn import lowrank
 from qjax.nn.layout import dense_layout
 from qjax.nn.pretrained import init_from_float
@@ -39,16 +40,22 @@ from qjax.spec import QuantSpec
 
 __all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
            "initial_params", "model_variables", "load_params", "Placement", "model_config",
-           "validate"]
+           "validate", "teacher"]
 
 
-def method_from_config(config: TrainConfig) -> Method | lowrank.LowRankQAT | None:
-    """The layer recipe of ``config.method`` (None for a float run)."""
+def method_from_config(config: TrainConfig
+                       ) -> Method | lowrank.LowRankQAT | DR.DoubleRounding | None:
+    """The layer recipe of ``config.method`` (None for a float run); for ``zeroqat`` the lsq
+    recipe of the model it trains."""
     if config.method is None:
         return None
+    act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+    if config.method == "zeroqat":  # the model ZeroQAT trains: learned steps, as full QAT's
+        return Method("lsq", weight_bits=config.weight_bits, act_bits=config.act_bits)
+    if config.method == "double_rounding":
+        return DR.DoubleRounding(bits=config.double_rounding_bits, activation=act)
     if config.method in LOW_RANK_METHODS:
         weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
-        act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
         if config.method == "qalora":
             return lowrank.qalora(weight, act, rank=config.rank)
         return lowrank.lr_qat(weight, act, rank=config.rank, phi_dtype=config.phi_dtype)
@@ -74,14 +81,16 @@ def validate(config: TrainConfig) -> None:
     """
     mc = model_config(config)
     method = method_from_config(config)
-    if isinstance(method, Method):
-        for name, shape in (("attention and output projections", (mc.d_model, mc.d_model)),
-                            ("mlp gate/up", (mc.d_model, mc.ffn_hidden)),
-                            ("mlp down", (mc.ffn_hidden, mc.d_model))):
-            try:
+    for name, shape in (("attention and output projections", (mc.d_model, mc.d_model)),
+                        ("mlp gate/up", (mc.d_model, mc.ffn_hidden)),
+                        ("mlp down", (mc.ffn_hidden, mc.d_model))):
+        try:
+            if isinstance(method, Method):
                 resolve(method, dense_layout(shape), name)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"{e} (d_model={config.d_model})") from None
+            elif isinstance(method, DR.DoubleRounding):
+                method.layer_quant(dense_layout(shape), name)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{e} (d_model={config.d_model})") from None
     if config.method is not None and config.schedule != "cosine":
         schedules(config, {"probe": jnp.zeros((1,))})
 
@@ -112,14 +121,22 @@ def schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSch
 
 
 def optimizer(config: TrainConfig, params):
+    """(lr schedule, QAT switch, optax transformation); the transformation is None for
+    ``method="zeroqat"``, whose zeroth-order step (:func:`qjax.methods.zeroqat.zo_step`) is
+    built by the training loop around its loss."""
     schedule, qat = schedules(config, params)
+    if config.method == "zeroqat":
+        return schedule, qat, None
     tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                          quantizer_lr_multiplier=config.quantizer_lr_multiplier)
     return schedule, qat, tx
 
 
 def initial_state(params, tx, seed: int) -> dict:
-    state = {"params": params, "opt_state": tx.init(params), "step": 0,
+    """The checkpointed state: params, optimizer state (for ZeroQAT, ``tx=None``, the step
+    count its directions are drawn from), step and RNG."""
+    opt_state = {"count": jnp.zeros((), jnp.int32)} if tx is None else tx.init(params)
+    state = {"params": params, "opt_state": opt_state, "step": 0,
              "rng": jax.random.key_data(jax.random.key(seed + 1))}
     return state
 
@@ -135,15 +152,19 @@ def _ckpt_run_dir(path: str) -> str:
     return path
 
 
+def _float_config(config: TrainConfig) -> TrainConfig:
+    """The config of the float run ``config.init_from`` holds (same model sizes)."""
+    return dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
+                               qat_fraction=None, qat_start=0.0, mesh=None, distill=0.0)
+
+
 def _from_pretrained(config: TrainConfig, model):
     """(trainable params, fixed variables or None) of ``config`` starting from the float
     checkpoint ``config.init_from`` (:func:`qjax.nn.init_from_float`, which also recomputes
     learned steps such as LSQ's from the pretrained kernels); for the low-rank
     methods only the adapters and scales are trained, the rest of the params and the frozen
     tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
-    float_config = dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
-                                       qat_fraction=None, qat_start=0.0, mesh=None)
-    base = load_params(float_config, _ckpt_run_dir(config.init_from))
+    base = load_params(_float_config(config), _ckpt_run_dir(config.init_from))
     sample = jnp.zeros((1, config.seq_len), jnp.int32)
     variables = model.init(jax.random.key(config.seed), sample)
     if config.method is None:
@@ -160,6 +181,16 @@ def _from_pretrained(config: TrainConfig, model):
     fixed = {"params": rest, "collections": {k: v for k, v in variables.items()
                                              if k != "params"}}
     return traverse_util.unflatten_dict(adapter), fixed
+
+
+def teacher(config: TrainConfig):
+    """(float model, params) to distill from (``config.distill > 0``: the ``init_from`` float
+    checkpoint), else None; a step argument, rebuilt from the checkpoint on resume."""
+    if not config.distill:
+        return None
+    float_config = _float_config(config)
+    return (Llama(model_config(config)),
+            load_params(float_config, _ckpt_run_dir(config.init_from)))
 
 
 def model_variables(p, fixed) -> dict:

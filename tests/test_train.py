@@ -185,3 +185,82 @@ def test_config_mistakes_fail_in_one_line_before_any_data_is_read(override, mess
         train.main(["--override", override, "corpus_paths=/nonexistent"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def float_base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
+    train.run(TrainConfig(name="base", out_dir=str(out), method=None, **small))
+    return small, str(out / "float")
+
+
+def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp_path):
+    import jax
+    import optax
+
+    from qjax import data as D
+    from qjax import train_setup
+
+    small, base = float_base
+    config = TrainConfig(name="kd", out_dir=str(tmp_path), baseline=False, method="lsq",
+                         init_from=base, distill=0.25, distill_temperature=2.0,
+                         **{**small, "log_every": 1})
+    (result,) = train.run(config)
+    assert result["label"] == "lsq+kd0.25 W4A4"
+    first = _rows(tmp_path / "qat" / "metrics.jsonl")[0]
+    # independently: the initial student and the teacher on batch 0
+    model, params, _ = train_setup.initial_params(config)
+    t_model, t_params = train_setup.teacher(config)
+    corpus = D.load_corpus(D.CorpusConfig(max_bytes=config.max_corpus_bytes))
+    x, y = D.get_batch(corpus.train, 0, config.batch_size, config.seq_len, config.seed)
+    s = model.apply({"params": params}, x, qat=True)
+    t = t_model.apply({"params": t_params}, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(s, y).mean()
+    pt = jax.nn.softmax(t / 2.0)
+    kl = (pt * (jax.nn.log_softmax(t / 2.0) - jax.nn.log_softmax(s / 2.0))).sum(-1).mean()
+    expected = 0.75 * float(ce) + 0.25 * float(kl) * 2.0 ** 2
+    assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
+    small, base = float_base
+    zo = TrainConfig(name="zo", out_dir=str(tmp_path / "zo"), baseline=False, method="zeroqat",
+                     init_from=base, act_bits=8, zo_probes=2, **{**small, "lr": 1e-5})
+    (r,) = train.run(zo)
+    assert r["label"] == "zeroqat W4A8" and 0 < r["val_loss"] < 6
+    trained = train.load_params(zo, str(tmp_path / "zo" / "qat"))
+    from qjax import train_setup
+
+    _, start, _ = train_setup.initial_params(zo)
+    moved = jax_tree_max_abs_diff(trained, start)
+    assert moved > 0  # the zeroth-order steps changed the weights and learned steps
+    dr = TrainConfig(name="dr", out_dir=str(tmp_path / "dr"), baseline=False,
+                     method="double_rounding", weight_bits=8, double_rounding_bits=(8, 4),
+                     act_bits=None, **small)
+    (r,) = train.run(dr)
+    assert list(r["val_loss_at_bits"]) == ["8", "4"]
+    assert r["val_loss_at_bits"]["8"] == r["val_loss"]
+    table = (tmp_path / "dr" / "results.md").read_text()
+    assert "double_rounding W8 (of W8)" in table and "double_rounding W4 (of W8)" in table
+
+
+def jax_tree_max_abs_diff(a, b) -> float:
+    import jax
+    import numpy as np
+
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(method="zeroqat"), "set init_from"),
+    (dict(method="lsq", distill=0.5), "set method and init_from"),
+    (dict(method="lsq", distill=1.5, init_from="x"), "distill must be a weight in"),
+    (dict(method="double_rounding", weight_bits=4, double_rounding_bits=(8, 4)),
+     "stores weight_bits = the highest"),
+    (dict(method="gptq"), "method must be None or one of"),
+], ids=["zeroqat_needs_base", "distill_needs_base", "distill_range", "dr_bits", "unknown"])
+def test_method_options_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
