@@ -100,6 +100,11 @@ class TrainConfig:
     # method="double_rounding": the weight bit widths trained jointly (one forward each, losses
     # summed) and served from one weight_bits (= the highest) checkpoint.
     double_rounding_bits: tuple[int, ...] = (8, 4)
+    # HAWQ-V2 (qjax.precision): per-layer weight widths from mixed_precision_bits chosen on the
+    # float model (the baseline run, or init_from) for an average of mixed_precision_budget bits
+    # per block-linear weight; the widths are recorded in the QAT run's allocation.json.
+    mixed_precision_budget: float | None = None
+    mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
     baseline: bool = True
     # evaluation and output
     eval_every: int = 100
@@ -187,6 +192,21 @@ class TrainConfig:
             if self.mesh is not None or d > 0:
                 raise ValueError("method='zeroqat' runs on one device (mesh=None), without "
                                  "distill")
+        budget, widths = self.mixed_precision_budget, self.mixed_precision_bits
+        if budget is not None and self.method is not None:  # a float run ignores it
+            if self.method not in ("quest", "lsq", "pact", "ste"):
+                raise ValueError(f"mixed_precision_budget allocates widths for method quest, "
+                                 f"lsq, pact or ste, got method={self.method!r}")
+            if not self.baseline and self.init_from is None:
+                raise ValueError("mixed_precision_budget allocates on a float model: keep "
+                                 "baseline=true or set init_from")
+            if not widths or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8
+                                 for b in widths):
+                raise ValueError(f"mixed_precision_bits must be ints in [2, 8], got {widths!r}")
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) \
+                    or not min(widths) <= budget <= max(widths):
+                raise ValueError(f"mixed_precision_budget must be an average width in "
+                                 f"[{min(widths)}, {max(widths)}] bits, got {budget!r}")
         bits = self.double_rounding_bits
         if self.method == "double_rounding":
             if not bits or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
@@ -251,7 +271,7 @@ PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "
 QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
                 "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
                 "rank", "phi_dtype", "distill", "distill_temperature", "zo_eps", "zo_probes",
-                "double_rounding_bits")
+                "double_rounding_bits", "mixed_precision_budget", "mixed_precision_bits")
 
 
 def run_identity(config: TrainConfig) -> dict:

@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -57,7 +58,9 @@ from qjax.methods import distill, zeroqat
 from qjax.models.llama import non_embedding_params
 from qjax.nn import double_rounding as DR
 from qjax.train_setup import (
+    ALLOCATION_FILE,
     Placement,
+    allocate_widths,
     build_model,
     initial_params,
     initial_state,
@@ -65,6 +68,7 @@ from qjax.train_setup import (
     method_from_config,
     model_variables,
     optimizer,
+    recorded_widths,
     teacher,
     validate,
 )
@@ -84,6 +88,8 @@ def _label(config: TrainConfig) -> str:
         name += "+" + config.scale.split(":")[0]
     if config.method == "double_rounding":
         w = "W" + "/".join(map(str, config.double_rounding_bits))
+    if config.mixed_precision_budget is not None:  # an average over the layers' widths
+        name, w = name + "+hawq", f"W{config.mixed_precision_budget:g}"
     if config.distill:
         name += f"+kd{config.distill:g}"
     if config.method in LOW_RANK_METHODS:
@@ -136,7 +142,8 @@ def run_dir_identity(config: TrainConfig, corpus: D.Corpus) -> dict:
                        "val_bytes": info.val_bytes}}
 
 
-def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
+def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
+              widths: Mapping[str, int] | None = None) -> dict:
     """Trains one model (float if ``config.method`` is None) and returns its final metrics.
 
     ``run_dir`` records what it is a run of (:func:`run_dir_identity`); a directory holding a
@@ -153,7 +160,7 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str) -> dict:
     if os.path.exists(done_path):
         with open(done_path) as f:
             return json.load(f)
-    job = _Job.build(config, corpus, run_dir)
+    job = _Job.build(config, corpus, run_dir, widths)
     with job.place.context():
         return job.train()
 
@@ -178,8 +185,9 @@ class _Job:
     teacher_model: object = None
 
     @classmethod
-    def build(cls, config: TrainConfig, corpus: D.Corpus, run_dir: str) -> _Job:
-        model, params, fixed = initial_params(config)
+    def build(cls, config: TrainConfig, corpus: D.Corpus, run_dir: str,
+              widths: Mapping[str, int] | None = None) -> _Job:
+        model, params, fixed = initial_params(config, widths)
         schedule, qat, tx = optimizer(config, params)
         place = Placement(config, params, tx)
         with place.context():
@@ -359,6 +367,28 @@ def _runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
     return runs
 
 
+def _widths(config: TrainConfig, corpus: D.Corpus, run_dir: str, float_dir: str) -> dict:
+    """The HAWQ-V2 widths of a ``mixed_precision_budget`` run: recorded in ``run_dir`` (on
+    resume), or allocated on the float model (``init_from``, else the baseline just trained)
+    and recorded before the first step."""
+    recorded = recorded_widths(config, run_dir)
+    if recorded is not None:
+        return recorded
+    float_config = dataclasses.replace(config, method=None, init_from=None, distill=0.0,
+                                       mixed_precision_budget=None)
+    source = config.init_from or float_dir
+    allocation = allocate_widths(config, load_params(float_config, source), corpus)
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json_atomic(os.path.join(run_dir, ALLOCATION_FILE),
+                          {**allocation, "float_model": os.path.abspath(source)})
+        print(f"[{_label(config)}] HAWQ-V2 widths ({allocation['average_bits']:.3f} bits on "
+              f"average, {allocation['probes']} probes): "
+              + ", ".join(f"{k.removesuffix('/kernel')}={b}"
+                          for k, b in allocation["widths"].items()), file=sys.stderr)
+    return allocation["widths"]
+
+
 def run(config: TrainConfig) -> list[dict]:
     """Runs the float baseline (if ``config.baseline``) and the configured model; prints a table.
 
@@ -384,7 +414,11 @@ def run(config: TrainConfig) -> list[dict]:
                           dataclasses.asdict(config))
     results = []
     for sub, cfg in runs:
-        r = train_one(cfg, corpus, os.path.join(config.run_dir, sub))
+        run_dir = os.path.join(config.run_dir, sub)
+        widths = None
+        if cfg.method is not None and cfg.mixed_precision_budget is not None:
+            widths = _widths(cfg, corpus, run_dir, os.path.join(config.run_dir, "float"))
+        r = train_one(cfg, corpus, run_dir, widths)
         if "stopped" in r:
             return results
         results.append(r)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import re
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +21,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qjax import data as D
 from qjax import granularity as G
-from qjax import optim, sharding
+from qjax import optim, precision, sharding
 from qjax.checkpoint import RunDirError, TrainingCheckpoints
 from qjax.config import LOW_RANK_METHODS, TrainConfig
 from qjax.methods import compute_optimal
@@ -40,7 +44,7 @@ from qjax.spec import QuantSpec
 
 __all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
            "initial_params", "model_variables", "load_params", "Placement", "model_config",
-           "validate", "teacher"]
+           "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE"]
 
 
 def method_from_config(config: TrainConfig
@@ -95,10 +99,13 @@ def validate(config: TrainConfig) -> None:
         schedules(config, {"probe": jnp.zeros((1,))})
 
 
-def build_model(config: TrainConfig):
-    """The (quantized) reference model of ``config`` and its initial params."""
-    model = quantize_model(Llama(model_config(config)),
-                           quantization_rules(method_from_config(config)))
+def build_model(config: TrainConfig, widths: Mapping[str, int] | None = None):
+    """The (quantized) reference model of ``config`` and its initial params; ``widths``
+    (``{kernel path: weight bits}``, from :func:`allocate_widths`) sets each layer's width."""
+    method = method_from_config(config)
+    rules = quantization_rules(method) if widths is None else \
+        precision.rules_from_allocation(widths, method)
+    model = quantize_model(Llama(model_config(config)), rules)
     sample = jnp.zeros((1, config.seq_len), jnp.int32)
     return model, model.init(jax.random.key(config.seed), sample)["params"]
 
@@ -201,9 +208,9 @@ def model_variables(p, fixed) -> dict:
     return {**fixed["collections"], "params": traverse_util.unflatten_dict(flat)}
 
 
-def initial_params(config: TrainConfig):
+def initial_params(config: TrainConfig, widths: Mapping[str, int] | None = None):
     """(model, initial trained params, fixed variables or None) of ``config``."""
-    model, params = build_model(config)
+    model, params = build_model(config, widths)
     if config.init_from is None:
         return model, params, None
     return (model, *_from_pretrained(config, model))
@@ -212,7 +219,7 @@ def initial_params(config: TrainConfig):
 def load_params(config: TrainConfig, run_dir: str):
     """Params of the latest checkpoint in ``run_dir/ckpt`` (a run of ``config``; with
     ``init_from`` and a low-rank method, the trained adapters and scales only)."""
-    _, params, _ = initial_params(config)
+    _, params, _ = initial_params(config, recorded_widths(config, run_dir))
     _, _, tx = optimizer(config, params)
     ckpt = os.path.join(run_dir, "ckpt")
     if not os.path.isdir(ckpt):
@@ -274,3 +281,57 @@ class Placement:
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
 
+
+
+ALLOCATION_FILE = "allocation.json"
+
+
+def recorded_widths(config: TrainConfig, run_dir: str) -> dict[str, int] | None:
+    """The widths a ``mixed_precision_budget`` run recorded in ``run_dir/allocation.json``."""
+    if config.mixed_precision_budget is None:
+        return None
+    path = os.path.join(run_dir, ALLOCATION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {k: int(v) for k, v in json.load(f)["widths"].items()}
+
+
+def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict:
+    """HAWQ-V2 widths for ``config.mixed_precision_budget`` on the float model ``float_params``.
+
+    Hessian traces of the float model's mean cross-entropy over 2 training batches drawn at
+    steps ``10**6 + k`` (never a training step), Hutchinson with Rademacher probes (10 to 50,
+    1% tolerance; key from the seed); ``Omega_l(b) = Tr(H_l)/n_l ||Q_b(W_l) - W_l||^2`` with
+    absmax per output channel; the exact minimizer of ``sum_l Omega_l(b_l)`` under
+    ``sum_l n_l b_l <= budget * sum_l n_l`` among ``mixed_precision_bits``.
+
+    Returns:
+      ``{"widths": {kernel path: bits}, "traces": ..., "probes": ..., "average_bits": ...}``
+      (JSON-able: what ``allocation.json`` holds).
+
+    References:
+      Dong et al., 2020. HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural
+      Networks. NeurIPS.
+    """
+    model = Llama(model_config(config))
+    batches = [tuple(jnp.asarray(a) for a in D.get_batch(
+        corpus.train, 10**6 + k, config.batch_size, config.seq_len, config.seed))
+        for k in range(2)]
+
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    kernel = re.compile(BLOCK_LINEARS + "/kernel")
+    traces = precision.hessian_traces(
+        loss_fn, float_params, batches, jax.random.key(config.seed + 3),
+        layers=lambda path: kernel.fullmatch(path) is not None, tol=1e-2, min_probes=10,
+        max_probes=50)
+    table = precision.sensitivity(float_params, traces, bits=config.mixed_precision_bits)
+    total = sum(table.size_map.values())
+    alloc = precision.allocate(table, budget_bytes=config.mixed_precision_budget * total / 8)
+    widths = {k: int(v) for k, v in alloc.bits.items()}
+    return {"widths": widths, "traces": {t.path: t.trace for t in traces.layers},
+            "probes": traces.probes,
+            "average_bits": sum(widths[k] * table.size_map[k] for k in widths) / total}

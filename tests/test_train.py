@@ -264,3 +264,30 @@ def jax_tree_max_abs_diff(a, b) -> float:
 def test_method_options_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
+
+
+def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_path):
+    small, base = float_base
+    config = TrainConfig(name="mp", out_dir=str(tmp_path), baseline=False, method="lsq",
+                         act_bits=None, init_from=base, mixed_precision_budget=3.0,
+                         mixed_precision_bits=(2, 4, 8), **small)
+    (r,) = train.run(config)
+    assert r["label"] == "lsq+hawq W3"
+    alloc = json.loads((tmp_path / "qat" / "allocation.json").read_text())
+    widths = alloc["widths"]
+    assert len(widths) == 7 and set(widths.values()) <= {2, 4, 8}
+    assert alloc["average_bits"] <= 3.0 and alloc["probes"] >= 10
+    # the trained model has those widths: its kernels' learned steps were made for them, and
+    # the recorded allocation is what a reload uses
+    from qjax import train_setup
+
+    assert train_setup.recorded_widths(config, str(tmp_path / "qat")) == widths
+    import jax.numpy as jnp
+
+    model, _, _ = train_setup.initial_params(config, widths)
+    sites = model.sites(jnp.zeros((1, small["seq_len"]), jnp.int32))
+    assert {f"{p}/kernel": s.recipe.weight.format.bits for p, s in sites.items()} == widths
+    params = train.load_params(config, str(tmp_path / "qat"))
+    assert "kernel_scale" in params["blocks_0"]["attn"]["q"]
+    with pytest.raises(ValueError, match=r"average width in \[2, 8\]"):
+        TrainConfig(method="lsq", mixed_precision_budget=1.5, mixed_precision_bits=(2, 8))
