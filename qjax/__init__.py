@@ -1,24 +1,23 @@
 """qjax: quantization-aware training for JAX.
 
-The public API is re-exported here; nothing is defined in this file.
+The public API is re-exported here; nothing is defined in this file. Implementation modules
+(``qjax.int8``, ``qjax.qdot``, ``qjax.typed_sharding``, ``qjax.formats``, ``qjax.scales``, ...)
+stay importable by their full names but are not part of the top-level surface.
 """
 
 from qjax import (
     convert,
     diagnostics,
     estimators,
-    int8,
     kernels,
     methods,
     nn,
     optim,
     precision,
     presets,
-    qdot,
     sharding,
-    typed_sharding,
 )
-from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary, format_from_name
+from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary
 from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
 from qjax.qarray import QArray, pack_bits, unpack_bits
@@ -31,7 +30,6 @@ from qjax.scales import (
     RmsGaussian,
     TorchAOAffine,
     gaussian_clip,
-    gaussian_mse,
     lsq_init,
     optimal_gaussian_clip,
 )
@@ -67,12 +65,9 @@ __all__ = [
     "dequantize",
     "estimators",
     "fake_quant",
-    "format_from_name",
     "gaussian_clip",
-    "gaussian_mse",
     "hadamard_matrix",
     "hadamard_transform",
-    "int8",
     "kernels",
     "lsq_init",
     "methods",
@@ -82,11 +77,9 @@ __all__ = [
     "pack_bits",
     "precision",
     "presets",
-    "qdot",
     "quantize",
     "random_signs",
     "scale_shape",
     "sharding",
-    "typed_sharding",
     "unpack_bits",
 ]
