@@ -53,16 +53,18 @@ def method_from_config(config: TrainConfig
     recipe of the model it trains."""
     if config.method is None:
         return None
-    act = QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+    def act():  # int activations per token, for the methods that are not a Method
+        return QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+
     if config.method == "zeroqat":  # the model ZeroQAT trains: learned steps, as full QAT's
         return Method("lsq", weight_bits=config.weight_bits, act_bits=config.act_bits)
     if config.method == "double_rounding":
-        return DR.DoubleRounding(bits=config.double_rounding_bits, activation=act)
+        return DR.DoubleRounding(bits=config.double_rounding_bits, activation=act())
     if config.method in LOW_RANK_METHODS:
         weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
         if config.method == "qalora":
-            return lowrank.qalora(weight, act, rank=config.rank)
-        return lowrank.lr_qat(weight, act, rank=config.rank, phi_dtype=config.phi_dtype)
+            return lowrank.qalora(weight, act(), rank=config.rank)
+        return lowrank.lr_qat(weight, act(), rank=config.rank, phi_dtype=config.phi_dtype)
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
                   block_size=config.block_size, trust=config.trust, clip=config.clip,
                   hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
