@@ -1,8 +1,10 @@
 """Published QAT methods built from qjax's pieces, one module per method."""
 
 from qjax.methods import (
+    asq,
     compute_optimal,
     distill,
+    ifairy,
     ofq,
     oscillation,
     quest,
@@ -10,4 +12,5 @@ from qjax.methods import (
     zeroqat,
 )
 
-__all__ = ["compute_optimal", "distill", "ofq", "oscillation", "quest", "scaling_law", "zeroqat"]
+__all__ = ["asq", "compute_optimal", "distill", "ifairy", "ofq", "oscillation", "quest",
+           "scaling_law", "zeroqat"]
