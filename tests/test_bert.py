@@ -348,3 +348,23 @@ def test_minilm_w8a8_serving_equals_qat(minilm, quantized, reference):
     assert len(layers) == 36
     # Section 9: integer-forward dense layers serve bit for bit as they train.
     np.testing.assert_array_equal(ML.encode(served, tok, reference[0]), emb)
+
+
+def test_minilm_qat_by_distillation_moves_toward_the_teacher(minilm, reference,
+                                                             float_embeddings):
+    """QAT + KD at a tiny step count: int4 weight-only per channel, one fixed batch of the
+    reference sentences, 3 Adam steps: the cosine distance to the float embeddings drops, and
+    the QAT model still converts and serves."""
+    model, tok = minilm
+    sentences = reference[0][:8]
+    student = qjax.nn.quantize_model(nnx.clone(model), B.quantization_rules(
+        qjax.nn.Method("ste", 4, None)))
+    losses = ML.distill_embeddings(student, tok, sentences, float_embeddings[:8], steps=3,
+                                   learning_rate=1e-4, batch_size=8, max_length=32)
+    assert len(losses) == 3 and losses[2] < losses[0]
+    before = losses[0]
+    after = float(np.mean(1 - np.sum(ML.encode(student, tok, sentences, max_length=32)
+                                      * float_embeddings[:8], axis=1)))
+    assert after < before
+    with pytest.raises(ValueError, match="targets must be"):
+        ML.distill_embeddings(student, tok, sentences, float_embeddings[:4], steps=1)

@@ -30,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from qjax._checks import check_bool, check_pos_int
 from qjax.models.bert import Bert, BertConfig, load_bert_safetensors
 
 __all__ = ["MODEL_PACKAGE", "INSTALL_HINT", "MODEL_FILES", "minilm_archive", "read_model_files",
-           "load_minilm", "tokenize", "encode"]
+           "load_minilm", "tokenize", "encode", "distill_embeddings"]
 
 MODEL_PACKAGE = "all_minilm_l6_v2"
 # The model package declares sentence-transformers (hence torch) as requirements although
@@ -203,3 +205,55 @@ def encode(model: nnx.Module, tokenizer: Any, sentences: Sequence[str], *,
     out = [_forward(model, ids[i:i + step], mask[i:i + step]) for i in range(0, len(ids), step)]
     emb = jax.numpy.concatenate(out)[:n] if len(out) > 1 else out[0]
     return np.asarray(emb) if as_numpy else emb
+
+
+def distill_embeddings(student: nnx.Module, tokenizer: Any, sentences: Sequence[str],
+                       targets: np.ndarray, *, steps: int, learning_rate: float = 2e-5,
+                       batch_size: int = 32, max_length: int = 64, seed: int = 0
+                       ) -> list[float]:
+    """QAT of a quantized encoder by distillation: trains ``student`` in place so that its
+    embeddings match ``targets`` (the float model's, computed once).
+
+    Loss per batch: ``mean_i (1 - <s_i, t_i>)`` with ``s_i`` the student's unit-norm embedding of
+    sentence ``i`` and ``t_i = targets[i]`` (unit norm): the cosine distance to the teacher, so
+    the teacher is never run during training. Adam on every ``nnx.Param`` (kernels, biases,
+    norms and any learned quantizer step); batch ``k`` is ``batch_size`` sentences drawn
+    without replacement by ``np.random.default_rng([seed, k])``, padded to one shape.
+
+    Args:
+      student: a :func:`qjax.nn.quantize_model` of a :class:`~qjax.models.bert.Bert`.
+      sentences, targets: ``n`` training sentences and their ``(n, d_model)`` float embeddings.
+      steps, learning_rate, batch_size, max_length, seed: the schedule (constant rate).
+
+    Returns:
+      The training loss of every step.
+
+    References:
+      Hinton, Vinyals, Dean, 2015. Distilling the Knowledge in a Neural Network.
+    """
+    check_pos_int("steps", steps)
+    check_pos_int("batch_size", batch_size)
+    targets = np.asarray(targets, np.float32)
+    if targets.ndim != 2 or targets.shape[0] != len(sentences):
+        raise ValueError(f"targets must be (len(sentences), d_model) = ({len(sentences)}, d), "
+                         f"got {targets.shape}")
+    if not (isinstance(learning_rate, float | int) and 0 < learning_rate < 1):
+        raise ValueError(f"learning_rate must be in (0, 1), got {learning_rate!r}")
+    ids, mask = tokenize(tokenizer, sentences, max_length=max_length, pad_multiple=max_length)
+    optimizer = nnx.Optimizer(student, optax.adam(learning_rate), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, ids, mask, t):
+        def loss_fn(m):
+            return jnp.mean(1.0 - jnp.sum(m(ids, mask) * t, axis=-1))
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    losses = []
+    size = min(batch_size, len(sentences))
+    for k in range(steps):
+        rows = np.random.default_rng([seed, k]).choice(len(sentences), size, replace=False)
+        losses.append(float(step(student, optimizer, ids[rows], mask[rows], targets[rows])))
+    return losses
