@@ -16,6 +16,10 @@ float step.
 * ``... (int8 forward)``: the same QuEST W4A4 and int8 W8A8 with ``integer_forward=True``: the
   forward matmul is an int8 x int8 -> int32 ``dot_general`` with the fake-quant values and
   gradients (``qjax.qdot``); QuEST's 4-bit midrise codes are stored as odd int8 integers.
+* ``... (int8 fwd + int8 bwd)``: also ``backward="int8"``: both gradient matmuls are int8 x int8
+  -> int32 dots on the forward's codes and the output gradient stochastically rounded to int8
+  (``qjax.quantized_backward``), keyed by the ``"quant"`` rng stream (a fixed key here; a
+  training loop folds in the step).
 * ``Qwix int8 W8A8`` (and ``quantized bwd``: gradients int8 too), ``Qwix int4 weight-only``
   (tile 128 along K): ``qwix.quantize_model`` with a ``QtProvider``.
 * ``AQT int8 W8A8``: AQT v2 ``AqtDotGeneral(config_v4(fwd_bits=8, dlhs_bits=None,
@@ -32,7 +36,8 @@ batch 8 x seq 32:
 * ``float32``: the same model unquantized, the baseline.
 * ``qjax QuEST W4A4``, ``qjax QuEST W4A4 (int8 forward)``: ``Method("quest", 4, 4)`` without and
   with ``integer_forward=True`` (Einsum / DenseGeneral / LinearGeneral forwards as int8 dots).
-* ``qjax int8 W8A8 (int8 forward)``: ``Method("ste", 8, 8, integer_forward=True)``.
+* ``qjax int8 W8A8 (int8 forward)``: ``Method("ste", 8, 8, integer_forward=True)``; ``(int8 fwd +
+  int8 bwd)`` rows add ``backward="int8"`` (NNX: ``set_quant_rngs(model, nnx.Rngs(quant=0))``).
 * ``Qwix int8 W8A8``, ``Qwix int8 (quantized bwd)``: a ``QtProvider`` rule (int8 weights and
   activations; ``bwd_qtype="int8"`` too) on the same paths; ``qwix.quantize_model(model,
   provider, ids)`` for NNX (a quantized clone, run once on example ids), ``(model, provider)``
@@ -48,8 +53,9 @@ step that updates model and optimizer in place (each timed call is one more trai
 External cases are optional: a failure is recorded as ``n/a (reason)`` instead of crashing.
 
 Sizes: d_model 256, 4 layers, 4 heads x 64, MLP hidden 768, vocab 256. Run: ``python
-benchmarks/qat_step.py [--repeats 20] [--quick]`` (``--quick``: d_model 128, 2 layers, 4 heads
-x 32, hidden 384, batch 4, 5 repeats). Writes ``results/qat_step.{json,md}`` (the Llama results
+benchmarks/qat_step.py [--repeats 20] [--quick] [--models llama,nnx_blocks,gemma_einsum]``
+(``--quick``: d_model 128, 2 layers, 4 heads x 32, hidden 384, batch 4, 5 repeats; ``--models``:
+the tables to run, all by default). Writes ``results/qat_step.{json,md}`` (the Llama results
 at the top level of the JSON as before, the other two under ``models``). CPU ratios from one
 run are what to compare; absolute times vary between runs and machines.
 """
@@ -74,6 +80,7 @@ import qjax
 from qjax.models import Llama, LlamaConfig, quantization_rules
 from qjax.models.llama import BLOCK_LINEARS
 from qjax.nn import LayerQuant, Method, quantize_model
+from qjax.nn.nnx import set_quant_rngs
 
 try:
     from benchmarks._bench_models import EINSUM_LINEARS, NNX_LINEARS, BlockConfig, EinsumLM, NnxLM
@@ -86,6 +93,9 @@ FLOAT = "float32"
 W8A8 = LayerQuant(qjax.QuantSpec("int8", qjax.PerRow(0), "absmax", "ste"),
                   qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste"))
 W8A8_INT = LayerQuant(W8A8.weight, W8A8.activation, integer_forward=True)
+W8A8_INT_BWD = W8A8_INT.replace(backward="int8")
+INT8_BWD_ROWS = ("qjax int8 W8A8 (int8 fwd + int8 bwd)", "qjax QuEST W4A4 (int8 fwd + int8 bwd)")
+QUANT_KEY = jax.random.key(7)  # the timed step reruns one state, so one key is enough
 W4_G128 = LayerQuant(qjax.QuantSpec("int4", qjax.PerGroup(0, 128), "absmax", "ste"), None)
 
 Init = Callable[[jax.Array, jax.Array], Any]
@@ -94,7 +104,7 @@ Apply = Callable[[Any, jax.Array], jax.Array]
 
 def qjax_case(cfg: LlamaConfig, target: Method | LayerQuant) -> tuple[Init, Apply]:
     qm = quantize_model(Llama(cfg), quantization_rules(target))
-    return qm.init, lambda v, ids: qm.apply(v, ids, qat=True)
+    return qm.init, lambda v, ids: qm.apply(v, ids, qat=True, rngs={"quant": QUANT_KEY})
 
 
 def qwix_case(cfg: LlamaConfig, **rule: Any) -> tuple[Init, Apply]:
@@ -141,6 +151,9 @@ def cases(cfg: LlamaConfig) -> dict[str, Callable[[], tuple[Init, Apply]]]:
             cfg, Method("quest", 4, 4, integer_forward=True)),
         "qjax int8 W8A8": lambda: qjax_case(cfg, W8A8),
         "qjax int8 W8A8 (int8 forward)": lambda: qjax_case(cfg, W8A8_INT),
+        INT8_BWD_ROWS[0]: lambda: qjax_case(cfg, W8A8_INT_BWD),
+        INT8_BWD_ROWS[1]: lambda: qjax_case(
+            cfg, Method("quest", 4, 4, integer_forward=True, backward="int8")),
         "qjax int4 weight-only": lambda: qjax_case(cfg, W4_G128),
         "Qwix int8 W8A8": lambda: qwix_case(cfg, weight_qtype="int8", act_qtype="int8"),
         "Qwix int8 (quantized bwd)": lambda: qwix_case(
@@ -190,7 +203,9 @@ STE8_INT = Method("ste", 8, 8, integer_forward=True)
 QWIX_W8A8 = {"weight_qtype": "int8", "act_qtype": "int8"}
 QWIX_BWD = {**QWIX_W8A8, "bwd_qtype": "int8"}
 QJAX_TARGETS = {"qjax QuEST W4A4": QUEST, "qjax QuEST W4A4 (int8 forward)": QUEST_INT,
-                "qjax int8 W8A8 (int8 forward)": STE8_INT}
+                "qjax int8 W8A8 (int8 forward)": STE8_INT,
+                INT8_BWD_ROWS[0]: dataclasses.replace(STE8_INT, backward="int8"),
+                INT8_BWD_ROWS[1]: dataclasses.replace(QUEST_INT, backward="int8")}
 QWIX_RULES = {"Qwix int8 W8A8": QWIX_W8A8, "Qwix int8 (quantized bwd)": QWIX_BWD}
 
 Step = tuple[Callable[[], Any], float]
@@ -223,7 +238,9 @@ def nnx_cases(cfg: BlockConfig, ids: jax.Array,
         return NnxLM(cfg, rngs=nnx.Rngs(0))
 
     def qjax_nnx(target: Method) -> Step:
-        return make_nnx_step(quantize_model(fresh(), {NNX_LINEARS: target}), ids, targets)
+        model = quantize_model(fresh(), {NNX_LINEARS: target})
+        set_quant_rngs(model, nnx.Rngs(quant=0))  # used by backward="int8" layers only
+        return make_nnx_step(model, ids, targets)
 
     def qwix_nnx(rule: dict) -> Step:
         import qwix
@@ -243,7 +260,8 @@ def einsum_cases(cfg: BlockConfig, ids: jax.Array,
 
     def qjax_linen(target: Method) -> Step:
         qm = quantize_model(plain, {EINSUM_LINEARS: target})
-        return make_step(qm.init, lambda v, x: qm.apply(v, x, qat=True), ids, targets)
+        return make_step(qm.init, lambda v, x: qm.apply(v, x, qat=True, rngs={"quant": QUANT_KEY}),
+                         ids, targets)
 
     def qwix_linen(rule: dict) -> Step:
         import qwix
@@ -289,6 +307,21 @@ def ms(results: dict[str, dict[str, Any]], name: str) -> float | None:
     return results.get(name, {}).get("median_ms")
 
 
+W8A8_ROWS = ("qjax int8 W8A8", "qjax int8 W8A8 (int8 forward)", INT8_BWD_ROWS[0])
+
+
+def int8_bwd_goals(results: dict[str, dict[str, Any]], suffix: str = "") -> dict[str, bool | None]:
+    """The quantized-backward goals: the fastest qjax W8A8 step at most 0.75x float32, and the
+    int8-backward row at most Qwix's quantized backward."""
+    times = [t for t in (ms(results, r) for r in W8A8_ROWS) if t is not None]
+    return {
+        f"fastest qjax W8A8 step <= 0.75x float32{suffix}": goal(
+            min(times, default=None), ms(results, FLOAT), 0.75),
+        f"{INT8_BWD_ROWS[0]} <= Qwix int8 (quantized bwd){suffix}": goal(
+            ms(results, INT8_BWD_ROWS[0]), ms(results, "Qwix int8 (quantized bwd)")),
+    }
+
+
 def block_goals(results: dict[str, dict[str, Any]], label: str) -> dict[str, bool | None]:
     int_fwd = "qjax int8 W8A8 (int8 forward)"
     quest = "qjax QuEST W4A4 (int8 forward)"
@@ -296,6 +329,7 @@ def block_goals(results: dict[str, dict[str, Any]], label: str) -> dict[str, boo
         f"{int_fwd} <= Qwix int8 W8A8 ({label})": goal(
             ms(results, int_fwd), ms(results, "Qwix int8 W8A8")),
         f"{quest} <= 1.15x float32 ({label})": goal(ms(results, quest), ms(results, FLOAT), 1.15),
+        **int8_bwd_goals(results, f" ({label})"),
     }
 
 
@@ -325,6 +359,7 @@ def run_llama(d: int, layers: int, batch: int, seq: int, warmup: int,
             ms(results, "qjax int4 weight-only"), ms(results, "Qwix int4 weight-only")),
         "qjax QuEST W4A4 (int8 forward) <= 1.15x float32": goal(
             ms(results, "qjax QuEST W4A4 (int8 forward)"), ms(results, FLOAT), 1.15),
+        **int8_bwd_goals(results),
     }
     md = [
         "## Reference Llama (Flax Linen, `nn.Dense`)", "",
@@ -383,18 +418,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 20 (5 with --quick)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small models for a smoke run")
+    parser.add_argument("--models", default=",".join(("llama",) + tuple(BLOCK_MODELS)),
+                        help="comma-separated tables to run: llama, " + ", ".join(BLOCK_MODELS))
     args = parser.parse_args()
+    chosen = args.models.split(",")
+    unknown = sorted(set(chosen) - {"llama", *BLOCK_MODELS})
+    if unknown or not chosen:
+        parser.error(f"unknown --models {unknown}; allowed: llama, {', '.join(BLOCK_MODELS)}")
     repeats = args.repeats or (5 if args.quick else 20)
     d, layers, batch, seq = (128, 2, 4, 256) if args.quick else (256, 4, 8, 256)
     block_cfg = BlockConfig(d_model=d, n_layers=layers, n_heads=4, head_dim=d // 4,
                             hidden=3 * d)
     shapes = [(batch, 256), (batch, 32)]
 
-    llama_md, payload = run_llama(d, layers, batch, seq, args.warmup, repeats)
-    sections, models = [llama_md], {}
+    sections, models, payload = [], {}, {}
+    if "llama" in chosen:
+        llama_md, payload = run_llama(d, layers, batch, seq, args.warmup, repeats)
+        sections.append(llama_md)
     for key in BLOCK_MODELS:
-        md, models[key] = run_block_model(key, block_cfg, shapes, args.warmup, repeats)
-        sections.append(md)
+        if key in chosen:
+            md, models[key] = run_block_model(key, block_cfg, shapes, args.warmup, repeats)
+            sections.append(md)
 
     mach = machine()
     head = [
@@ -404,7 +448,8 @@ def main() -> None:
         f"{args.warmup} warm-up calls, per model and shape; random byte ids; one invocation.",
         "These are CPU ratios; GPU/TPU were not measured here. qjax's default fake-quantizes "
         "and multiplies in float32; its (int8 forward) cases, Qwix and AQT W8A8 run int8 x int8 "
-        "dot_generals in the forward pass (Qwix's quantized bwd in the backward too).",
+        "dot_generals in the forward pass; qjax's (int8 fwd + int8 bwd) cases and Qwix's quantized "
+        "bwd in the backward too (qjax: stochastically rounded gradients, Qwix: round to nearest).",
     ]
     markdown = "\n".join(head + [line for s in sections for line in ["", *s]]) + "\n"
     print(markdown)

@@ -174,7 +174,7 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=foo", "unknown method 'foo'"),
+    ("method=foo", "method must be None or one of"),
     ("weight_bits=9", "weight_bits must be in [1, 8], got 9"),
     ("lr=nan", "lr must be a finite number"),
     ("d_model=96", "Hadamard block_size 128 does not divide the K (contracted size) 96"),

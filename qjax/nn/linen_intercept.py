@@ -6,6 +6,10 @@ layer's ``__call__`` to a handler, which typically runs the layer's own op throu
 :func:`call_linen_layer` on substituted parameters (a quantized or dequantized kernel), and
 :mod:`qjax.nn.op_intercept` routes ``jnp.einsum`` / ``lax.dot_general`` calls on a module's own
 parameters to an op handler.
+
+Each handler runs inside an :func:`qjax.nn.ops.key_source` of its module: a layer with a
+quantized backward (``backward="int8"``) that is given no key draws one from the module's
+``"quant"`` rng stream (:func:`quant_key`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextvars
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
+import jax
 
 from qjax.nn import ops
 from qjax.nn.op_intercept import current_module, entered, match_raw_call, patched_ops
@@ -22,7 +27,7 @@ from qjax.nn.recipe import LayerQuant, learned
 from qjax.nn.site import LINEN_TYPES
 
 __all__ = ["run_linen", "call_linen_layer", "layer_params", "own_params", "raw_site_call",
-           "create_input_scale"]
+           "create_input_scale", "quant_key"]
 
 _INNER_APPLY = contextvars.ContextVar("qjax_inner_apply", default=False)
 
@@ -52,6 +57,18 @@ def own_params(module: nn.Module) -> dict:
             if not isinstance(v, Mapping)}
 
 
+def quant_key(m: nn.Module) -> jax.Array | None:
+    """A key from bound module ``m``'s ``"quant"`` rng stream (:data:`qjax.nn.ops.QUANT_RNG`), or
+    None when the ``init`` / ``apply`` was given no such stream.
+
+    ``make_rng`` folds the module's path and a per-module call count into the stream's key, so
+    layers and repeated calls get different keys, and the same ``rngs`` give the same keys. The
+    stream is checked by name: Flax's fallback to ``"params"`` would key the noise by the
+    initialization seed.
+    """
+    return m.make_rng(ops.QUANT_RNG) if m.has_rng(ops.QUANT_RNG) else None
+
+
 def run_linen(model: nn.Module, method: Callable, handler: Callable, sites: Mapping | None,
               op_handler: Callable | None = None):
     """Runs ``method()`` (an ``init``/``apply`` of ``model``) with each Linen layer's call routed
@@ -69,18 +86,18 @@ def run_linen(model: nn.Module, method: Callable, handler: Callable, sites: Mapp
                 return next_fun(*a, **kw)
             a, rest, kw = ops.split_input(a, kw)  # the input positional, as handlers take it
             a = (a,) + rest
-            if sites is None:
-                return handler(None, m, a, kw, next_fun)
-            site = sites.get("/".join(m.path))
-            if site is None or site.raw:
+            site = None if sites is None else sites.get("/".join(m.path))
+            if sites is not None and (site is None or site.raw):
                 return next_fun(*a, **kw)
-            return handler(site, m, a, kw, next_fun)
+            with ops.key_source(lambda: quant_key(m)):
+                return handler(site, m, a, kw, next_fun)
 
     def route_op(op, args, kwargs, original):
         m = current_module()
         if _INNER_APPLY.get() or m is None or isinstance(m, LINEN_TYPES) or m.scope is None:
             return original(*args, **kwargs)
-        return op_handler(m, op, args, kwargs, original)
+        with ops.key_source(lambda: quant_key(m)):
+            return op_handler(m, op, args, kwargs, original)
 
     ops_context = patched_ops(route_op) if op_handler else contextlib.nullcontext()
     with nn.intercept_methods(intercept), ops_context:

@@ -5,6 +5,11 @@ Parameters mirror the Linen layers of :mod:`qjax.nn.linen` (``kernel``, ``bias``
 ``kernel_scale``, ``input_scale``), so the same values give the same outputs in both APIs. Each
 module has a plain attribute ``qat`` (default True); :func:`set_qat` flips it on every quantized
 layer of a model, so a run can train in float first and switch to QAT later.
+
+Layers with a quantized backward (``backward="int8"``) key their stochastic rounding from an
+``nnx.Rngs`` given by :func:`set_quant_rngs` (stream ``"quant"``, else ``"default"``): every
+call draws the next key of the stream, so successive training steps get new noise and the same
+seed replays the same gradients.
 """
 
 from __future__ import annotations
@@ -24,17 +29,26 @@ from qjax.nn.layout import KernelLayout, conv_layout, dense_layout, einsum_layou
 from qjax.spec import QuantSpec
 
 __all__ = ["QDense", "QEinsum", "QConv", "QEmbed", "QuantizedLayer", "LowRankLayer",
-           "FrozenWeight", "MultiPrecisionLayer", "set_qat", "set_bits", "call_with_kernel"]
+           "FrozenWeight", "MultiPrecisionLayer", "set_qat", "set_bits", "set_quant_rngs",
+           "call_with_kernel"]
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _zeros_init = nnx.initializers.zeros_init()
 _embed_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 
 
+def _backward_key(layer: nnx.Module) -> jax.Array | None:
+    """The next key of ``layer.rngs``'s ``"quant"`` stream if the layer's backward needs one."""
+    if layer.lq.backward == "float" or layer.rngs is None:
+        return None
+    return getattr(layer.rngs, O.QUANT_RNG)()
+
+
 class _QLayer(nnx.Module):
     def _setup_quant(self, weight, activation, method, layout, features):
         self.lq = _resolve_layer(weight, activation, method, layout)
         self.qat = True
+        self.rngs = None
         self.kernel_scale = (nnx.Param(O.init_kernel_scale(self._kernel_value(), self.lq.weight,
                                                            layout))
                              if R.learned(self.lq.weight) else None)
@@ -80,9 +94,10 @@ class QDense(_QLayer):
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
+        key = _backward_key(self) if self.qat else None
         return O.dense_op(x, self.kernel[...], bias, self.lq, *self._scale_values(),
                           qat=self.qat, dtype=self.dtype, precision=self.precision,
-                          out_sharding=out_sharding)
+                          out_sharding=out_sharding, key=key)
 
 
 class QEinsum(_QLayer):
@@ -101,9 +116,10 @@ class QEinsum(_QLayer):
         self._setup_quant(weight, activation, method, layout, layout.k)
 
     def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+        key = _backward_key(self) if self.qat else None
         return O.einsum_op(self.einsum_str, x, self.kernel[...], None, self.lq,
                            *self._scale_values(), qat=self.qat, dtype=self.dtype,
-                           precision=self.precision, out_sharding=out_sharding)
+                           precision=self.precision, out_sharding=out_sharding, key=key)
 
 
 class QConv(_QLayer):
@@ -171,6 +187,7 @@ class QuantizedLayer(nnx.Module):
         self.layout = layout
         self.lq = lq
         self.qat = True
+        self.rngs = None
         kernel = inner.kernel[...]
         stack = tuple(kernel.shape[:kernel.ndim - len(layout.shape)])
         features = inner.in_features if layout.kind == "conv" else layout.k
@@ -196,7 +213,8 @@ class QuantizedLayer(nnx.Module):
         if self.lq.integer_forward:
             bias = getattr(self.inner, "bias", None)
             return O.integer_dense(x, kernel, None if bias is None else bias[...], self.lq,
-                                   self.layout, dtype=getattr(self.inner, "dtype", None))
+                                   self.layout, dtype=getattr(self.inner, "dtype", None),
+                                   key=_backward_key(self))
         xq = O.quantize_input(x, self.lq, self.layout, a)
         return call_with_kernel(self.inner, O.quantize_kernel(kernel, self.lq, self.layout, w),
                                 xq, *args, **kwargs)
@@ -285,6 +303,24 @@ def set_qat(model: nnx.Module, enabled: bool) -> int:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, (_QLayer, QuantizedLayer, LowRankLayer)):
             module.qat = enabled
+            n += 1
+    return n
+
+
+def set_quant_rngs(model: nnx.Module, rngs: nnx.Rngs | None) -> int:
+    """Gives every quantized layer of ``model`` (wrappers and explicit layers) ``rngs`` as the
+    source of its quantized backward's keys (None removes it); returns how many layers got it.
+
+    One ``nnx.Rngs`` is shared: each call of a layer with ``backward="int8"`` draws the next key
+    of its ``"quant"`` stream (``"default"`` if it has none). Without it, differentiating such a
+    layer raises.
+    """
+    if rngs is not None and not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be an nnx.Rngs or None, got {type(rngs).__name__}")
+    n = 0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (_QLayer, QuantizedLayer)):
+            module.rngs = nnx.data(rngs)  # data, not a static attribute: its count advances
             n += 1
     return n
 

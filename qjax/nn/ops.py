@@ -9,7 +9,9 @@ Functions of plain arrays, a :class:`~qjax.nn.LayerQuant` and a :class:`~qjax.nn
   (dense layers) or as is (convolutions, channels last);
 * :func:`integer_dense`: QAT's integer forward of a dense layer, an int8 dot
   (:func:`qjax.qdot.qat_dense`) on the row view and the matrix view, arranged back to the layer's
-  output and plus its bias;
+  output and plus its bias; with ``backward="int8"`` also its gradient matmuls, whose stochastic
+  rounding takes a PRNG key given as ``key=`` or by the innermost :func:`key_source` (the Linen
+  interceptor makes one per layer from the ``"quant"`` rng stream, :data:`QUANT_RNG`);
 * :func:`init_kernel_scale` / :func:`init_input_scale`: initial learned steps (LSQ) or clipping
   levels (PACT);
 * :func:`dense_op`, :func:`einsum_op`, :func:`conv_op`, :func:`embed_op`: whole layers for the
@@ -27,7 +29,10 @@ rotated when the other one is.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,9 +48,46 @@ from qjax.nn.recipe import LayerQuant, learned
 from qjax.qdot import qat_dense
 from qjax.quantize import fake_quant, rotate_like_spec
 
-__all__ = ["quantize_kernel", "quantize_input", "rotate_input", "integer_dense",
+__all__ = ["QUANT_RNG", "key_source", "backward_key", "quantize_kernel", "quantize_input",
+           "rotate_input", "integer_dense",
            "init_kernel_scale", "init_input_scale", "arrange_output", "add_bias", "dense_op",
            "einsum_op", "conv_op", "embed_op", "map_matrices", "per_matrix", "split_input"]
+
+
+#: Name of the rng stream that keys a quantized backward's stochastic rounding (Linen ``rngs=``
+#: of ``apply``, an ``nnx.Rngs`` stream).
+QUANT_RNG = "quant"
+
+_KEY_SOURCE: contextvars.ContextVar[Callable[[], jax.Array | None] | None] = (
+    contextvars.ContextVar("qjax_key_source", default=None))
+
+
+@contextlib.contextmanager
+def key_source(source: Callable[[], jax.Array | None]) -> Iterator[None]:
+    """Within the block, :func:`backward_key` asks ``source()`` for a key when none is given.
+
+    ``source`` is called at most once per layer call that needs a key (a quantized backward),
+    and may return None (no key available). Sources nest; the innermost wins.
+    """
+    if not callable(source):
+        raise TypeError(f"source must be a callable returning a PRNG key or None, got {source!r}")
+    token = _KEY_SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _KEY_SOURCE.reset(token)
+
+
+def backward_key(lq: LayerQuant, key: jax.Array | None = None) -> jax.Array | None:
+    """The PRNG key of ``lq``'s quantized backward: ``key``, else the innermost
+    :func:`key_source`'s, else None (then differentiating the layer raises). None when ``lq``
+    has the float backward (and ``key`` is ignored)."""
+    if lq.backward == "float":
+        return None
+    if key is None:
+        source = _KEY_SOURCE.get()
+        key = None if source is None else source()
+    return key
 
 
 def map_matrices(f, m: jax.Array, *extras):
@@ -197,12 +239,18 @@ def add_bias(y: jax.Array, bias: jax.Array | None, layout: KernelLayout) -> jax.
 
 
 def integer_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, lq: LayerQuant,
-                  layout: KernelLayout, *, dtype=None, out_sharding=None) -> jax.Array:
-    """QAT's integer forward of a dense layer (:func:`qjax.qdot.qat_dense` on the row view)."""
+                  layout: KernelLayout, *, dtype=None, out_sharding=None,
+                  key: jax.Array | None = None) -> jax.Array:
+    """QAT's integer forward of a dense layer (:func:`qjax.qdot.qat_dense` on the row view).
+
+    With ``lq.backward == "int8"`` the gradient matmuls are int8 too, keyed by
+    :func:`backward_key` (``key``, or the current :func:`key_source`'s).
+    """
     dtype = dtype or jnp.result_type(x, kernel)
     rows = layout.input_to_rows(rotate_input(x.astype(dtype), lq, layout))
     m = rotate(layout.to_matrix(kernel.astype(dtype)), lq.rotation, -2)
-    y = qat_dense(rows, m, lq.weight, lq.activation, out_sharding=out_sharding)
+    y = qat_dense(rows, m, lq.weight, lq.activation, out_sharding=out_sharding,
+                  backward=lq.backward, key=backward_key(lq, key))
     return add_bias(arrange_output(y, x.shape, layout), bias, layout)
 
 
@@ -217,16 +265,17 @@ def _operands(x, kernel, lq, layout, w_scale, a_scale, qat, dtype):
 
 
 def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precision=None,
-             out_sharding=None):
+             out_sharding=None, key=None):
     """``x (..., K) @ kernel (K, N) + bias`` with quantized operands when ``qat``.
 
     ``out_sharding`` names the output sharding on explicit meshes (as in ``nnx.Linear``); by
-    default :func:`qjax.typed_sharding.dot_out_spec`.
+    default :func:`qjax.typed_sharding.dot_out_spec`. ``key``: see :func:`integer_dense`.
     """
     layout = dense_layout(kernel.shape)
     if qat and lq.integer_forward:
         check_bool("qat", qat)
-        return integer_dense(x, kernel, bias, lq, layout, dtype=dtype, out_sharding=out_sharding)
+        return integer_dense(x, kernel, bias, lq, layout, dtype=dtype, out_sharding=out_sharding,
+                             key=key)
     x, kernel, dtype = _operands(x, kernel, lq, layout, w_scale, a_scale, qat, dtype)
     y = typed_sharding.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                    precision=precision, out_sharding=out_sharding)
@@ -234,12 +283,13 @@ def dense_op(x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None, precisio
 
 
 def einsum_op(einsum_str, x, kernel, bias, lq, w_scale, a_scale, *, qat, dtype=None,
-              precision=None, out_sharding=None):
+              precision=None, out_sharding=None, key=None):
     """``einsum(einsum_str, x, kernel) + bias`` with quantized operands when ``qat``."""
     layout = einsum_layout(einsum_str, kernel.shape)
     if qat and lq.integer_forward:
         check_bool("qat", qat)
-        return integer_dense(x, kernel, bias, lq, layout, dtype=dtype, out_sharding=out_sharding)
+        return integer_dense(x, kernel, bias, lq, layout, dtype=dtype, out_sharding=out_sharding,
+                             key=key)
     x, kernel, dtype = _operands(x, kernel, lq, layout, w_scale, a_scale, qat, dtype)
     y = jnp.einsum(einsum_str, x, kernel, precision=precision, out_sharding=out_sharding)
     return add_bias(y, bias, layout)

@@ -21,6 +21,7 @@ import dataclasses
 
 from qjax import formats as F
 from qjax import granularity as G
+from qjax import quantized_backward as QB
 from qjax import scales as S
 from qjax import spec as SP
 from qjax._checks import check_axis_name, check_bool, check_int, check_real
@@ -42,6 +43,12 @@ class LayerQuant:
 
     ``integer_forward=True`` runs a dense layer's QAT forward as an int8 dot with the same values
     and gradients as fake quantization (:mod:`qjax.qdot`), where the specs allow it.
+    ``backward="int8"`` (with ``integer_forward=True`` only) also runs its two gradient matmuls as
+    int8 x int8 -> int32 dots on the forward's codes and a stochastically rounded output gradient
+    (:mod:`qjax.quantized_backward`; unbiased, so the gradients equal the float backward's in
+    expectation). Its noise needs a PRNG key when the model is differentiated: the ``"quant"``
+    rng stream in Linen (``apply(..., rngs={"quant": key})``), the layers' Rngs in NNX
+    (:func:`qjax.nn.nnx.set_quant_rngs`).
 
     ``weight_axis_name`` / ``activation_axis_name``: inside ``shard_map``, the mesh axes that split
     the axes the kernel's / the input's scale reduces over (``"tensor"`` for both operands of a
@@ -51,7 +58,8 @@ class LayerQuant:
 
     Raises:
       ValueError: if only one operand uses the half Hadamard form and the other has a spec that
-        does not, or the two half forms use different block sizes.
+        does not, or the two half forms use different block sizes; ``backward`` not ``"float"``
+        or ``"int8"``, or ``"int8"`` without ``integer_forward``.
     """
 
     weight: SP.QuantSpec | None = None
@@ -59,6 +67,7 @@ class LayerQuant:
     integer_forward: bool = False
     weight_axis_name: str | tuple[str, ...] | None = None
     activation_axis_name: str | tuple[str, ...] | None = None
+    backward: QB.Backward = "float"
 
     def __post_init__(self):
         # Types first: integer_forward_reason reads the specs' fields.
@@ -69,6 +78,7 @@ class LayerQuant:
         check_bool("integer_forward", self.integer_forward)
         check_axis_name("weight_axis_name", self.weight_axis_name)
         check_axis_name("activation_axis_name", self.activation_axis_name)
+        _check_backward(self.backward, self.integer_forward)
         if self.integer_forward:
             reason = integer_forward_reason(self.weight, self.activation)
             if self.weight_axis_name or self.activation_axis_name:
@@ -99,6 +109,13 @@ class LayerQuant:
 
     def replace(self, **changes) -> LayerQuant:
         return dataclasses.replace(self, **changes)
+
+
+def _check_backward(backward: object, integer_forward: bool) -> None:
+    QB.check_backward(backward)
+    if backward == "int8" and not integer_forward:
+        raise ValueError("backward='int8' reuses the int8 codes of the integer forward: set "
+                         "integer_forward=True too")
 
 
 def default_block_size(dim: int, cap: int = MAX_AUTO_BLOCK) -> int:
@@ -138,14 +155,17 @@ class Method:
     ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others.
     ``weight_axis_name`` / ``activation_axis_name`` go to :class:`LayerQuant` (``shard_map`` only).
     ``integer_forward`` applies to dense layers without batch axes; convolutions (served as
-    integer convolutions) and batched einsums train with fake quantization.
+    integer convolutions) and batched einsums train with fake quantization. ``backward="int8"``
+    (needs ``integer_forward=True``) gives those integer-forward layers int8 gradient matmuls
+    (see :class:`LayerQuant`); the other layers keep the float backward.
 
     The fields are checked here, also those the method ignores (``block_size`` without a
     Hadamard, ``trust`` outside QuEST): ``block_size`` a positive power of two or None,
     ``trust`` finite and positive, ``clip`` finite and positive or None, ``integer_forward`` a
-    bool. A 1-bit ``"int"`` grid ``{-1, 0}`` has no positive level, which the default scale rules
-    and the learned steps of LSQ and PACT need: 1 bit takes the midrise grid (or, for ``quest``
-    and ``ste``, a ``scale`` rule that copes, e.g. asymmetric absmax).
+    bool, ``backward`` ``"float"`` or ``"int8"``. A 1-bit ``"int"`` grid ``{-1, 0}`` has no
+    positive level, which the default scale rules and the learned steps of LSQ and PACT need:
+    1 bit takes the midrise grid (or, for ``quest`` and ``ste``, a ``scale`` rule that copes,
+    e.g. asymmetric absmax).
     """
 
     name: str
@@ -161,6 +181,7 @@ class Method:
     integer_forward: bool = False
     weight_axis_name: str | tuple[str, ...] | None = None
     activation_axis_name: str | tuple[str, ...] | None = None
+    backward: QB.Backward = "float"
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -191,6 +212,7 @@ class Method:
         check_bool("integer_forward", self.integer_forward)
         check_axis_name("weight_axis_name", self.weight_axis_name)
         check_axis_name("activation_axis_name", self.activation_axis_name)
+        _check_backward(self.backward, self.integer_forward)
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
             if bits is None or self.scale != "auto":
@@ -266,7 +288,8 @@ class Method:
             a = make(ab, a_stat, rule, est, -1)
         # Convolutions and layers with batch axes train with fake quantization (the same values).
         integer = self.integer_forward and layout.kind == "dense" and not layout.batch
-        return LayerQuant(w, a, integer, self.weight_axis_name, self.activation_axis_name)
+        return LayerQuant(w, a, integer, self.weight_axis_name, self.activation_axis_name,
+                          self.backward if integer else "float")
 
 
 Target = LayerQuant | Method | str
