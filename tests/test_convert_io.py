@@ -145,25 +145,26 @@ def test_from_arrays_rejects_codes_of_another_dtype():
     assert tree_equal(QC.from_arrays(arrays, sp), sp)
 
 
+def _occupy(path: str, kind: str) -> str:
+    """Puts a regular file or a non-empty directory at ``path``."""
+    if kind == "file":
+        open(path, "w").write("x")
+    else:
+        os.makedirs(os.path.join(path, "sub"))
+    return path
+
+
 def test_one_overwrite_policy_for_save_and_export_serving(tmp_path):
     # save(overwrite=True) onto a regular file raised NotADirectoryError after writing and left
     # path.old-<hex> behind; export_serving overwrote silently.
     qm, sp, _ = setup(W4)
     for existing in ("file", "dir"):
-        path = str(tmp_path / f"ckpt_{existing}")
-        if existing == "file":
-            open(path, "w").write("x")
-        else:
-            os.makedirs(os.path.join(path, "sub"))
+        path = _occupy(str(tmp_path / f"ckpt_{existing}"), existing)
         with pytest.raises(FileExistsError, match="overwrite=True"):
             QC.save(path, sp)
         QC.save(path, sp, overwrite=True)
         assert tree_equal(QC.restore(path, sp), sp)
-        art = str(tmp_path / f"art_{existing}")
-        if existing == "file":
-            open(art, "w").write("x")
-        else:
-            os.makedirs(os.path.join(art, "sub"))
+        art = _occupy(str(tmp_path / f"art_{existing}"), existing)
         with pytest.raises(FileExistsError, match="overwrite=True"):
             QC.export_serving(qm, sp, IDS, path=art)
         data = QC.export_serving(qm, sp, IDS, path=art, overwrite=True)
