@@ -25,7 +25,8 @@ float step.
 * ``AQT int8 W8A8``: AQT v2 ``AqtDotGeneral(config_v4(fwd_bits=8, dlhs_bits=None,
   drhs_bits=None))`` set as the ``dot_general_cls`` of the block linears through
   ``nn.intercept_methods`` (each matched ``Dense`` runs as a child clone with that field set,
-  same shapes; parameters nest one level deeper under ``aqt``).
+  same shapes; parameters nest one level deeper under ``aqt``). ``AQT int8 (quantized bwd)``:
+  ``config_v4(fwd_bits=8, dlhs_bits=8, drhs_bits=8)``, both gradient dots int8 too.
 
 **NNX transformer blocks** (``_bench_models.NnxLM``: ``nnx.LinearGeneral`` q/k/v/o heads,
 ``nnx.Linear`` SwiGLU; paths ``blocks/<i>/attn/{q,k,v,o}``, ``blocks/<i>/mlp/{gate,up,down}``)
@@ -160,6 +161,7 @@ def cases(cfg: LlamaConfig) -> dict[str, Callable[[], tuple[Init, Apply]]]:
             cfg, weight_qtype="int8", act_qtype="int8", bwd_qtype="int8"),
         "Qwix int4 weight-only": lambda: qwix_case(cfg, weight_qtype="int4", tile_size=128),
         "AQT int8 W8A8": lambda: aqt_case(cfg, fwd_bits=8, dlhs_bits=None, drhs_bits=None),
+        "AQT int8 (quantized bwd)": lambda: aqt_case(cfg, fwd_bits=8, dlhs_bits=8, drhs_bits=8),
     }
 
 

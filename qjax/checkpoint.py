@@ -108,23 +108,29 @@ def verify_step(step_dir: str) -> str | None:
     return None
 
 
-def _diff(recorded: Mapping, wanted: Mapping, prefix: str = "") -> list[str]:
+def _diff(recorded: Mapping, wanted: Mapping, defaults: Mapping, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(recorded) | set(wanted)):
         a, b = recorded.get(key, "<unset>"), wanted.get(key, "<unset>")
+        default = defaults.get(key, "<unset>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
+            out += _diff(a, b, default if isinstance(default, Mapping) else {},
+                         f"{prefix}{key}.")
+        elif a != b and not (key not in recorded and b == default):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 
 
-def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True) -> None:
+def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True,
+                  defaults: Mapping | None = None) -> None:
     """Refuses ``run_dir`` if it holds a run of another identity; records ``identity`` otherwise.
 
     ``identity`` is a JSON-able mapping (e.g. :func:`qjax.config.run_identity` plus the corpus
     fingerprint). A directory without ``run.json`` but with checkpoints or results was written by
-    an older qjax or by hand: refused too, since what it is a run of is unknown.
+    an older qjax or by hand: refused too, since what it is a run of is unknown. ``defaults``
+    (shaped like ``identity``) holds the default of each field: a field that a recorded identity
+    lacks (it was added to qjax after the run) and that ``identity`` sets to its default is no
+    difference, so runs of an older release resume.
 
     Raises:
       RunDirError: naming every differing field (``field: recorded -> wanted``).
@@ -134,7 +140,7 @@ def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True) -> Non
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f)
-        diff = _diff(recorded, identity)
+        diff = _diff(recorded, identity, json.loads(json.dumps(defaults or {})))
         if diff:
             raise RunDirError(
                 f"{run_dir} holds a run of another config ({'; '.join(diff)}): use another "

@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Sequence
 
+from qjax import quantized_backward as QB
 from qjax.scales import as_scale_rule
 from qjax.sharding import MESH_AXES
 
@@ -30,9 +31,12 @@ Schedule = typing.Literal["cosine", "wsd_fused", "wsd_classical"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 # Low-rank QAT of a pretrained model (qjax.nn.lowrank): these methods need init_from.
 LOW_RANK_METHODS = ("lr_qat", "qalora")
+# The methods whose layers are qjax.nn.Method recipes (the ones integer_forward, backward and
+# mixed_precision_budget apply to).
+_RECIPE_METHODS = ("quest", "lsq", "pact", "ste")
 # Every method= the program runs: qjax.nn.Method's, the low-rank ones, zeroth-order QAT of an
 # lsq model (qjax.methods.zeroqat, needs init_from) and Double Rounding (qjax.nn.double_rounding).
-METHOD_NAMES = ("quest", "lsq", "pact", "ste", *LOW_RANK_METHODS, "zeroqat", "double_rounding")
+METHOD_NAMES = (*_RECIPE_METHODS, *LOW_RANK_METHODS, "zeroqat", "double_rounding")
 LOW_RANK_PHI_DTYPES = ("float32", "bfloat16", "int8")
 
 
@@ -82,6 +86,11 @@ class TrainConfig:
     qat_fraction: float | typing.Literal["optimal"] | None = None
     quantizer_lr_multiplier: float = 1.0
     integer_forward: bool = False
+    # Gradient matmuls of the integer-forward layers (qjax.quantized_backward): "float", or
+    # "int8" (int8 x int8 -> int32 on the forward's codes, the output gradient stochastically
+    # rounded with a key folded from seed and step; needs integer_forward and method quest, lsq,
+    # pact or ste; layers without an integer forward keep the float backward).
+    backward: QB.Backward = "float"
     # Start from a float checkpoint: the run directory of a float run of the same model sizes
     # (e.g. runs/<name>/float, or its ckpt/ folder). method="lr_qat" / "qalora" (qjax.nn.lowrank,
     # weights int<weight_bits> per output channel, activations int<act_bits> per token) need it
@@ -143,6 +152,7 @@ class TrainConfig:
             )
         self._check_schedule()
         self._check_method()
+        self._check_backward()
         self._check_low_rank()
         if self.scale != "auto":
             as_scale_rule(self.scale)  # a bad name fails here, naming the allowed ones
@@ -194,7 +204,7 @@ class TrainConfig:
                                  "distill")
         budget, widths = self.mixed_precision_budget, self.mixed_precision_bits
         if budget is not None and self.method is not None:  # a float run ignores it
-            if self.method not in ("quest", "lsq", "pact", "ste"):
+            if self.method not in _RECIPE_METHODS:
                 raise ValueError(f"mixed_precision_budget allocates widths for method quest, "
                                  f"lsq, pact or ste, got method={self.method!r}")
             if not self.baseline and self.init_from is None:
@@ -215,6 +225,22 @@ class TrainConfig:
                 raise ValueError(f"method='double_rounding' stores weight_bits = the highest of "
                                  f"double_rounding_bits {tuple(bits)}, got weight_bits="
                                  f"{self.weight_bits}")
+
+    def _check_backward(self) -> None:
+        """``backward`` one of :data:`qjax.quantized_backward.BACKWARDS`; a quantized one needs
+        ``integer_forward`` (it reuses the forward's int8 codes) and a method whose layers are
+        :class:`qjax.nn.Method` recipes. A float run (``method=None``, e.g. the baseline of such
+        a run) ignores it."""
+        QB.check_backward(self.backward, "backward")
+        if self.backward == "float":
+            return
+        if not self.integer_forward:
+            raise ValueError(f"backward={self.backward!r} reuses the int8 codes of the integer "
+                             "forward: set integer_forward=true too")
+        if self.method is not None and self.method not in _RECIPE_METHODS:
+            names = f"{', '.join(_RECIPE_METHODS[:-1])} or {_RECIPE_METHODS[-1]}"
+            raise ValueError(f"backward={self.backward!r} is for method {names} (qjax.nn.Method "
+                             f"layers with integer_forward), got method={self.method!r}")
 
     def _check_low_rank(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -270,8 +296,9 @@ PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "
 # Fields a float run (method=None) does not read.
 QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
                 "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
-                "rank", "phi_dtype", "distill", "distill_temperature", "zo_eps", "zo_probes",
-                "double_rounding_bits", "mixed_precision_budget", "mixed_precision_bits")
+                "backward", "rank", "phi_dtype", "distill", "distill_temperature", "zo_eps",
+                "zo_probes", "double_rounding_bits", "mixed_precision_budget",
+                "mixed_precision_bits")
 
 
 def run_identity(config: TrainConfig) -> dict:

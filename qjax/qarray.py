@@ -11,6 +11,17 @@ Storage of codes (``QArray.codes``), by format:
 * fp8 (``e4m3``, ``e5m2``): the ml_dtypes ``float8_*`` value itself, one per byte.
 * fp4 ``e2m1``: the 4-bit e2m1 bit pattern (sign in bit 3), packed two per byte like int4.
 
+Two layouts of the codes are chosen with :func:`relayout` (the values never change):
+
+* ``packed=False`` stores the codes of a 1-, 2- or 4-bit integer format (ternary included) one
+  per byte, as the 8-bit formats are stored (``int8`` ``q`` for signed, midrise and ternary
+  formats, ``uint8`` for unsigned ones): twice the bytes of int4's packed codes (still a quarter
+  of float32's), in exchange for no shifts and masks each time the codes are read (the int8
+  products of :mod:`qjax.int8` and of serving on ``"xla"``).
+* ``k_major=True`` (arrays of rank >= 2) stores the codes with their last two axes swapped: a
+  serving weight ``(N, K)`` holds bytes ``(K/per, N)``, the operand layout of the Pallas kernels
+  (:mod:`qjax.kernels.cases`), which then read it without a per-call transpose.
+
 ``scale`` is float32 and ``zero_point`` int32 (or None), both shaped like the blocked view with the
 reduced axes kept as 1 (see :mod:`qjax.granularity`). The spec, shape and dtype are static
 (pytree metadata), so a QArray passes through ``jit``, ``vmap`` and Orbax like any pytree.
@@ -33,7 +44,8 @@ from qjax import formats as F
 from qjax._checks import check_int
 from qjax.spec import QuantSpec
 
-__all__ = ["QArray", "pack_bits", "unpack_bits", "codes_to_storage", "storage_to_codes"]
+__all__ = ["QArray", "pack_bits", "unpack_bits", "codes_to_storage", "storage_to_codes",
+           "is_packable", "relayout"]
 
 PACKED_BITS = (1, 2, 4)
 _E2M1_LEVELS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
@@ -99,8 +111,17 @@ def unpack_bits(p: jax.Array, bits: int, n: int) -> jax.Array:
     return u.reshape(p.shape[:-1] + (p.shape[-1] * per,))[..., :n]
 
 
-def codes_to_storage(q: jax.Array, fmt: F.Format) -> jax.Array:
-    """Float32 codes (unblocked, original shape) -> stored codes (see the module docstring)."""
+def is_packable(fmt: F.Format) -> bool:
+    """Whether ``fmt``'s codes have both layouts, packed and one per byte: integer formats of 1,
+    2 or 4 storage bits (ternary included). fp4's e2m1 patterns are always packed."""
+    return not isinstance(fmt, F.FloatFormat) and F.storage_bits(fmt) in PACKED_BITS
+
+
+def codes_to_storage(q: jax.Array, fmt: F.Format, packed: bool = True) -> jax.Array:
+    """Float32 codes (unblocked, original shape) -> stored codes (see the module docstring).
+
+    ``packed=False`` stores sub-byte integer codes one per byte (:func:`unpack`'s layout).
+    """
     if isinstance(fmt, F.FloatFormat):
         if fmt.name != "e2m1":
             return q.astype(fmt.dtype)
@@ -108,12 +129,12 @@ def codes_to_storage(q: jax.Array, fmt: F.Format) -> jax.Array:
         pattern = idx | (jnp.signbit(q).astype(jnp.uint8) << 3)
         return pack_bits(pattern, 4)
     bits = F.storage_bits(fmt)
-    if bits in PACKED_BITS:
+    if bits in PACKED_BITS and packed:
         return pack_bits((q - fmt.qmin).astype(jnp.int32), bits)
     return q.astype(jnp.int8 if fmt.signed else jnp.uint8)
 
 
-def storage_to_codes(c: jax.Array, fmt: F.Format, n: int) -> jax.Array:
+def storage_to_codes(c: jax.Array, fmt: F.Format, n: int, packed: bool = True) -> jax.Array:
     """Stored codes -> float32 codes; ``n`` is the true size of the last axis."""
     if isinstance(fmt, F.FloatFormat):
         if fmt.name != "e2m1":
@@ -122,7 +143,7 @@ def storage_to_codes(c: jax.Array, fmt: F.Format, n: int) -> jax.Array:
         mag = jnp.asarray(_E2M1_LEVELS)[(pattern & 7).astype(jnp.int32)]
         return jnp.where((pattern >> 3) == 1, -mag, mag)
     bits = F.storage_bits(fmt)
-    if bits in PACKED_BITS:
+    if bits in PACKED_BITS and packed:
         return unpack_bits(c, bits, n).astype(jnp.float32) + fmt.qmin
     return c.astype(jnp.float32)
 
@@ -138,6 +159,9 @@ class QArray:
       spec: the :class:`~qjax.QuantSpec` that produced it (static).
       shape: the shape of the quantized array (static; with Hadamard, of the rotated array).
       dtype: name of the dtype :func:`qjax.dequantize` returns (static).
+      packed: sub-byte integer codes packed several per byte (the default), or one per byte;
+        always True for formats that are not packable (static; :func:`relayout`).
+      k_major: codes stored with the last two axes swapped (static; :func:`relayout`).
     """
 
     codes: jax.Array
@@ -146,6 +170,8 @@ class QArray:
     spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: str = dataclasses.field(metadata=dict(static=True))
+    packed: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    k_major: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def __post_init__(self):
         # Only the static fields: the array fields may be tracers or placeholders when JAX
@@ -161,6 +187,13 @@ class QArray:
             raise TypeError(f"dtype must name a floating dtype (float32, bfloat16, float16), "
                             f"got {self.dtype!r}")
         object.__setattr__(self, "dtype", dt.name)
+        for name in ("packed", "k_major"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.k_major and len(self.shape) < 2:
+            raise ValueError(f"k_major needs an array of rank >= 2, got shape {self.shape}")
+        # One spelling per layout: a format without a packed form is always "packed".
+        object.__setattr__(self, "packed", self.packed or not is_packable(self.spec.format))
 
     @property
     def ndim(self) -> int:
@@ -177,31 +210,72 @@ class QArray:
     def codes_float32(self) -> jax.Array:
         """The unpacked codes as float32 integers (or fp values), shape ``self.shape``."""
         n = self.shape[-1] if self.shape else 1
-        return storage_to_codes(self.codes, self.spec.format, n).reshape(self.shape)
+        codes = jnp.swapaxes(self.codes, -1, -2) if self.k_major else self.codes
+        return storage_to_codes(codes, self.spec.format, n, self.packed).reshape(self.shape)
+
+
+def relayout(q: QArray, *, packed: bool | None = None, k_major: bool | None = None) -> QArray:
+    """``q`` with its codes stored in another layout (see the module docstring); same values.
+
+    Args:
+      q: a QArray.
+      packed: False stores sub-byte integer codes one per byte, True packs them; None keeps the
+        current layout. Formats without two layouts (8-bit, fp8, fp4) ignore it.
+      k_major: True swaps the codes' last two axes (rank >= 2), False restores them; None keeps.
+
+    Raises:
+      TypeError: ``q`` not a QArray, or a flag that is neither a bool nor None.
+      ValueError: ``k_major=True`` for an array of rank < 2.
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"q must be a qjax.QArray, got {type(q).__name__}")
+    for name, v in (("packed", packed), ("k_major", k_major)):
+        if v is not None and not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool or None, got {v!r}")
+    packed = q.packed if packed is None else (packed or not is_packable(q.spec.format))
+    k_major = q.k_major if k_major is None else k_major
+    if (packed, k_major) == (q.packed, q.k_major):
+        return q
+    if k_major and q.ndim < 2:
+        raise ValueError(f"k_major needs an array of rank >= 2, got shape {q.shape}")
+    codes = q.codes
+    if packed != q.packed:
+        rows = jnp.swapaxes(codes, -1, -2) if q.k_major else codes
+        codes = codes_to_storage(storage_to_codes(rows, q.spec.format, q.shape[-1], q.packed),
+                                 q.spec.format, packed)
+        codes = jnp.swapaxes(codes, -1, -2) if q.k_major else codes
+    if k_major != q.k_major:
+        codes = jnp.swapaxes(codes, -1, -2)
+    return dataclasses.replace(q, codes=codes, packed=packed, k_major=k_major)
 
 
 def _qarray_flatten_with_keys(q: QArray):
     children = ((jax.tree_util.GetAttrKey("codes"), q.codes),
                 (jax.tree_util.GetAttrKey("scale"), q.scale),
                 (jax.tree_util.GetAttrKey("zero_point"), q.zero_point))
-    return children, (q.spec, q.shape, q.dtype)
+    return children, (q.spec, q.shape, q.dtype, q.packed, q.k_major)
 
 
 def _qarray_unflatten(aux, children) -> QArray:
-    spec, shape, dtype = aux
+    spec, shape, dtype, packed, k_major = aux
     codes, scale, zero_point = children
     lead = getattr(codes, "shape", None)
     # Leaves sliced or stacked along leading axes (vmap, scan) carry their own leading shape;
     # placeholders without a shape (in_axes specs, sentinels) keep the recorded one.
-    if shape and isinstance(lead, tuple) and len(lead) >= 1 and tuple(lead[:-1]) != shape[:-1]:
-        shape = tuple(int(d) for d in lead[:-1]) + (shape[-1],)
+    # The axes that are never sliced: the last one (packed along it), both last ones when K-major.
+    fixed = 2 if k_major else 1
+    if (shape and isinstance(lead, tuple) and len(lead) >= fixed
+            and tuple(lead[:-fixed]) != shape[:-fixed]):
+        shape = tuple(int(d) for d in lead[:-fixed]) + tuple(shape[-fixed:])
     q = object.__new__(QArray)
     for name, value in (("codes", codes), ("scale", scale), ("zero_point", zero_point),
-                        ("spec", spec), ("shape", shape), ("dtype", dtype)):
+                        ("spec", spec), ("shape", shape), ("dtype", dtype), ("packed", packed),
+                        ("k_major", k_major)):
         object.__setattr__(q, name, value)
     return q
 
 
 jax.tree_util.register_pytree_with_keys(
     QArray, _qarray_flatten_with_keys, _qarray_unflatten,
-    flatten_func=lambda q: ((q.codes, q.scale, q.zero_point), (q.spec, q.shape, q.dtype)))
+    flatten_func=lambda q: ((q.codes, q.scale, q.zero_point),
+                            (q.spec, q.shape, q.dtype, q.packed, q.k_major)))

@@ -29,6 +29,9 @@ the checkpoint on resume, and the checkpoints hold the trained params only. ``di
 (:mod:`qjax.methods.zeroqat`; ``zo_eps``, ``zo_probes``, no backward pass, no weight decay);
 ``method=double_rounding`` (``double_rounding_bits=8,4``, ``weight_bits`` the highest) trains
 one model at every width (losses averaged) and reports each width from the one checkpoint.
+``backward=int8`` (with ``integer_forward=true``) runs the gradient matmuls of the integer-forward
+layers in int8 (:mod:`qjax.quantized_backward`), the stochastic rounding keyed by the seed and
+the step (the same losses on every run and resume of the config).
 """
 from __future__ import annotations
 
@@ -134,6 +137,11 @@ def _scalar(x) -> float:
     """A replicated scalar as a Python float (multi-host arrays are not fully addressable)."""
     return float(np.asarray(x.addressable_shards[0].data))
 
+#: Shaped like :func:`run_dir_identity`: the default of every config field.
+IDENTITY_DEFAULTS = {"config": {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                                if f.default is not dataclasses.MISSING}}
+
+
 def run_dir_identity(config: TrainConfig, corpus: D.Corpus) -> dict:
     """What a run directory of ``config`` on ``corpus`` is a run of (recorded in ``run.json``)."""
     info = corpus.info
@@ -155,7 +163,8 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
     process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
     """
     lead = jax.process_index() == 0
-    check_run_dir(run_dir, run_dir_identity(config, corpus), write=lead)
+    check_run_dir(run_dir, run_dir_identity(config, corpus), write=lead,
+                  defaults=IDENTITY_DEFAULTS)
     done_path = os.path.join(run_dir, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -197,18 +206,37 @@ class _Job:
                    place, state, {"fixed": fixed, "teacher": None if pair is None else pair[1]},
                    None if pair is None else pair[0])
 
-    def cross_entropy(self, p, inputs, targets, qat_on, aux, bits=None):
-        """Mean next-byte cross-entropy (at weight width ``bits`` for Double Rounding)."""
+    def cross_entropy(self, p, inputs, targets, qat_on, aux, bits=None, key=None):
+        """Mean next-byte cross-entropy (at weight width ``bits`` for Double Rounding; ``key``:
+        see :meth:`_logits`)."""
         return optax.softmax_cross_entropy_with_integer_labels(
-            self._logits(p, inputs, qat_on, aux, bits), targets).mean()
+            self._logits(p, inputs, qat_on, aux, bits, key), targets).mean()
 
-    def _logits(self, p, inputs, qat_on, aux, bits=None):
+    def _logits(self, p, inputs, qat_on, aux, bits=None, key=None):
+        """Logits ``(batch, seq, vocab)`` of ``inputs (batch, seq)``; ``key`` (or None) is the
+        ``"quant"`` rng stream that keys a quantized backward (:meth:`quant_key`)."""
         kw = {} if bits is None else {"bits": bits}
+        if key is not None:
+            kw["rngs"] = {"quant": key}
         return self.model.apply(model_variables(p, aux["fixed"]), inputs, qat=qat_on, **kw)
 
-    def loss(self, p, inputs, targets, qat_on, aux):
+    def quant_key(self, step) -> jax.Array | None:
+        """The key of the quantized backward (``backward="int8"``) at ``step`` (an int, traced in
+        the jitted step), or None when the run has none (a float run or backward ``"float"``).
+
+        Folded from the seed and the step: new noise every step, the same noise in every run of
+        the config and after a resume. ``seed + 4``: ``seed`` keys the init, ``+ 1`` the state's
+        RNG, ``+ 2`` ZeroQAT's directions, ``+ 3`` the HAWQ-V2 probes.
+        """
+        c = self.config
+        if self.method is None or c.backward == "float":
+            return None
+        return jax.random.fold_in(jax.random.key(c.seed + 4), step)
+
+    def loss(self, p, inputs, targets, qat_on, aux, key=None):
         """The training objective: cross-entropy, or with ``distill`` its mix with the KL to the
-        float teacher; Double Rounding averages it over its widths (one forward each)."""
+        float teacher; Double Rounding averages it over its widths (one forward each). ``key``
+        keys a quantized backward (:meth:`quant_key`)."""
         c = self.config
         teacher_logits = None
         if aux["teacher"] is not None:
@@ -217,9 +245,9 @@ class _Job:
 
         def at(bits):
             if teacher_logits is None:
-                return self.cross_entropy(p, inputs, targets, qat_on, aux, bits)
+                return self.cross_entropy(p, inputs, targets, qat_on, aux, bits, key)
             value, _ = distill.distillation_loss(
-                self._logits(p, inputs, qat_on, aux, bits), teacher_logits, targets,
+                self._logits(p, inputs, qat_on, aux, bits, key), teacher_logits, targets,
                 ce_weight=1.0 - c.distill, kl_weight=c.distill,
                 temperature=c.distill_temperature)
             return value
@@ -230,8 +258,9 @@ class _Job:
         return at(None)
 
     def step_fn(self, qat_on: bool):
-        """The train step ``(p, opt_state, inputs, targets, aux) -> (p, opt_state, loss)`` with
-        QAT on or off: AdamW on the gradient, or for ZeroQAT the zeroth-order step."""
+        """The train step ``(p, opt_state, inputs, targets, aux, step) -> (p, opt_state, loss)``
+        with QAT on or off: AdamW on the gradient (``step`` keys a quantized backward), or for
+        ZeroQAT the zeroth-order step (its directions are keyed by its own count)."""
         if self.tx is None:
             c = self.config
             zo = zeroqat.zo_step(lambda p, b: self.loss(p, *b[:2], qat_on, b[2]),
@@ -239,15 +268,17 @@ class _Job:
                                                          num_probes=c.zo_probes))
             key = jax.random.key(c.seed + 2)  # directions from (key, step, probe)
 
-            def zo_train(p, opt_state, inputs, targets, aux):
+            def zo_train(p, opt_state, inputs, targets, aux, step):
+                del step  # the count in opt_state is the step
                 count = opt_state["count"]
                 p, loss = zo(p, (inputs, targets, aux), key, count)
                 return p, {"count": count + 1}, loss
 
             return zo_train
 
-        def step(p, opt_state, inputs, targets, aux):
-            loss, grads = jax.value_and_grad(self.loss)(p, inputs, targets, qat_on, aux)
+        def step(p, opt_state, inputs, targets, aux, index):
+            loss, grads = jax.value_and_grad(self.loss)(p, inputs, targets, qat_on, aux,
+                                                        self.quant_key(index))
             updates, opt_state = self.tx.update(grads, opt_state, p)
             return optax.apply_updates(p, updates), opt_state, loss
 
@@ -293,7 +324,7 @@ class _Job:
                                               c.seed)
                 qat_on = self.method is not None and self.qat.enabled(step)
                 p, opt_state, loss = steps[qat_on](
-                    p, opt_state, *self.place.batch_arrays(inputs, targets), self.aux)
+                    p, opt_state, *self.place.batch_arrays(inputs, targets), self.aux, step)
                 done, since = step + 1, since + 1
                 if done % c.log_every == 0 or done == c.steps:
                     loss_v = _scalar(loss)
@@ -406,6 +437,7 @@ def run(config: TrainConfig) -> list[dict]:
     runs = _runs(config)
     for sub, cfg in runs:
         check_run_dir(os.path.join(config.run_dir, sub), run_dir_identity(cfg, corpus),
+                      defaults=IDENTITY_DEFAULTS,
                       write=False)
     if lead:
         print(corpus.info.describe(), file=sys.stderr)

@@ -68,7 +68,8 @@ def method_from_config(config: TrainConfig
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
                   block_size=config.block_size, trust=config.trust, clip=config.clip,
                   hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
-                  scale=config.scale, integer_forward=config.integer_forward)
+                  scale=config.scale, integer_forward=config.integer_forward,
+                  backward=config.backward)
 
 
 def model_config(config: TrainConfig) -> LlamaConfig:
@@ -267,8 +268,9 @@ class Placement:
         return sharding.named_shardings(specs, self.mesh)
 
     def jit_step(self, fn):
-        """``fn(p, opt_state, inputs, targets) -> (p, opt_state, loss)`` jitted; on a mesh the
-        outputs keep the params' and optimizer state's shardings."""
+        """``fn(p, opt_state, inputs, targets, *rest) -> (p, opt_state, loss)`` jitted, ``p`` and
+        ``opt_state`` donated; on a mesh the outputs keep the params' and optimizer state's
+        shardings."""
         if self.mesh is None:
             return jax.jit(fn, donate_argnums=(0, 1))
         out = self.shardings((self.param_specs, self.opt_specs, P()))

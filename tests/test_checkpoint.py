@@ -110,6 +110,19 @@ def test_check_run_dir_records_then_refuses_another_identity(tmp_path):
         C.check_run_dir(str(run), {**ident, "config": {**ident["config"], "rank": 8}})
 
 
+def test_check_run_dir_accepts_a_field_added_later_at_its_default(tmp_path):
+    run = tmp_path / "qat"
+    C.check_run_dir(str(run), {"config": {"weight_bits": 4}})  # recorded before "backward"
+    defaults = {"config": {"weight_bits": 8, "backward": "float"}}
+    C.check_run_dir(str(run), {"config": {"weight_bits": 4, "backward": "float"}},
+                    defaults=defaults)
+    with pytest.raises(C.RunDirError, match=r"config\.backward: '<unset>' -> 'int8'"):
+        C.check_run_dir(str(run), {"config": {"weight_bits": 4, "backward": "int8"}},
+                        defaults=defaults)
+    with pytest.raises(C.RunDirError, match=r"config\.weight_bits: 4 -> 8"):  # recorded wins
+        C.check_run_dir(str(run), {"config": {"weight_bits": 8}}, defaults=defaults)
+
+
 def test_check_run_dir_refuses_results_without_a_record(tmp_path):
     (tmp_path / "old" / "ckpt").mkdir(parents=True)
     with pytest.raises(C.RunDirError, match="ckpt but no run.json"):

@@ -90,6 +90,26 @@ def test_low_rank_fields():
             apply_overrides(TrainConfig(), overrides)
 
 
+def test_backward_field():
+    c = apply_overrides(TrainConfig(), ["method=ste", "integer_forward=true", "backward=int8"])
+    assert (c.method, c.integer_forward, c.backward) == ("ste", True, "int8")
+    assert TrainConfig().backward == "float"
+    # A float run (e.g. the baseline of an int8-backward run) ignores it.
+    assert TrainConfig(method=None, integer_forward=True, backward="int8").backward == "int8"
+    bad = {
+        r"backward must be one of \('float', 'int8'\), got 'fp8'": ["backward=fp8"],
+        "backward='int8' reuses the int8 codes of the integer forward: set integer_forward=true":
+            ["backward=int8"],
+        "backward='int8' is for method quest, lsq, pact or ste": [
+            "method=double_rounding", "weight_bits=8", "integer_forward=true", "backward=int8"],
+    }
+    for message, overrides in bad.items():
+        with pytest.raises(ValueError, match=message):
+            apply_overrides(TrainConfig(), overrides)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        TrainConfig(backward=None)
+
+
 def test_run_identity_keeps_what_changes_results_only():
     from qjax.config import PLACEMENT_FIELDS, QUANT_FIELDS, run_identity
 

@@ -44,6 +44,20 @@ def test_save_restore_roundtrip_serves_the_same(tmp_path):
     assert q["codes"].shape == (64, 32)
 
 
+def test_unpacked_serving_params_save_restore_and_serve_the_same(tmp_path):
+    qm, sp, fwd = setup(W4A4)
+    un = QC.relayout_params(sp, packed=False, k_major=True)
+    q = un["blocks_0"]["attn"]["q"]["kernel"]
+    assert not q.packed and q.k_major and q.codes.shape == (64, 64) and q.codes.dtype == np.int8
+    np.testing.assert_array_equal(fwd(un, IDS), fwd(sp, IDS))  # the same codes, read unpacked
+    QC.save(str(tmp_path / "ckpt"), un)
+    restored = QC.restore(str(tmp_path / "ckpt"), un)
+    kernel = restored["blocks_0"]["attn"]["q"]["kernel"]
+    assert not kernel.packed and kernel.k_major and tree_equal(restored, un)
+    with pytest.raises(ValueError, match="specs differ"):  # the manifest records packed
+        QC.restore(str(tmp_path / "ckpt"), sp)
+
+
 def test_save_refuses_to_overwrite_and_overwrites_atomically(tmp_path):
     _, sp4, _ = setup(W4)
     path = str(tmp_path / "ckpt")

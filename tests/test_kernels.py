@@ -414,3 +414,39 @@ def test_empty_weight_rows_served_and_empty_contraction_refused():
     wk0 = qjax.quantize(jnp.zeros((8, 0)), CASES["w8a8"][0])
     with pytest.raises(ValueError, match=r"w must have K >= 1"):
         K.quantized_matmul(jnp.ones((3, 0)), wk0, backend="interpret")
+
+
+@pytest.mark.parametrize("name", ["w4a16_zero_point", "w4a4_quest", "w1_sign", "fp8"])
+def test_every_code_layout_gives_the_same_results(name):
+    # One code per byte (packed=False) is read with one phase; K-major codes (the kernels'
+    # operand layout) without the per-call transpose. The sums are the same.
+    wspec, aspec = CASES[name]
+    x, wf = _data(9, 72, 320)
+    w = qjax.quantize(wf, wspec)
+    y_xla, y_pl = _qmm(x, w, aspec, "xla"), _qmm(x, w, aspec, "interpret")
+    tol = 2e-6 * float(jnp.abs(y_pl).max())
+    for packed, k_major in [(False, False), (True, True), (False, True)]:
+        v = qjax.qarray.relayout(w, packed=packed, k_major=k_major)
+        assert v.k_major == k_major and (v.packed == packed or name == "fp8")
+        if not packed and name != "fp8":
+            assert K.classify(x.shape, v, aspec).per == 1
+        got_xla, got = _qmm(x, v, aspec, "xla"), _qmm(x, v, aspec, "interpret")
+        if K.classify(x.shape, w, aspec).kind == "int":  # exact int32 sums, same epilogue
+            np.testing.assert_array_equal(got_xla, y_xla)
+            np.testing.assert_array_equal(got, y_pl)
+        else:  # XLA may fold the layout into the float dot, one phase sums in another order
+            np.testing.assert_allclose(got_xla, y_xla, rtol=1e-6, atol=tol)
+            np.testing.assert_allclose(got, y_pl, rtol=1e-6, atol=tol)
+
+
+def test_k_major_codes_skip_the_per_call_transpose():
+    wspec, aspec = CASES["w4a16"]
+    x, wf = _data(8, 256, 512)
+    w = qjax.quantize(wf, wspec)
+    km = qjax.qarray.relayout(w, k_major=True)
+    assert km.codes.shape == (256, 256)  # (K/2, N) bytes
+    for v, transposes in ((w, 1), (km, 0)):
+        text = jax.jit(lambda x, v: K.quantized_matmul(x, v, backend="interpret")).lower(
+            x, v).as_text()
+        # The only transpose of a uint8 array is the weights' relayout.
+        assert sum("transpose" in ln and "ui8" in ln for ln in text.splitlines()) == transposes

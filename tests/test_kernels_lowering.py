@@ -117,3 +117,19 @@ def test_validator_rejects_what_mosaic_lowering_rejects(blocks):
         else:
             with pytest.raises(ValueError, match="divisible by 8 and 128"):
                 lower(lowering_platforms=("tpu",))
+
+
+@pytest.mark.parametrize("name", ["w4a16_g32_zero_point", "w4a4_quest"])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_unpacked_and_k_major_weights_lower(name, platform):
+    wspec, aspec = CASES[name]
+    x, w = _abstract(wspec, x_dtype=jnp.float32)
+    for layout in ({"packed": False}, {"k_major": True}, {"packed": False, "k_major": True}):
+        v = jax.eval_shape(functools.partial(qjax.qarray.relayout, **layout), w)
+        f, leaves = _fn(aspec, "pallas_tpu" if platform == "tpu" else "pallas_gpu", v)
+        text = f.trace(x, *leaves).lower(lowering_platforms=(platform,)).as_text()
+        assert ("tpu_custom_call" if platform == "tpu" else pallas_gpu.TRITON_CUSTOM_CALL) in text
+        kernel_layout = f"-> tensor<{KDIM // (1 if v.packed is False else 2)}x{N}x"
+        transposed = [ln for ln in text.splitlines() if "transpose" in ln and kernel_layout in ln]
+        # Row-major bytes are transposed to (K/per, N) per call; K-major ones enter as they are.
+        assert len(transposed) == (0 if layout.get("k_major") else 1)

@@ -77,6 +77,54 @@ def test_qarray_is_a_pytree_through_jit():
     assert isinstance(doubled, qjax.QArray)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4", "int2", "midrise1", "ternary", "midrise4"])
+def test_unpack_stores_one_code_per_byte_with_the_same_values(fmt):
+    x = jax.random.normal(jax.random.key(2), (3, 10))
+    spec = qjax.QuantSpec(fmt, "row") if fmt != "uint4" else qjax.QuantSpec(
+        fmt, "row", qjax.AbsMax(symmetric=False))
+    qa = qjax.quantize(x, spec)
+    un = QA.relayout(qa, packed=False)
+    assert qa.packed and not un.packed and un.codes.shape == (3, 10)
+    assert un.codes.dtype == (jnp.uint8 if fmt == "uint4" else jnp.int8)
+    np.testing.assert_array_equal(un.codes_float32(), qa.codes_float32())
+    np.testing.assert_array_equal(jax.jit(qjax.dequantize)(un), qjax.dequantize(qa))
+    back = QA.relayout(un, packed=True)
+    assert back.packed
+    np.testing.assert_array_equal(back.codes, qa.codes)
+    leaves, treedef = jax.tree_util.tree_flatten(un)  # packed is static metadata
+    assert not jax.tree_util.tree_unflatten(treedef, leaves).packed
+    assert un.codes.nbytes == 30 and qa.codes.nbytes < 30
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e2m1", "e4m3"])
+def test_unpack_leaves_formats_without_two_layouts(fmt):
+    qa = qjax.quantize(jnp.linspace(-1.0, 1.0, 16).reshape(2, 8), qjax.QuantSpec(fmt, "row"))
+    assert QA.relayout(qa, packed=False) is qa and qa.packed
+    with pytest.raises(TypeError, match="packed must be a bool"):
+        dataclasses.replace(qa, packed=0)
+    with pytest.raises(TypeError, match="q must be a qjax.QArray"):
+        QA.relayout(np.zeros(3), packed=False)
+    with pytest.raises(TypeError, match="k_major must be a bool or None"):
+        QA.relayout(qa, k_major="yes")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_k_major_swaps_the_stored_axes_and_follows_leading_slices(packed):
+    x = jax.random.normal(jax.random.key(4), (3, 6, 16))  # a stack of three (6, 16) matrices
+    qa = QA.relayout(qjax.quantize(x, qjax.QuantSpec("int4", "row")), packed=packed)
+    km = QA.relayout(qa, k_major=True)
+    assert km.k_major and km.codes.shape == qa.codes.shape[:-2] + qa.codes.shape[::-1][:2]
+    np.testing.assert_array_equal(qjax.dequantize(km), qjax.dequantize(qa))
+    np.testing.assert_array_equal(QA.relayout(km, k_major=False).codes, qa.codes)
+    both = QA.relayout(km, packed=not packed)  # repacking keeps the K-major layout
+    assert both.k_major and both.packed != packed
+    np.testing.assert_array_equal(qjax.dequantize(both), qjax.dequantize(qa))
+    per_layer = jax.lax.map(qjax.dequantize, km)  # leading-axis slices keep (6, 16)
+    np.testing.assert_array_equal(per_layer, qjax.dequantize(qa))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        QA.relayout(qjax.quantize(x[0, 0], qjax.QuantSpec("int4", "tensor")), k_major=True)
+
+
 def test_rank0_and_odd_last_axis():
     spec = qjax.QuantSpec("int4")
     x = jnp.float32(0.7)

@@ -355,6 +355,86 @@ def test_linen_keys_come_from_the_quant_stream():
         jax.grad(lambda p: linen_loss(qm, p, x, y))(params)
 
 
+class TwoLayers(nn.Module):
+    """An einsum projection and a dense head, as explicit qjax layers (``explicit=True``) or as
+    Flax layers for :func:`quantize_model` (same module paths, same parameters)."""
+
+    method: Method | None = None
+    explicit: bool = True
+
+    @nn.compact
+    def __call__(self, x, qat: bool = True):  # (b, t, 8) -> (b, t, 1); qat: explicit layers only
+        shape, eq = (8, 2, 16), "btd,dnh->btnh"
+        if self.explicit:
+            proj = functools.partial(qjax.nn.linen.QEinsum(shape, eq, method=self.method,
+                                                           name="proj"), qat=qat)
+            head = functools.partial(qjax.nn.linen.QDense(1, method=self.method, name="head"),
+                                     qat=qat)
+        else:
+            proj, head = nn.Einsum(shape, eq, use_bias=False, name="proj"), nn.Dense(1, name="head")
+        h = proj(x)
+        return head(nn.gelu(h.reshape(h.shape[:-2] + (32,))))
+
+
+LAYERS_X = jax.random.normal(jax.random.key(0), (4, 4, 8))
+LAYERS_Y = jnp.sin(LAYERS_X.sum(-1, keepdims=True))
+
+
+def layers_grad(model, params, key=None):
+    """Gradient of the mean squared error of ``model`` (``rngs={"quant": key}`` if given)."""
+    rngs = {} if key is None else {"rngs": {"quant": key}}
+    return jax.grad(lambda p: jnp.mean(
+        (model.apply({"params": p}, LAYERS_X, **rngs) - LAYERS_Y) ** 2))(params)
+
+
+def test_explicit_linen_layers_draw_the_keys_of_the_rewrite():
+    explicit = TwoLayers(STEP8)
+    params = explicit.init(jax.random.key(1), LAYERS_X)["params"]
+    rewritten = quantize_model(TwoLayers(explicit=False), {"proj|head": STEP8})
+    grad = jax.jit(layers_grad, static_argnums=0)
+    g1, g1b = grad(explicit, params, jax.random.key(5)), grad(explicit, params, jax.random.key(5))
+    jax.tree.map(np.testing.assert_array_equal, g1, g1b)
+    # Same module paths and rng stream: the same keys, so the same gradients as the rewrite's.
+    jax.tree.map(np.testing.assert_array_equal, g1,
+                 grad(rewritten, params, jax.random.key(5)))
+    g2 = grad(explicit, params, jax.random.key(6))
+    for layer in ("proj", "head"):
+        assert bool(jnp.any(g1[layer]["kernel"] != g2[layer]["kernel"])), layer
+    # The int8 backward ran in both layers: forward, dx and dW int8 dots each.
+    jaxpr = str(jax.make_jaxpr(lambda p: layers_grad(explicit, p, jax.random.key(5)))(params))
+    assert jaxpr.count("preferred_element_type=int32") == 6
+
+
+def test_explicit_linen_layers_without_the_quant_stream():
+    explicit = TwoLayers(STEP8)
+    params = explicit.init(jax.random.key(1), LAYERS_X)["params"]  # init draws no key
+    y = explicit.apply({"params": params}, LAYERS_X)  # nor does a forward-only apply
+    assert y.shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="rngs=\\{'quant': key\\}"):
+        layers_grad(explicit, params)
+    # The float backward and qat=False need no key: no stream, no draw.
+    float_bwd = TwoLayers(Method("ste", 8, 8, integer_forward=True))
+    assert layers_grad(float_bwd, params)["head"]["kernel"].shape == (32, 1)
+    no_qat = jax.grad(lambda p: jnp.sum(explicit.apply({"params": p}, LAYERS_X, qat=False)))
+    assert no_qat(params)["proj"]["kernel"].shape == (8, 2, 16)
+
+
+def test_explicit_linen_layers_are_unbiased():
+    explicit = TwoLayers(STEP8)
+    params = explicit.init(jax.random.key(1), LAYERS_X)["params"]
+    n = 64
+    keys = jax.random.split(jax.random.key(12), n)
+    samples = jax.jit(jax.vmap(lambda k: layers_grad(explicit, params, k)))(keys)
+    ref = jax.jit(layers_grad, static_argnums=0)(
+        TwoLayers(Method("ste", 8, 8, integer_forward=True)), params)
+    for layer in ("proj", "head"):
+        s, r = samples[layer]["kernel"], ref[layer]["kernel"]
+        sem = s.std(0) / np.sqrt(n)  # standard error of the mean, per entry
+        z = jnp.abs(s.mean(0) - r) / (sem + 1e-6 * jnp.abs(r).max())
+        assert float(z.max()) < 5.5, layer
+        assert float(jnp.abs(s.mean(0) - r).max()) < 0.05 * float(jnp.abs(r).max()), layer
+
+
 class RawKernel(nn.Module):
     @nn.compact
     def __call__(self, x):

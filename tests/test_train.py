@@ -116,6 +116,26 @@ def test_float_phase_then_qat(tmp_path):
     assert [r["qat"] for r in rows] == [False, False, True, True]
 
 
+def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
+    """backward=int8 trains (the loss keyed per step from the seed): two runs of the config, one
+    of them stopped and resumed, log the same losses."""
+    small = {**TINY, "steps": 4, "checkpoint_every": 2, "eval_every": 4}
+
+    def config(out, **changes):
+        return TrainConfig(name="bwd", out_dir=str(tmp_path / out), baseline=False, method="ste",
+                           integer_forward=True, backward="int8", **{**small, **changes})
+
+    (result,) = train.run(config("full"))
+    assert result["label"] == "ste W4A4" and 0 < result["val_loss"] < 6
+    full = [r for r in _rows(tmp_path / "full" / "qat" / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in full]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert train.run(config("resumed", stop_after=2)) == []
+    train.run(config("resumed"))
+    resumed = [r for r in _rows(tmp_path / "resumed" / "qat" / "metrics.jsonl") if "loss" in r]
+    assert [r["loss"] for r in resumed] == losses
+
+
 def test_low_rank_qat_from_a_float_run(tmp_path):
     small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
     train.run(TrainConfig(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
@@ -179,7 +199,8 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
     ("lr=nan", "lr must be a finite number"),
     ("d_model=96", "Hadamard block_size 128 does not divide the K (contracted size) 96"),
     ("grad_clip=0", "grad_clip must be a finite number"),
-], ids=["method", "bits", "lr", "hadamard_block", "grad_clip"])
+    ("backward=int8", "set integer_forward=true too"),
+], ids=["method", "bits", "lr", "hadamard_block", "grad_clip", "backward"])
 def test_config_mistakes_fail_in_one_line_before_any_data_is_read(override, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--override", override, "corpus_paths=/nonexistent"])

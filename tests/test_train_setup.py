@@ -31,3 +31,15 @@ def test_method_from_config_and_model_config():
     assert isinstance(m, Method) and (m.weight_bits, m.act_bits) == (2, 8)
     mc = S.model_config(TrainConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32))
     assert (mc.d_model, mc.n_layers, mc.n_heads, mc.max_seq_len) == (64, 3, 2, 32)
+
+
+def test_method_from_config_passes_the_backward():
+    config = TrainConfig(method="ste", integer_forward=True, backward="int8", d_model=64,
+                         block_size=64)
+    assert S.method_from_config(config).backward == "int8"
+    S.validate(config)
+    assert S.method_from_config(TrainConfig()).backward == "float"
+    # backward="int8" needs the integer forward, which learned scales (lsq, pact) do not have:
+    # refused as integer_forward is, naming the layer.
+    with pytest.raises(ValueError, match="integer_forward is not available"):
+        S.validate(TrainConfig(method="lsq", integer_forward=True, backward="int8"))

@@ -1,6 +1,8 @@
 """Convert trained QAT params to packed serving params; serve, save, export them.
 
-* :func:`convert`: quantized kernels -> packed :class:`~qjax.QArray` ``(N, K)``.
+* :func:`convert`: quantized kernels -> packed :class:`~qjax.QArray` ``(N, K)`` (``packed=False``:
+  sub-byte codes one per byte; ``k_major=True``: the Pallas kernels' layout; or
+  :func:`relayout_params` afterwards).
 * :func:`serve`: the serving forward of the same Flax model (dequantized or int8 matmul).
 * :func:`serving_matmul`: the matmul it uses (``backend="xla"``).
 * :func:`save` / :func:`restore`: Orbax checkpoints of serving params (atomic, checksummed).
@@ -22,6 +24,7 @@ from qjax.convert.nnx_serving import ServingKernel, ServingLayer, serving_model
 from qjax.convert.serve import (
     BACKENDS,
     conv_config,
+    integer_product,
     serve,
     serve_layer,
     serving_matmul,
@@ -34,6 +37,7 @@ from qjax.convert.weights import (
     dequantize_kernel,
     kernel_to_qarray,
     layer_to_qarray,
+    relayout_params,
     serving_layers,
     serving_spec,
 )
@@ -46,6 +50,7 @@ __all__ = [
     "conv_config",
     "convert_layer",
     "dequantize_kernel",
+    "integer_product",
     "layer_to_qarray",
     "serve_layer",
     "serving_model",
@@ -63,5 +68,6 @@ __all__ = [
     "serving_layers",
     "serving_matmul",
     "serving_spec",
+    "relayout_params",
     "uses_integer_matmul",
 ]

@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import gguf
@@ -47,7 +48,7 @@ from qjax import presets
 from qjax.convert.io import check_overwrite, flatten, write_atomically
 from qjax.convert.weights import serving_layers
 from qjax.models.llama import LlamaConfig
-from qjax.qarray import QArray
+from qjax.qarray import QArray, relayout
 from qjax.quantize import dequantize
 
 __all__ = ["export_gguf", "gguf_tensor", "llama_tensors", "rope_permutation"]
@@ -98,9 +99,10 @@ def rope_permutation(n_heads: int, head_dim: int) -> np.ndarray:
 
 def _take_rows(a, perm: np.ndarray):
     if isinstance(a, QArray):
+        a = relayout(a, k_major=False)  # rows of the (N, K) layout
         zp = None if a.zero_point is None else np.asarray(a.zero_point)[perm]
-        return QArray(np.asarray(a.codes)[perm], np.asarray(a.scale)[perm], zp, a.spec, a.shape,
-                      a.dtype)
+        return dataclasses.replace(a, codes=np.asarray(a.codes)[perm],
+                                   scale=np.asarray(a.scale)[perm], zero_point=zp)
     return np.asarray(a)[perm]
 
 

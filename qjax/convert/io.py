@@ -55,7 +55,8 @@ def to_arrays(serving_params: Mapping) -> dict:
 
 
 def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
-    """Inverse of :func:`to_arrays`, with the QArray metadata (spec, shape, dtype) of ``like``.
+    """Inverse of :func:`to_arrays`, with the QArray metadata (spec, shape, dtype, packed,
+    k_major) of ``like``.
 
     Raises:
       ValueError: if the structure, a shape or a QArray field's dtype differs from ``like``'s
@@ -76,7 +77,8 @@ def from_arrays(arrays: Mapping, like: Mapping, _path: str = "") -> dict:
             if want is not None and _dtype(got) != np.dtype(want.dtype):
                 raise ValueError(f"{_path}/{f}: dtype {_dtype(got)} does not match the model's "
                                  f"{np.dtype(want.dtype)}")
-        return QArray(spec=like.spec, shape=like.shape, dtype=like.dtype, **fields)
+        return QArray(spec=like.spec, shape=like.shape, dtype=like.dtype, packed=like.packed,
+                      k_major=like.k_major, **fields)
     if isinstance(like, Mapping):
         if not isinstance(arrays, Mapping) or set(map(str, like)) != set(arrays):
             got = sorted(arrays) if isinstance(arrays, Mapping) else "an array"
@@ -307,6 +309,7 @@ def _manifest_qarrays(like: Mapping) -> dict:
         for k, v in t.items():
             if isinstance(v, QArray):
                 out[f"{prefix}/{k}"] = {"shape": list(v.shape), "dtype": v.dtype,
+                                        "packed": v.packed, "k_major": v.k_major,
                                         "spec": repr(v.spec)}
             elif isinstance(v, Mapping):
                 walk(v, f"{prefix}/{k}")

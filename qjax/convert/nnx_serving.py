@@ -29,6 +29,7 @@ from qjax.nn.nnx import LowRankLayer, MultiPrecisionLayer, QuantizedLayer, call_
 from qjax.nn.ops import split_input
 from qjax.nn.recipe import LayerQuant
 from qjax.nn.rewrite import set_submodule, sites
+from qjax.qarray import QArray, relayout
 
 __all__ = ["ServingLayer", "ServingKernel", "serving_model", "call_serving_model"]
 
@@ -58,6 +59,7 @@ class ServingLayer(nnx.Module):
         self.lq = lq
         self.layout = layout
         self.backend = backend
+        self.act_spec = None  # opt-in activation spec of a weight-only layer (serve's act_spec)
 
     def __call__(self, *args, **kwargs) -> jax.Array:
         x, args, kwargs = split_input(args, kwargs)
@@ -71,12 +73,15 @@ class ServingLayer(nnx.Module):
         conv = conv_config(inner) if self.layout.kind == "conv" else None
         return serve_layer(x, self.kernel.get_value(), self.lq, self.layout, a_scale, run,
                            bias=None if bias is None else bias[...],
-                           dtype=getattr(inner, "dtype", None), conv=conv, backend=self.backend)
+                           dtype=getattr(inner, "dtype", None), conv=conv, backend=self.backend,
+                           act_spec=self.act_spec)
 
 
-def serving_model(model: nnx.Module, backend: str = "xla", bits: int | None = None
-                  ) -> nnx.Module:
+def serving_model(model: nnx.Module, backend: str = "xla", bits: int | None = None,
+                  packed: bool = True, k_major: bool = False) -> nnx.Module:
     """A serving copy of a quantized NNX model (the model itself is left unchanged).
+
+    ``bits``, ``packed`` and ``k_major`` as :func:`qjax.convert.convert`'s.
 
     Raises:
       ValueError: the model has no quantized layer, or a layer's params do not fit its recipe
@@ -90,43 +95,37 @@ def serving_model(model: nnx.Module, backend: str = "xla", bits: int | None = No
                          "nothing would be converted")
     out = nnx.clone(model)
     for path, module in list(nnx.iter_modules(out)):
-        if isinstance(module, MultiPrecisionLayer):
-            site = found["/".join(str(p) for p in path)]
-            served = multi_precision_qarray(site, module.inner.kernel[...],
-                                            module.kernel_scale[...], bits)
-            module.inner.kernel = None
-            layer = ServingLayer(module.inner, served, module.input_scale, module.lq,
-                                 module.layout, backend)
-            set_submodule(out, path, layer)
-            continue
-        if isinstance(module, LowRankLayer):
-            site = found["/".join(str(p) for p in path)]
-            served = adapter_to_qarray(site, *module.tensors())
-            layer = ServingLayer(module.inner, served, module.input_scale, module.lq,
-                                 module.layout, backend)
-            set_submodule(out, path, layer)
-            continue
-        if not isinstance(module, QuantizedLayer):
+        if not isinstance(module, (MultiPrecisionLayer, LowRankLayer, QuantizedLayer)):
             continue
         site = found["/".join(str(p) for p in path)]
-        w_scale = None if module.kernel_scale is None else module.kernel_scale[...]
-        a_scale = module.input_scale
-        kernel = module.inner.kernel[...]
-        check_layer_params(site, kernel, w_scale, None if a_scale is None else a_scale[...])
-        served = convert_layer(site, kernel, w_scale)
-        inner = module.inner
-        inner.kernel = None
-        layer = ServingLayer(inner, served, a_scale, module.lq, module.layout, backend)
+        if isinstance(module, MultiPrecisionLayer):
+            served = multi_precision_qarray(site, module.inner.kernel[...],
+                                            module.kernel_scale[...], bits)
+        elif isinstance(module, LowRankLayer):
+            served = adapter_to_qarray(site, *module.tensors())
+        else:
+            w_scale = None if module.kernel_scale is None else module.kernel_scale[...]
+            a_scale = module.input_scale
+            kernel = module.inner.kernel[...]
+            check_layer_params(site, kernel, w_scale, None if a_scale is None else a_scale[...])
+            served = convert_layer(site, kernel, w_scale)
+        if isinstance(served, QArray):
+            served = relayout(served, packed=packed, k_major=k_major)
+        module.inner.kernel = None
+        layer = ServingLayer(module.inner, served, module.input_scale, module.lq, module.layout,
+                             backend)
         set_submodule(out, path, layer)
     return out
 
 
-def call_serving_model(model: nnx.Module, *args, backend: str = "xla", **kwargs):
-    """Calls a serving model with ``backend`` on its serving layers."""
+def call_serving_model(model: nnx.Module, *args, backend: str = "xla", act_spec=None, **kwargs):
+    """Calls a serving model with ``backend`` and ``act_spec`` (see :func:`qjax.convert.serve`)
+    on its serving layers."""
     layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, ServingLayer)]
     if not layers:
         raise ValueError("the model has no serving layer: convert it with "
                          "qjax.convert.convert(model) first")
     for layer in layers:
         layer.backend = backend
+        layer.act_spec = act_spec
     return model(*args, **kwargs)

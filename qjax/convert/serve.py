@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -37,9 +38,12 @@ import jax.numpy as jnp
 
 from qjax import estimators as E
 from qjax import granularity as G
+from qjax import int8_blocks
 from qjax import spec as SP
 from qjax._checks import check_floating
 from qjax.convert.weights import dequantize_kernel, serving_spec
+from qjax.int8 import training_weight_spec
+from qjax.int8_blocks import block_reason
 from qjax.kernels import BACKENDS, quantized_matmul
 from qjax.nn.double_rounding import DoubleRounding
 from qjax.nn.layout import KernelLayout
@@ -58,14 +62,7 @@ from qjax.qarray import QArray
 from qjax.qdot import check_int32_sum, int8_operand, integer_forward_reason
 
 __all__ = ["serve", "serve_layer", "serving_matmul", "BACKENDS", "uses_integer_matmul",
-           "conv_config"]
-
-
-def _weight_view(spec: SP.QuantSpec) -> SP.QuantSpec:
-    """A serving ``(N, K)`` weight spec as the integer rule sees a ``(K, N)`` one."""
-    if isinstance(spec.granularity, G.PerRow) and spec.granularity.axis in (-1, 1):
-        return spec.replace(granularity=G.PerRow(0))
-    return spec
+           "integer_product", "conv_config"]
 
 
 def serving_matmul(x: jax.Array, w: QArray, *, act_spec: SP.QuantSpec | None = None,
@@ -73,7 +70,9 @@ def serving_matmul(x: jax.Array, w: QArray, *, act_spec: SP.QuantSpec | None = N
     """``x @ dequantize(w).T``, or with ``act_spec`` the int8 product ``Q_a(x) @ w.T``.
 
     Weight-only on ``"xla"``: a float ``lax.dot_general`` like ``flax.linen.Dense``'s (with
-    ``precision``); otherwise :func:`qjax.kernels.quantized_matmul`.
+    ``precision``); spec pairs of :mod:`qjax.int8_blocks` (per-block scales, zero points): its
+    blockwise product, in XLA ops on every backend; otherwise
+    :func:`qjax.kernels.quantized_matmul`.
 
     Args:
       x: ``(..., K)`` float input (already rotated when the specs use the half Hadamard form).
@@ -98,27 +97,52 @@ def serving_matmul(x: jax.Array, w: QArray, *, act_spec: SP.QuantSpec | None = N
         return jax.lax.dot_general(x.astype(dtype), wt, (((x.ndim - 1,), (0,)), ((), ())),
                                    precision=precision)
     if act_spec is not None:
-        reason = integer_forward_reason(_weight_view(w.spec), act_spec)
+        reason = integer_forward_reason(training_weight_spec(w.spec), act_spec)
+        if reason and block_reason(training_weight_spec(w.spec), act_spec) is None:
+            return int8_blocks.matmul(x, w, act_spec).astype(x.dtype)
         if reason:
             raise ValueError(f"no integer matmul for these specs: {reason}")
     return quantized_matmul(x, w, act_spec=act_spec, backend=backend)
 
 
-def uses_integer_matmul(lq: LayerQuant, layout: KernelLayout | None = None) -> bool:
-    """Whether :func:`serve_layer` runs this layer with int8 x int8 products."""
+IntegerProduct = Literal["int8", "int8_blocks"]
+
+
+def integer_product(lq: LayerQuant, layout: KernelLayout | None = None,
+                    act_spec: SP.QuantSpec | None = None) -> IntegerProduct | None:
+    """Which integer product :func:`serve_layer` runs for this layer, or None (dequantized).
+
+    ``"int8"``: :mod:`qjax.int8`'s rule (one int32 sum over K; dense and conv layers);
+    ``"int8_blocks"``: :mod:`qjax.int8_blocks` (per-block scales and zero points: Q4_0 x Q8_0,
+    torchao 8da4w; dense layers). ``act_spec`` is the opt-in activation spec of a weight-only
+    layer (:func:`serve`); a layer trained with an activation spec keeps its own.
+    """
     if not isinstance(lq, LayerQuant):
         raise TypeError(f"lq must be a qjax.nn.LayerQuant, got {type(lq).__name__}")
-    if lq.activation is None or lq.weight is None:
-        return False
+    SP.check_spec(act_spec, "act_spec", optional=True)
+    activation = lq.activation if lq.activation is not None else act_spec
+    if activation is None or lq.weight is None:
+        return None
     if layout is not None and layout.kind == "conv":
+        if lq.activation is None:
+            return None
         g = lq.activation.granularity
         if g != G.PerTensor() and g != G.PerAxis(0):
-            return False
-        return integer_forward_reason(lq.weight, lq.activation.replace(
-            granularity=G.PerTensor())) is None
+            return None
+        return "int8" if integer_forward_reason(lq.weight, lq.activation.replace(
+            granularity=G.PerTensor())) is None else None
     if layout is not None and (layout.kind != "dense" or layout.batch):
-        return False
-    return integer_forward_reason(lq.weight, lq.activation) is None
+        return None
+    if integer_forward_reason(lq.weight, activation) is None:
+        return "int8"
+    return "int8_blocks" if block_reason(lq.weight, activation) is None else None
+
+
+def uses_integer_matmul(lq: LayerQuant, layout: KernelLayout | None = None,
+                        act_spec: SP.QuantSpec | None = None) -> bool:
+    """Whether :func:`serve_layer` runs this layer with int8 x int8 products
+    (:func:`integer_product` is not None)."""
+    return integer_product(lq, layout, act_spec) is not None
 
 
 def conv_config(module) -> dict | None:
@@ -167,7 +191,7 @@ def _integer_conv(x, w: QArray, lq: LayerQuant, layout: KernelLayout, cfg: dict)
 
 def serve_layer(x: jax.Array, w, lq: LayerQuant, layout: KernelLayout, input_scale,
                 run_with_kernel: Callable, *, bias=None, dtype=None, conv: dict | None = None,
-                backend: str = "xla") -> jax.Array:
+                backend: str = "xla", act_spec: SP.QuantSpec | None = None) -> jax.Array:
     """The serving forward of one layer (see the module docstring).
 
     Args:
@@ -180,16 +204,22 @@ def serve_layer(x: jax.Array, w, lq: LayerQuant, layout: KernelLayout, input_sca
       dtype: the layer's compute dtype (None: from the input and the weight).
       conv: :func:`conv_config` of a convolution, or None.
       backend: one of :data:`BACKENDS`.
+      act_spec: the opt-in activation spec of a weight-only layer (see :func:`serve`).
     """
     if not isinstance(w, QArray):
         return run_with_kernel(quantize_input(x, lq, layout, input_scale), w)
     dtype = dtype or jnp.result_type(x, jnp.dtype(w.dtype))
     x = x.astype(dtype)
     dense = layout.kind == "dense" and not layout.batch
-    if uses_integer_matmul(lq, layout):
+    product = integer_product(lq, layout, act_spec)
+    if product is not None:
         if dense:
             rows = layout.input_to_rows(rotate_input(x, lq, layout))
-            y = quantized_matmul(rows, w, act_spec=lq.activation, backend=backend)
+            spec = lq.activation if lq.activation is not None else act_spec
+            if product == "int8":
+                y = quantized_matmul(rows, w, act_spec=spec, backend=backend)
+            else:  # XLA ops on every backend: the Pallas kernels have no per-block int kind
+                y = int8_blocks.matmul(rows, w, spec).astype(dtype)
             return add_bias(arrange_output(y, x.shape, layout), bias, layout)
         if conv is not None and x.ndim == len(layout.shape):
             y = _integer_conv(x, w, lq, layout, conv).astype(dtype)
@@ -221,7 +251,7 @@ def _check_params(serving_params: Mapping, sites: dict[str, Site]) -> None:
                              "not serving params")
 
 
-def _linen_handler(backend: str) -> Callable:
+def _linen_handler(backend: str, act_spec: SP.QuantSpec | None) -> Callable:
     def handler(site: Site, m, a, kw, next_fun):
         p = dict(nn.unbox(m.variables["params"]))
         w, input_scale = p.pop("kernel"), p.pop("input_scale", None)
@@ -229,12 +259,12 @@ def _linen_handler(backend: str) -> Callable:
         conv = conv_config(m) if site.layout.kind == "conv" else None
         return serve_layer(a[0], w, site.recipe, site.layout, input_scale, run,
                            bias=p.get("bias"), dtype=getattr(m, "dtype", None), conv=conv,
-                           backend=backend)
+                           backend=backend, act_spec=act_spec)
 
     return handler
 
 
-def serve(model, *args, backend: str = "xla", **kwargs):
+def serve(model, *args, backend: str = "xla", act_spec: SP.QuantSpec | None = None, **kwargs):
     """The serving forward of a converted model.
 
     * Linen: ``serve(model, serving_params, *inputs)`` with the
@@ -245,18 +275,26 @@ def serve(model, *args, backend: str = "xla", **kwargs):
 
     Args:
       backend: the matmul backend, one of :data:`BACKENDS` (see :func:`serve_layer`).
+      act_spec: opt-in activation quantization of the **weight-only** layers (W4A8, W8A8): their
+        dense inputs are quantized with this spec and multiplied as int8 codes
+        (:func:`integer_product`: ``QuantSpec("int8", "row")`` per token, or a preset such as
+        :func:`qjax.presets.gguf_q8_0` for llama.cpp's Q4_0 x Q8_0). It changes the numerics
+        relative to the weight-only QAT forward; layers trained with an activation spec, and
+        layers with no integer product for it (convolutions, einsums with batch axes), keep
+        their own forward. None: every layer as trained.
 
     Returns:
       What the model returns.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    SP.check_spec(act_spec, "act_spec", optional=True)
     from flax import nnx
 
     if isinstance(model, nnx.Module):
         from qjax.convert.nnx_serving import call_serving_model
 
-        return call_serving_model(model, *args, backend=backend, **kwargs)
+        return call_serving_model(model, *args, backend=backend, act_spec=act_spec, **kwargs)
     if not isinstance(model, QuantizedLinenModel):
         raise TypeError(f"model must be a qjax.nn.QuantizedLinenModel or an NNX serving model, "
                         f"got {type(model).__name__}")
@@ -267,7 +305,8 @@ def serve(model, *args, backend: str = "xla", **kwargs):
     _check_params(serving_params, sites)
     params = _raw_placeholders(serving_params, sites)
     return run_linen(model.model, lambda: model.model.apply({"params": params}, *args, **kwargs),
-                     _linen_handler(backend), sites, _raw_serve_handler(sites, backend))
+                     _linen_handler(backend, act_spec), sites,
+                     _raw_serve_handler(sites, backend, act_spec))
 
 
 _RAW_PREFIX = "qjax_serving_"
@@ -294,7 +333,8 @@ def _raw_placeholders(serving_params: Mapping, sites: Mapping[str, Site]) -> Map
     return out
 
 
-def _raw_serve_handler(sites: Mapping[str, Site], backend: str) -> Callable | None:
+def _raw_serve_handler(sites: Mapping[str, Site], backend: str,
+                       act_spec: SP.QuantSpec | None) -> Callable | None:
     if not any(s.raw for s in sites.values()):
         return None
 
@@ -304,6 +344,7 @@ def _raw_serve_handler(sites: Mapping[str, Site], backend: str) -> Callable | No
             return original(*args, **kwargs)
         site, x, _, call = hit
         w = m.variables["params"][_RAW_PREFIX + site.param]
-        return serve_layer(x, w, site.recipe, site.layout, None, call, backend=backend)
+        return serve_layer(x, w, site.recipe, site.layout, None, call, backend=backend,
+                           act_spec=act_spec)
 
     return handler

@@ -44,12 +44,12 @@ from qjax.nn.ops import per_matrix, quantize_kernel
 from qjax.nn.recipe import LayerQuant, learned, resolve
 from qjax.nn.rewrite import QuantizedLinenModel, parse_rules
 from qjax.nn.site import Site, subtree
-from qjax.qarray import QArray, codes_to_storage
+from qjax.qarray import QArray, codes_to_storage, relayout
 from qjax.quantize import dequantize, quantize
 
 __all__ = ["convert", "serving_layers", "serving_spec", "kernel_to_qarray", "layer_to_qarray",
            "dequantize_kernel", "convert_layer", "check_layer_params", "transpose_qarray",
-           "adapter_to_qarray", "multi_precision_qarray"]
+           "adapter_to_qarray", "multi_precision_qarray", "relayout_params"]
 
 
 def _other_axis(axis: int, name: str) -> int:
@@ -296,7 +296,7 @@ def convert_layer(site: Site, kernel, kernel_scale=None):
 
 
 def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
-            bits: int | None = None):
+            bits: int | None = None, packed: bool = True, k_major: bool = False):
     """Serving params of a QAT model: quantized kernels as packed QArrays, the rest unchanged.
 
     Args:
@@ -309,6 +309,11 @@ def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
         it has low-rank QAT layers (:mod:`qjax.nn.lowrank`): their adapters are merged.
       bits: the precision of multi-precision layers (:mod:`qjax.nn.double_rounding`); default
         their highest (the integer checkpoint every lower precision derives from).
+      packed: False stores sub-byte integer codes one per byte: the layout the int8 products
+        read without unpacking nibbles on every call, at twice int4's packed bytes (a quarter of
+        float32's). Same values either way (:func:`qjax.qarray.relayout`).
+      k_major: True stores the codes ``(K/per, N)``, the Pallas kernels' operand layout (no
+        per-call transpose); the ``"xla"`` path then transposes them back per call.
 
     Returns:
       Linen: a new nested dict; at each quantized layer ``kernel`` is a QArray
@@ -328,7 +333,7 @@ def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
             raise TypeError("an NNX model carries its own rules: call convert(model)")
         from qjax.convert.nnx_serving import serving_model
 
-        return serving_model(params, bits=bits)
+        return serving_model(params, bits=bits, packed=packed, k_major=k_major)
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a mapping (the 'params' collection) or an NNX model, "
                         f"got {type(params).__name__}")
@@ -353,7 +358,18 @@ def convert(params, model_or_rules=None, *, frozen: Mapping | None = None,
         input_scale = None if site.raw else node.get("input_scale")
         check_layer_params(site, node[site.param], kernel_scale, input_scale)
         node[site.param] = convert_layer(site, node[site.param], kernel_scale)
-    return out
+    return relayout_params(out, packed=packed, k_major=k_major)
+
+
+def relayout_params(serving_params: Mapping, *, packed: bool | None = None,
+                    k_major: bool | None = None) -> dict:
+    """``serving_params`` with every QArray in another code layout (:func:`qjax.qarray.relayout`;
+    see :func:`convert`'s ``packed`` and ``k_major``); None keeps a QArray's own."""
+    if not isinstance(serving_params, Mapping):
+        raise TypeError(f"serving_params must be a mapping, got {type(serving_params).__name__}")
+    return jax.tree_util.tree_map(
+        lambda a: relayout(a, packed=packed, k_major=k_major) if isinstance(a, QArray) else a,
+        dict(serving_params), is_leaf=lambda a: isinstance(a, QArray))
 
 
 def _merge_adapter(site: Site, node: dict, frozen: Mapping | None) -> None:

@@ -30,9 +30,11 @@ Kernel operand layout (built by :func:`prepare_operands`, shared by every Pallas
 * Shapes are zero-padded to block multiples after quantization: padded activations (or
   activation codes) are 0, so padded K terms add exactly 0; padded rows/columns are sliced off.
 
-Cost: the K-major relayout of the packed weights is an XLA transpose inside each call (one extra
-read and write of the packed bytes), unless XLA constant-folds it (weights closed over as
-constants). A serving loop that is memory bound should keep that layout between calls.
+Cost: a row-major QArray's bytes are transposed to K-major inside each call (one extra read and
+write of the weight bytes). A QArray stored K-major (``qjax.qarray.relayout(w, k_major=True)``,
+``qjax.convert.convert(..., k_major=True)``) is read as it is; only zero padding to block
+multiples (none for shapes that are multiples of the blocks) and the per-group scales' ``(G, N)``
+transpose (``4 / g`` bytes per weight) remain per call.
 
 References:
   Frantar et al., 2024. MARLIN: Mixed-Precision Auto-Regressive Parallel Inference on Large
@@ -188,7 +190,7 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     else:
         raise ValueError(f"w granularity must be PerRow(-1), PerGroup(-1, g) or PerTensor, "
                          f"got {gran}")
-    bits = F.storage_bits(fmt)
+    bits = F.storage_bits(fmt) if w.packed else 8  # unpacked codes: one per byte
     has_zero = w.zero_point is not None
     if act_spec is None:
         kind = "float"
@@ -248,9 +250,12 @@ def prepare_operands(xq: jax.Array, xs: jax.Array | None, w: QArray, case: Case,
     xp = jnp.moveaxis(xq.reshape(mp, kp // per, per), -1, 0)
     if xs is not None:
         xs = jnp.pad(xs, ((0, mp - m), (0, 0)), constant_values=1.0)
-    codes = w.codes
-    codes = jnp.pad(codes, ((0, np_ - case.n), (0, kp // per - codes.shape[1])))
-    wc = codes.T
+    if w.k_major:  # stored in the kernels' layout: no transpose per call
+        codes = w.codes
+        wc = jnp.pad(codes, ((0, kp // per - codes.shape[0]), (0, np_ - case.n)))
+    else:
+        codes = w.codes
+        wc = jnp.pad(codes, ((0, np_ - case.n), (0, kp // per - codes.shape[1]))).T
     ngroups = 1 if case.group is None else kp // case.group
     g0 = 1 if case.group is None else case.k // case.group
 

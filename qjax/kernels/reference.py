@@ -68,7 +68,7 @@ def matmul(x: jax.Array, w: QArray, case: Case, out_dtype) -> jax.Array:
     if case.kind == "int":
         y = _int_2d(xc, xs, w, case)
     else:
-        acc = jax.lax.dot_general(xc.astype(jnp.float32), w.codes.astype(jnp.float32), _NT,
+        acc = jax.lax.dot_general(xc.astype(jnp.float32), w.codes_float32(), _NT,
                                   precision=jax.lax.Precision.HIGHEST)
         y = acc * xs * weight_channel_scale(w, case.n)
     return y.astype(out_dtype).reshape(lead + (case.n,))

@@ -5,6 +5,11 @@ Each takes a weight spec and an activation spec (either may be None) or a ``meth
 names and initializers of the matching Flax layer (``kernel``, ``bias``, ``embedding``) plus the
 learned quantizer parameters ``kernel_scale`` / ``input_scale`` when the specs need them. Call with
 ``qat=False`` to run the float layer on the same parameters.
+
+A ``QDense`` or ``QEinsum`` whose recipe has the quantized backward (``Method(...,
+integer_forward=True, backward="int8")``) draws the key of its stochastic rounding from the
+``"quant"`` rng stream of the ``apply`` (``rngs={"quant": key}``), as the layers of
+:func:`qjax.nn.quantize_model` do; without that stream, differentiating it raises.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from qjax.nn import ops as O
 from qjax.nn import recipe as R
 from qjax.nn.layout import conv_layout, dense_layout, einsum_layout, embed_layout
+from qjax.nn.linen_intercept import quant_key
 from qjax.spec import QuantSpec
 
 __all__ = ["QDense", "QEinsum", "QConv", "QEmbed"]
@@ -40,9 +47,26 @@ class _QLayer(nn.Module):
              if R.learned(lq.activation) else None)
         return w, a
 
+    def _backward_key(self, lq: R.LayerQuant, qat: bool) -> jax.Array | None:
+        """The key of ``lq``'s quantized backward when this call runs it: a draw from the
+        ``"quant"`` stream (:func:`qjax.nn.linen_intercept.quant_key`), or None (float backward,
+        ``qat=False``, or no such stream: then differentiating raises, naming the fix)."""
+        if lq.backward == "float" or not qat:
+            return None  # no draw: the float backward needs no noise, and make_rng counts calls
+        return quant_key(self)
+
 
 class QDense(_QLayer):
-    """Quantized ``nn.Dense``: ``y = Q_a(x) @ Q_w(kernel) + bias``, kernel ``(K, features)``."""
+    """Quantized ``nn.Dense``: ``y = Q_a(x) @ Q_w(kernel) + bias``, kernel ``(K, features)``.
+
+    ``x (..., K) -> (..., features)``. With ``backward="int8"`` in the recipe, a QAT call draws
+    one key from the ``"quant"`` rng stream for the stochastic rounding of its int8 gradient
+    matmuls (:func:`qjax.nn.ops.integer_dense`): ``apply(..., rngs={"quant": key})``, a new key
+    per training step. The same ``rngs`` give the same gradients; a model of ``QDense`` layers
+    draws the keys its ``nn.Dense`` twin draws under :func:`qjax.nn.quantize_model` (same module
+    paths). Without the stream the forward runs, and differentiating it raises a ValueError
+    naming the fix.
+    """
 
     features: int
     weight: QuantSpec | None = None
@@ -65,14 +89,17 @@ class QDense(_QLayer):
         bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
                 if self.use_bias else None)
         return O.dense_op(x, kernel, bias, lq, w_scale, a_scale, qat=qat, dtype=self.dtype,
-                          precision=self.precision, out_sharding=out_sharding)
+                          precision=self.precision, out_sharding=out_sharding,
+                          key=self._backward_key(lq, qat))
 
 
 class QEinsum(_QLayer):
     """Quantized ``nn.Einsum`` (no bias): ``einsum(einsum_str, Q_a(x), Q_w(kernel))``.
 
     Method presets need the input's last axis contracted with exactly one kernel axis (as in
-    attention projections ``"btd,dnh->btnh"``).
+    attention projections ``"btd,dnh->btnh"``). A quantized backward (``backward="int8"``, an
+    einsum without batch axes) draws its key from the ``"quant"`` rng stream, as
+    :class:`QDense`.
     """
 
     shape: Sequence[int]
@@ -93,7 +120,8 @@ class QEinsum(_QLayer):
         kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         w_scale, a_scale = self._scales(lq, kernel, layout, layout.k)
         return O.einsum_op(self.einsum_str, x, kernel, None, lq, w_scale, a_scale, qat=qat,
-                           dtype=self.dtype, precision=self.precision, out_sharding=out_sharding)
+                           dtype=self.dtype, precision=self.precision, out_sharding=out_sharding,
+                           key=self._backward_key(lq, qat))
 
 
 class QConv(_QLayer):
