@@ -41,8 +41,8 @@ from qjax.qarray import QArray
 from qjax.quantize import dequantize, fake_quant, quantize
 from qjax.spec import QuantSpec, check_spec
 
-__all__ = ["quantized_attention", "kv_cache_spec", "KVCache", "init_kv_cache", "append_kv",
-           "cached_attention", "kv_cache_bytes"]
+__all__ = ["quantized_attention", "kv_cache_spec", "AttentionQuant", "attention_quant",
+           "KVCache", "init_kv_cache", "append_kv", "cached_attention", "kv_cache_bytes"]
 
 
 def _check_qkv(q, k, v) -> tuple[int, int]:
@@ -125,6 +125,58 @@ def kv_cache_spec(bits: int, group: int | None = None) -> QuantSpec:
         raise ValueError(f"bits must be 2, 4 or 8 for a KV cache, got {bits}")
     gran = G.PerRow(-1) if group is None else G.PerGroup(-1, check_int("group", group, lo=1))
     return QuantSpec(f"int{bits}", gran)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionQuant:
+    """How a model's attention is quantized: specs of Q, K, V ``(B, length, heads, D)`` and of
+    the probabilities ``(B, H, T, S)``; None leaves that operand in float.
+
+    A model with a KV cache stores keys and values with ``k``'s spec (:attr:`cache_spec`), so a
+    quantized cache needs ``k == v``; decoding then computes what QAT with these specs computed.
+    """
+
+    q: QuantSpec | None = None
+    k: QuantSpec | None = None
+    v: QuantSpec | None = None
+    p: QuantSpec | None = None
+
+    def __post_init__(self):
+        for name in ("q", "k", "v", "p"):
+            check_spec(getattr(self, name), name, optional=True)
+
+    @property
+    def cache_spec(self) -> QuantSpec | None:
+        """The spec a KV cache stores keys and values with (:func:`init_kv_cache`)."""
+        if self.k != self.v:
+            raise ValueError(f"a KV cache stores keys and values with one spec: k ({self.k}) and "
+                             f"v ({self.v}) differ")
+        return self.k
+
+
+def attention_quant(bits: int | None = 8, prob_bits: int | None = 8, kv_bits: int | None = None,
+                    kv_group: int | None = None) -> AttentionQuant:
+    """The usual attention recipe: Q, K, V signed absmax ``int<bits>`` per token and head (None:
+    float); probabilities unsigned ``uint<prob_bits>`` per query row (absmax, so the row's
+    largest probability is a level; None: float); with ``kv_bits``, K and V use
+    :func:`kv_cache_spec` ``(kv_bits, kv_group)`` instead (the spec of the served cache).
+
+    Raises:
+      ValueError: a bit width outside 2..8 (``kv_bits``: 2, 4 or 8), a bad group.
+
+    References:
+      Shen et al., 2024 (EdgeQAT: quantized Q, K, attention map and KV cache).
+    """
+    def per_token(b, name):
+        if b is None:
+            return None
+        return QuantSpec(f"int{check_int(name, b, lo=2, hi=8)}", G.PerRow(-1))
+
+    q = per_token(bits, "bits")
+    kv = kv_cache_spec(kv_bits, kv_group) if kv_bits is not None else q
+    p = None if prob_bits is None else QuantSpec(
+        f"uint{check_int('prob_bits', prob_bits, lo=2, hi=8)}", G.PerRow(-1))
+    return AttentionQuant(q=q, k=kv, v=kv, p=p)
 
 
 @jax.tree_util.register_dataclass

@@ -91,6 +91,14 @@ class TrainConfig:
     # rounded with a key folded from seed and step; needs integer_forward and method quest, lsq,
     # pact or ste; layers without an integer forward keep the float backward).
     backward: QB.Backward = "float"
+    # Quantized attention of the reference Llama (qjax.attention.attention_quant; None: float):
+    # Q, K, V int<attn_bits> per token and head, probabilities uint<attn_prob_bits> per row, and
+    # K, V stored as the served KV cache stores them, int<kv_bits> (2, 4 or 8) per token, head
+    # and group of kv_group channels (None: the whole head). Follows the QAT switch (qat_start).
+    attn_bits: int | None = None
+    attn_prob_bits: int | None = None
+    kv_bits: int | None = None
+    kv_group: int | None = None
     # Start from a float checkpoint: the run directory of a float run of the same model sizes
     # (e.g. runs/<name>/float, or its ckpt/ folder). method="lr_qat" / "qalora" (qjax.nn.lowrank,
     # weights int<weight_bits> per output channel, activations int<act_bits> per token) need it
@@ -153,6 +161,7 @@ class TrainConfig:
         self._check_schedule()
         self._check_method()
         self._check_backward()
+        self._check_attention()
         self._check_low_rank()
         if self.scale != "auto":
             as_scale_rule(self.scale)  # a bad name fails here, naming the allowed ones
@@ -242,6 +251,19 @@ class TrainConfig:
             raise ValueError(f"backward={self.backward!r} is for method {names} (qjax.nn.Method "
                              f"layers with integer_forward), got method={self.method!r}")
 
+    def _check_attention(self) -> None:
+        """Bit widths in 2..8 (``kv_bits``: 2, 4 or 8) or None; ``kv_group`` only with
+        ``kv_bits``, dividing the head size ``d_model / n_heads``."""
+        from qjax.attention import attention_quant
+
+        if self.kv_group is not None and self.kv_bits is None:
+            raise ValueError("kv_group is the group of a quantized KV cache: set kv_bits too")
+        attention_quant(self.attn_bits, self.attn_prob_bits, self.kv_bits, self.kv_group)
+        head = self.d_model // self.n_heads if self.n_heads else 0
+        if self.kv_group is not None and head % self.kv_group:
+            raise ValueError(f"kv_group ({self.kv_group}) must divide the head size d_model / "
+                             f"n_heads = {head}")
+
     def _check_low_rank(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
@@ -296,7 +318,8 @@ PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "
 # Fields a float run (method=None) does not read.
 QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
                 "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
-                "backward", "rank", "phi_dtype", "distill", "distill_temperature", "zo_eps",
+                "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group", "rank",
+                "phi_dtype", "distill", "distill_temperature", "zo_eps",
                 "zo_probes", "double_rounding_bits", "mixed_precision_budget",
                 "mixed_precision_bits")
 

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from qjax import data as D
 from qjax import granularity as G
 from qjax import optim, precision, sharding
+from qjax.attention import AttentionQuant, attention_quant
 from qjax.checkpoint import RunDirError, TrainingCheckpoints
 from qjax.config import LOW_RANK_METHODS, TrainConfig
 from qjax.methods import compute_optimal
@@ -44,7 +45,8 @@ from qjax.spec import QuantSpec
 
 __all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
            "initial_params", "model_variables", "load_params", "Placement", "model_config",
-           "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE"]
+           "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE",
+           "attention_from_config"]
 
 
 def method_from_config(config: TrainConfig
@@ -102,13 +104,24 @@ def validate(config: TrainConfig) -> None:
         schedules(config, {"probe": jnp.zeros((1,))})
 
 
+def attention_from_config(config: TrainConfig) -> AttentionQuant | None:
+    """The reference Llama's attention quantization (``attn_bits``, ``attn_prob_bits``,
+    ``kv_bits``, ``kv_group``), or None: float attention (also for a float run)."""
+    fields = (config.attn_bits, config.attn_prob_bits, config.kv_bits)
+    if config.method is None or all(f is None for f in fields):
+        return None
+    return attention_quant(config.attn_bits, config.attn_prob_bits, config.kv_bits,
+                           config.kv_group)
+
+
 def build_model(config: TrainConfig, widths: Mapping[str, int] | None = None):
     """The (quantized) reference model of ``config`` and its initial params; ``widths``
     (``{kernel path: weight bits}``, from :func:`allocate_widths`) sets each layer's width."""
     method = method_from_config(config)
     rules = quantization_rules(method) if widths is None else \
         precision.rules_from_allocation(widths, method)
-    model = quantize_model(Llama(model_config(config)), rules)
+    model = quantize_model(Llama(model_config(config), attention=attention_from_config(config)),
+                           rules)
     sample = jnp.zeros((1, config.seq_len), jnp.int32)
     return model, model.init(jax.random.key(config.seed), sample)["params"]
 

@@ -3,10 +3,13 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import traverse_util
 
-from qjax import train
+from qjax import train, train_setup
 from qjax.checkpoint import MANIFEST, RunDirError
 from qjax.config import TrainConfig
 
@@ -134,6 +137,36 @@ def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
     train.run(config("resumed"))
     resumed = [r for r in _rows(tmp_path / "resumed" / "qat" / "metrics.jsonl") if "loss" in r]
     assert [r["loss"] for r in resumed] == losses
+
+
+def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
+    """attn_bits / attn_prob_bits / kv_bits quantize the Llama's attention in QAT; the trained
+    params decode with the int4 KV cache the config names."""
+    from qjax.models.llama import init_caches
+
+    small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
+    config = TrainConfig(name="attn", out_dir=str(tmp_path), baseline=False, method="quest",
+                         attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=8, **small)
+    (result,) = train.run(config)
+    rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] and 0 < result["val_loss"] < 6
+    attention = train_setup.attention_from_config(config)
+    assert attention.k.format.bits == 4 and attention.p.format.name == "uint8"
+    model, _ = train_setup.build_model(config)
+    params = train.load_params(config, str(tmp_path / "qat"))
+    ids = jnp.zeros((1, 5), jnp.int32)
+    caches = init_caches(train_setup.model_config(config), 1, 8, attention=attention)
+    logits, caches = jax.jit(lambda p, i, c: model.apply({"params": p}, i, c, method="extend"))(
+        params, ids, caches)
+    full = jax.jit(model.apply)({"params": params}, ids)
+    np.testing.assert_allclose(logits, full, rtol=0, atol=1e-6 * float(np.abs(full).max()))
+    assert int(caches[0].length) == 5
+    with pytest.raises(ValueError, match="kv_group is the group"):
+        TrainConfig(kv_group=8)
+    with pytest.raises(ValueError, match="must divide the head size"):
+        TrainConfig(kv_bits=4, kv_group=24)
+    with pytest.raises(ValueError, match="bits must be"):
+        TrainConfig(kv_bits=3)
 
 
 def test_low_rank_qat_from_a_float_run(tmp_path):

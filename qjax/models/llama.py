@@ -6,6 +6,18 @@ The QuEST paper's setup: RMSNorm (eps 1e-5), rotary embeddings (theta 1e4), SwiG
 ``nn.Dense`` layers; :func:`quantization_rules` quantizes every linear layer inside the blocks
 (``blocks_<i>/attn/{q,k,v,o}``, ``blocks_<i>/mlp/{gate,up,down}``) and leaves the embedding, the
 LM head and the norms in high precision.
+
+``Llama(config, attention=attention_quant(8, 8, kv_bits=4))`` also quantizes the attention itself
+(:mod:`qjax.attention`: Q, K, V per token and head, the probabilities per row), following the
+``qat=`` switch of :meth:`qjax.nn.QuantizedLinenModel.apply` (:func:`qjax.nn.ops.qat_active`).
+``Llama.extend(ids, caches)`` runs new tokens against per-block :class:`~qjax.attention.KVCache`
+s (:func:`init_caches`; keys and values stored with the attention's K spec) and returns the
+logits and the extended caches; :func:`greedy_generate` decodes with it, from a QAT model
+(``apply(..., method="extend")``) or a converted one (``qjax.convert.serve(..., method="extend")``).
+A float cache gives the full forward's logits, a quantized one those of QAT with the same specs,
+up to float accumulation order (the cached attention sums over the cache's capacity, and one
+token per call multiplies fewer rows, which XLA may round differently; tested, with the same
+greedy tokens).
 """
 
 from __future__ import annotations
@@ -20,10 +32,21 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qjax import typed_sharding
+from qjax._checks import check_int
+from qjax.attention import (
+    AttentionQuant,
+    KVCache,
+    append_kv,
+    cached_attention,
+    init_kv_cache,
+    quantized_attention,
+)
+from qjax.nn.ops import qat_active
 from qjax.nn.recipe import Method
 
 __all__ = [
     "LlamaConfig", "Llama", "quantization_rules", "non_embedding_params", "BLOCK_LINEARS",
+    "init_caches", "greedy_generate",
 ]
 
 #: Paths of the linear layers inside the blocks: ``blocks_<i>/attn/{q,k,v,o}``,
@@ -65,11 +88,14 @@ class LlamaConfig:
         return int(math.ceil(8 * self.d_model / 3 / m) * m)
 
 
-def _rope(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding of ``x (batch, seq, heads, head_dim)``, pairs (i, i + head_dim/2)."""
+def _rope(x: jax.Array, theta: float, positions: jax.Array | None = None) -> jax.Array:
+    """Rotary embedding of ``x (batch, seq, heads, head_dim)``, pairs (i, i + head_dim/2), at
+    ``positions (seq,)`` (default ``0..seq-1``)."""
     _, t, _, d = x.shape
+    pos = jnp.arange(t, dtype=jnp.float32) if positions is None else positions.astype(
+        jnp.float32)
     freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
+    angles = pos[:, None] * freqs[None, :]
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
@@ -90,11 +116,26 @@ class Embed(nn.Embed):
         return table.at[inputs].get(out_sharding=P(*spec, None))
 
 
+def _float_attention(q, k, v, mask):
+    """Softmax attention of ``q (B, T, H, D)`` over ``k, v (B, S, H, D)`` where ``mask (T, S)``."""
+    hd = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
+    probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(nn.Module):
+    """Causal self-attention; ``quant`` (when :func:`~qjax.nn.ops.qat_active`) quantizes it.
+
+    ``x (B, T, d) -> (B, T, d)``, or with ``cache`` (a :class:`~qjax.attention.KVCache` holding
+    the ``cache.length`` tokens before ``x``) ``((B, T, d), cache extended by T tokens)``.
+    """
+
     config: LlamaConfig
+    quant: AttentionQuant | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache: KVCache | None = None):
         c = self.config
         b, t, d = x.shape
         hd = d // c.n_heads
@@ -105,12 +146,25 @@ class Attention(nn.Module):
         q = dense("q")(x).reshape(b, t, c.n_heads, hd)
         k = dense("k")(x).reshape(b, t, c.n_heads, hd)
         v = dense("v")(x).reshape(b, t, c.n_heads, hd)
-        q, k = _rope(q, c.rope_theta), _rope(k, c.rope_theta)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(hd)
-        mask = jnp.tril(jnp.ones((t, t), bool))
-        probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-        return dense("o", out_init)(out)
+        positions = None if cache is None else cache.length + jnp.arange(t)
+        q, k = _rope(q, c.rope_theta, positions), _rope(k, c.rope_theta, positions)
+        spec = self.quant if qat_active() else None
+        if cache is not None:
+            cache = append_kv(cache, k, v)  # stored with the cache's own spec
+            if spec is None:
+                allowed = jnp.arange(cache.capacity)[None, :] <= cache.length - t + jnp.arange(
+                    t)[:, None]
+                out = _float_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype),
+                                       allowed)
+            else:
+                out = cached_attention(q, cache, spec_q=spec.q, spec_p=spec.p)
+            return dense("o", out_init)(out.reshape(b, t, d)), cache
+        if spec is None:
+            out = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+        else:
+            out = quantized_attention(q, k, v, spec_q=spec.q, spec_k=spec.k, spec_v=spec.v,
+                                      spec_p=spec.p, causal=True)
+        return dense("o", out_init)(out.reshape(b, t, d))
 
 
 class MLP(nn.Module):
@@ -132,32 +186,110 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: LlamaConfig
+    attention: AttentionQuant | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, cache: KVCache | None = None):
         eps = self.config.norm_eps
-        x = x + Attention(self.config, name="attn")(nn.RMSNorm(eps, name="attn_norm")(x))
-        return x + MLP(self.config, name="mlp")(nn.RMSNorm(eps, name="mlp_norm")(x))
+        attn = Attention(self.config, self.attention, name="attn")
+        h = nn.RMSNorm(eps, name="attn_norm")(x)
+        if cache is None:
+            x = x + attn(h)
+        else:
+            a, cache = attn(h, cache)
+            x = x + a
+        x = x + MLP(self.config, name="mlp")(nn.RMSNorm(eps, name="mlp_norm")(x))
+        return x if cache is None else (x, cache)
 
 
 class Llama(nn.Module):
-    """Decoder-only LM: ``ids (batch, seq) int32 -> logits (batch, seq, vocab) float32``."""
+    """Decoder-only LM: ``ids (batch, seq) int32 -> logits (batch, seq, vocab) float32``.
+
+    ``attention``: optional quantization of the attention (see the module docstring).
+    """
 
     config: LlamaConfig
+    attention: AttentionQuant | None = None
 
-    @nn.compact
-    def __call__(self, ids):
+    def setup(self):
         c = self.config
-        if ids.shape[-1] > c.max_seq_len:
-            raise ValueError(f"sequence length {ids.shape[-1]} exceeds max_seq_len {c.max_seq_len}")
-        x = Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(c.init_std),
-                     name="embed")(ids)
-        for i in range(c.n_layers):
-            x = Block(c, name=f"blocks_{i}")(x)
-        x = nn.RMSNorm(c.norm_eps, name="final_norm")(x)
-        logits = nn.Dense(c.vocab_size, use_bias=False, dot_general=typed_sharding.dot_general,
-                          kernel_init=nn.initializers.normal(c.init_std), name="lm_head")(x)
-        return logits.astype(jnp.float32)
+        self.embed = Embed(c.vocab_size, c.d_model,
+                           embedding_init=nn.initializers.normal(c.init_std))
+        self.blocks = [Block(c, self.attention) for _ in range(c.n_layers)]
+        self.final_norm = nn.RMSNorm(c.norm_eps)
+        self.lm_head = nn.Dense(c.vocab_size, use_bias=False,
+                                dot_general=typed_sharding.dot_general,
+                                kernel_init=nn.initializers.normal(c.init_std))
+
+    def __call__(self, ids):
+        if ids.shape[-1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {ids.shape[-1]} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.final_norm(x)).astype(jnp.float32)
+
+    def extend(self, ids, caches: tuple[KVCache, ...]):
+        """Logits ``(batch, T, vocab)`` of ``T`` new tokens after the ones the caches hold, and
+        the caches extended by them (one :class:`~qjax.attention.KVCache` per block)."""
+        if not isinstance(caches, (tuple, list)) or len(caches) != self.config.n_layers:
+            raise ValueError(f"caches must be a tuple of {self.config.n_layers} KVCaches (one "
+                             f"per block, init_caches), got {type(caches).__name__}")
+        x, out = self.embed(ids), []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block(x, cache)
+            out.append(cache)
+        return self.lm_head(self.final_norm(x)).astype(jnp.float32), tuple(out)
+
+
+def init_caches(config: LlamaConfig, batch: int, capacity: int | None = None, *,
+                attention: AttentionQuant | None = None) -> tuple[KVCache, ...]:
+    """Empty KV caches of a :class:`Llama`, one per block, for ``capacity`` tokens (default
+    ``max_seq_len``), stored with ``attention.cache_spec`` (None: float32)."""
+    capacity = config.max_seq_len if capacity is None else check_int(
+        "capacity", capacity, lo=1, hi=config.max_seq_len)
+    spec = None if attention is None else attention.cache_spec
+    hd = config.d_model // config.n_heads
+    return tuple(init_kv_cache(batch, capacity, config.n_heads, hd, spec=spec)
+                 for _ in range(config.n_layers))
+
+
+def greedy_generate(extend, params, prompt: jax.Array, steps: int,
+                    caches: tuple[KVCache, ...]) -> jax.Array:
+    """Greedy decoding: ``prompt (B, P)`` int32 and ``steps`` new tokens, ``(B, P + steps)``.
+
+    Args:
+      extend: ``extend(params, ids, caches) -> (logits, caches)``, e.g.
+        ``lambda p, i, c: model.apply({"params": p}, i, c, method="extend")`` (QAT) or
+        ``lambda p, i, c: qjax.convert.serve(model, p, i, c, method="extend")`` (serving).
+      params: its params; prompt: the first tokens (``P >= 1``); steps: tokens to generate.
+      caches: empty caches with room for ``P + steps`` tokens (:func:`init_caches`).
+
+    The prompt runs in one call (prefill), then one token per call in a ``lax.fori_loop``; jit
+    the whole function for speed.
+    """
+    steps = check_int("steps", steps, lo=0)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (batch, length >= 1) token ids, got {prompt.shape}")
+    total = prompt.shape[1] + steps
+    if caches and caches[0].capacity < total:
+        raise ValueError(f"the caches hold {caches[0].capacity} tokens, fewer than the prompt "
+                         f"and the {steps} new ones ({total}); allocate longer caches")
+    logits, caches = extend(params, prompt, caches)
+    out = jnp.zeros((prompt.shape[0], total), prompt.dtype).at[:, :prompt.shape[1]].set(prompt)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(prompt.dtype)
+
+    def body(i, state):
+        out, token, caches = state
+        out = out.at[:, prompt.shape[1] + i].set(token)
+        logits, caches = extend(params, token[:, None], caches)
+        return out, jnp.argmax(logits[:, -1], axis=-1).astype(prompt.dtype), caches
+
+    if steps == 0:
+        return out
+    out, token, _ = jax.lax.fori_loop(0, steps - 1, body, (out, first, caches))
+    return out.at[:, total - 1].set(token)
 
 
 def quantization_rules(method: Method | str | None) -> dict:

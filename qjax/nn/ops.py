@@ -48,8 +48,8 @@ from qjax.nn.recipe import LayerQuant, learned
 from qjax.qdot import qat_dense
 from qjax.quantize import fake_quant, rotate_like_spec
 
-__all__ = ["QUANT_RNG", "key_source", "backward_key", "quantize_kernel", "quantize_input",
-           "rotate_input", "integer_dense",
+__all__ = ["QUANT_RNG", "key_source", "backward_key", "qat_scope", "qat_active",
+           "quantize_kernel", "quantize_input", "rotate_input", "integer_dense",
            "init_kernel_scale", "init_input_scale", "arrange_output", "add_bias", "dense_op",
            "einsum_op", "conv_op", "embed_op", "map_matrices", "per_matrix", "split_input"]
 
@@ -76,6 +76,29 @@ def key_source(source: Callable[[], jax.Array | None]) -> Iterator[None]:
         yield
     finally:
         _KEY_SOURCE.reset(token)
+
+
+_QAT: contextvars.ContextVar[bool] = contextvars.ContextVar("qjax_qat", default=True)
+
+
+@contextlib.contextmanager
+def qat_scope(enabled: bool) -> Iterator[None]:
+    """Within the block, :func:`qat_active` is ``enabled``.
+
+    :meth:`qjax.nn.QuantizedLinenModel.apply` enters ``qat_scope(qat)``, so quantization a model
+    does in its own code (e.g. :mod:`qjax.attention` in the reference Llama) follows the same
+    ``qat=`` switch as the intercepted layers (a float phase before QAT, ``qat=False`` checks).
+    """
+    token = _QAT.set(check_bool("enabled", enabled))
+    try:
+        yield
+    finally:
+        _QAT.reset(token)
+
+
+def qat_active() -> bool:
+    """Whether quantization is on: the innermost :func:`qat_scope`'s flag, True outside any."""
+    return _QAT.get()
 
 
 def backward_key(lq: LayerQuant, key: jax.Array | None = None) -> jax.Array | None:

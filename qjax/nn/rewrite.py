@@ -258,8 +258,9 @@ class QuantizedLinenModel:
         for site in sites.values():
             if bits is not None and isinstance(site.adapter, DoubleRounding):
                 site.adapter.check(bits)
-        return run_linen(self.model, lambda: self.model.apply(variables, *args, **kwargs),
-                         _qat_handler(qat, bits), sites, _raw_handler(sites, qat))
+        with ops.qat_scope(qat):
+            return run_linen(self.model, lambda: self.model.apply(variables, *args, **kwargs),
+                             _qat_handler(qat, bits), sites, _raw_handler(sites, qat))
 
 
 def _fit(target, layout, path: str):

@@ -1,0 +1,153 @@
+"""Quantized attention and KV cache on the reference Llama: validation loss, cache bytes, decode.
+
+1. Quality: the main job's tiny byte-level Llama (``configs/quest_w4a4_tiny.py``: d=128, 2
+   layers, 4 heads of 32, seq 256, 500 steps on the Python standard library), QuEST W4A4
+   linears, with (a) float attention, (b) int8 Q/K/V per token and head and 8-bit attention
+   probabilities per row (``attn_bits=8 attn_prob_bits=8``), (c) (b) with K and V int4 per
+   token, head and group of 32 channels, as the served KV cache stores them (``kv_bits=4
+   kv_group=32``). Validation loss per seed; each seed is a paired run (same init and batches).
+2. KV-cache bytes per token (all layers, keys and values) in float32, int8 and int4.
+3. Greedy decoding (``qjax.models.llama.greedy_generate``, jitted, prefill 16 tokens then 112
+   one at a time) with the cache in float32, int8 and int4: tokens per second at batch 1 and 8,
+   median of interleaved runs.
+
+Run: ``python -m benchmarks.attention_kv [--quick] [--seeds 0,1]``; writes
+``benchmarks/results/attention_kv.{json,md}``. Runs resume from ``runs/attention_kv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import statistics
+import sys
+
+import jax
+
+from qjax import attention as A
+from qjax import data as D
+from qjax import train
+from qjax.models.llama import Llama, LlamaConfig, greedy_generate, init_caches
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
+
+try:
+    from benchmarks._timing import interleaved_medians, machine, write_results
+except ImportError:  # run as a script from the benchmarks folder
+    from _timing import interleaved_medians, machine, write_results
+
+ROWS = {
+    "W4A4 linears, float attention": {},
+    "+ int8 Q/K/V, 8-bit probabilities": dict(attn_bits=8, attn_prob_bits=8),
+    "+ int4 K/V (cache), 8-bit Q and probabilities": dict(attn_bits=8, attn_prob_bits=8,
+                                                         kv_bits=4, kv_group=32),
+}
+CACHES = {"float32": None, "int8": A.attention_quant(None, None, kv_bits=8),
+          "int4 (group 32)": A.attention_quant(None, None, kv_bits=4, kv_group=32)}
+QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,
+             max_corpus_bytes=4_000_000)
+
+
+def _config(row: str, seed: int, quick: bool, runs_dir: str):
+    slug = ["float_attn", "int8_attn", "int4_kv"][list(ROWS).index(row)]
+    fields = {**ROWS[row], "seed": seed, "baseline": False, **(QUICK if quick else {})}
+    return dataclasses.replace(get_config(), name=slug, **fields,
+                               out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+
+
+def quality(seeds: list[int], quick: bool) -> list[dict]:
+    runs_dir = os.path.join("runs", "attention_kv" + ("_quick" if quick else ""))
+    probe = _config(next(iter(ROWS)), seeds[0], quick, runs_dir)
+    corpus = D.load_corpus(D.CorpusConfig(paths=probe.corpus_paths,
+                                          max_bytes=probe.max_corpus_bytes,
+                                          val_fraction=probe.val_fraction,
+                                          suffixes=probe.corpus_suffixes))
+    rows, base = [], None
+    for row in ROWS:
+        losses = []
+        for seed in seeds:
+            cfg = _config(row, seed, quick, runs_dir)
+            print(f"== {row}, seed {seed}", flush=True)
+            losses.append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
+        base = losses if base is None else base
+        diffs = [100 * (a / b - 1) for a, b in zip(losses, base, strict=True)]
+        rows.append({"row": row, "val_loss": losses, "mean": statistics.fmean(losses),
+                     "vs_float_attention_pct": diffs,
+                     "vs_float_attention_mean_pct": statistics.fmean(diffs)})
+    return rows
+
+
+def cache_bytes(cfg: LlamaConfig) -> dict[str, float]:
+    """KV-cache bytes per token, all layers, keys and values."""
+    out = {}
+    for name, attention in CACHES.items():
+        caches = init_caches(cfg, 1, cfg.max_seq_len, attention=attention)
+        out[name] = sum(A.kv_cache_bytes(c) for c in caches) / cfg.max_seq_len
+    return out
+
+
+def decode_speed(cfg: LlamaConfig, batches: tuple[int, ...], repeats: int) -> dict:
+    """Tokens per second of greedy decoding with each cache (float32 linears)."""
+    prompt_len, steps = 16, cfg.max_seq_len - 16
+    out = {}
+    for b in batches:
+        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
+        fns = {}
+        for name, attention in CACHES.items():
+            model = Llama(cfg, attention=attention)
+            params = model.init(jax.random.key(0), prompt)["params"]
+            extend = lambda p, i, c, m=model: m.apply({"params": p}, i, c, method="extend")
+            gen = jax.jit(functools.partial(greedy_generate, extend, steps=steps))
+            caches = init_caches(cfg, b, attention=attention)
+            fns[name] = (lambda gen=gen, p=params, c=caches, pr=prompt:
+                         gen(p, pr, caches=c).block_until_ready())
+        seconds = interleaved_medians(fns, warmup=1, repeats=repeats)
+        out[b] = {name: b * steps / s for name, s in seconds.items()}
+    return out
+
+
+def main(seeds: list[int], quick: bool) -> None:
+    cfg = get_config()
+    mc = LlamaConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                     max_seq_len=128)
+    rows = quality(seeds, quick)
+    per_token = cache_bytes(dataclasses.replace(mc, max_seq_len=cfg.seq_len))
+    batches = (1, 8)
+    speed = decode_speed(mc, batches, 3 if quick else 7)
+    payload = {"seeds": seeds, "quick": quick, "rows": rows, "cache_bytes_per_token": per_token,
+               "decode_tokens_per_second": {str(b): v for b, v in speed.items()},
+               "machine": machine()}
+    steps = QUICK["steps"] if quick else cfg.steps
+    lines = ["# Quantized attention and KV cache (reference Llama, CPU)", "",
+             f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} "
+             f"heads, seq {cfg.seq_len}), QuEST W4A4 linears, {steps} steps; seeds {seeds}, "
+             "paired (same init and batches).", "",
+             "| attention | val loss per seed | mean | vs float attention (%) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
+                     f"{r['mean']:.4f} | {r['vs_float_attention_mean_pct']:+.2f} |")
+    lines += ["", "| KV cache | bytes per token (all layers, K and V) | x float32 | "
+              + " | ".join(f"decode tok/s b{b}" for b in batches) + " |",
+              "|---|---|---|" + "---|" * len(batches)]
+    for name in CACHES:
+        lines.append(f"| {name} | {per_token[name]:,.0f} | "
+                     f"{per_token[name] / per_token['float32']:.3f} | "
+                     + " | ".join(f"{speed[b][name]:,.0f}" for b in batches) + " |")
+    lines += ["", "Decode: float32 linears, greedy, prefill 16 then one token per call "
+              f"(jitted `lax.fori_loop`), capacity {mc.max_seq_len}; the quantized caches "
+              "store codes and scales and dequantize the whole cache every step in XLA.", "",
+              f"Machine: {payload['machine']}"]
+    print("\n".join(lines))
+    write_results("attention_kv" + ("_quick" if quick else ""), payload, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", default="0,1")
+    a = parser.parse_args()
+    main([int(s) for s in a.seeds.split(",")], a.quick)

@@ -1,0 +1,141 @@
+"""The reference Llama's quantized attention, KV-cache decoding and greedy generation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import attention as A
+from qjax import convert as QC
+from qjax.models.llama import (
+    Llama,
+    LlamaConfig,
+    greedy_generate,
+    init_caches,
+    quantization_rules,
+)
+from qjax.nn import Method, quantize_model
+
+CFG = LlamaConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, hidden=64, max_seq_len=16)
+IDS = jax.random.randint(jax.random.key(3), (2, 12), 0, 64)
+ATTN = A.attention_quant(8, 8, kv_bits=4, kv_group=8)
+
+
+@functools.cache
+def _models():
+    """(float model, float params, W4A4 + quantized-attention QAT model, its params)."""
+    fm = Llama(CFG)
+    fp = fm.init(jax.random.key(0), IDS)["params"]
+    qm = quantize_model(Llama(CFG, attention=ATTN), quantization_rules(Method("quest", 4, 4)))
+    qp = qm.init(jax.random.key(0), IDS)["params"]
+    return fm, fp, qm, qp
+
+
+def _decode_logits(extend, params, caches, prompt_len):
+    """Logits of IDS from a prefill of ``prompt_len`` tokens, then one token per call."""
+    step = jax.jit(extend)
+    logits, caches = step(params, IDS[:, :prompt_len], caches)
+    out = [logits]
+    for t in range(prompt_len, IDS.shape[1]):
+        logits, caches = step(params, IDS[:, t:t + 1], caches)
+        out.append(logits)
+    return jnp.concatenate(out, axis=1), caches
+
+
+# Through the cache path every position attends to the cache's slots under a mask, so XLA sums
+# over the capacity instead of the sequence length, and one token per call multiplies 2-row
+# matrices where the full forward multiplies 24-row ones; XLA:CPU may order those float sums
+# differently (1 ulp; with quantized activations such an ulp can move a code). The logits are
+# therefore compared to float tolerance, and the decoded tokens must be the same.
+PREFILL_ALL, PROMPT = IDS.shape[1], 5
+
+
+def _close(got, full):
+    np.testing.assert_allclose(got, full, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(full))))
+
+
+def test_float_cache_decoding_gives_the_full_forward_logits():
+    fm, fp, _, _ = _models()
+    full = jax.jit(fm.apply)({"params": fp}, IDS)
+    extend = lambda p, i, c: fm.apply({"params": p}, i, c, method="extend")  # noqa: E731
+    got, caches = _decode_logits(extend, fp, init_caches(CFG, 2), PREFILL_ALL)
+    _close(got, full)
+    assert int(caches[0].length) == IDS.shape[1]
+    got, _ = _decode_logits(extend, fp, init_caches(CFG, 2), PROMPT)
+    _close(got, full)
+
+
+def test_quantized_cache_decoding_gives_the_qat_logits():
+    _, _, qm, qp = _models()
+    full = jax.jit(qm.apply)({"params": qp}, IDS)
+    extend = lambda p, i, c: qm.apply({"params": p}, i, c, method="extend")  # noqa: E731
+    caches = init_caches(CFG, 2, attention=ATTN)
+    assert all(isinstance(c.k, A.QArray) for c in caches)  # int4 codes and scales
+    got, _ = _decode_logits(extend, qp, caches, PREFILL_ALL)
+    _close(got, full)
+    got, _ = _decode_logits(extend, qp, caches, PROMPT)
+    np.testing.assert_array_equal(jnp.argmax(got, -1), jnp.argmax(full, -1))
+    assert float(jnp.mean(jnp.abs(got - full))) < 1e-3 * float(jnp.mean(jnp.abs(full)))
+    # The attention quantization matters, and qat=False turns it off with the linears'.
+    plain = quantize_model(Llama(CFG), quantization_rules(Method("quest", 4, 4)))
+    assert float(jnp.max(jnp.abs(jax.jit(plain.apply)({"params": qp}, IDS) - full))) > 1e-3
+    fm, _, _, _ = _models()
+    np.testing.assert_array_equal(jax.jit(functools.partial(qm.apply, qat=False))(
+        {"params": qp}, IDS), jax.jit(fm.apply)({"params": qp}, IDS))
+
+
+def test_served_model_decodes_with_its_quantized_cache():
+    _, _, qm, qp = _models()
+    sp = QC.convert(qp, qm, packed=False)
+    full = jax.jit(lambda p, i: QC.serve(qm, p, i))(sp, IDS)
+    extend = lambda p, i, c: QC.serve(qm, p, i, c, method="extend")  # noqa: E731
+    got, _ = _decode_logits(extend, sp, init_caches(CFG, 2, attention=ATTN), PREFILL_ALL)
+    _close(got, full)
+
+
+def test_greedy_generate_matches_recomputing_the_full_forward():
+    fm, fp, _, _ = _models()
+    extend = lambda p, i, c: fm.apply({"params": p}, i, c, method="extend")  # noqa: E731
+    prompt, steps = IDS[:, :4], 6
+    gen = jax.jit(functools.partial(greedy_generate, extend, steps=steps))
+    out = gen(fp, prompt, caches=init_caches(CFG, 2, 10))
+    ref = prompt
+    for _ in range(steps):  # independent reference: the whole sequence every step
+        nxt = jnp.argmax(fm.apply({"params": fp}, ref)[:, -1], axis=-1).astype(ref.dtype)
+        ref = jnp.concatenate([ref, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(greedy_generate(extend, fp, prompt, 0, init_caches(CFG, 2)),
+                                  prompt)
+
+
+def test_kv_cache_bytes_shrink_with_the_bits():
+    f32 = A.kv_cache_bytes(init_caches(CFG, 1)[0])
+    int8 = A.kv_cache_bytes(init_caches(CFG, 1, attention=A.attention_quant(kv_bits=8))[0])
+    int4 = A.kv_cache_bytes(init_caches(CFG, 1, attention=ATTN)[0])
+    assert f32 == 2 * 16 * 32 * 4
+    assert int8 == 2 * (16 * 32 + 16 * 2 * 4)  # codes + one float32 scale per token and head
+    assert int4 == 2 * (16 * 16 + 16 * 2 * 2 * 4)  # packed codes + a scale per group of 8
+
+
+def test_decoding_errors_name_the_problem():
+    fm, fp, _, _ = _models()
+    extend = lambda p, i, c: fm.apply({"params": p}, i, c, method="extend")  # noqa: E731
+    with pytest.raises(ValueError, match="caches hold 6 tokens"):
+        greedy_generate(extend, fp, IDS[:, :4], 3, init_caches(CFG, 2, 6))
+    with pytest.raises(ValueError, match="tuple of 2 KVCaches"):
+        fm.apply({"params": fp}, IDS, init_caches(CFG, 2)[:1], method="extend")
+    with pytest.raises(ValueError, match="exceed the cache capacity 8"):
+        fm.apply({"params": fp}, IDS, init_caches(CFG, 2, 8), method="extend")
+    _, held = fm.apply({"params": fp}, IDS[:, :8], init_caches(CFG, 2, 12), method="extend")
+    with pytest.raises(ValueError, match="holds 8 of 12 tokens: 5 more do not fit"):
+        fm.apply({"params": fp}, IDS[:, :5], held, method="extend")
+    with pytest.raises(ValueError, match="capacity must be"):
+        init_caches(CFG, 1, 32)
+    with pytest.raises(ValueError, match="one spec"):
+        init_caches(CFG, 1, attention=A.AttentionQuant(k=ATTN.k, v=None))
+    with pytest.raises(ValueError, match="bits must be"):
+        A.attention_quant(bits=9)
+    with pytest.raises(ValueError, match="prompt must be"):
+        greedy_generate(extend, fp, IDS[0], 2, init_caches(CFG, 2))
