@@ -277,6 +277,7 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
     assert first["step"] == 1 and first["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow  # 33 s; zeroqat and Double Rounding are unit-tested in their own files
 def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     small, base = float_base
     zo = TrainConfig(name="zo", out_dir=str(tmp_path / "zo"), baseline=False, method="zeroqat",

@@ -79,6 +79,7 @@ def test_two_processes_match_one(tmp_path, single_run):
     assert got["tokens"] == want["tokens"] == 4 * 8 * 32
 
 
+@pytest.mark.slow  # 39 s; resume is also tested single-process (test_train.py, SIGKILL)
 def test_a_stopped_run_resumes_on_another_mesh(tmp_path, single_run):
     config, single_dir = single_run
     _wait([_launch(config, tmp_path / "run", 8, ["mesh=data:2,fsdp:2,tensor:2",
