@@ -30,9 +30,6 @@ NOTEBOOKS = {
     "kernels": (300, False),
     "convert_and_deploy": (300, False),
 }
-# quickstart.ipynb predates the badge and Colab-install conventions (its first code cell asks
-# for an installed qjax instead).
-LEGACY = {"quickstart"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -59,7 +56,7 @@ def test_notebook_is_stored_clean(name):
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"cell {i}"
 
 
-@pytest.mark.parametrize("name", sorted(set(NOTEBOOKS) - LEGACY))
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
 def test_notebook_opens_in_colab(name):
     nb = _load(name)
     assert nb["cells"][0]["cell_type"] == "markdown"
