@@ -101,10 +101,13 @@ def test_greedy_generate_matches_recomputing_the_full_forward():
     prompt, steps = IDS[:, :4], 6
     gen = jax.jit(functools.partial(greedy_generate, extend, steps=steps))
     out = gen(fp, prompt, caches=init_caches(CFG, 2, 10))
-    ref = prompt
-    for _ in range(steps):  # independent reference: the whole sequence every step
-        nxt = jnp.argmax(fm.apply({"params": fp}, ref)[:, -1], axis=-1).astype(ref.dtype)
-        ref = jnp.concatenate([ref, nxt[:, None]], axis=1)
+    # Independent reference: the full forward of the whole sequence every step (causal, so the
+    # zero padding after position t does not change the logits at t; one compiled shape).
+    full = jax.jit(fm.apply)
+    ref = jnp.zeros((2, 4 + steps), prompt.dtype).at[:, :4].set(prompt)
+    for t in range(4, 4 + steps):
+        nxt = jnp.argmax(full({"params": fp}, ref)[:, t - 1], axis=-1).astype(ref.dtype)
+        ref = ref.at[:, t].set(nxt)
     np.testing.assert_array_equal(out, ref)
     np.testing.assert_array_equal(greedy_generate(extend, fp, prompt, 0, init_caches(CFG, 2)),
                                   prompt)

@@ -297,7 +297,8 @@ EMPTY_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("shape", [(4, 0), (0, 64)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 0), pytest.param((0, 64), marks=pytest.mark.slow)],
+                         ids=str)  # 17 s each: the second shape runs with -m slow
 def test_empty_input_gives_empty_output_for_every_spec(shape):
     # Empty input gave ZeroDivisionError, a reduction without identity or a gather error.
     key = jax.random.key(1)
