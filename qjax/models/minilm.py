@@ -241,19 +241,22 @@ def distill_embeddings(student: nnx.Module, tokenizer: Any, sentences: Sequence[
         raise ValueError(f"learning_rate must be in (0, 1), got {learning_rate!r}")
     ids, mask = tokenize(tokenizer, sentences, max_length=max_length, pad_multiple=max_length)
     optimizer = nnx.Optimizer(student, optax.adam(learning_rate), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, ids, mask, t):
-        def loss_fn(m):
-            return jnp.mean(1.0 - jnp.sum(m(ids, mask) * t, axis=-1))
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
     losses = []
     size = min(batch_size, len(sentences))
     for k in range(steps):
         rows = np.random.default_rng([seed, k]).choice(len(sentences), size, replace=False)
-        losses.append(float(step(student, optimizer, ids[rows], mask[rows], targets[rows])))
+        losses.append(float(_distill_step(student, optimizer, ids[rows], mask[rows],
+                                          targets[rows])))
     return losses
+
+
+@nnx.jit
+def _distill_step(model, opt, ids, mask, t):
+    """One Adam step of :func:`distill_embeddings` (module level: compiled once per model graph
+    and shapes, not once per call)."""
+    def loss_fn(m):
+        return jnp.mean(1.0 - jnp.sum(m(ids, mask) * t, axis=-1))
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
