@@ -25,6 +25,7 @@ def _loss(model):
     return loss
 
 
+@pytest.mark.slow  # 17 s: two QuEST Llamas; gradient_cosine's arithmetic is tested below
 def test_cosine_is_one_at_high_precision_and_lower_at_low():
     out = {}
     for bits in (8, 2):
