@@ -53,13 +53,13 @@ from qjax.checkpoint import (
     RunDirError,
     TrainingCheckpoints,
     check_run_dir,
-    write_atomic,
     write_json_atomic,
 )
-from qjax.config import LOW_RANK_METHODS, TrainConfig, load_config, run_identity
+from qjax.config import TrainConfig, load_config, run_identity
 from qjax.methods import distill, zeroqat
 from qjax.models.llama import non_embedding_params
 from qjax.nn import double_rounding as DR
+from qjax.train_report import Progress, label, read_metrics, results_table
 from qjax.train_setup import (
     ALLOCATION_FILE,
     Placement,
@@ -79,59 +79,6 @@ from qjax.train_setup import (
 __all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed",
            "validate", "run_dir_identity"]
 
-
-def _label(config: TrainConfig) -> str:
-    if config.method is None:
-        return "float32"
-    w = f"W{config.weight_bits}" if config.weight_bits else ""
-    a = f"A{config.act_bits}" if config.act_bits else ""
-    name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
-                            else "")
-    if config.scale != "auto":
-        name += "+" + config.scale.split(":")[0]
-    if config.method == "double_rounding":
-        w = "W" + "/".join(map(str, config.double_rounding_bits))
-    if config.mixed_precision_budget is not None:  # an average over the layers' widths
-        name, w = name + "+hawq", f"W{config.mixed_precision_budget:g}"
-    if config.distill:
-        name += f"+kd{config.distill:g}"
-    if config.method in LOW_RANK_METHODS:
-        name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
-                                      else f" {config.phi_dtype}")
-    return f"{name} {w}{a}"
-
-
-class _Progress:
-    """A one-line progress bar on a terminal; plain lines every ``log_every`` steps otherwise."""
-
-    def __init__(self, total: int, label: str, log_every: int):
-        self.total, self.label, self.log_every = total, label, log_every
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, tok_s: float) -> None:
-        frac = step / self.total
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        line = (f"{self.label:>14} [{bar}] {step}/{self.total} loss {loss:.4f} "
-                f"{tok_s:,.0f} tok/s")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif step % self.log_every == 0 or step == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=sys.stderr, flush=True)
-
-
-def _read_metrics(path: str, keep_until: int) -> list[dict]:
-    """Rows of ``metrics.jsonl`` up to step ``keep_until``; rewrites the file without the rest."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if r["step"] <= keep_until]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 def _scalar(x) -> float:
     """A replicated scalar as a Python float (multi-host arrays are not fully addressable)."""
@@ -301,7 +248,7 @@ class _Job:
             return self.state, 0
         state = store.restore(start, self.state)
         if lead:
-            print(f"[{_label(self.config)}] resumed from step {start} ({store.directory})",
+            print(f"[{label(self.config)}] resumed from step {start} ({store.directory})",
                   file=sys.stderr)
         return state, start
 
@@ -313,9 +260,9 @@ class _Job:
         state, start = self.resume(store, lead)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl" if lead else os.devnull)
         if lead:
-            _read_metrics(metrics_path, start)
+            read_metrics(metrics_path, start)
         p, opt_state = state["params"], state["opt_state"]
-        progress = _Progress(c.steps, _label(c), c.log_every)
+        progress = Progress(c.steps, label(c), c.log_every)
         tokens = c.batch_size * c.seq_len
         t_last, last_val, since = time.perf_counter(), None, 0
         with open(metrics_path, "a") as log:
@@ -350,14 +297,14 @@ class _Job:
                     t_last = time.perf_counter()
                 if c.stop_after is not None and c.stop_after <= done < c.steps:
                     progress.close()
-                    print(f"[{_label(c)}] stopped after step {done} (stop_after)",
+                    print(f"[{label(c)}] stopped after step {done} (stop_after)",
                           file=sys.stderr)
                     store.close()
                     return {"stopped": done}
         progress.close()
         store.close()
         result = {
-            "label": _label(c), "method": c.method,
+            "label": label(c), "method": c.method,
             "weight_bits": c.weight_bits if self.method else None,
             "act_bits": c.act_bits if self.method else None,
             "val_loss": last_val, "val_ppl": math.exp(last_val),
@@ -369,24 +316,6 @@ class _Job:
         if lead:
             write_json_atomic(os.path.join(self.run_dir, "done.json"), result)
         return result
-
-
-def _table(results: list[dict], entropy: float) -> str:
-    base = next((r["val_loss"] for r in results if r["method"] is None), None)
-    lines = ["| model | val loss (nats/byte) | val ppl | vs float | tokens |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        rows = [(r["label"], r["val_loss"])]
-        if "val_loss_at_bits" in r:  # one Double Rounding model served at each width
-            rows = [(f"{r['label'].split(' W')[0]} W{b} (of W{r['weight_bits']})", v)
-                    for b, v in r["val_loss_at_bits"].items()]
-        for label, loss in rows:
-            gap = "" if base is None or r["method"] is None else \
-                f"{100 * (loss / base - 1):+.1f}%"
-            lines.append(f"| {label} | {loss:.4f} | {math.exp(loss):.3f} | {gap} | "
-                         f"{r['tokens']:,} |")
-    lines.append(f"| unigram entropy of val bytes | {entropy:.4f} | {math.exp(entropy):.3f} | | |")
-    return "\n".join(lines)
 
 
 def _runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
@@ -413,7 +342,7 @@ def _widths(config: TrainConfig, corpus: D.Corpus, run_dir: str, float_dir: str)
         os.makedirs(run_dir, exist_ok=True)
         write_json_atomic(os.path.join(run_dir, ALLOCATION_FILE),
                           {**allocation, "float_model": os.path.abspath(source)})
-        print(f"[{_label(config)}] HAWQ-V2 widths ({allocation['average_bits']:.3f} bits on "
+        print(f"[{label(config)}] HAWQ-V2 widths ({allocation['average_bits']:.3f} bits on "
               f"average, {allocation['probes']} probes): "
               + ", ".join(f"{k.removesuffix('/kernel')}={b}"
                           for k, b in allocation["widths"].items()), file=sys.stderr)
@@ -454,7 +383,7 @@ def run(config: TrainConfig) -> list[dict]:
         if "stopped" in r:
             return results
         results.append(r)
-    table = _table(results, D.unigram_entropy(corpus.val))
+    table = results_table(results, D.unigram_entropy(corpus.val))
     if not lead:
         return results
     n = results[-1]["non_embedding_params"]
