@@ -69,15 +69,13 @@ import optax
 from flax import traverse_util
 
 import qjax
+from qjax import LSQ, compute_scale, optim, presets, train
 from qjax import data as D
-from qjax import optim, presets, train
-from qjax import spec as SP
 from qjax.config import TrainConfig
 from qjax.methods.distill import logit_kl
 from qjax.methods.zeroqat import ZeroOrderConfig, zo_step
-from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
+from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig, non_embedding_params
 from qjax.nn import LayerQuant, Method, init_from_float, lowrank
-from qjax.quantize import compute_scale
 
 try:
     from benchmarks._timing import machine, write_results
@@ -135,7 +133,7 @@ def _full_target(wspec, aspec):
     grid = wspec
     if isinstance(wspec.scale, qjax.GgmlMax):  # learn |d| on the same int4 grid
         grid = wspec.replace(scale=qjax.AbsMax(), scale_dtype=None, rounding="nearest")
-    return LayerQuant(weight=grid.replace(estimator=SP.LSQ()), activation=aspec)
+    return LayerQuant(weight=grid.replace(estimator=LSQ()), activation=aspec)
 
 
 def _split(params, trainable):
@@ -436,7 +434,7 @@ def main(argv=None) -> int:
                "corpus": dataclasses.asdict(b.corpus.info) | {"train_files": None,
                                                               "val_files": None},
                "base": b.base_result, "float_val_loss": b.float_val,
-               "non_embedding_params": train.non_embedding_params(b.base),
+               "non_embedding_params": non_embedding_params(b.base),
                "scale_lr": SCALE_LR, "cases": {c: CASES[c][1] for c in CASES}, "formats": {}}
     md = [f"# QAT of a pretrained LM on a budget ({size_name})", "",
           f"Float base: d={b.size['d_model']}, {b.size['n_layers']} layers, "

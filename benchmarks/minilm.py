@@ -40,12 +40,12 @@ from flax import nnx
 
 import qjax
 from benchmarks._timing import interleaved_medians, machine, write_results
+from qjax import QArray
 from qjax.convert import ServingLayer
 from qjax.data import CorpusConfig, load_corpus
 from qjax.models import bert as B
 from qjax.models import minilm as ML
 from qjax.nn import LayerQuant, Method
-from qjax.qarray import QArray
 
 # QAT by distillation (qjax.models.minilm.distill_embeddings) from the PTQ model of a case:
 # Adam at QAT_LR for --qat-steps steps of 32 training sentences (max 64 tokens), the targets the

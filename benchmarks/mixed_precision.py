@@ -48,17 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qjax import QArray, fake_quant, optim, precision, train
 from qjax import convert as QC
 from qjax import data as D
-from qjax import optim, precision, train
-from qjax.checkpoint import write_json_atomic
+from qjax._src.atomic_files import write_json_atomically
 from qjax.config import TrainConfig
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
 from qjax.nn import Method, quantize_model
 from qjax.nn import double_rounding as DR
 from qjax.nn.ops import init_kernel_scale
-from qjax.qarray import QArray
-from qjax.quantize import fake_quant
 
 try:
     from benchmarks._timing import machine, write_results
@@ -175,7 +173,7 @@ class Bench:
         """``fn()``, or its result stored in ``runs_dir/<name>.json`` by an earlier run."""
         path = os.path.join(self.runs_dir, f"{name}.json")
         if not os.path.exists(path):
-            write_json_atomic(path, fn())
+            write_json_atomically(path, fn())
         with open(path) as f:
             return json.load(f)
 

@@ -15,10 +15,10 @@ float step.
 * ``qjax int4 weight-only``: int4 absmax weights per group of 128 along K, STE.
 * ``... (int8 forward)``: the same QuEST W4A4 and int8 W8A8 with ``integer_forward=True``: the
   forward matmul is an int8 x int8 -> int32 ``dot_general`` with the fake-quant values and
-  gradients (``qjax.qdot``); QuEST's 4-bit midrise codes are stored as odd int8 integers.
+  gradients (``qjax._src.qdot``); QuEST's 4-bit midrise codes are stored as odd int8 integers.
 * ``... (int8 fwd + int8 bwd)``: also ``backward="int8"``: both gradient matmuls are int8 x int8
   -> int32 dots on the forward's codes and the output gradient stochastically rounded to int8
-  (``qjax.quantized_backward``), keyed by the ``"quant"`` rng stream (a fixed key here; a
+  (``qjax._src.quantized_backward``), keyed by the ``"quant"`` rng stream (a fixed key here; a
   training loop folds in the step).
 * ``Qwix int8 W8A8`` (and ``quantized bwd``: gradients int8 too), ``Qwix int4 weight-only``
   (tile 128 along K): ``qwix.quantize_model`` with a ``QtProvider``.

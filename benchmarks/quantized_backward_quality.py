@@ -4,7 +4,7 @@ The main job's tiny byte-level Llama (``configs/quest_w4a4_tiny.py``: d=128, 2 l
 batch 16, the Python standard library as corpus) trained with an int8 forward
 (``integer_forward=true``) and either the float backward or ``backward=int8`` (both gradient
 matmuls int8 x int8 -> int32 on the forward's codes, the output gradient stochastically rounded;
-``qjax.quantized_backward``), for W8A8 (STE) and QuEST W4A4, at several seeds. Each seed is one
+``qjax._src.quantized_backward``), for W8A8 (STE) and QuEST W4A4, at several seeds. Each seed is one
 paired comparison (same init, same batches): the table gives both losses, the mean paired
 difference with its standard error, and the float backward's spread over seeds, so a gap can be
 told from noise.

@@ -6,7 +6,7 @@ int8 per-token activations, int8 x int8 -> int32 ``lax.dot_general``); int4 weig
 convert time (``convert(..., packed=False)``: one per byte); W4A8 (the weight-only int4 model
 served with ``act_spec`` int8 per token: int8 x int8 dots); Q4_0 x Q8_0 (llama.cpp's formats:
 weights trained with ``gguf_q4_0``, served with ``gguf_q8_0`` activations, blocks of 32 along
-K: ``qjax.int8_blocks``); QuEST W4A4 (odd-integer int8 codes). Latency ratios at batch 1 and 32
+K: ``qjax._src.int8_blocks``); QuEST W4A4 (odd-integer int8 codes). Latency ratios at batch 1 and 32
 (median of interleaved runs after warm-up), bytes of the weights in memory, and Orbax checkpoint
 sizes against float32 and bfloat16. The logits are compared with the QAT forward of the model
 trained with the activation spec it is served with (for W4A8 and Q4_0 x Q8_0 the same params
@@ -27,12 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._timing import interleaved_medians, machine, write_results
-from qjax import QuantSpec, presets
+from qjax import PerRow, QArray, QuantSpec, presets
 from qjax import convert as QC
-from qjax.granularity import PerRow
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules
 from qjax.nn import LayerQuant, Method, quantize_model
-from qjax.qarray import QArray
 
 A8 = QuantSpec("int8", PerRow(-1))
 Q4_0 = LayerQuant(weight=presets.gguf_q4_0(axis=0))
@@ -187,7 +185,7 @@ def main(quick: bool = False) -> None:
               "weight-only float path still converts and scales every weight per call, so on "
               "this CPU it stays slower than float32 at 32 tokens (on a memory-bound device "
               "decode its 1/8 weight bytes are the gain; not measured here). Q4_0 x Q8_0 runs "
-              "one int8 dot per block of 32 (`qjax.int8_blocks`, a `lax.scan`), which XLA:CPU "
+              "one int8 dot per block of 32 (`qjax._src.int8_blocks`, a `lax.scan`), which XLA:CPU "
               "runs slower than one float32 matmul. The embedding and LM head (float32) "
               "dominate the weight bytes of this small model; the quantized block weights "
               "alone shrink to 1/4 (int8) and 1/8 (int4) plus their scales.", "",

@@ -27,8 +27,10 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from qjax import sharding as S  # noqa: E402
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules  # noqa: E402
-from qjax.nn.recipe import Method  # noqa: E402
-from qjax.nn.rewrite import quantize_model  # noqa: E402
+from qjax.nn import (
+    Method,  # noqa: E402
+    quantize_model,  # noqa: E402
+)
 
 try:
     from benchmarks._timing import interleaved_medians, machine, write_results

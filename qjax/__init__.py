@@ -1,8 +1,13 @@
 """qjax: quantization-aware training for JAX.
 
-The public API is re-exported here; nothing is defined in this file. Implementation modules
-(``qjax.int8``, ``qjax.qdot``, ``qjax.typed_sharding``, ``qjax.formats``, ``qjax.scales``, ...)
-stay importable by their full names but are not part of the top-level surface.
+The public API: the numerics core re-exported here (formats, granularities, scale rules,
+estimator specs, ``quantize`` / ``dequantize`` / ``fake_quant``, ``QArray``, Hadamard
+transforms) and the public modules ``qjax.nn``, ``qjax.convert``, ``qjax.kernels``,
+``qjax.methods``, ``qjax.precision``, ``qjax.models``, ``qjax.estimators``, ``qjax.optim``,
+``qjax.presets``, ``qjax.sharding``, ``qjax.diagnostics``, ``qjax.attention``,
+``qjax.checkpoint``, ``qjax.data``, ``qjax.config`` and ``qjax.train`` (the training program).
+The implementation lives in ``qjax._src``, which is private: its layout may change between
+releases; nothing is defined in the public files.
 """
 
 from qjax import (
@@ -17,12 +22,12 @@ from qjax import (
     presets,
     sharding,
 )
-from qjax.formats import FloatFormat, IntFormat, Midrise, Ternary
-from qjax.granularity import PerAxis, PerGroup, PerRow, PerTensor
-from qjax.hadamard import hadamard_matrix, hadamard_transform, random_signs
-from qjax.qarray import QArray, pack_bits, unpack_bits
-from qjax.quantize import compute_scale, dequantize, fake_quant, quantize, scale_shape
-from qjax.scales import (
+from qjax._src.formats import FloatFormat, IntFormat, Midrise, Ternary
+from qjax._src.granularity import PerAxis, PerGroup, PerRow, PerTensor
+from qjax._src.hadamard import hadamard_matrix, hadamard_transform, random_signs
+from qjax._src.qarray import QArray, pack_bits, unpack_bits
+from qjax._src.quantize import compute_scale, dequantize, fake_quant, quantize
+from qjax._src.scales import (
     AbsMax,
     GgmlMax,
     MseSearch,
@@ -33,11 +38,13 @@ from qjax.scales import (
     lsq_init,
     optimal_gaussian_clip,
 )
-from qjax.spec import LSQ, PACT, STE, ClippedSTE, QuantSpec, Trust
+from qjax._src.spec import LSQ, PACT, STE, ClippedSTE, QuantSpec, Trust
 
 __version__ = "0.1.0"
+from qjax._src.qarray import relayout
 
 __all__ = [
+    "relayout",
     "AbsMax",
     "ClippedSTE",
     "FloatFormat",
@@ -79,7 +86,6 @@ __all__ = [
     "presets",
     "quantize",
     "random_signs",
-    "scale_shape",
     "sharding",
     "unpack_bits",
 ]

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import checkpoint as C
+from qjax._src import checkpoint as C
+from qjax._src.atomic_files import file_crc32
 
 
 def _state(v: float = 1.0):
@@ -31,7 +32,7 @@ def _largest_file(step_dir):
 def test_file_crc32_is_zlib_crc32(tmp_path):
     data = bytes(range(256)) * 40_000  # > one 4 MiB chunk
     (tmp_path / "f").write_bytes(data)
-    assert C.file_crc32(str(tmp_path / "f")) == zlib.crc32(data)
+    assert file_crc32(str(tmp_path / "f")) == zlib.crc32(data)
 
 
 def test_manifest_round_trip_and_each_kind_of_damage(tmp_path):

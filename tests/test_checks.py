@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax._checks import (
+from qjax._src._checks import (
     check_axis_name,
     check_bool,
     check_finite_positive,

@@ -111,7 +111,7 @@ def test_backward_field():
 
 
 def test_run_identity_keeps_what_changes_results_only():
-    from qjax.config import PLACEMENT_FIELDS, QUANT_FIELDS, run_identity
+    from qjax._src.config import PLACEMENT_FIELDS, QUANT_FIELDS, run_identity
 
     base = TrainConfig()
     ident = run_identity(base)

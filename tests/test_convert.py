@@ -10,9 +10,10 @@ import pytest
 
 import qjax
 from qjax import convert as QC
+from qjax._src.nn.ops import rotate
+from qjax._src.qdot import int8_operand, operand_codes
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules
 from qjax.nn import LayerQuant, Method, quantize_model
-from qjax.qdot import int8_operand, operand_codes
 
 CFG = LlamaConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=2, hidden=128, max_seq_len=8)
 IDS = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
@@ -85,7 +86,7 @@ def test_weight_activation_serving_matches_fake_quant(method):
     ref = qjax.quantize(kernel, lq.weight)
     np.testing.assert_array_equal(w.codes_float32(), ref.codes_float32().T)
     x = jax.random.normal(jax.random.key(3), (5, CFG.d_model))
-    q_serve, _ = operand_codes(qjax.nn.ops.rotate(x, lq.rotation, -1),
+    q_serve, _ = operand_codes(rotate(x, lq.rotation, -1),
                                lq.activation.replace(hadamard=None), -1)
     np.testing.assert_array_equal(q_serve, qjax.quantize(x, lq.activation).codes_float32())
 

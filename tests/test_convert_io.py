@@ -10,6 +10,7 @@ from test_convert import IDS
 from test_convert import setup as _setup
 
 from qjax import convert as QC
+from qjax._src.convert.io import directory_bytes
 from qjax.nn import Method
 
 
@@ -32,7 +33,7 @@ def tree_equal(a, b):
 def test_save_restore_roundtrip_serves_the_same(tmp_path):
     qm, sp, fwd = setup(W4A4)
     size = QC.save(str(tmp_path / "ckpt"), sp)
-    assert size == QC.directory_bytes(str(tmp_path / "ckpt"))
+    assert size == directory_bytes(str(tmp_path / "ckpt"))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directory left behind
     restored = QC.restore(str(tmp_path / "ckpt"), sp)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(sp)
@@ -142,7 +143,7 @@ def test_save_restore_argument_validation(tmp_path):
     with pytest.raises(TypeError, match="path must be a str or os.PathLike, got NoneType"):
         QC.restore(None)
     with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
-        QC.directory_bytes(None)
+        directory_bytes(None)
     with pytest.raises(TypeError, match="like must be a mapping"):
         QC.restore(path, [1])
 
@@ -193,7 +194,7 @@ def test_one_overwrite_policy_for_save_and_export_serving(tmp_path):
 
 
 def test_write_atomically_cleans_up_on_failure(tmp_path):
-    from qjax.convert.io import write_atomically
+    from qjax._src.atomic_files import write_atomically
     path = str(tmp_path / "p")
     open(path, "w").write("old")
 

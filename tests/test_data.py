@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qjax.data import (
+from qjax._src.data import (
     SEPARATOR,
     VOCAB_SIZE,
     CorpusConfig,
@@ -169,7 +169,7 @@ def test_one_large_text_file_is_split_inside_at_a_line_break(tmp_path):
 
 
 def test_check_fits_names_the_short_split(tmp_path):
-    from qjax.data import check_fits
+    from qjax._src.data import check_fits
 
     (tmp_path / "a.txt").write_bytes(b"x" * 1000)
     (tmp_path / "b.txt").write_bytes(b"y" * 100)

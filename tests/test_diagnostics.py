@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import qjax
-from qjax import scales as S
+from qjax._src import scales as S
 from qjax.diagnostics import clip_error, dense_inputs, gradient_cosine
 from qjax.methods import quest
 from qjax.models import Llama, LlamaConfig, quantization_rules

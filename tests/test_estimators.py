@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import estimators as E
+from qjax._src import estimators as E
 
 INT4 = qjax.IntFormat(4)
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import formats as F
+from qjax._src import formats as F
+from qjax._src.formats import format_from_name
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -101,7 +102,7 @@ def test_float_levels():
     ("FP4", qjax.FloatFormat("e2m1")), ("float8_e5m2", qjax.FloatFormat("e5m2")),
 ])
 def test_format_from_name(name, expected):
-    assert qjax.formats.format_from_name(name) == expected
+    assert format_from_name(name) == expected
 
 
 @pytest.mark.parametrize("bad", [0, 9, -1, 16])
@@ -120,7 +121,7 @@ def test_bad_types_and_names():
     with pytest.raises(ValueError, match="unknown float format"):
         qjax.FloatFormat("e3m4")
     with pytest.raises(ValueError, match="unknown format 'int9'"):
-        qjax.formats.format_from_name("int9")
+        format_from_name("int9")
     with pytest.raises(TypeError, match="format"):
         F.as_format(4)
 

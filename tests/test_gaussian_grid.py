@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import gaussian_grid as G
+from qjax._src import gaussian_grid as G
 
 # docs/design.md section 6: (levels, a_b, Gaussian MSE / var at a_b)
 TABLE = [

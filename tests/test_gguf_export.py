@@ -13,8 +13,8 @@ from gguf.quants import dequantize as gguf_dequantize
 import qjax
 from qjax import convert as QC
 from qjax import presets
-from qjax.convert.gguf_export import rope_permutation
-from qjax.models.llama import Llama, LlamaConfig, _rope, quantization_rules
+from qjax._src.convert.gguf_export import rope_permutation
+from qjax._src.models.llama import Llama, LlamaConfig, _rope, quantization_rules
 from qjax.nn import LayerQuant, Method, quantize_model
 
 CFG = LlamaConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, hidden=128, max_seq_len=8)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import granularity as G
+from qjax._src import granularity as G
 
 
 @pytest.mark.parametrize(

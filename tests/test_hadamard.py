@@ -123,7 +123,7 @@ def test_finite_input_beyond_the_range_saturates_never_nan(method):
 
 
 def test_saturating_cast():
-    from qjax.hadamard import saturating_cast
+    from qjax._src.hadamard import saturating_cast
     y = saturating_cast(jnp.array([1e5, -1e6, 1.0, jnp.inf, jnp.nan]), jnp.float16)
     assert y.dtype == jnp.float16
     np.testing.assert_array_equal(y[:4], [65504, -65504, 1.0, 65504])
@@ -136,7 +136,7 @@ def test_saturating_cast():
 @pytest.mark.parametrize("block", [1, 2, 8, 64, 128, 256])
 def test_split_normalisation_is_bit_identical_to_normalising_after(method, block):
     # Scaling by 1/b before the sums is exact: same bits as H y * (1/sqrt(b)).
-    from qjax import hadamard as H
+    from qjax._src import hadamard as H
     x = jax.random.normal(jax.random.key(9), (3, 2 * block)) * jnp.logspace(-20, 20, 2 * block)
     y = x.reshape(3, 2, block, 1)
     raw = H._butterfly(y) if method == "butterfly" else H._dense(y)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import int8
 from qjax import kernels as K
+from qjax._src import int8
+from qjax._src.qdot import integer_forward_reason, qat_dense
 from qjax.convert import kernel_to_qarray, serving_spec
 from qjax.methods import quest
-from qjax.qdot import integer_forward_reason, qat_dense
 
 KDIM, N = 128, 24
 X = jax.random.normal(jax.random.key(0), (2, 3, KDIM))

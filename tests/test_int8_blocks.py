@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 import qjax
+from qjax import PerGroup, PerRow
 from qjax import convert as QC
-from qjax import int8_blocks as IB
 from qjax import presets as P
-from qjax.granularity import PerGroup, PerRow
+from qjax._src import int8_blocks as IB
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
 from qjax.nn import LayerQuant, quantize_model
 
@@ -52,7 +52,7 @@ def _int64_reference(x, kernel, wspec, aspec):
         cx = cx - per_element(qx.zero_point, m, ga).astype(np.int64)
     if qw.zero_point is not None:
         cw = cw - per_element(qw.zero_point, n, gw).astype(np.int64)
-    if isinstance(wspec.format, qjax.formats.Midrise):  # level s (q + 1/2) = (s / 2) (2q + 1)
+    if isinstance(wspec.format, qjax.Midrise):  # level s (q + 1/2) = (s / 2) (2q + 1)
         cw, sw = 2 * cw + 1, sw / 2
     y = np.zeros((m, n))
     for j in range(k // b):
@@ -75,7 +75,7 @@ def test_matmul_is_the_blockwise_integer_formula_and_the_fake_quant_product(pair
     fq = qjax.fake_quant(X, aspec) @ qjax.fake_quant(KERNEL, wspec)
     np.testing.assert_allclose(y, fq, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(fq))))
     np.testing.assert_array_equal(jax.jit(IB.matmul, static_argnums=2)(X, w, aspec), y)
-    np.testing.assert_array_equal(IB.matmul(X, qjax.qarray.relayout(w, packed=False), aspec), y)
+    np.testing.assert_array_equal(IB.matmul(X, qjax.relayout(w, packed=False), aspec), y)
 
 
 def test_block_sums_are_exact_int32():

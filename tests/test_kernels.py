@@ -11,7 +11,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 import qjax
 from qjax import kernels as K
-from qjax.kernels import blocks as B
+from qjax._src.kernels import blocks as B
+from qjax._src.kernels.activation import quantize_rows, row_block
 from qjax.methods import quest
 
 CASES = {
@@ -110,7 +111,7 @@ def test_activation_codes_equal_qjax_quantize(name):
     expected = 2 * q + 1 if isinstance(aspec.format, qjax.Midrise) else q
     scale = qa.scale * (0.5 if isinstance(aspec.format, qjax.Midrise) else 1.0)
     for codes, s in (jax.jit(K.activation_codes, static_argnums=1)(x, aspec),
-                     K.quantize_rows(x, aspec, 32, interpret=True)):
+                     quantize_rows(x, aspec, 32, interpret=True)):
         np.testing.assert_array_equal(codes.astype(jnp.float32), expected)
         np.testing.assert_array_equal(s, scale)
     if isinstance(aspec.format, qjax.Midrise):
@@ -279,23 +280,23 @@ def test_invalid_arguments_raise():
 
 def test_activation_row_block_fits_vmem():
     # 4096-wide rows: 32 rows take ~1.3 MB; a 256-row block is cut down to fit 4 MiB.
-    assert K.row_block(256, 4096, jnp.float32, 256, 2**30) == 256
-    bm = K.row_block(256, 4096, jnp.float32, 256, 4 * 2**20)
+    assert row_block(256, 4096, jnp.float32, 256, 2**30) == 256
+    bm = row_block(256, 4096, jnp.float32, 256, 4 * 2**20)
     assert bm % 32 == 0 and 256 % bm == 0 and bm < 256
     with pytest.raises(ValueError, match="whole rows"):
-        K.row_block(32, 2**20, jnp.float32, 32, 2**20)
+        row_block(32, 2**20, jnp.float32, 32, 2**20)
     with pytest.raises(ValueError, match="block_m must be positive"):
-        K.row_block(64, 256, jnp.float32, 0, 2**24)
+        row_block(64, 256, jnp.float32, 0, 2**24)
     with pytest.raises(ValueError, match="block_m must be positive"):
-        K.row_block(64, 256, jnp.float32, -32, 2**24)  # both reported a VMEM shortage
+        row_block(64, 256, jnp.float32, -32, 2**24)  # both reported a VMEM shortage
     with pytest.raises(ValueError, match="sublane must be positive"):
-        K.row_block(64, 256, jnp.float32, 64, 2**24, sublane=0)  # range() arg 3 ...
+        row_block(64, 256, jnp.float32, 64, 2**24, sublane=0)  # range() arg 3 ...
     with pytest.raises(ValueError, match="vmem_limit_bytes must be positive"):
-        K.row_block(64, 256, jnp.float32, 64, -1)
+        row_block(64, 256, jnp.float32, 64, -1)
     with pytest.raises(ValueError, match="k must be positive"):
-        K.row_block(64, -5, jnp.float32, 64, 2**24)
+        row_block(64, -5, jnp.float32, 64, 2**24)
     with pytest.raises(ValueError, match="block_m=40 must be a multiple of sublane=32"):
-        K.row_block(64, 256, jnp.float32, 40, 2**24)
+        row_block(64, 256, jnp.float32, 40, 2**24)
 
 
 A8 = qjax.QuantSpec("int8", qjax.PerRow(-1))
@@ -322,7 +323,7 @@ def test_activation_quantization_refuses_specs_it_cannot_honour(spec, error, mat
     with pytest.raises(error, match=match):
         K.activation_codes(x, spec)
     with pytest.raises(error, match=match):
-        K.quantize_rows(x, spec, 32, interpret=True)
+        quantize_rows(x, spec, 32, interpret=True)
 
 
 def test_row_kernel_serves_per_token_row_statistics_only():
@@ -335,9 +336,9 @@ def test_row_kernel_serves_per_token_row_statistics_only():
     np.testing.assert_array_equal(scale, jnp.broadcast_to(qjax.quantize(x, per_tensor).scale,
                                                           (32, 1)))
     with pytest.raises(ValueError, match=r"spec granularity must be PerRow\(-1\) .* row kernel"):
-        K.quantize_rows(x, per_tensor, 32, interpret=True)
+        quantize_rows(x, per_tensor, 32, interpret=True)
     with pytest.raises(ValueError, match="spec scale must be AbsMax or RmsGaussian for the row"):
-        K.quantize_rows(x, qjax.QuantSpec("int8", qjax.PerRow(-1), "mse"), 32, interpret=True)
+        quantize_rows(x, qjax.QuantSpec("int8", qjax.PerRow(-1), "mse"), 32, interpret=True)
 
 
 def test_activation_quantization_arguments():
@@ -348,11 +349,11 @@ def test_activation_quantization_arguments():
     with pytest.raises(TypeError, match="x32 must be a floating array .* int32"):
         K.activation_codes(x.astype(jnp.int32), A8)
     with pytest.raises(ValueError, match="block_m must be positive"):
-        K.quantize_rows(x, A8, 0, interpret=True)  # was a ZeroDivisionError
+        quantize_rows(x, A8, 0, interpret=True)  # was a ZeroDivisionError
     with pytest.raises(ValueError, match="x must be 2-D"):
-        K.quantize_rows(x[0], A8, 32, interpret=True)
+        quantize_rows(x[0], A8, 32, interpret=True)
     with pytest.raises(ValueError, match="block_m=24 must divide the number of rows 32"):
-        K.quantize_rows(x, A8, 24, interpret=True)
+        quantize_rows(x, A8, 24, interpret=True)
 
 
 def test_int_kind_refuses_a_k_that_overflows_int32():
@@ -426,7 +427,7 @@ def test_every_code_layout_gives_the_same_results(name):
     y_xla, y_pl = _qmm(x, w, aspec, "xla"), _qmm(x, w, aspec, "interpret")
     tol = 2e-6 * float(jnp.abs(y_pl).max())
     for packed, k_major in [(False, False), (True, True), (False, True)]:
-        v = qjax.qarray.relayout(w, packed=packed, k_major=k_major)
+        v = qjax.relayout(w, packed=packed, k_major=k_major)
         assert v.k_major == k_major and (v.packed == packed or name == "fp8")
         if not packed and name != "fp8":
             assert K.classify(x.shape, v, aspec).per == 1
@@ -443,7 +444,7 @@ def test_k_major_codes_skip_the_per_call_transpose():
     wspec, aspec = CASES["w4a16"]
     x, wf = _data(8, 256, 512)
     w = qjax.quantize(wf, wspec)
-    km = qjax.qarray.relayout(w, k_major=True)
+    km = qjax.relayout(w, k_major=True)
     assert km.codes.shape == (256, 256)  # (K/2, N) bytes
     for v, transposes in ((w, 1), (km, 0)):
         text = jax.jit(lambda x, v: K.quantized_matmul(x, v, backend="interpret")).lower(

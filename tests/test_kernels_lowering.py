@@ -14,9 +14,9 @@ import pytest
 
 import qjax
 from qjax import kernels as K
-from qjax.kernels import api as A
-from qjax.kernels import pallas_gpu
-from qjax.kernels.activation import row_kernel_reason
+from qjax._src.kernels import api as A
+from qjax._src.kernels import pallas_gpu
+from qjax._src.kernels.activation import row_kernel_reason
 from qjax.methods import quest
 
 CASES = {
@@ -125,7 +125,7 @@ def test_unpacked_and_k_major_weights_lower(name, platform):
     wspec, aspec = CASES[name]
     x, w = _abstract(wspec, x_dtype=jnp.float32)
     for layout in ({"packed": False}, {"k_major": True}, {"packed": False, "k_major": True}):
-        v = jax.eval_shape(functools.partial(qjax.qarray.relayout, **layout), w)
+        v = jax.eval_shape(functools.partial(qjax.relayout, **layout), w)
         f, leaves = _fn(aspec, "pallas_tpu" if platform == "tpu" else "pallas_gpu", v)
         text = f.trace(x, *leaves).lower(lowering_platforms=(platform,)).as_text()
         assert ("tpu_custom_call" if platform == "tpu" else pallas_gpu.TRITON_CUSTOM_CALL) in text

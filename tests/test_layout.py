@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qjax._src.nn.ops import add_bias, arrange_output
 from qjax.nn import conv_layout, dense_layout, einsum_layout, embed_layout, general_layout
-from qjax.nn.ops import add_bias, arrange_output
 
 KEY = jax.random.key(0)
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax
 from qjax import attention as A
 from qjax import convert as QC
 from qjax.models.llama import (
@@ -72,7 +73,7 @@ def test_quantized_cache_decoding_gives_the_qat_logits():
     full = jax.jit(qm.apply)({"params": qp}, IDS)
     extend = lambda p, i, c: qm.apply({"params": p}, i, c, method="extend")  # noqa: E731
     caches = init_caches(CFG, 2, attention=ATTN)
-    assert all(isinstance(c.k, A.QArray) for c in caches)  # int4 codes and scales
+    assert all(isinstance(c.k, qjax.QArray) for c in caches)  # int4 codes and scales
     got, _ = _decode_logits(extend, qp, caches, PREFILL_ALL)
     _close(got, full)
     got, _ = _decode_logits(extend, qp, caches, PROMPT)

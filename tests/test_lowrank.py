@@ -13,7 +13,8 @@ from flax import nnx
 import qjax
 from qjax import convert as QC
 from qjax import presets
-from qjax.nn import LayerQuant, lowrank, lr_qat, qalora, quantize_model
+from qjax._src.nn import lowrank as LR
+from qjax.nn import LayerQuant, lr_qat, qalora, quantize_model
 
 SPEC = qjax.QuantSpec("int4", qjax.PerRow(0))
 X = jax.random.normal(jax.random.key(0), (4, 32))
@@ -40,14 +41,14 @@ def test_q44_downcast_reference_example():
     w0, s0 = phi, jnp.ones((1, 5))
     recipe = lr_qat(qjax.QuantSpec("int4", qjax.PerRow(0), scale=qjax.AbsMax()),
                     rank=1, phi_dtype="int8")
-    frozen, _ = lowrank.init_state(w0 * s0, recipe, jax.random.key(0))
+    frozen, _ = LR.init_state(w0 * s0, recipe, jax.random.key(0))
     # Per-column absmax scale of a (1, 5) matrix: s0 = |w| / 7, so Phi0 = +-7 ... use the formula
     # directly on the reference values instead:
     q = jnp.clip(jnp.round(jnp.clip(phi, -8, 7) * 16), -128, 127).astype(jnp.int8)
     np.testing.assert_array_equal(q, [[38, -128, 112, 0, -64]])
     np.testing.assert_array_equal(q.astype(jnp.float32) / 16, [[2.375, -8, 7, 0, -4]])
     assert frozen["phi0"].dtype == jnp.int8
-    decoded = lowrank.float_kernel(frozen, {"lora_down": jnp.zeros((1, 1)),
+    decoded = LR.float_kernel(frozen, {"lora_down": jnp.zeros((1, 1)),
                                             "lora_up": jnp.zeros((1, 5)),
                                             "kernel_scale": jnp.ones((1, 5))}, recipe, jnp.float32)
     np.testing.assert_array_equal(decoded * 16, jnp.round(decoded * 16))  # on the 1/16 grid
@@ -55,7 +56,7 @@ def test_q44_downcast_reference_example():
 
 @pytest.mark.parametrize("kind", ["lr_qat", "qalora"])
 def test_zero_adapter_is_round_to_nearest_ptq_bit_for_bit(kind):
-    recipe = lowrank.LowRankQAT(kind, SPEC, rank=4)
+    recipe = LR.LowRankQAT(kind, SPEC, rank=4)
     qm = quantize_model(MLP(), {"up|down": recipe})
     v = qm.init(jax.random.key(1), X)
     ptq = quantize_model(MLP(), {"up|down": LayerQuant(SPEC)})
@@ -74,10 +75,10 @@ def test_zero_adapter_is_round_to_nearest_ptq_bit_for_bit(kind):
 def test_lr_qat_gradients_match_the_definitions():
     recipe = lr_qat(SPEC, rank=4)
     w0 = jax.random.normal(jax.random.key(2), (32, 16))
-    frozen, params = lowrank.init_state(w0, recipe, jax.random.key(3))
+    frozen, params = LR.init_state(w0, recipe, jax.random.key(3))
     params["lora_up"] = 0.3 * jax.random.normal(jax.random.key(4), params["lora_up"].shape)
     g_out = jax.random.normal(jax.random.key(5), (32, 16))
-    loss = lambda p: jnp.sum(lowrank.effective_kernel(frozen, p, recipe, jnp.float32) * g_out)
+    loss = lambda p: jnp.sum(LR.effective_kernel(frozen, p, recipe, jnp.float32) * g_out)
     grads = jax.grad(loss)(params)
     c = frozen["phi0"] + recipe.scaling * params["lora_down"] @ params["lora_up"]
     w_int = jnp.clip(jnp.round(c), -8, 7)
@@ -119,7 +120,7 @@ def test_merged_model_equals_the_trained_forward(recipe):
     v = _train(qm, qm.init(jax.random.key(1), X))
     assert float(jnp.abs(v["params"]["up"]["lora_up"]).max()) > 0
     y = jax.jit(lambda v: qm.apply(v, X))(v)
-    sp = QC.convert(v["params"], qm, frozen=v[lowrank.FROZEN])
+    sp = QC.convert(v["params"], qm, frozen=v[LR.FROZEN])
     assert isinstance(sp["up"]["kernel"], qjax.QArray) and "lora_up" not in sp["up"]
     y_srv = jax.jit(lambda s: QC.serve(qm, s, X))(sp)
     if recipe.activation is None:
@@ -155,7 +156,7 @@ def test_lr_qat_on_q4_0_merges_to_gguf_blocks(tmp_path):
     q4 = presets.gguf_q4_0(axis=0)
     qm = quantize_model(MLP(), {"up|down": lr_qat(q4, rank=4)})
     v = _train(qm, qm.init(jax.random.key(1), X), steps=3)
-    sp = QC.convert(v["params"], qm, frozen=v[lowrank.FROZEN])
+    sp = QC.convert(v["params"], qm, frozen=v[LR.FROZEN])
     w = sp["up"]["kernel"]
     assert w.spec == QC.serving_spec(q4)
     np.testing.assert_array_equal(w.scale, w.scale.astype(jnp.float16).astype(jnp.float32))

@@ -11,7 +11,8 @@ from flax import nnx
 
 import qjax
 from qjax import convert as QC
-from qjax.nn import LayerQuant, Method, lowrank, quantize_model
+from qjax._src.nn import lowrank as LR
+from qjax.nn import LayerQuant, Method, quantize_model
 
 KEY = jax.random.key(0)
 INT8 = LayerQuant(qjax.QuantSpec("int8", qjax.PerRow(0)), qjax.QuantSpec("int8", qjax.PerRow(-1)))
@@ -137,7 +138,7 @@ def test_lr_qat_bf16_serves_its_trained_forward():
                                                    rank=4)})
     v = qm.init(KEY, x)
     v = {**v, "params": {"d": {**v["params"]["d"], "lora_up": v["params"]["d"]["lora_up"] + 0.1}}}
-    sp = QC.convert(v["params"], qm, frozen=v[lowrank.FROZEN])
+    sp = QC.convert(v["params"], qm, frozen=v[LR.FROZEN])
     np.testing.assert_array_equal(QC.serve(qm, sp, x), qm.apply(v, x))
 
 

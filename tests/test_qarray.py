@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qjax
-from qjax import qarray as QA
+from qjax._src import qarray as QA
 
 
 def test_pack_layout_low_bits_first():

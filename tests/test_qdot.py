@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax.methods import quest
-from qjax.nn import LayerQuant, Method
-from qjax.qdot import (
+from qjax._src.qdot import (
     check_int32_sum,
     int8_code_max,
     int8_matmul,
     integer_forward_reason,
     qat_dense,
 )
+from qjax.methods import quest
+from qjax.nn import LayerQuant, Method
 
 X = jax.random.normal(jax.random.key(0), (3, 5, 128))
 K = jax.random.normal(jax.random.key(1), (128, 24)) * 0.1

@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qjax
-from qjax.hadamard import saturating_cast
+from qjax._src.hadamard import saturating_cast
+from qjax._src.qdot import qat_dense
+from qjax._src.quantize import scale_shape
 from qjax.methods import quest
 
 FORMATS = ["int8", "int4", "int3", "int2", "uint8", "uint4", "uint1", "midrise1", "midrise2",
@@ -153,7 +155,7 @@ def test_quest_full_form_rotates_back():
 
 def test_scale_shape_and_compute_scale():
     spec = qjax.QuantSpec("int4", qjax.PerGroup(-1, 16))
-    assert qjax.scale_shape(spec, (6, 64)) == (6, 4, 1)
+    assert scale_shape(spec, (6, 64)) == (6, 4, 1)
     s, z = qjax.compute_scale(X, spec)
     assert s.shape == (6, 4, 1) and z is None
     np.testing.assert_allclose(s, jnp.max(jnp.abs(X.reshape(6, 4, 16)), -1, keepdims=True) / 7)
@@ -225,7 +227,7 @@ def test_runtime_rounding_and_scale_dtype_validation():
     with pytest.raises(ValueError, match="LSQ supports nearest rounding"):
         qjax.QuantSpec("int8", estimator="lsq", rounding="half_away")
     with pytest.raises(ValueError, match="integer forward"):
-        qjax.qdot.qat_dense(X, X.T, qjax.QuantSpec("int8", qjax.PerRow(0), scale_dtype="float16"),
+        qat_dense(X, X.T, qjax.QuantSpec("int8", qjax.PerRow(0), scale_dtype="float16"),
                             qjax.QuantSpec("int8", qjax.PerRow(-1)))
 
 
@@ -307,11 +309,11 @@ def test_empty_input_gives_empty_output_for_every_spec(shape):
         y = qjax.fake_quant(x, spec, key=key)
         assert y.shape == shape and y.dtype == x.dtype, spec
         qa = qjax.quantize(x, spec, key=key)
-        assert qa.shape == shape and qa.scale.shape == qjax.scale_shape(spec, shape), spec
+        assert qa.shape == shape and qa.scale.shape == scale_shape(spec, shape), spec
         assert np.all(np.isfinite(np.asarray(qa.scale))) and np.all(np.asarray(qa.scale) > 0)
         z = qjax.dequantize(qa)
         assert z.shape == shape and z.dtype == x.dtype, spec
-        assert qjax.compute_scale(x, spec)[0].shape == qjax.scale_shape(spec, shape), spec
+        assert qjax.compute_scale(x, spec)[0].shape == scale_shape(spec, shape), spec
     for spec in EMPTY_SPECS[::7]:
         g = jax.grad(lambda a, sp=spec: qjax.fake_quant(a, sp, key=key).sum())(x.astype(
             jnp.float32))
@@ -323,7 +325,7 @@ def test_empty_input_gives_empty_output_for_every_spec(shape):
     assert qjax.fake_quant(jnp.zeros((0,)), qjax.QuantSpec("int4")).shape == (0,)
     for est in ("lsq", "pact"):
         spec = qjax.QuantSpec("int4", "row", estimator=est)
-        step = jnp.ones(qjax.scale_shape(spec, shape))
+        step = jnp.ones(scale_shape(spec, shape))
         gx, gs = jax.grad(lambda a, s, sp=spec: qjax.fake_quant(a, sp, scale=s).sum(), (0, 1))(
             jnp.zeros(shape), step)
         assert gx.shape == shape
@@ -367,9 +369,9 @@ def test_spec_and_call_arguments_validated():
     with pytest.raises(TypeError, match="axis_name must be a mesh axis name"):
         qjax.compute_scale(X, qjax.QuantSpec("int4", qjax.PerRow(-1)), axis_name=5)
     with pytest.raises(ValueError, match="shape dimension must be >= 0, got -8"):
-        qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerGroup(-1, 4)), (2, -8))
+        scale_shape(qjax.QuantSpec("int4", qjax.PerGroup(-1, 4)), (2, -8))
     with pytest.raises(TypeError, match="shape must be a tuple of ints"):
-        qjax.scale_shape(qjax.QuantSpec("int4", qjax.PerRow(-1)), 8)
+        scale_shape(qjax.QuantSpec("int4", qjax.PerRow(-1)), 8)
 
 
 def test_float64_is_refused_under_x64_and_canonicalized_without():

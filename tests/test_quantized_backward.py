@@ -14,15 +14,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qjax
-from qjax import int8
-from qjax import quantized_backward as QB
-from qjax.estimators import estimator_mask
+from qjax._src import int8
+from qjax._src import quantized_backward as QB
+from qjax._src.estimators import decode, estimator_mask
+from qjax._src.nn.ops import key_source
+from qjax._src.qdot import qat_dense
 from qjax.methods import quest
-from qjax.nn import LayerQuant, Method, quantize_model
-from qjax.nn.layout import conv_layout, dense_layout
+from qjax.nn import LayerQuant, Method, conv_layout, dense_layout, quantize_model
 from qjax.nn.nnx import set_quant_rngs
-from qjax.nn.ops import key_source
-from qjax.qdot import qat_dense
 
 W8 = qjax.QuantSpec("int8", qjax.PerRow(0), "absmax", "ste")
 A8 = qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste")
@@ -171,7 +170,7 @@ def test_gradients_are_the_masked_int8_products_of_the_definition(name):
         out = []
         for arr, spec, axis, ref in ((x, a, -1, grads[0]), (kernel, w, 0, grads[1])):
             q, s = int8.operand_codes(arr, spec, axis)
-            values = qjax.estimators.decode(q, s, None, spec.format)
+            values = decode(q, s, None, spec.format)
             mask = estimator_mask(arr, values, s, None, spec.format, spec.estimator)
             out.append(ref if mask is None else jnp.where(mask, ref, 0.0))
         return out

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import qjax
+from qjax._src.nn.rewrite import parse_rules
 from qjax.nn import LayerQuant, Method
 
 X = jax.random.normal(jax.random.key(0), (8, 64))
@@ -156,7 +157,7 @@ def test_rules_and_qat_are_type_checked():
         with pytest.raises(TypeError, match="rules must be a mapping"):
             qjax.nn.quantize_model(MLP(), rules)
     with pytest.raises(TypeError, match="rules must be a mapping"):
-        qjax.nn.rewrite.parse_rules(None)
+        parse_rules(None)
     qm = qjax.nn.quantize_model(MLP(), {".*": "ste"})
     v = qm.init(jax.random.key(0), X)
     with pytest.raises(TypeError, match="qat must be a bool"):

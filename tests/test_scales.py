@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qjax
-from qjax import scales as S
+from qjax._src import scales as S
 
 
 def test_absmax_symmetric_values():

@@ -17,11 +17,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qjax
-from qjax import sharding as S
+from qjax._src import sharding as S
 from qjax.models.llama import Llama, LlamaConfig, quantization_rules
-from qjax.nn import Method, dense_layout, resolve
+from qjax.nn import Method, dense_layout, quantize_model, resolve
 from qjax.nn import ops as C
-from qjax.nn.rewrite import quantize_model
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 

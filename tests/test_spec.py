@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import pytest
 
 import qjax
-from qjax import formats as F
-from qjax import granularity as G
-from qjax import scales as S
-from qjax.spec import (
+from qjax._src import formats as F
+from qjax._src import granularity as G
+from qjax._src import scales as S
+from qjax._src.spec import (
     LSQ,
     PACT,
     STE,

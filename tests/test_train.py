@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from qjax import train, train_setup
-from qjax.checkpoint import MANIFEST, RunDirError
+from qjax import train
+from qjax._src import train_setup
+from qjax._src.checkpoint import MANIFEST, RunDirError
 from qjax.config import TrainConfig
 
 TINY = dict(d_model=64, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, lr=3e-3,
@@ -254,7 +255,7 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
     import optax
 
     from qjax import data as D
-    from qjax import train_setup
+    from qjax._src import train_setup
 
     small, base = float_base
     config = TrainConfig(name="kd", out_dir=str(tmp_path), baseline=False, method="lsq",
@@ -285,7 +286,7 @@ def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     (r,) = train.run(zo)
     assert r["label"] == "zeroqat W4A8" and 0 < r["val_loss"] < 6
     trained = train.load_params(zo, str(tmp_path / "zo" / "qat"))
-    from qjax import train_setup
+    from qjax._src import train_setup
 
     _, start, _ = train_setup.initial_params(zo)
     moved = jax_tree_max_abs_diff(trained, start)
@@ -334,7 +335,7 @@ def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_pat
     assert alloc["average_bits"] <= 3.0 and alloc["probes"] >= 10
     # the trained model has those widths: its kernels' learned steps were made for them, and
     # the recorded allocation is what a reload uses
-    from qjax import train_setup
+    from qjax._src import train_setup
 
     assert train_setup.recorded_widths(config, str(tmp_path / "qat")) == widths
     import jax.numpy as jnp

@@ -2,9 +2,9 @@
 
 import pytest
 
-from qjax import train_setup as S
+from qjax._src import train_setup as S
 from qjax.config import TrainConfig
-from qjax.nn.recipe import Method
+from qjax.nn import Method
 
 
 def test_validate_accepts_the_default_and_auto_blocks():

@@ -10,9 +10,8 @@
 * :func:`export_gguf`: a GGUF file (a llama.cpp ``llama`` model for the reference Llama).
 """
 
-from qjax.convert.gguf_export import export_gguf
-from qjax.convert.io import (
-    directory_bytes,
+from qjax._src.convert.gguf_export import export_gguf, gguf_tensor, llama_tensors, rope_permutation
+from qjax._src.convert.io import (
     export_serving,
     from_arrays,
     load_exported,
@@ -20,8 +19,8 @@ from qjax.convert.io import (
     save,
     to_arrays,
 )
-from qjax.convert.nnx_serving import ServingKernel, ServingLayer, serving_model
-from qjax.convert.serve import (
+from qjax._src.convert.nnx_serving import ServingKernel, ServingLayer, serving_model
+from qjax._src.convert.serve import (
     BACKENDS,
     conv_config,
     integer_product,
@@ -30,8 +29,7 @@ from qjax.convert.serve import (
     serving_matmul,
     uses_integer_matmul,
 )
-from qjax.convert.weights import (
-    check_layer_params,
+from qjax._src.convert.weights import (
     convert,
     convert_layer,
     dequantize_kernel,
@@ -43,10 +41,11 @@ from qjax.convert.weights import (
 )
 
 __all__ = [
+    "from_arrays",
+    "to_arrays",
     "BACKENDS",
     "ServingKernel",
     "ServingLayer",
-    "check_layer_params",
     "conv_config",
     "convert_layer",
     "dequantize_kernel",
@@ -55,14 +54,14 @@ __all__ = [
     "serve_layer",
     "serving_model",
     "convert",
-    "directory_bytes",
     "export_gguf",
+    "gguf_tensor",
+    "llama_tensors",
+    "rope_permutation",
     "export_serving",
-    "from_arrays",
     "load_exported",
     "restore",
     "save",
-    "to_arrays",
     "kernel_to_qarray",
     "serve",
     "serving_layers",

@@ -1,21 +1,20 @@
 """Low-bit matmul kernels: ``quantized_matmul`` with XLA, Pallas TPU, Pallas GPU and interpreter
-backends (see :mod:`qjax.kernels.api`). Which (weight, activation) pairs run the integer kind, and
-the integer product of the ``"xla"`` backend, are :mod:`qjax.int8`'s (shared with QAT)."""
+backends (see docs/design.md, "Kernels"). Which (weight, activation) pairs run the integer kind,
+and
+the integer product of the ``"xla"`` backend, are the same rule as QAT's integer forward."""
 
-from qjax.kernels.activation import activation_codes, quantize_rows, row_block
-from qjax.kernels.api import BACKENDS, quantized_matmul, resolve_backend
-from qjax.kernels.blocks import BlockSizes, default_block_sizes
-from qjax.kernels.cases import Case, classify
+from qjax._src.kernels.activation import activation_codes
+from qjax._src.kernels.api import BACKENDS, quantized_matmul, resolve_backend
+from qjax._src.kernels.blocks import BlockSizes, default_block_sizes
+from qjax._src.kernels.cases import Case, classify
 
 __all__ = [
+    "activation_codes",
+    "Case",
+    "classify",
     "BACKENDS",
     "BlockSizes",
-    "Case",
-    "activation_codes",
-    "classify",
     "default_block_sizes",
-    "quantize_rows",
     "quantized_matmul",
     "resolve_backend",
-    "row_block",
 ]

@@ -18,140 +18,18 @@ References:
   Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
 """
 
-from __future__ import annotations
+from qjax._src.methods.quest import (
+    HADAMARD_FORMS,
+    dense,
+    fake_quant,
+    quantize_dense_operands,
+    spec,
+)
 
-import jax
-import jax.numpy as jnp
-
-from qjax import formats as F
-from qjax import granularity as G
-from qjax import scales as S
-from qjax import spec as SP
-from qjax.hadamard import check_block_size, hadamard_transform, saturating_cast
-from qjax.quantize import fake_quant as core_fake_quant
-
-__all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
-
-HADAMARD_FORMS = ("half", "full", None)
-
-
-def _check_hadamard(hadamard: object, block_size: object) -> None:
-    # Both always, also where they end up unused (hadamard=None ignores block_size, bits=None
-    # skips the quantizer that would check them): a typo must not silently change the layer.
-    if hadamard not in HADAMARD_FORMS:
-        raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
-    check_block_size(block_size)
-
-
-def spec(
-    bits: int,
-    *,
-    hadamard: str | None = "half",
-    trust: float = 1.0,
-    clip: float | None = None,
-    block_size: int = 128,
-    axis: int = -1,
-    hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
-) -> SP.QuantSpec:
-    """The :class:`~qjax.QuantSpec` of QuEST at ``bits`` for rows along ``axis``.
-
-    Args:
-      bits: 1 to 8.
-      hadamard: ``"half"``, ``"full"`` or None.
-      trust: trust multiplier ``m`` (1.0 = half a step, the paper's default).
-      clip: if set, the clip mask ``1[|x| <= clip * c]`` replaces the trust mask (W1A1: 1.3).
-      block_size: Hadamard block (power of two dividing the row length).
-      axis: the row (contraction) axis: quantization statistics and rotation run along it.
-      hadamard_method: ``"matmul"`` (default: dense block matmul, fastest on CPU BLAS and TPU
-        MXUs) or ``"butterfly"`` (O(n log n)); see :func:`qjax.hadamard_transform`.
-      scale: None (QuEST: :class:`~qjax.RmsGaussian`, the MSE-optimal clip for Gaussian rows) or
-        another rule or rule name (see :func:`qjax.scales.as_scale_rule`), e.g. ``"mse:8:0.6"``:
-        the clip with least squared error on the row itself, for rows that are not Gaussian.
-    """
-    _check_hadamard(hadamard, block_size)
-    return SP.QuantSpec(
-        format=F.Midrise(bits),
-        granularity=G.PerRow(axis),
-        scale=S.RmsGaussian() if scale is None else S.as_scale_rule(scale),
-        estimator=SP.Trust(multiplier=trust, clip=clip),
-        hadamard=None if hadamard is None else block_size,
-        hadamard_axis=axis,
-        hadamard_mode="full" if hadamard is None else hadamard,
-        hadamard_method=hadamard_method,
-    )
-
-
-def fake_quant(
-    x: jax.Array,
-    bits: int,
-    hadamard: str | None = "half",
-    trust: float = 1.0,
-    clip: float | None = None,
-    *,
-    block_size: int = 128,
-    axis: int = -1,
-    hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
-    axis_name: str | tuple[str, ...] | None = None,
-) -> jax.Array:
-    """QuEST fake quantization of ``x`` along ``axis`` (same shape and dtype as ``x``).
-
-    With ``hadamard="half"`` the result is in the rotated basis. See :func:`spec`. Inside
-    ``shard_map``, ``axis_name`` names the mesh axis that splits ``axis``: the RMS is then the
-    global one (see :func:`qjax.fake_quant`).
-    """
-    s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
-             hadamard_method=hadamard_method, scale=scale)
-    return core_fake_quant(x, s, axis_name=axis_name)
-
-
-def quantize_dense_operands(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    bits_x: int | None,
-    bits_w: int | None,
-    hadamard: str | None = "half",
-    trust: float = 1.0,
-    clip: float | None = None,
-    block_size: int = 128,
-    hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Fake-quantized operands of ``x @ kernel`` (Flax layout: ``x (..., K)``, ``kernel (K, N)``).
-
-    Activations are quantized per token along K, the kernel per output column along K (axis 0);
-    both are rotated along K. ``bits_x=None`` (or ``bits_w=None``) leaves that operand in high
-    precision (rotated in the half form so the product is unchanged, and cast back to its dtype
-    saturating at the dtype's largest finite value, as :func:`qjax.fake_quant` does).
-    """
-    _check_hadamard(hadamard, block_size)
-    if kernel.ndim != 2:
-        raise ValueError(f"kernel must have shape (K, N), got {kernel.shape}")
-    if x.shape[-1] != kernel.shape[0]:
-        raise ValueError(
-            f"x's last axis ({x.shape[-1]}) must equal kernel's first axis ({kernel.shape[0]})"
-        )
-
-    def one(a, bits, axis):
-        if bits is not None:
-            return fake_quant(a, bits, hadamard, trust, clip, block_size=block_size, axis=axis,
-                              hadamard_method=hadamard_method, scale=scale)
-        if hadamard == "half":
-            rotated = hadamard_transform(a, block_size, axis=axis, method=hadamard_method)
-            return saturating_cast(rotated, a.dtype)  # as fake_quant: finite stays finite
-        return a
-
-    return one(x, bits_x, -1), one(kernel, bits_w, 0)
-
-
-def dense(x: jax.Array, kernel: jax.Array, *, precision=None, **operands) -> jax.Array:
-    """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``.
-
-    ``operands`` are the keyword arguments of :func:`quantize_dense_operands` (``bits_x``,
-    ``bits_w``, ``hadamard``, ``trust``, ``clip``, ``block_size``, ``hadamard_method``,
-    ``scale``).
-    """
-    xq, wq = quantize_dense_operands(x, kernel, **operands)
-    return jnp.matmul(xq, wq, precision=precision)
+__all__ = [
+    "dense",
+    "fake_quant",
+    "HADAMARD_FORMS",
+    "quantize_dense_operands",
+    "spec",
+]

@@ -5,9 +5,9 @@ with a safetensors loader; ``minilm``: all-MiniLM-L6-v2 from its PyPI package (o
 ``models``). Each module has its own ``quantization_rules``.
 """
 
+from qjax._src.models.bert import MINILM_L6, Bert, BertConfig
+from qjax._src.models.llama import Llama, LlamaConfig, quantization_rules
 from qjax.models import bert, llama, minilm
-from qjax.models.bert import MINILM_L6, Bert, BertConfig
-from qjax.models.llama import Llama, LlamaConfig, quantization_rules
 
 __all__ = ["Bert", "BertConfig", "Llama", "LlamaConfig", "MINILM_L6", "bert", "llama", "minilm",
            "quantization_rules"]

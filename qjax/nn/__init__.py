@@ -10,8 +10,7 @@
   weights; :func:`init_from_float` starts them from a float checkpoint (Linen).
 """
 
-from qjax.nn import layout, linen, lowrank, nnx, ops
-from qjax.nn.layout import (
+from qjax._src.nn.layout import (
     KernelLayout,
     conv_layout,
     dense_layout,
@@ -19,13 +18,15 @@ from qjax.nn.layout import (
     embed_layout,
     general_layout,
 )
-from qjax.nn.lowrank import LowRankQAT, lr_qat, qalora
-from qjax.nn.pretrained import init_from_float
-from qjax.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
-from qjax.nn.rewrite import QuantizedLinenModel, quantize_model, sites
-from qjax.nn.site import Site
+from qjax._src.nn.lowrank import LowRankQAT, lr_qat, qalora
+from qjax._src.nn.pretrained import init_from_float
+from qjax._src.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
+from qjax._src.nn.rewrite import QuantizedLinenModel, quantize_model, sites
+from qjax._src.nn.site import Site
+from qjax.nn import double_rounding, linen, lowrank, nnx, ops
 
 __all__ = [
+    "double_rounding",
     "METHODS",
     "KernelLayout",
     "LayerQuant",
@@ -40,7 +41,6 @@ __all__ = [
     "embed_layout",
     "general_layout",
     "init_from_float",
-    "layout",
     "linen",
     "lowrank",
     "lr_qat",

@@ -27,7 +27,7 @@ References:
   positive semi-definite matrix. Journal of the ACM, 2011.
 """
 
-from qjax.precision.allocate import (
+from qjax._src.precision.allocate import (
     Allocation,
     ParetoFront,
     allocate,
@@ -35,7 +35,7 @@ from qjax.precision.allocate import (
     pareto_front,
     rules_from_allocation,
 )
-from qjax.precision.hessian import (
+from qjax._src.precision.hessian import (
     HessianTraces,
     LayerTrace,
     SensitivityTable,

@@ -1,0 +1,1 @@
+"""Implementation of :mod:`qjax.models`."""
