@@ -45,9 +45,9 @@ NT = (((1,), (1,)), ((), ()))
 CASES = {
     "W8A8": (W8, A8),
     "W4A16 g128": (W4G128, None),
-    "W4A4 QuEST": (quest.spec(4, hadamard=None), quest.spec(4, hadamard=None)),
+    "W4A4 QuEST": (quest.spec(4, hadamard_mode=None), quest.spec(4, hadamard_mode=None)),
     "fp8 e4m3": (qjax.QuantSpec("e4m3", qjax.PerRow(-1)), qjax.QuantSpec("e4m3", qjax.PerRow(-1))),
-    "W1 sign (weight-only)": (quest.spec(1, hadamard=None), None),
+    "W1 sign (weight-only)": (quest.spec(1, hadamard_mode=None), None),
 }
 
 ROOF_CASES = list(CASES) + ["W4A4 QuEST, int4 units"]

@@ -131,8 +131,8 @@ def _full_target(wspec, aspec):
     if wspec == INT4_ROW and aspec is None:
         return Method("lsq", weight_bits=4, act_bits=None)
     grid = wspec
-    if isinstance(wspec.scale, qjax.GgmlMax):  # learn |d| on the same int4 grid
-        grid = wspec.replace(scale=qjax.AbsMax(), scale_dtype=None, rounding="nearest")
+    if isinstance(wspec.scale_rule, qjax.GgmlMax):  # learn |d| on the same int4 grid
+        grid = wspec.replace(scale_rule=qjax.AbsMax(), scale_dtype=None, rounding="nearest")
     return LayerQuant(weight=grid.replace(estimator=LSQ()), activation=aspec)
 
 

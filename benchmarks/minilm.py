@@ -55,7 +55,7 @@ QAT_LR = 5e-5
 
 CASES = {
     "W8A8 int8": Method("ste", 8, 8, integer_forward=True),
-    "W8A8 int8 + Hadamard": Method("ste", 8, 8, hadamard="half", integer_forward=True),
+    "W8A8 int8 + Hadamard": Method("ste", 8, 8, hadamard_mode="half", integer_forward=True),
     "W4 weight-only per channel": Method("ste", 4, None),
     "W4 weight-only group 32": LayerQuant(weight=qjax.QuantSpec("int4", qjax.PerGroup(0, 32))),
     "QuEST W4A4": Method("quest", 4, 4),

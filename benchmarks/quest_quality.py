@@ -121,7 +121,7 @@ def _clip_quality(corpus: D.Corpus, cfg, run_dir: str) -> dict:
     params = train.load_params(cfg, run_dir)
     inputs, _ = next(iter(D.val_batches(corpus.val, cfg.batch_size, cfg.seq_len)))
     acts = dense_inputs(model, {"params": params}, jax.numpy.asarray(inputs), qat=False)
-    spec = quest.spec(4, block_size=cfg.block_size)
+    spec = quest.spec(4, hadamard_block=cfg.hadamard_block)
     return {layer: clip_error(x, spec, CLIPS) for layer, x in acts.items() if layer != "lm_head"}
 
 

@@ -2,8 +2,8 @@
 
     python benchmarks/sharding.py [--steps 20] [--d-model 256]
 
-QuEST W4A4 train step of the reference Llama (AdamW, :data:`qjax.sharding.LLAMA_RULES`) under
-data parallelism (``{"data": n}``: params replicated) and FSDP (``{"fsdp": n}``: params and
+QuEST W4A4 train step of the reference Llama (AdamW, :data:`qjax.models.llama.PARTITION_RULES`)
+under data parallelism (``{"data": n}``: params replicated) and FSDP (``{"fsdp": n}``: params and
 optimizer state split). The devices are simulated on this machine's CPU cores
 (``--xla_force_host_platform_device_count=8``), so every "device" shares the same two cores: the
 step-time ratios measure the overhead of partitioning and collectives, not a speedup. The
@@ -26,7 +26,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from qjax import sharding as S  # noqa: E402
-from qjax.models.llama import Llama, LlamaConfig, quantization_rules  # noqa: E402
+from qjax.models.llama import PARTITION_RULES, Llama, LlamaConfig, quantization_rules  # noqa: E402
 from qjax.nn import (
     Method,  # noqa: E402
     quantize_model,  # noqa: E402
@@ -46,7 +46,7 @@ def _bytes_on_device0(tree) -> int:
 
 def _setup(args):
     cfg = LlamaConfig(d_model=args.d_model, n_layers=2, n_heads=4, max_seq_len=args.seq_len)
-    method = Method("quest", weight_bits=4, act_bits=4, block_size=args.block_size)
+    method = Method("quest", weight_bits=4, act_bits=4, hadamard_block=args.block_size)
     model = quantize_model(Llama(cfg), quantization_rules(method))
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len + 1), 0, 256)
     params = model.init(jax.random.key(0), ids[:1, :-1])["params"]
@@ -66,7 +66,7 @@ def _setup(args):
 
 def _case(params, tx, ids, step, axis: str, n: int):
     mesh = S.make_mesh({axis: n}, devices=jax.devices()[:n])
-    specs = S.param_specs(params, mesh)
+    specs = S.param_specs(params, mesh, PARTITION_RULES)
     ospecs = S.opt_state_specs(tx, params, specs)
     sh = S.named_shardings((specs, ospecs), mesh)
     p, o = S.put((params, tx.init(params)), sh)

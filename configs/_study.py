@@ -20,7 +20,7 @@ STUDY: dict[str, dict] = {
     "quest_w4a4": dict(method="quest", weight_bits=4, act_bits=4, integer_forward=True),
     "quest_w3a3": dict(method="quest", weight_bits=3, act_bits=3, integer_forward=True),
     "quest_w2a2": dict(method="quest", weight_bits=2, act_bits=2, integer_forward=True),
-    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip=1.3,  # clip mask 1.3
+    "quest_w1a1": dict(method="quest", weight_bits=1, act_bits=1, clip_ratio=1.3,  # clip mask 1.3
                        integer_forward=True),
     "quest_w4": dict(method="quest", weight_bits=4, act_bits=None),  # weight-only
     "quest_w2": dict(method="quest", weight_bits=2, act_bits=None),
@@ -32,10 +32,10 @@ STUDY: dict[str, dict] = {
     # QuEST with the clip searched per row (least squared error over 8 fractions of the row's
     # absmax in [0.6, 1]) instead of the Gaussian-optimal a * RMS: the rows that reach the first
     # block's linears are heavy-tailed after training (see the study's clip diagnostic).
-    "quest_mse_w4a4": dict(method="quest", weight_bits=4, act_bits=4, scale="mse:8:0.6",
+    "quest_mse_w4a4": dict(method="quest", weight_bits=4, act_bits=4, scale_rule="mse:8:0.6",
                            integer_forward=True),
     # At 2 bits the Gaussian-optimal clip is ~0.5 of a 128-row's absmax: search [0.2, 1].
-    "quest_mse_w2a2": dict(method="quest", weight_bits=2, act_bits=2, scale="mse:16:0.2",
+    "quest_mse_w2a2": dict(method="quest", weight_bits=2, act_bits=2, scale_rule="mse:16:0.2",
                            integer_forward=True),
     # LSQ: learned steps, per output channel (weights) and per tensor (inputs: a step per token
     # cannot be learned); no Hadamard.

@@ -31,7 +31,6 @@ stochastic-rounding keys with :func:`shard_key`.
 
 from qjax._src.sharding import (
     BATCH_AXES,
-    LLAMA_RULES,
     MESH_AXES,
     batch_spec,
     check_hadamard_blocks,
@@ -49,7 +48,6 @@ __all__ = [
     "path_str",
     "BATCH_AXES",
     "batch_spec",
-    "LLAMA_RULES",
     "make_mesh",
     "MESH_AXES",
     "named_shardings",

@@ -29,7 +29,7 @@ TINY = B.BertConfig(vocab_size=13, d_model=8, n_layers=2, n_heads=2, hidden=16, 
 # int8 weights per output channel and int8 activations per token, both absmax, with a half
 # Hadamard rotation (block 128) of the contraction axis: plain absmax W8A8 loses ~5e-3 cosine on
 # this model (outlier features in the LayerNorm outputs); the rotation spreads them.
-W8A8 = qjax.nn.Method("ste", weight_bits=8, act_bits=8, hadamard="half", integer_forward=True)
+W8A8 = qjax.nn.Method("ste", weight_bits=8, act_bits=8, hadamard_mode="half", integer_forward=True)
 
 
 def _tiny_tensors(seed=0):

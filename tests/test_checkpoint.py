@@ -130,3 +130,47 @@ def test_check_run_dir_refuses_results_without_a_record(tmp_path):
         C.check_run_dir(str(tmp_path / "old"), {"config": {}})
     C.check_run_dir(str(tmp_path / "probe"), {"config": {}}, write=False)
     assert not (tmp_path / "probe").exists()
+
+
+def test_check_run_dir_reads_renamed_fields_under_their_new_names(tmp_path):
+    run = tmp_path / "run"
+    C.check_run_dir(str(run), {"config": {"clip": 1.3, "block_size": 64}})  # an older release
+    renamed = {"config": {"clip": "clip_ratio", "block_size": "hadamard_block"}}
+    C.check_run_dir(str(run), {"config": {"clip_ratio": 1.3, "hadamard_block": 64}},
+                    renamed=renamed)
+    with pytest.raises(C.RunDirError, match="hadamard_block: 64 -> 32"):
+        C.check_run_dir(str(run), {"config": {"clip_ratio": 1.3, "hadamard_block": 32}},
+                        renamed=renamed)
+
+
+def test_save_writes_the_manifest_off_the_training_thread(tmp_path, monkeypatch):
+    """``save`` returns while the manifest (CRCs of every file) is still being written; the next
+    save / ``wait`` / ``close`` waits for it and re-raises its error."""
+    import threading
+
+    release, writing = threading.Event(), threading.Event()
+    real = C.write_manifest
+
+    def slow_manifest(step_dir):
+        writing.set()
+        assert release.wait(30)
+        return real(step_dir)
+
+    monkeypatch.setattr(C, "write_manifest", slow_manifest)
+    store = C.TrainingCheckpoints(str(tmp_path / "ckpt"))
+    store.save(1, _state(1.0))  # returns although the manifest writer is blocked
+    assert writing.wait(30)
+    assert not os.path.exists(tmp_path / "ckpt" / "1" / C.MANIFEST)
+    release.set()
+    store.wait()
+    assert C.verify_step(str(tmp_path / "ckpt" / "1")) is None
+
+    def failing_manifest(step_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C, "write_manifest", failing_manifest)
+    store.save(2, _state(2.0))
+    with pytest.raises(OSError, match="disk full"):
+        store.wait()
+    assert store.latest_intact_step() == 1  # step 2 has no manifest
+    store.close()

@@ -7,9 +7,10 @@ from qjax.config import TrainConfig, apply_overrides, load_config
 
 def test_overrides_convert_types():
     c = apply_overrides(TrainConfig(), ["steps=7", "lr=0.5", "method=none", "baseline=false",
-                                        "corpus_paths=a.txt,b.txt", "clip=1.3", "act_bits=None"])
+                                        "corpus_paths=a.txt,b.txt", "clip_ratio=1.3",
+                                        "act_bits=None"])
     assert (c.steps, c.lr, c.method, c.baseline) == (7, 0.5, None, False)
-    assert c.corpus_paths == ("a.txt", "b.txt") and c.clip == 1.3 and c.act_bits is None
+    assert c.corpus_paths == ("a.txt", "b.txt") and c.clip_ratio == 1.3 and c.act_bits is None
 
 
 def test_unknown_key_and_bad_values():
@@ -24,8 +25,8 @@ def test_unknown_key_and_bad_values():
     with pytest.raises(ValueError, match="steps must be a positive int"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="unknown scale rule 'gauss'"):
-        apply_overrides(TrainConfig(), ["scale=gauss"])
-    assert apply_overrides(TrainConfig(), ["scale=mse:8:0.6"]).scale == "mse:8:0.6"
+        apply_overrides(TrainConfig(), ["scale_rule=gauss"])
+    assert apply_overrides(TrainConfig(), ["scale_rule=mse:8:0.6"]).scale_rule == "mse:8:0.6"
 
 
 def test_load_config_file(tmp_path):
@@ -130,3 +131,10 @@ def test_run_identity_keeps_what_changes_results_only():
         TrainConfig(**opt, weight_bits=2))
     with pytest.raises(TypeError, match="config must be a TrainConfig"):
         run_identity({"lr": 1})
+
+
+@pytest.mark.parametrize("old, new", [("clip", "clip_ratio"), ("hadamard", "hadamard_mode"),
+                                      ("scale", "scale_rule"), ("block_size", "hadamard_block")])
+def test_a_renamed_override_names_its_new_name(old, new):
+    with pytest.raises(ValueError, match=f"config key '{old}' is now '{new}'"):
+        apply_overrides(TrainConfig(), [f"{old}=1"])

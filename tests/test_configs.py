@@ -16,7 +16,8 @@ from qjax.config import load_config
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in glob.glob(str(ROOT / "configs" / "*.py"))
                  if not pathlib.Path(p).name.startswith("_"))  # _study.py: shared rows
-TINY = dict(d_model=64, n_heads=2, n_layers=1, seq_len=16, batch_size=2, block_size=64, steps=10)
+TINY = dict(d_model=64, n_heads=2, n_layers=1, seq_len=16, batch_size=2, hadamard_block=64,
+            steps=10)
 
 
 def test_every_study_row_has_a_config_file(monkeypatch):

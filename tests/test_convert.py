@@ -46,8 +46,8 @@ WEIGHT_ONLY = [
     Method("ste", 4, None),
     Method("ste", 2, None),
     Method("ste", 1, None, grid="midrise"),  # 1-bit sign x per-channel absmax
-    Method("quest", 4, None, block_size=64),  # pre-rotated weights, input rotated on the fly
-    Method("quest", 1, None, block_size=64),
+    Method("quest", 4, None, hadamard_block=64),  # pre-rotated weights, input rotated on the fly
+    Method("quest", 1, None, hadamard_block=64),
 ]
 
 
@@ -70,7 +70,7 @@ def test_learned_activation_scales_serve_bit_exact(method):
         np.testing.assert_array_equal(np.asarray(srv), np.asarray(qat), err_msg=mode)
 
 
-@pytest.mark.parametrize("method", [Method("ste", 8, 8), Method("quest", 4, 4, block_size=64)],
+@pytest.mark.parametrize("method", [Method("ste", 8, 8), Method("quest", 4, 4, hadamard_block=64)],
                          ids=lambda m: f"{m.name}-W{m.weight_bits}A{m.act_bits}")
 def test_weight_activation_serving_matches_fake_quant(method):
     qm, params, sp = setup(method)
@@ -87,12 +87,12 @@ def test_weight_activation_serving_matches_fake_quant(method):
     np.testing.assert_array_equal(w.codes_float32(), ref.codes_float32().T)
     x = jax.random.normal(jax.random.key(3), (5, CFG.d_model))
     q_serve, _ = operand_codes(rotate(x, lq.rotation, -1),
-                               lq.activation.replace(hadamard=None), -1)
+                               lq.activation.replace(hadamard_block=None), -1)
     np.testing.assert_array_equal(q_serve, qjax.quantize(x, lq.activation).codes_float32())
 
 
 @pytest.mark.parametrize("method", [Method("ste", 8, 8, integer_forward=True),
-                                    Method("quest", 4, 4, block_size=64, integer_forward=True)],
+                                    Method("quest", 4, 4, hadamard_block=64, integer_forward=True)],
                          ids=lambda m: f"{m.name}-W{m.weight_bits}A{m.act_bits}")
 def test_serving_equals_integer_forward_qat_bit_for_bit(method):
     for mode, (qat, srv) in outputs(method).items():
@@ -118,7 +118,7 @@ def test_kernel_to_qarray_packs_along_k_and_dequantizes_exactly(bits, dtype, per
 def test_kernel_to_qarray_with_zero_point_and_full_hadamard():
     kernel = jax.random.normal(jax.random.key(5), (32, 8)) + 0.3
     for spec in (qjax.QuantSpec("int4", qjax.PerRow(0), qjax.AbsMax(symmetric=False)),
-                 qjax.QuantSpec(qjax.Midrise(3), qjax.PerRow(0), "rms_gaussian", hadamard=16,
+                 qjax.QuantSpec(qjax.Midrise(3), qjax.PerRow(0), "rms_gaussian", hadamard_block=16,
                                 hadamard_axis=0)):
         w = QC.kernel_to_qarray(kernel, spec)
         np.testing.assert_array_equal(qjax.dequantize(w).T, qjax.fake_quant(kernel, spec))
@@ -215,7 +215,7 @@ def test_int8_codes_helper_matches_qdot():
 
 def test_activation_only_layer_with_rotation_serves_bit_exact():
     # Weight left in float, input quantized after a half-form rotation: the kernel is rotated.
-    a = qjax.QuantSpec(qjax.Midrise(4), qjax.PerRow(-1), "rms_gaussian", "trust", hadamard=16,
+    a = qjax.QuantSpec(qjax.Midrise(4), qjax.PerRow(-1), "rms_gaussian", "trust", hadamard_block=16,
                        hadamard_mode="half")
     rules = {"up": LayerQuant(activation=a), "down": None}
     qm = quantize_model(MLP(), rules)
@@ -227,7 +227,7 @@ def test_activation_only_layer_with_rotation_serves_bit_exact():
 
 
 @pytest.mark.parametrize("method", [Method("ste", 8, 8), Method("ste", 4, None),
-                                    Method("quest", 4, 4, block_size=64)],
+                                    Method("quest", 4, 4, hadamard_block=64)],
                          ids=lambda m: f"{m.name}-W{m.weight_bits}A{m.act_bits}")
 def test_serving_through_the_pallas_kernels(method):
     """``backend="interpret"`` runs the Pallas TPU kernels (interpreted) in the serving forward."""
@@ -255,7 +255,7 @@ def test_serving_argument_validation():
     with pytest.raises(ValueError, match="spec.granularity axis=5 is out of range"):
         QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(5)))  # was PerRow(-2)
     with pytest.raises(ValueError, match="spec.hadamard_axis=2 is out of range"):
-        QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard=4, hadamard_axis=2))
+        QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard_block=4, hadamard_axis=2))
     with pytest.raises(ValueError, match="spec.granularity axis=-3 is out of range"):
         QC.kernel_to_qarray(jnp.ones((16, 4)), qjax.QuantSpec("int4", qjax.PerGroup(-3, 4)))
     assert QC.serving_spec(qjax.QuantSpec("int4", qjax.PerRow(-2))).granularity == qjax.PerRow(-1)

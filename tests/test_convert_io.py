@@ -22,7 +22,7 @@ def setup(method):
 
 
 W4 = Method("ste", 4, None)
-W4A4 = Method("quest", 4, 4, block_size=64)
+W4A4 = Method("quest", 4, 4, hadamard_block=64)
 
 
 def tree_equal(a, b):
@@ -208,3 +208,32 @@ def test_write_atomically_cleans_up_on_failure(tmp_path):
     with pytest.raises(FileExistsError):  # path appeared while writing: not replaced
         write_atomically(path, lambda tmp: open(tmp, "w").write("new"), overwrite=False)
     assert os.listdir(tmp_path) == ["p"] and open(path).read() == "old"
+
+
+def test_a_checkpoint_written_under_the_old_spec_field_names_restores(tmp_path):
+    """``tests/data/serving_v1_names`` was saved by qjax before QuantSpec's ``scale`` /
+    ``hadamard`` / ``Trust.clip`` became ``scale_rule`` / ``hadamard_block`` / ``clip_ratio``
+    (and the Hadamard method's default became ``"matmul"``): a QuEST W4A4 layer with a 16-block
+    half rotation and an LSQ layer. Its manifest's specs still match today's model."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from qjax.nn import quantize_model
+
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="out")(nn.Dense(32, name="hidden")(x))
+
+    qm = quantize_model(TwoLayers(), {"hidden": Method("quest", 4, 4, hadamard_block=16),
+                                      "out": "lsq"})
+    like = QC.convert(qm.init(jax.random.key(0), jnp.ones((2, 16)))["params"], qm)
+    data = os.path.join(os.path.dirname(__file__), "data", "serving_v1_names")
+    restored = QC.restore(data, like)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(like), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same init key: the same codes and scales
+    other = quantize_model(TwoLayers(), {"hidden": Method("quest", 4, 4, hadamard_block=8),
+                                         "out": "lsq"})
+    with pytest.raises(ValueError, match="specs differ"):
+        QC.restore(data, QC.convert(other.init(jax.random.key(0), jnp.ones((2, 16)))["params"],
+                                    other))

@@ -80,17 +80,17 @@ def _midrise_error(x, a, bits):
 def test_clip_error_matches_a_reference_and_the_gaussian_clip_is_best_on_gaussian_data():
     x = jax.random.normal(jax.random.key(2), (512, 128))
     clips = (2.0, 2.513, 3.0)
-    plain = clip_error(x, quest.spec(4, hadamard=None), clips)
+    plain = clip_error(x, quest.spec(4, hadamard_mode=None), clips)
     for a in clips:
         assert plain[a] == pytest.approx(_midrise_error(x, a, 4), rel=1e-4)
     assert min(plain, key=plain.get) == 2.513
     # Long rows (the RMS is then the true sigma): Max (1960)'s optimal 16-level uniform quantizer
     # of a unit Gaussian has step 0.3352 (= 2 * 2.513 / 15) and mean squared error 0.01154.
     long_rows = clip_error(jax.random.normal(jax.random.key(3), (4, 65536)),
-                           quest.spec(4, hadamard=None), (2.513,))
+                           quest.spec(4, hadamard_mode=None), (2.513,))
     assert long_rows[2.513] == pytest.approx(0.01154, rel=0.01)
     # The rotation is orthogonal: the error is the rotated input's error under the plain quantizer.
-    rotated = clip_error(x, quest.spec(4, hadamard="half"), clips)
+    rotated = clip_error(x, quest.spec(4, hadamard_mode="half"), clips)
     xh = qjax.hadamard_transform(x, 128)
     for a in clips:
         assert rotated[a] == pytest.approx(_midrise_error(xh, a, 4), rel=1e-3)
@@ -101,14 +101,14 @@ def test_clip_error_rejects_bad_input():
     with pytest.raises(ValueError, match="RmsGaussian"):
         clip_error(x, qjax.QuantSpec(qjax.IntFormat(4)), (2.0,))
     with pytest.raises(ValueError, match="clips"):
-        clip_error(x, quest.spec(4, hadamard=None), ())
+        clip_error(x, quest.spec(4, hadamard_mode=None), ())
     with pytest.raises(ValueError, match="RmsGaussian clip must be"):
         S.RmsGaussian(clip=0.0)
 
 
 def test_clip_error_checks_spec_and_clips():
     x = jnp.ones((2, 8))
-    spec = quest.spec(4, hadamard=None)
+    spec = quest.spec(4, hadamard_mode=None)
     with pytest.raises(TypeError, match="spec must be a"):
         clip_error(x, None, (2.0,))
     with pytest.raises(TypeError, match="clips"):

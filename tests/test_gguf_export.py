@@ -131,7 +131,7 @@ def test_export_errors_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match="layers the Llama config does not"):
         QC.export_gguf(sp, path, LlamaConfig(vocab_size=256, d_model=64, n_layers=1, n_heads=2,
                                              hidden=128))
-    qm = quantize_model(Llama(CFG), quantization_rules(Method("quest", 4, None, block_size=64)))
+    qm = quantize_model(Llama(CFG), quantization_rules(Method("quest", 4, None, hadamard_block=64)))
     quest = QC.convert(qm.init(jax.random.key(0), IDS)["params"], qm)
     with pytest.raises(ValueError, match="Hadamard-rotated"):
         QC.export_gguf(quest, path, CFG)

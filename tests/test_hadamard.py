@@ -62,6 +62,25 @@ def test_gradient_is_transpose():
     np.testing.assert_allclose(vjp(g)[0], g @ qjax.hadamard_matrix(16).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("shape", "axis"), [((3, 5, 256), -1), ((256, 48), 0), ((2, 128, 40), 1)])
+def test_explicit_vjp_is_autodiff_bit_for_bit(shape, axis, dtype):
+    # The quantizers' custom VJP writes autodiff's transpose out: same values, same gradients.
+    x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), shape)
+
+    def vjp(explicit):
+        f = lambda a: qjax.hadamard_transform(a, 128, axis=axis, method="matmul",
+                                              explicit_vjp=explicit)
+        y, back = jax.vjp(f, x)
+        return y, back(g)[0]
+
+    (y0, d0), (y1, d1) = jax.jit(lambda: vjp(False))(), jax.jit(lambda: vjp(True))()
+    assert d1.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+    np.testing.assert_array_equal(np.asarray(d1, np.float32), np.asarray(d0, np.float32))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="block_size 128 does not divide axis 1 of size 96"):
         qjax.hadamard_transform(jnp.ones((2, 96)), 128)

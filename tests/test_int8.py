@@ -23,7 +23,7 @@ BIAS = jax.random.normal(jax.random.key(2), (N,))
 Q = qjax.QuantSpec
 W8, A8 = Q("int8", qjax.PerRow(0)), Q("int8", qjax.PerRow(-1))
 A8_TENSOR = Q("int8", qjax.PerTensor())
-QW4, QA4 = quest.spec(4, axis=0, hadamard=None), quest.spec(4, hadamard=None)
+QW4, QA4 = quest.spec(4, axis=0, hadamard_mode=None), quest.spec(4, hadamard_mode=None)
 
 # (training weight spec of a (K, N) kernel, activation spec of x (..., K)) -> accepted.
 PAIRS = {
@@ -43,7 +43,7 @@ PAIRS = {
     "lsq weight": (Q("int4", qjax.PerRow(0), estimator="lsq"), A8, False),
     "grouped weight": (Q("int4", qjax.PerGroup(0, 32)), A8, False),
     "per input channel weight": (Q("int8", qjax.PerRow(1)), A8, False),
-    "full Hadamard activation": (W8, Q("int8", qjax.PerRow(-1), hadamard=64), False),
+    "full Hadamard activation": (W8, Q("int8", qjax.PerRow(-1), hadamard_block=64), False),
     "float16 weight scales": (Q("int8", qjax.PerRow(0), scale_dtype="float16"), A8, False),
     "uint8 activation": (W8, Q("uint8", qjax.PerRow(-1)), False),
     "fp8": (Q("e4m3", qjax.PerRow(0)), Q("e4m3", qjax.PerRow(-1)), False),

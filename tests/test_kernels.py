@@ -21,13 +21,13 @@ CASES = {
     "w4a16_zero_point": (qjax.QuantSpec("int4", qjax.PerGroup(-1, 64),
                                         qjax.AbsMax(symmetric=False)), None),
     "w8a16": (qjax.QuantSpec("int8", qjax.PerRow(-1)), None),
-    "w4a4_quest": (quest.spec(4, hadamard=None), quest.spec(4, hadamard=None)),
+    "w4a4_quest": (quest.spec(4, hadamard_mode=None), quest.spec(4, hadamard_mode=None)),
     "fp8": (qjax.QuantSpec("e4m3", qjax.PerRow(-1)), qjax.QuantSpec("e4m3", qjax.PerRow(-1))),
-    "w1_sign": (quest.spec(1, hadamard=None), None),
-    "w1a1_quest": (quest.spec(1, hadamard=None), quest.spec(1, hadamard=None)),
+    "w1_sign": (quest.spec(1, hadamard_mode=None), None),
+    "w1a1_quest": (quest.spec(1, hadamard_mode=None), quest.spec(1, hadamard_mode=None)),
     "ternary_a8": (qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian"),
                    qjax.QuantSpec("int8", qjax.PerRow(-1))),
-    "w3a3_quest_unpacked": (quest.spec(3, hadamard=None), quest.spec(3, hadamard=None)),
+    "w3a3_quest_unpacked": (quest.spec(3, hadamard_mode=None), quest.spec(3, hadamard_mode=None)),
     "fp8_weight_only": (qjax.QuantSpec("e4m3", qjax.PerRow(-1)), None),
 }
 # Integer kinds with order-independent statistics (absmax): bit-exact for every shape.
@@ -227,7 +227,7 @@ def test_default_blocks_are_legal_for_any_group_size():
         spec = qjax.QuantSpec("int4", qjax.PerGroup(-1, g))
         w = jax.eval_shape(functools.partial(qjax.quantize, spec=spec), wf)
         case = K.classify((1, wf.shape[1]), w, None)
-        bs = K.default_block_sizes(case, 1, jnp.float32, jnp.float32, "pallas_tpu")
+        bs = K.default_hadamard_blocks(case, 1, jnp.float32, jnp.float32, "pallas_tpu")
         B.validate_block_sizes(bs, case, jnp.float32, jnp.float32, "pallas_tpu")
         assert (bs.block_k // g) % 8 == 0 and bs.block_k % 256 == 0
 
@@ -315,7 +315,7 @@ A8 = qjax.QuantSpec("int8", qjax.PerRow(-1))
      "spec must not use a learned-scale estimator"),
     (qjax.QuantSpec("int8", qjax.PerRow(-1), scale_dtype="float16"), ValueError,
      "spec scale_dtype must be None"),
-    (qjax.QuantSpec("int8", qjax.PerRow(-1), hadamard=64), ValueError,
+    (qjax.QuantSpec("int8", qjax.PerRow(-1), hadamard_block=64), ValueError,
      "spec with a Hadamard rotation must use hadamard_mode='half'"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_activation_quantization_refuses_specs_it_cannot_honour(spec, error, match):
@@ -374,16 +374,16 @@ def test_block_size_helpers_validate_their_arguments():
     x, wf = _data(2, 128, 256)
     case = K.classify(x.shape, qjax.quantize(wf, CASES["w4a16"][0]), None)
     with pytest.raises(ValueError, match="m must be positive"):
-        K.default_block_sizes(case, 0, jnp.float32, jnp.float32, "pallas_tpu")
+        K.default_hadamard_blocks(case, 0, jnp.float32, jnp.float32, "pallas_tpu")
     with pytest.raises(ValueError, match="x_dtype=float64 has no TPU tile"):
-        K.default_block_sizes(case, 8, np.float64, jnp.float32, "pallas_tpu")  # KeyError 8
+        K.default_hadamard_blocks(case, 8, np.float64, jnp.float32, "pallas_tpu")  # KeyError 8
     with pytest.raises(ValueError, match="out_dtype=float64 has no TPU tile"):
         B.validate_block_sizes(K.BlockSizes(8, 128, 256), case, jnp.float32, np.float64,
                                "pallas_tpu")
     with pytest.raises(ValueError, match="backend must be one of"):
-        K.default_block_sizes(case, 8, jnp.float32, jnp.float32, "bogus")  # gave TPU blocks
+        K.default_hadamard_blocks(case, 8, jnp.float32, jnp.float32, "bogus")  # gave TPU blocks
     with pytest.raises(TypeError, match="case must be a qjax.kernels.Case"):
-        K.default_block_sizes(None, 8, jnp.float32, jnp.float32, "pallas_tpu")
+        K.default_hadamard_blocks(None, 8, jnp.float32, jnp.float32, "pallas_tpu")
     with pytest.raises(TypeError, match="case must be a qjax.kernels.Case"):
         K.resolve_backend("pallas_gpu", None)
     with pytest.raises(TypeError, match="x_shape must be a tuple"):

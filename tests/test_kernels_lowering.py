@@ -26,10 +26,10 @@ CASES = {
     "w4a16_g128": (qjax.QuantSpec("int4", qjax.PerGroup(-1, 128)), None),
     "w4a16_g32_zero_point": (qjax.QuantSpec("int4", qjax.PerGroup(-1, 32),
                                             qjax.AbsMax(symmetric=False)), None),
-    "w4a4_quest": (quest.spec(4, hadamard=None), quest.spec(4, hadamard=None)),
+    "w4a4_quest": (quest.spec(4, hadamard_mode=None), quest.spec(4, hadamard_mode=None)),
     "fp8": (qjax.QuantSpec("e4m3", qjax.PerRow(-1)), qjax.QuantSpec("e4m3", qjax.PerRow(-1))),
-    "w1_sign": (quest.spec(1, hadamard=None), None),
-    "w1a1_quest": (quest.spec(1, hadamard=None), quest.spec(1, hadamard=None)),
+    "w1_sign": (quest.spec(1, hadamard_mode=None), None),
+    "w1a1_quest": (quest.spec(1, hadamard_mode=None), quest.spec(1, hadamard_mode=None)),
 }
 N, KDIM = 256, 1024
 TRITON_OK = [jax.export.DisabledSafetyCheck.custom_call(pallas_gpu.TRITON_CUSTOM_CALL)]

@@ -39,7 +39,7 @@ def test_q44_downcast_reference_example():
     # Bondarenko et al. 2024: Phi0 stored as int8 fixed point with 4 fractional bits at 4 bits.
     phi = jnp.array([[2.37, -8.4, 7.2, 0.03, -3.97]])
     w0, s0 = phi, jnp.ones((1, 5))
-    recipe = lr_qat(qjax.QuantSpec("int4", qjax.PerRow(0), scale=qjax.AbsMax()),
+    recipe = lr_qat(qjax.QuantSpec("int4", qjax.PerRow(0), scale_rule=qjax.AbsMax()),
                     rank=1, phi_dtype="int8")
     frozen, _ = LR.init_state(w0 * s0, recipe, jax.random.key(0))
     # Per-column absmax scale of a (1, 5) matrix: s0 = |w| / 7, so Phi0 = +-7 ... use the formula
@@ -180,7 +180,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="signed integer grid"):
         lr_qat(qjax.QuantSpec("midrise4", qjax.PerRow(0)))
     with pytest.raises(ValueError, match="Hadamard"):
-        qalora(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard=16, hadamard_axis=0))
+        qalora(qjax.QuantSpec("int4", qjax.PerRow(0), hadamard_block=16, hadamard_axis=0))
     with pytest.raises(ValueError, match="zero point"):
         lr_qat(qjax.QuantSpec("int4", qjax.PerRow(0), "absmax_asymmetric"))
     with pytest.raises(ValueError, match="qalora learns an LSQ step"):

@@ -47,12 +47,12 @@ def test_quest_dense_equals_method_dense():
 
 
 def test_method_scale_replaces_both_operands_rules():
-    lq = Method("quest", scale="mse:8:0.6").layer_quant(DENSE)
-    assert lq.weight.scale == lq.activation.scale == qjax.MseSearch(8, 0.6)
-    assert Method("quest").layer_quant(DENSE).weight.scale == qjax.RmsGaussian()
-    lq = Method("ste", scale=qjax.Percentile(99.0)).layer_quant(DENSE)
-    assert lq.weight.scale == lq.activation.scale == qjax.Percentile(99.0)
-    assert Method("ste").layer_quant(DENSE).activation.scale == qjax.AbsMax()
+    lq = Method("quest", scale_rule="mse:8:0.6").layer_quant(DENSE)
+    assert lq.weight.scale_rule == lq.activation.scale_rule == qjax.MseSearch(8, 0.6)
+    assert Method("quest").layer_quant(DENSE).weight.scale_rule == qjax.RmsGaussian()
+    lq = Method("ste", scale_rule=qjax.Percentile(99.0)).layer_quant(DENSE)
+    assert lq.weight.scale_rule == lq.activation.scale_rule == qjax.Percentile(99.0)
+    assert Method("ste").layer_quant(DENSE).activation.scale_rule == qjax.AbsMax()
 
 
 @pytest.mark.parametrize("method", ["lsq", "pact"])
@@ -81,7 +81,7 @@ LAYERS = {
 @pytest.mark.parametrize("method", ["quest", "lsq", "pact", "ste"])
 def test_linen_and_nnx_agree(kind, method):
     make_linen, make_nnx, x = LAYERS[kind]
-    target = Method(method, block_size=128) if method == "quest" else method
+    target = Method(method, hadamard_block=128) if method == "quest" else method
     lin = make_linen(method=target)
     p = lin.init(jax.random.key(3), x)["params"]
     mod = _copy_into_nnx(make_nnx(nnx.Rngs(0), method=target), p)
@@ -143,10 +143,10 @@ def test_bad_layer_arguments():
         QL.QDense(4, method="ste", weight=W_INT4).init(jax.random.key(0), X)
     with pytest.raises(ValueError, match="unknown method"):
         Method("gptq")
-    with pytest.raises(ValueError, match="scale of lsq must be 'auto'"):
-        Method("lsq", scale="mse")
+    with pytest.raises(ValueError, match="scale_rule of lsq must be 'auto'"):
+        Method("lsq", scale_rule="mse")
     with pytest.raises(ValueError, match="unknown scale rule"):
-        Method("quest", scale="gauss")
+        Method("quest", scale_rule="gauss")
     with pytest.raises(TypeError, match="rule target"):
         qjax.nn.resolve(3, 0)
     with pytest.raises(ValueError, match="contracts no input axis"):
@@ -154,7 +154,7 @@ def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="half Hadamard"):
         LayerQuant(quest.spec(4, axis=0), A_INT8)
     with pytest.raises(ValueError, match="block sizes differ"):
-        LayerQuant(quest.spec(4, axis=0, block_size=64), quest.spec(4, block_size=128))
+        LayerQuant(quest.spec(4, axis=0, hadamard_block=64), quest.spec(4, hadamard_block=128))
     with pytest.raises(ValueError, match="learned input scale"):
         QL.QDense(4, activation=qjax.QuantSpec("int4", qjax.PerRow(-1), estimator="lsq")).init(
             jax.random.key(0), X)
@@ -176,13 +176,13 @@ NAN = float("nan")
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"integer_forward": "yes"}, TypeError, "integer_forward"),
-    ({"block_size": 100}, ValueError, "block_size"),
-    ({"name": "ste", "block_size": -1}, ValueError, "block_size"),
+    ({"hadamard_block": 100}, ValueError, "hadamard_block"),
+    ({"name": "ste", "hadamard_block": -1}, ValueError, "hadamard_block"),
     ({"trust": -1.0}, ValueError, "trust"),
     ({"trust": NAN}, ValueError, "trust"),
     ({"name": "lsq", "trust": -1.0}, ValueError, "trust"),
-    ({"clip": -1.0}, ValueError, "clip"),
-    ({"clip": float("inf")}, ValueError, "clip"),
+    ({"clip_ratio": -1.0}, ValueError, "clip_ratio"),
+    ({"clip_ratio": float("inf")}, ValueError, "clip_ratio"),
     ({"weight_axis_name": 5}, TypeError, "weight_axis_name"),
     ({"activation_axis_name": ("data", 3)}, TypeError, "activation_axis_name"),
     ({"name": "lsq", "weight_bits": None, "act_bits": 1}, ValueError, "lsq cannot use act_bits=1"),

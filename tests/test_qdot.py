@@ -27,8 +27,10 @@ PAIRS = {
     "int4 clipped, per tensor": (qjax.QuantSpec("int4", qjax.PerTensor(), "absmax", "clipped_ste"),
                                  qjax.QuantSpec("int4", qjax.PerTensor(), "absmax",
                                                 "clipped_ste")),
-    "quest midrise 4 (trust)": (quest.spec(4, axis=0, hadamard=None), quest.spec(4, hadamard=None)),
-    "quest midrise 7": (quest.spec(7, axis=0, hadamard=None), quest.spec(7, hadamard=None)),
+    "quest midrise 4 (trust)": (quest.spec(4, axis=0, hadamard_mode=None),
+                                quest.spec(4, hadamard_mode=None)),
+    "quest midrise 7": (quest.spec(7, axis=0, hadamard_mode=None),
+                        quest.spec(7, hadamard_mode=None)),
     "ternary": (qjax.QuantSpec("ternary", qjax.PerRow(0), "rms_gaussian"),
                 qjax.QuantSpec("ternary", qjax.PerRow(-1), "rms_gaussian")),
 }

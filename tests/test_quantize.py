@@ -62,8 +62,8 @@ _dq = jax.jit(qjax.dequantize)
     qjax.QuantSpec("e4m3", qjax.PerRow(-1)),
     qjax.QuantSpec("e2m1", qjax.PerGroup(-1, 32)),
     qjax.QuantSpec("int8", qjax.PerRow(-1), "mse"),
-    quest.spec(4, hadamard="full", block_size=32),
-    quest.spec(2, hadamard="half", block_size=64),
+    quest.spec(4, hadamard_mode="full", hadamard_block=32),
+    quest.spec(2, hadamard_mode="half", hadamard_block=64),
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_contract_bit_exact_jit_and_eager_agree(spec, dtype):
@@ -146,7 +146,7 @@ def test_zero_rows_and_tiny_values_stay_finite(fmt, dtype):
 
 
 def test_quest_full_form_rotates_back():
-    spec = quest.spec(8, hadamard="full", block_size=64)
+    spec = quest.spec(8, hadamard_mode="full", hadamard_block=64)
     y = qjax.fake_quant(X, spec)
     np.testing.assert_allclose(y, X, atol=0.05)
     qa = qjax.quantize(X, spec)
@@ -170,9 +170,9 @@ def test_bad_input():
     with pytest.raises(TypeError, match="QuantSpec"):
         qjax.fake_quant(X, "int8")
     with pytest.raises(ValueError, match="block_size 128 does not divide"):
-        qjax.fake_quant(X, qjax.QuantSpec("int8", hadamard=128))
+        qjax.fake_quant(X, qjax.QuantSpec("int8", hadamard_block=128))
     with pytest.raises(ValueError, match="power of two"):
-        qjax.QuantSpec("int8", hadamard=100)
+        qjax.QuantSpec("int8", hadamard_block=100)
     with pytest.raises(ValueError, match="rounding"):
         qjax.QuantSpec("int8", rounding="up")
     with pytest.raises(ValueError, match="stochastic rounding"):
@@ -182,7 +182,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="Trust needs a uniform grid"):
         qjax.QuantSpec("e4m3", estimator="trust")
     with pytest.raises(ValueError, match="hadamard_mode"):
-        qjax.QuantSpec("int8", hadamard=8, hadamard_mode="quarter")
+        qjax.QuantSpec("int8", hadamard_block=8, hadamard_mode="quarter")
     with pytest.raises(TypeError, match="QArray"):
         qjax.dequantize(X)
 
@@ -206,7 +206,7 @@ def test_vmap_matches_loop():
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
 def test_scale_dtype_stores_rounded_scale_and_keeps_contract(scale_dtype):
     spec = qjax.QuantSpec("int4", qjax.PerRow(-1), rounding="half_away", scale_dtype=scale_dtype,
-                          hadamard=16)
+                          hadamard_block=16)
     qa = qjax.quantize(X, spec)
     s = np.asarray(qa.scale)
     np.testing.assert_array_equal(s, s.astype(scale_dtype).astype(np.float32))
@@ -232,7 +232,7 @@ def test_runtime_rounding_and_scale_dtype_validation():
 
 
 EDGE_CASES = [  # (x, spec): finite input that gave NaN or inf before
-    (jnp.full((2, 128), 1e37), qjax.QuantSpec("int4", qjax.PerRow(-1), hadamard=128)),
+    (jnp.full((2, 128), 1e37), qjax.QuantSpec("int4", qjax.PerRow(-1), hadamard_block=128)),
     (jnp.array([[2e38, -2e38]]), qjax.QuantSpec("uint1", qjax.PerRow(-1), qjax.AbsMax(False))),
     (jnp.array([[2e38, -1.0]]), qjax.QuantSpec("midrise1", qjax.PerRow(-1))),
     (jnp.full((1, 64), 6e4, jnp.float16),
@@ -244,12 +244,12 @@ EDGE_CASES = [  # (x, spec): finite input that gave NaN or inf before
     (jnp.full((1, 32), 3.4e38).at[0, ::2].set(-3.4e38),
      qjax.QuantSpec("int8", qjax.PerRow(-1), qjax.AbsMax(False))),  # decode overflows f32
     # Rows whose rotation lies beyond float32 (1e38 * sqrt(128)): inf - inf gave all-NaN rows.
-    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard=128)),
-    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard=128,
+    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard_block=128)),
+    (jnp.full((1, 128), 1e38), qjax.QuantSpec("int8", "row", hadamard_block=128,
                                               hadamard_method="matmul")),
     (jnp.full((2, 128), -3.4e38).at[1, ::3].set(3.4e38),
-     qjax.QuantSpec("int4", "row", hadamard=128, hadamard_mode="half")),
-    (jnp.full((2, 256), 3.4e38), quest.spec(4, hadamard="full")),
+     qjax.QuantSpec("int4", "row", hadamard_block=128, hadamard_mode="half")),
+    (jnp.full((2, 256), 3.4e38), quest.spec(4, hadamard_mode="full")),
 ]
 
 
@@ -290,12 +290,13 @@ EMPTY_SPECS = [
     qjax.QuantSpec("uint4", qjax.PerAxis(0), rounding="stochastic"),
     qjax.QuantSpec("ternary", "row", "rms_gaussian"),
     qjax.QuantSpec("e2m1", qjax.PerGroup(-1, 16)),
-    qjax.QuantSpec("int8", "row", hadamard=16),
-    qjax.QuantSpec("int4", "row", hadamard=16, hadamard_mode="half", hadamard_method="matmul"),
+    qjax.QuantSpec("int8", "row", hadamard_block=16),
+    qjax.QuantSpec("int4", "row", hadamard_block=16, hadamard_mode="half",
+                   hadamard_method="matmul"),
     qjax.presets.gguf_q8_0(), qjax.presets.gguf_q4_0(),
     qjax.presets.torchao_int8_per_token_activation(),
     qjax.presets.torchao_intx_weight(4, 16), qjax.presets.torchao_int4_weight(16),
-    quest.spec(2, block_size=64), quest.spec(4, hadamard="full", block_size=16),
+    quest.spec(2, hadamard_block=64), quest.spec(4, hadamard_mode="full", hadamard_block=16),
 ]
 
 
@@ -353,9 +354,9 @@ def test_spec_and_call_arguments_validated():
         qjax.QuantSpec("int1", estimator="lsq")
     for bad in (1.5, True, "-1"):
         with pytest.raises(TypeError, match="hadamard_axis must be an int"):
-            qjax.QuantSpec("int4", hadamard=4, hadamard_axis=bad)
-    spec = qjax.QuantSpec("int4", hadamard=np.int64(4), hadamard_axis=np.int64(0))
-    assert type(spec.hadamard) is int and type(spec.hadamard_axis) is int
+            qjax.QuantSpec("int4", hadamard_block=4, hadamard_axis=bad)
+    spec = qjax.QuantSpec("int4", hadamard_block=np.int64(4), hadamard_axis=np.int64(0))
+    assert type(spec.hadamard_block) is int and type(spec.hadamard_axis) is int
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scale must be positive and finite"):
             qjax.fake_quant(X, qjax.QuantSpec("int4"), scale=bad)

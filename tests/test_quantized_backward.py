@@ -27,7 +27,8 @@ W8 = qjax.QuantSpec("int8", qjax.PerRow(0), "absmax", "ste")
 A8 = qjax.QuantSpec("int8", qjax.PerRow(-1), "absmax", "ste")
 PAIRS = {
     "int8 ste": (W8, A8),
-    "quest midrise 4 (trust)": (quest.spec(4, axis=0, hadamard=None), quest.spec(4, hadamard=None)),
+    "quest midrise 4 (trust)": (quest.spec(4, axis=0, hadamard_mode=None),
+                                quest.spec(4, hadamard_mode=None)),
 }
 X = jax.random.normal(jax.random.key(0), (2, 6, 32))
 KERNEL = jax.random.normal(jax.random.key(1), (32, 24)) * 0.2

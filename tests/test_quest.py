@@ -20,7 +20,7 @@ C_B = {1: 0.797885, 2: 1.493535, 4: 0.837977, 8: 0.990278}
 @pytest.mark.parametrize("bits", sorted(C_B))
 def test_one_hot_constant_full_form(bits):
     e0 = jnp.zeros((1, 128)).at[0, 0].set(1.0)
-    y = quest.fake_quant(e0, bits, hadamard="full")
+    y = quest.fake_quant(e0, bits, hadamard_mode="full")
     a = qjax.gaussian_clip(qjax.Midrise(bits))
     n = 2**bits - 1
     c = (round(0.5 + n / (2 * a)) - 0.5) * 2 * a / n
@@ -38,7 +38,7 @@ def test_gaussian_relative_mse_matches_table(bits, gaussian_rows):
     # Tolerance 2% (design.md) up to 6 bits. At 7-8 bits the clipping error comes from ~100 of the
     # 2^20 samples beyond 3.6-3.9 sigma, and the estimate moves by +-6% across seeds: 8% there.
     x = gaussian_rows
-    y = quest.fake_quant(x, bits, hadamard=None)
+    y = quest.fake_quant(x, bits, hadamard_mode=None)
     rel = float(jnp.mean((y - x) ** 2) / jnp.mean(x**2))
     assert rel == pytest.approx(TABLE[bits][0], rel=0.02 if bits <= 6 else 0.08)
 
@@ -47,7 +47,7 @@ def test_gaussian_relative_mse_matches_table(bits, gaussian_rows):
 def test_masked_fraction_matches_table(bits, gaussian_rows):
     # 10% tolerance; from 6 bits on too few of 2^20 samples are masked to measure it that well,
     # so those rows are checked against the closed form instead (test below).
-    g = jax.grad(lambda a: quest.fake_quant(a, bits, hadamard=None).sum())(gaussian_rows)
+    g = jax.grad(lambda a: quest.fake_quant(a, bits, hadamard_mode=None).sum())(gaussian_rows)
     assert set(np.unique(np.asarray(g))) <= {0.0, 1.0}
     frac = 1.0 - float(g.mean())
     assert frac == pytest.approx(TABLE[bits][1], rel=0.10)
@@ -68,7 +68,7 @@ def test_student_t_hadamard_helps(row):
     x = jax.random.t(jax.random.key(1), 3.0, (2**18 // row, row))
     rel = {}
     for form in (None, "full"):
-        y = quest.fake_quant(x, 4, hadamard=form)
+        y = quest.fake_quant(x, 4, hadamard_mode=form)
         rel[form] = float(jnp.mean((y - x) ** 2) / jnp.mean(x**2))
     assert 0.12 <= rel[None] <= 0.20
     assert 0.009 <= rel["full"] <= 0.016
@@ -77,10 +77,11 @@ def test_student_t_hadamard_helps(row):
 
 def test_trust_multiplier_and_clip_mask():
     x = jax.random.normal(jax.random.key(2), (8, 256))
-    grad = lambda **kw: jax.grad(lambda a: quest.fake_quant(a, 2, hadamard=None, **kw).sum())(x)
+    grad = lambda **kw: jax.grad(  # noqa: E731
+        lambda a: quest.fake_quant(a, 2, hadamard_mode=None, **kw).sum())(x)
     m1, m_half = grad(), grad(trust=0.5)
     assert np.all(np.asarray(m_half) <= np.asarray(m1)) and m_half.mean() < m1.mean()
-    m_clip = grad(clip=1.3)
+    m_clip = grad(clip_ratio=1.3)
     c = qjax.gaussian_clip(qjax.Midrise(2)) * jnp.sqrt(jnp.mean(x**2, -1, keepdims=True)) + 1e-8
     np.testing.assert_array_equal(m_clip, (jnp.abs(x) <= 1.3 * c).astype(jnp.float32))
 
@@ -93,7 +94,7 @@ def test_half_and_full_forms_agree_in_a_linear_layer(bits):
     g = jax.random.normal(kg, (2, 3, 16))
 
     def run(form):
-        f = lambda x, k: quest.dense(x, k, bits_x=bits, bits_w=bits, hadamard=form)
+        f = lambda x, k: quest.dense(x, k, bits_x=bits, bits_w=bits, hadamard_mode=form)
         y, vjp = jax.vjp(f, x, kernel)
         return y, vjp(g)
 
@@ -126,7 +127,7 @@ def test_mse_scale_searches_the_clip_per_row():
     # Heavy-tailed rows (as in a trained model's first block): the clip with least squared error
     # over the candidate fractions of each row's absmax, checked against a numpy brute force.
     x = jax.random.t(jax.random.key(8), 3.0, (16, 128))
-    y = quest.fake_quant(x, 4, hadamard=None, scale="mse:8:0.6")
+    y = quest.fake_quant(x, 4, hadamard_mode=None, scale_rule="mse:8:0.6")
     xn = np.asarray(x, np.float64)
     amax = np.abs(xn).max(-1, keepdims=True)
     best = None
@@ -138,12 +139,13 @@ def test_mse_scale_searches_the_clip_per_row():
         best = (err, q) if best is None else (np.minimum(best[0], err),
                                                np.where(err < best[0], q, best[1]))
     np.testing.assert_allclose(y, best[1], rtol=1e-5, atol=1e-6)
-    gauss = quest.fake_quant(x, 4, hadamard=None)
+    gauss = quest.fake_quant(x, 4, hadamard_mode=None)
     assert float(jnp.sum((y - x) ** 2)) < float(jnp.sum((gauss - x) ** 2))
-    assert quest.spec(4, scale="mse:8:0.6").scale == qjax.MseSearch(8, 0.6)
-    assert quest.spec(4).scale == qjax.RmsGaussian()
+    assert quest.spec(4, scale_rule="mse:8:0.6").scale_rule == qjax.MseSearch(8, 0.6)
+    assert quest.spec(4).scale_rule == qjax.RmsGaussian()
     # The trust mask is the same rule with the searched step.
-    g = jax.grad(lambda a: quest.fake_quant(a, 4, hadamard=None, scale="mse:8:0.6").sum())(x)
+    g = jax.grad(lambda a: quest.fake_quant(a, 4, hadamard_mode=None,
+                                            scale_rule="mse:8:0.6").sum())(x)
     step = 2 * np.abs(np.asarray(y)).max(-1, keepdims=True) / 15  # outermost level = c
     np.testing.assert_array_equal(g, (np.abs(np.asarray(y) - xn) <= step / 2 * (1 + 1e-6)))
 
@@ -158,14 +160,14 @@ def test_high_precision_operand_and_8_bit_close_to_float():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="hadamard must be one of"):
-        quest.spec(4, hadamard="both")
+    with pytest.raises(ValueError, match="hadamard_mode must be one of"):
+        quest.spec(4, hadamard_mode="both")
     with pytest.raises(ValueError, match="block_size 128 does not divide"):
         quest.fake_quant(jnp.ones((2, 96)), 4)
     with pytest.raises(ValueError, match="bits"):
         quest.fake_quant(jnp.ones((2, 128)), 9)
     with pytest.raises(ValueError, match="unknown scale rule"):
-        quest.spec(4, scale="gaussian")
+        quest.spec(4, scale_rule="gaussian")
     with pytest.raises(ValueError, match="kernel's first axis"):
         quest.dense(jnp.ones((2, 128)), jnp.ones((256, 4)), bits_x=4, bits_w=4)
 
@@ -173,15 +175,15 @@ def test_bad_input():
 def test_hadamard_form_and_block_size_always_validated():
     x, kernel = jnp.ones((2, 128)), jnp.ones((128, 4))
     # With both operands in high precision nothing downstream would check them.
-    with pytest.raises(ValueError, match="hadamard must be one of"):
-        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, hadamard="bogus")
+    with pytest.raises(ValueError, match="hadamard_mode must be one of"):
+        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, hadamard_mode="bogus")
     with pytest.raises(ValueError, match="power of two"):
-        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, block_size=100)
-    # hadamard=None does not use block_size, but a bad one is still an error.
+        quest.quantize_dense_operands(x, kernel, bits_x=None, bits_w=None, hadamard_block=100)
+    # hadamard_mode=None does not use hadamard_block, but a bad one is still an error.
     with pytest.raises(ValueError, match="power of two"):
-        quest.spec(4, hadamard=None, block_size=-3)
-    with pytest.raises(TypeError, match="block_size"):
-        quest.spec(4, block_size=True)
+        quest.spec(4, hadamard_mode=None, hadamard_block=-3)
+    with pytest.raises(TypeError, match="hadamard_block"):
+        quest.spec(4, hadamard_block=True)
     with pytest.raises(TypeError, match="trust multiplier must be a number"):
         quest.spec(4, trust=True)
     with pytest.raises(ValueError, match="trust multiplier must be positive and finite"):

@@ -11,7 +11,7 @@ from flax import nnx
 import qjax
 from qjax import convert as QC
 from qjax import presets
-from qjax.nn import LayerQuant, Method, default_block_size, dense_layout, quantize_model
+from qjax.nn import LayerQuant, Method, default_hadamard_block, dense_layout, quantize_model
 
 
 class TwoDense(nn.Module):
@@ -29,16 +29,17 @@ class TwoDense(nn.Module):
 X = jax.random.normal(jax.random.key(0), (2, 5, 32))
 
 
-def test_default_block_size_is_largest_power_of_two_dividing_k():
-    assert [default_block_size(k) for k in (64, 96, 768, 3, 4096)] == [64, 32, 128, 1, 128]
+def test_default_hadamard_block_is_largest_power_of_two_dividing_k():
+    assert [default_hadamard_block(k) for k in (64, 96, 768, 3, 4096)] == [64, 32, 128, 1, 128]
     lq = Method("quest").layer_quant(dense_layout((64, 8)))
-    assert lq.weight.hadamard == lq.activation.hadamard == 64
-    assert Method("quest").layer_quant(dense_layout((3, 8))).weight.hadamard is None
+    assert lq.weight.hadamard_block == lq.activation.hadamard_block == 64
+    assert Method("quest").layer_quant(dense_layout((3, 8))).weight.hadamard_block is None
 
 
 def test_explicit_block_that_does_not_divide_k_names_the_layer():
-    qm = quantize_model(TwoDense(), {"up|down": Method("quest", block_size=128)})
-    with pytest.raises(ValueError, match=r"layer 'up': Hadamard block_size 128 does not divide"):
+    qm = quantize_model(TwoDense(), {"up|down": Method("quest", hadamard_block=128)})
+    with pytest.raises(ValueError,
+                       match=r"layer 'up': Hadamard block hadamard_block=128 does not divide"):
         qm.init(jax.random.key(0), X)
 
 

@@ -41,7 +41,7 @@ def test_linen_matched_layers_quantized_unmatched_untouched():
     np.testing.assert_array_equal(qm.apply(v, X, qat=False), MLP().apply(v, X))
 
 
-@pytest.mark.parametrize("method", ["lsq", "pact", "ste", Method("quest", block_size=64)])
+@pytest.mark.parametrize("method", ["lsq", "pact", "ste", Method("quest", hadamard_block=64)])
 def test_linen_qat_trains(method):
     qm = qjax.nn.quantize_model(MLP(), {"up|mid|down": method})
     params = qm.init(jax.random.key(2), X)["params"]
@@ -76,7 +76,7 @@ class Block(nn.Module):
 def test_standard_transformer_block_trains_with_qat():
     x = jax.random.normal(jax.random.key(3), (4, 6, 32))
     target = jnp.roll(x, 1, axis=1)
-    qm = qjax.nn.quantize_model(Block(), {".*": Method("quest", 4, 4, block_size=16)})
+    qm = qjax.nn.quantize_model(Block(), {".*": Method("quest", 4, 4, hadamard_block=16)})
     params = qm.init(jax.random.key(4), x)["params"]
     assert set(qm.layers) == {"attn/query", "attn/key", "attn/value", "attn/out", "fc1", "fc2"}
     tx = optax.adam(3e-3)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import qjax
 from qjax._src import sharding as S
-from qjax.models.llama import Llama, LlamaConfig, quantization_rules
+from qjax.models.llama import PARTITION_RULES, Llama, LlamaConfig, quantization_rules
 from qjax.nn import Method, dense_layout, quantize_model, resolve
 from qjax.nn import ops as C
 
@@ -32,7 +32,8 @@ is_spec = lambda x: isinstance(x, P)
 
 
 def _method(name, axis_name=None):
-    return Method(name, weight_bits=4, act_bits=4, block_size=32, activation_axis_name=axis_name)
+    return Method(name, weight_bits=4, act_bits=4, hadamard_block=32,
+                  activation_axis_name=axis_name)
 
 
 def _loss(model, p, ids):
@@ -76,7 +77,7 @@ def _check(ref, out, specs=None, mesh=None):
 
 
 def _place(mesh, params, ids):
-    specs = S.param_specs(params, mesh)
+    specs = S.param_specs(params, mesh, PARTITION_RULES)
     ospecs = S.opt_state_specs(TX, params, specs)
     p = S.put(params, S.named_shardings(specs, mesh))
     o = S.put(TX.init(params), S.named_shardings(ospecs, mesh))
@@ -160,7 +161,7 @@ def _row_parallel_case():
 
 
 def _row_parallel(axis_name):
-    method = Method("quest", 4, 4, block_size=64, weight_axis_name=axis_name,
+    method = Method("quest", 4, 4, hadamard_block=64, weight_axis_name=axis_name,
                     activation_axis_name=axis_name)
     lq = resolve(method, dense_layout((256, 16)))
 
@@ -195,7 +196,7 @@ def test_row_parallel_quest_layer_uses_global_statistics():
     for got, ref in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
     # Local statistics would give another quantization: the collective is what makes it equal.
-    lq_local = resolve(Method("quest", 4, 4, block_size=64), dense_layout((64, 16)))
+    lq_local = resolve(Method("quest", 4, 4, hadamard_block=64), dense_layout((64, 16)))
     local = jax.jit(jax.shard_map(
         lambda x, w: jax.lax.psum(C.dense_op(x, w, None, lq_local, None, None, qat=True),
                                   "tensor"),
@@ -249,7 +250,7 @@ def test_param_specs_follow_rules_and_scales_follow_their_axis():
     model = quantize_model(Llama(CFG), quantization_rules(_method("lsq")))
     params = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                                jnp.zeros((1, 8), jnp.int32))["params"])
-    specs = S.param_specs(params, _mesh(MESHES["mixed"]))
+    specs = S.param_specs(params, _mesh(MESHES["mixed"]), PARTITION_RULES)
     attn, mlp = specs["blocks_0"]["attn"], specs["blocks_0"]["mlp"]
     assert attn["q"]["kernel"] == P("fsdp", "tensor")
     assert attn["q"]["kernel_scale"] == P(None, "tensor")  # (1, N): per output channel
@@ -259,7 +260,7 @@ def test_param_specs_follow_rules_and_scales_follow_their_axis():
     assert mlp["down"]["kernel"] == P("tensor", "fsdp")
     assert specs["blocks_0"]["attn_norm"]["scale"] == P()
     # Axes the mesh lacks are dropped: the same rules serve a data-parallel mesh.
-    dp = S.param_specs(params, _mesh({"data": 8}))
+    dp = S.param_specs(params, _mesh({"data": 8}), PARTITION_RULES)
     assert all(s == P() for s in jax.tree.leaves(dp, is_leaf=is_spec))
     # Per-group scales (blocked view (K/g, 1, N)) are split like their groups.
     assert S._scale_spec((4, 1, 32), (256, 32), P("fsdp", "tensor")) == P("fsdp", None, "tensor")
@@ -326,7 +327,7 @@ def test_batch_and_block_arguments_are_checked():
 
 
 def test_axis_name_errors():
-    spec = qjax.QuantSpec("int4", qjax.PerRow(-1), scale=qjax.Percentile(99.0))
+    spec = qjax.QuantSpec("int4", qjax.PerRow(-1), scale_rule=qjax.Percentile(99.0))
     mesh = _mesh({"tensor": 2})
     f = jax.shard_map(lambda x: qjax.fake_quant(x, spec, axis_name="tensor"), mesh=mesh,
                       in_specs=P(None, "tensor"), out_specs=P(None, "tensor"))

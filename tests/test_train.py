@@ -15,8 +15,8 @@ from qjax._src.checkpoint import MANIFEST, RunDirError
 from qjax.config import TrainConfig
 
 TINY = dict(d_model=64, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, lr=3e-3,
-            block_size=64, max_corpus_bytes=2_000_000, eval_every=3, eval_batches=2, log_every=1,
-            checkpoint_every=3)
+            hadamard_block=64, max_corpus_bytes=2_000_000, eval_every=3, eval_batches=2,
+            log_every=1, checkpoint_every=3)
 
 
 def _rows(path):
@@ -56,7 +56,7 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
         f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
     # resuming under another config is refused, naming the field, before anything is trained
     for change, field in ((dict(act_bits=2), "act_bits: 4 -> 2"),
-                          (dict(d_model=128, block_size=None), "d_model: 64 -> 128")):
+                          (dict(d_model=128, hadamard_block=None), "d_model: 64 -> 128")):
         with pytest.raises(RunDirError, match=field):
             train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False,
                                   **{**TINY, **change}))
@@ -231,7 +231,7 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
     ("method=foo", "method must be None or one of"),
     ("weight_bits=9", "weight_bits must be in [1, 8], got 9"),
     ("lr=nan", "lr must be a finite number"),
-    ("d_model=96", "Hadamard block_size 128 does not divide the K (contracted size) 96"),
+    ("d_model=96", "Hadamard block hadamard_block=128 does not divide the K (contracted size) 96"),
     ("grad_clip=0", "grad_clip must be a finite number"),
     ("backward=int8", "set integer_forward=true too"),
 ], ids=["method", "bits", "lr", "hadamard_block", "grad_clip", "backward"])

@@ -16,7 +16,7 @@ from qjax.config import TrainConfig
 def get_config():
     return TrainConfig(name="multihost", d_model=64, n_layers=1, n_heads=2, seq_len=32,
                        batch_size=8, steps=4, eval_every=4, eval_batches=2, log_every=1,
-                       checkpoint_every=2, max_corpus_bytes=2**19, block_size=32,
+                       checkpoint_every=2, max_corpus_bytes=2**19, hadamard_block=32,
                        baseline=False, method="quest")
 """
 

@@ -9,11 +9,12 @@ from qjax.nn import Method
 
 def test_validate_accepts_the_default_and_auto_blocks():
     S.validate(TrainConfig())
-    S.validate(TrainConfig(d_model=96, block_size=None))  # auto block: 32 divides 96
+    S.validate(TrainConfig(d_model=96, hadamard_block=None))  # auto block: 32 divides 96
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(d_model=96), "layer 'attention and output projections': Hadamard block_size 128"),
+    (dict(d_model=96),
+     "layer 'attention and output projections': Hadamard block hadamard_block=128"),
     (dict(d_model=96, n_heads=5), "must split into n_heads"),
     (dict(estimator="foo"), "estimator of quest must be one of"),
     (dict(grid="foo"), "grid must be 'auto', 'midrise' or 'int'"),
@@ -35,7 +36,7 @@ def test_method_from_config_and_model_config():
 
 def test_method_from_config_passes_the_backward():
     config = TrainConfig(method="ste", integer_forward=True, backward="int8", d_model=64,
-                         block_size=64)
+                         hadamard_block=64)
     assert S.method_from_config(config).backward == "int8"
     S.validate(config)
     assert S.method_from_config(TrainConfig()).backward == "float"

@@ -94,12 +94,23 @@ def _train_nnx(model, z, steps=3):
     return [float(step(model, opt)) for _ in range(steps)]
 
 
-# The CNN with QuEST (30-35 s) runs with -m slow: the ViT patch conv covers QuEST convolutions.
-SLOW_PIPELINES = {("linen_cnn", "quest_w4a4")}
+# The default run covers every model with two recipes and every recipe on three or more models
+# (QuEST convolutions through the ViT patch conv); the rest of the model x recipe product (the
+# same contract on more pairs, 6-35 s each) runs with -m slow.
+DEFAULT_PIPELINES = {
+    ("linen_dense", "quest_w4a4"), ("linen_dense", "int8_w8a8"),
+    ("linen_einsum", "lsq_w4a4"), ("linen_einsum", "int4_weight_only"),
+    ("linen_cnn", "lsq_w4a4"), ("linen_cnn", "int8_w8a8"),
+    ("linen_scan", "int8_w8a8"), ("linen_scan", "int4_weight_only"),
+    ("nnx_block", "quest_w4a4"), ("nnx_block", "lsq_w4a4"),
+    ("nnx_scan", "quest_w4a4"), ("nnx_scan", "int8_w8a8"),
+    ("linen_vit", "quest_w4a4"), ("linen_vit", "int4_weight_only"),
+    ("linen_raw_einsum", "lsq_w4a4"), ("linen_raw_einsum", "int8_w8a8"),
+}
 
 
 @pytest.mark.parametrize(("name", "recipe"), [
-    pytest.param(n, r, marks=pytest.mark.slow) if (n, r) in SLOW_PIPELINES else (n, r)
+    (n, r) if (n, r) in DEFAULT_PIPELINES else pytest.param(n, r, marks=pytest.mark.slow)
     for n in ZOO for r in RECIPES])
 def test_qat_convert_serve_export(name, recipe, tmp_path):
     z = ZOO[name]
@@ -181,7 +192,7 @@ def test_sites_list_recipes_and_contraction_axes():
     sites = qm.sites(*z.inputs())
     o = sites["blocks_0/attn/o"]  # "BTNH,NHD->BTD": K = heads x head_dim
     assert (o.module, o.contract_axes, o.layout.k, o.layout.n) == ("Einsum", (0, 1), 32, 32)
-    assert o.recipe.weight.hadamard == 32  # the largest power of two <= 128 dividing K
+    assert o.recipe.weight.hadamard_block == 32  # the largest power of two <= 128 dividing K
     gate_up = sites["blocks_0/mlp/gate_up"]
     assert (gate_up.module, gate_up.layout.out_shape) == ("DenseGeneral", (2, 32))
     z = ZOO["nnx_block"]

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Mapping
 
 import jax
@@ -82,8 +83,18 @@ def _diff(recorded: Mapping, wanted: Mapping, defaults: Mapping, prefix: str = "
     return out
 
 
+def _rename(recorded: Mapping, renamed: Mapping) -> dict:
+    out = {}
+    for key, value in recorded.items():
+        sub = renamed.get(key)
+        if isinstance(sub, Mapping) and isinstance(value, Mapping):
+            value = _rename(value, sub)
+        out[sub if isinstance(sub, str) else key] = value
+    return out
+
+
 def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True,
-                  defaults: Mapping | None = None) -> None:
+                  defaults: Mapping | None = None, renamed: Mapping | None = None) -> None:
     """Refuses ``run_dir`` if it holds a run of another identity; records ``identity`` otherwise.
 
     ``identity`` is a JSON-able mapping (e.g. :func:`qjax._src.config.run_identity` plus the corpus
@@ -91,7 +102,9 @@ def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True,
     an older qjax or by hand: refused too, since what it is a run of is unknown. ``defaults``
     (shaped like ``identity``) holds the default of each field: a field that a recorded identity
     lacks (it was added to qjax after the run) and that ``identity`` sets to its default is no
-    difference, so runs of an older release resume.
+    difference, so runs of an older release resume. ``renamed`` (shaped like ``identity``, with
+    ``{old name: new name}`` where names changed) reads a recorded identity's old names as the
+    new ones.
 
     Raises:
       RunDirError: naming every differing field (``field: recorded -> wanted``).
@@ -101,6 +114,7 @@ def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True,
     if os.path.exists(path):
         with open(path) as f:
             recorded = json.load(f)
+        recorded = _rename(recorded, renamed or {})
         diff = _diff(recorded, identity, json.loads(json.dumps(defaults or {})))
         if diff:
             raise RunDirError(
@@ -136,6 +150,8 @@ class TrainingCheckpoints:
                  create: bool = True, log: Callable[[str], None] = _say):
         self.directory = os.path.abspath(directory)
         self.lead, self.log, self.max_to_keep, self.create = lead, log, max_to_keep, create
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -143,6 +159,8 @@ class TrainingCheckpoints:
             max_to_keep=self.max_to_keep, create=self.create))
 
     def steps(self) -> list[int]:
+        """The saved steps (after the save in progress completes)."""
+        self.wait()
         return sorted(self._manager.all_steps())
 
     def latest_intact_step(self, *, move_aside: bool = True) -> int | None:
@@ -180,11 +198,37 @@ class TrainingCheckpoints:
         return intact
 
     def save(self, step: int, state) -> None:
-        """Saves ``state`` (a pytree) at ``step``, waits for Orbax, then writes the manifest."""
+        """Starts saving ``state`` (a pytree) at ``step`` and returns while it is written.
+
+        Orbax writes the arrays in the background; a helper thread waits for it and then writes
+        the manifest (a CRC-32 of every file), so training goes on meanwhile. The next
+        :meth:`save`, :meth:`wait` and :meth:`close` wait for it first (and re-raise its error).
+        A process killed before the manifest exists leaves a step that is not intact: resuming
+        falls back to the previous one, which the next save waits for (so with ``max_to_keep >=
+        2`` an intact step always remains).
+        """
+        self.wait()
         self._manager.save(step, args=ocp.args.StandardSave(state))
-        self._manager.wait_until_finished()
-        if self.lead:
-            write_manifest(os.path.join(self.directory, str(step)))
+        self._pending = threading.Thread(target=self._finish, args=(step,), daemon=True,
+                                         name=f"qjax-checkpoint-{step}")
+        self._pending.start()
+
+    def _finish(self, step: int) -> None:
+        try:
+            self._manager.wait_until_finished()
+            if self.lead:
+                write_manifest(os.path.join(self.directory, str(step)))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Waits for the save in progress (arrays and manifest); re-raises its error."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def restore(self, step: int, like):
         """The state saved at ``step``, shaped (and sharded) like ``like``.
@@ -192,6 +236,7 @@ class TrainingCheckpoints:
         Raises:
           RunDirError: the checkpoint does not fit ``like`` (another model or optimizer).
         """
+        self.wait()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
         try:
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -201,4 +246,7 @@ class TrainingCheckpoints:
                               f"run's model and optimizer ({first})") from e
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()

@@ -13,6 +13,7 @@ import typing
 from collections.abc import Sequence
 
 from qjax._src import quantized_backward as QB
+from qjax._src.nn.recipe import METHODS as RECIPE_METHODS
 from qjax._src.scales import as_scale_rule
 from qjax._src.sharding import MESH_AXES
 
@@ -25,12 +26,9 @@ Schedule = typing.Literal["cosine", "wsd_fused", "wsd_classical"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 # Low-rank QAT of a pretrained model (qjax.nn.lowrank): these methods need init_from.
 LOW_RANK_METHODS = ("lr_qat", "qalora")
-# The methods whose layers are qjax.nn.Method recipes (the ones integer_forward, backward and
-# mixed_precision_budget apply to).
-_RECIPE_METHODS = ("quest", "lsq", "pact", "ste")
 # Every method= the program runs: qjax.nn.Method's, the low-rank ones, zeroth-order QAT of an
 # lsq model (qjax.methods.zeroqat, needs init_from) and Double Rounding (qjax.nn.double_rounding).
-METHOD_NAMES = (*_RECIPE_METHODS, *LOW_RANK_METHODS, "zeroqat", "double_rounding")
+METHOD_NAMES = (*RECIPE_METHODS, *LOW_RANK_METHODS, "zeroqat", "double_rounding")
 LOW_RANK_PHI_DTYPES = ("float32", "bfloat16", "int8")
 
 
@@ -66,12 +64,12 @@ class TrainConfig:
     weight_bits: int | None = 4
     act_bits: int | None = 4
     trust: float = 1.0
-    clip: float | None = None
-    hadamard: str | None = "auto"
+    clip_ratio: float | None = None
+    hadamard_mode: str | None = "auto"
     grid: str = "auto"
     estimator: str = "auto"
-    scale: str = "auto"  # scale rule name (qjax._src.scales.as_scale_rule), e.g. "mse:8:0.6"
-    block_size: int | None = 128  # Hadamard block; None: largest power of 2 <= 128 dividing K
+    scale_rule: str = "auto"  # scale rule name, e.g. "mse:8:0.6"
+    hadamard_block: int | None = 128  # None: largest power of 2 <= 128 dividing K
     qat_start: float = 0.0
     # schedule: see SCHEDULES. The wsd ones put QAT on the last qat_fraction of the steps: a
     # float in [0, 1], or "optimal" for exp(-6.7297 / ln S) with S = tokens / (N * weight_bits
@@ -157,8 +155,8 @@ class TrainConfig:
         self._check_backward()
         self._check_attention()
         self._check_low_rank()
-        if self.scale != "auto":
-            as_scale_rule(self.scale)  # a bad name fails here, naming the allowed ones
+        if self.scale_rule != "auto":
+            as_scale_rule(self.scale_rule)  # a bad name fails here, naming the allowed ones
         if self.stop_after is not None and self.stop_after <= 0:
             raise ValueError(f"stop_after must be positive or None, got {self.stop_after}")
         if self.mesh is not None:
@@ -207,7 +205,7 @@ class TrainConfig:
                                  "distill")
         budget, widths = self.mixed_precision_budget, self.mixed_precision_bits
         if budget is not None and self.method is not None:  # a float run ignores it
-            if self.method not in _RECIPE_METHODS:
+            if self.method not in RECIPE_METHODS:
                 raise ValueError(f"mixed_precision_budget allocates widths for method quest, "
                                  f"lsq, pact or ste, got method={self.method!r}")
             if not self.baseline and self.init_from is None:
@@ -240,8 +238,8 @@ class TrainConfig:
         if not self.integer_forward:
             raise ValueError(f"backward={self.backward!r} reuses the int8 codes of the integer "
                              "forward: set integer_forward=true too")
-        if self.method is not None and self.method not in _RECIPE_METHODS:
-            names = f"{', '.join(_RECIPE_METHODS[:-1])} or {_RECIPE_METHODS[-1]}"
+        if self.method is not None and self.method not in RECIPE_METHODS:
+            names = f"{', '.join(RECIPE_METHODS[:-1])} or {RECIPE_METHODS[-1]}"
             raise ValueError(f"backward={self.backward!r} is for method {names} (qjax.nn.Method "
                              f"layers with integer_forward), got method={self.method!r}")
 
@@ -306,12 +304,17 @@ class TrainConfig:
 
 # Fields that say where and how a run is observed, not what it computes: resuming a run
 # directory under other values of these is allowed (e.g. on another mesh, or logging more often).
+# Fields renamed since 0.1.0 (old name -> new name): an override or a recorded run identity
+# under the old name means the new one.
+RENAMED_FIELDS = {"clip": "clip_ratio", "hadamard": "hadamard_mode", "scale": "scale_rule",
+                  "block_size": "hadamard_block"}
 PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "log_every",
                     "checkpoint_every", "mesh", "mesh_axis_types", "coordinator_address",
                     "num_processes", "process_id")
 # Fields a float run (method=None) does not read.
-QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip", "hadamard", "grid", "estimator",
-                "scale", "block_size", "qat_start", "quantizer_lr_multiplier", "integer_forward",
+QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip_ratio", "hadamard_mode", "grid",
+                "estimator", "scale_rule", "hadamard_block", "qat_start",
+                "quantizer_lr_multiplier", "integer_forward",
                 "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group", "rank",
                 "phi_dtype", "distill", "distill_temperature", "zo_eps",
                 "zo_probes", "double_rounding_bits", "mixed_precision_budget",
@@ -391,6 +394,9 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
             raise ValueError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
         key = key.strip()
+        if key in RENAMED_FIELDS:
+            raise ValueError(f"config key {key!r} is now {RENAMED_FIELDS[key]!r}; use "
+                             f"{RENAMED_FIELDS[key]}={value}")
         if key not in fields:
             raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
         changes[key] = _convert(key, value, fields[key].type)

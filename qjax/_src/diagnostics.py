@@ -101,8 +101,9 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
       ValueError: ``spec`` without RmsGaussian scales, no clips, a clip that is not finite and
         positive.
     """
-    if not isinstance(check_spec(spec).scale, S.RmsGaussian):
-        raise ValueError(f"clip_error needs RmsGaussian scales, got {type(spec.scale).__name__}")
+    if not isinstance(check_spec(spec).scale_rule, S.RmsGaussian):
+        raise ValueError("clip_error needs RmsGaussian scales, got "
+                         f"{type(spec.scale_rule).__name__}")
     if isinstance(clips, str) or not isinstance(clips, Iterable):
         raise TypeError(f"clips must be a sequence of clip constants, got {clips!r}")
     clips = [check_real(f"clips[{i}]", a, 0.0, low_open=True) for i, a in enumerate(clips)]
@@ -112,7 +113,7 @@ def clip_error(x: jax.Array, spec: QuantSpec, clips: Sequence[float]) -> dict[fl
     power = jnp.mean(jnp.square(xr))
     out = {}
     for a in clips:
-        spec_a = dataclasses.replace(spec, scale=S.RmsGaussian(clip=a), hadamard=None)
+        spec_a = dataclasses.replace(spec, scale_rule=S.RmsGaussian(clip=a), hadamard_block=None)
         err = jnp.mean(jnp.square(fake_quant(xr, spec_a) - xr))
         out[a] = float(jnp.where(power > 0, err / jnp.maximum(power, 1e-30), 0.0))
     return out

@@ -82,8 +82,8 @@ def estimator_mask(x, y, scale, zero_point, fmt, estimator):
             v = jnp.round(v)
         return (v >= lo) & (v <= hi)
     if isinstance(estimator, SP.Trust):
-        if estimator.clip is not None:
-            return jnp.abs(x) <= estimator.clip * fmt.max_level * scale
+        if estimator.clip_ratio is not None:
+            return jnp.abs(x) <= estimator.clip_ratio * fmt.max_level * scale
         return jnp.abs(y - x) <= estimator.multiplier * 0.5 * scale
     return None
 
@@ -182,16 +182,16 @@ def clipped_ste(x, scale, fmt, zero_point=None):
     return quantize_dequantize(x, scale, zero_point, fmt=fmt, estimator=SP.ClippedSTE())
 
 
-def trust(x, scale, fmt, multiplier: float = 1.0, clip: float | None = None):
+def trust(x, scale, fmt, multiplier: float = 1.0, clip_ratio: float | None = None):
     """QuEST's trust estimator: ``dx = g * 1[|q(x) - x| <= multiplier * scale / 2]``.
 
     References:
       Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
     """
-    return quantize_dequantize(x, scale, fmt=fmt, estimator=SP.Trust(multiplier, clip))
+    return quantize_dequantize(x, scale, fmt=fmt, estimator=SP.Trust(multiplier, clip_ratio))
 
 
-def stochastic_rounding(x, scale, key: jax.Array, fmt, zero_point=None):
+def stochastic_rounding(x, scale, fmt, key: jax.Array, zero_point=None):
     """``floor(x/s + u) * s`` with ``u ~ U[0, 1)`` (float32), identity STE.
 
     Unbiased inside the range: ``E[y] = x`` and ``Var[y] = s^2 f (1 - f)``, ``f = frac(x/s)``.
@@ -312,7 +312,7 @@ def lsq(x: jax.Array, step: jax.Array, fmt: F.Format | str, *, n: int | None = N
     return learned_scale_quant(x, step, fmt, SP.LSQ(), n=n)
 
 
-def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
+def lsq_plus(x, step, fmt, offset, *, n: int | None = None):
     """LSQ+: ``round(clip((x - b)/s, -QN, QP)) * s + b`` with learned step ``s`` and offset ``b``.
 
     ``db = g`` outside the range and 0 inside (times the same gradient scale as ``ds``).
@@ -328,18 +328,20 @@ def lsq_plus(x, step, offset, fmt, *, n: int | None = None):
     return _learned(x, step, offset, fmt, _lsq_grad_scale(x, step, fmt, n))
 
 
-def pact(x: jax.Array, alpha: jax.Array, bits: int, *, signed: bool = False) -> jax.Array:
+def pact(x: jax.Array, alpha: jax.Array, fmt: F.IntFormat | str) -> jax.Array:
     """PACT: ``y = clip(x, 0, alpha)`` rounded to ``2^b - 1`` steps of ``alpha / (2^b - 1)``.
 
-    Gradients: ``dx = g * 1[0 <= x < alpha]``, ``dalpha = g * 1[x >= alpha]``. With
-    ``signed=True`` (for activations that are not ReLU outputs) the grid is the signed integer
-    grid, ``y = clip(round(x / s), qmin, qmax) * s`` with ``s = alpha / qmax``, and
-    ``dalpha = g * qmin / qmax`` below the range.
+    ``fmt`` is an unsigned integer format (``"uint4"``, the paper's) or a signed one (``"int4"``,
+    for activations that are not ReLU outputs). Gradients: ``dx = g * 1[0 <= x < alpha]``,
+    ``dalpha = g * 1[x >= alpha]``. On a signed grid ``y = clip(round(x / s), qmin, qmax) * s``
+    with ``s = alpha / qmax``, and ``dalpha = g * qmin / qmax`` below the range.
 
     References:
       Choi et al., 2018. PACT: Parameterized Clipping Activation for Quantized Neural Networks.
     """
-    fmt = F.IntFormat(F.check_bits(bits), signed=signed)
+    fmt = F.as_format(fmt)
+    if not isinstance(fmt, F.IntFormat):
+        raise ValueError(f"PACT needs an integer format (e.g. 'uint4' or 'int4'), got {fmt.name}")
     if fmt.qmax <= 0:
         raise ValueError("signed PACT needs bits >= 2")
     return learned_scale_quant(x, alpha, fmt, SP.PACT())

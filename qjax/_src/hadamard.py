@@ -13,7 +13,9 @@ and its inverse ``y -> H(y) * d``.
 ``log2(n)`` passes over memory: 2-3x faster on CPU at block 128, and the natural form for TPU
 MXUs). Both compute in float32 whatever the input dtype (the result is float32) and agree to float
 rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
-transpose (itself) with no custom rule.
+transpose (itself) with no custom rule; ``explicit_vjp=True`` (used by the quantizers) writes that
+same transpose out as a custom VJP, because XLA surrounds autodiff's transposed matmul with
+transposes that on CPU cost about as much as the matmul.
 
 Range: inputs beyond ``float32 max / sqrt(block_size)`` (``3.0e37`` at block 128) saturate to it
 first (identity gradient), so finite input gives finite output: no partial sum overflows to inf and
@@ -45,19 +47,19 @@ __all__ = [
     "random_signs",
     "check_block_size",
     "saturating_cast",
-    "METHODS",
+    "HADAMARD_METHODS",
 ]
 
-METHODS = ("butterfly", "matmul")
+HADAMARD_METHODS = ("butterfly", "matmul")
 
 
-def check_block_size(block_size: object) -> int:
-    """Validates a Hadamard block size (a positive power of two)."""
+def check_block_size(block_size: object, name: str = "block_size") -> int:
+    """Validates a Hadamard block size (a positive power of two); errors call it ``name``."""
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int power of two, got {block_size!r}")
+        raise TypeError(f"{name} must be an int power of two, got {block_size!r}")
     b = int(block_size)
     if b < 1 or b & (b - 1):
-        raise ValueError(f"block_size must be a positive power of two, got {b}")
+        raise ValueError(f"{name} must be a positive power of two, got {b}")
     return b
 
 
@@ -126,7 +128,16 @@ def _dense(y: jax.Array, pre: float = 1.0) -> jax.Array:
     h = jnp.asarray(np.rint(hadamard_matrix(b) * np.sqrt(b)) * pre, jnp.float32)
     if q == 1:  # rotating the last axis: y @ H (H is symmetric)
         return jnp.matmul(y[..., 0], h, precision=jax.lax.Precision.HIGHEST)[..., None]
-    return jnp.matmul(h, y, precision=jax.lax.Precision.HIGHEST)
+    if typed_sharding.explicit_sharding(y) is not None:
+        return jnp.matmul(h, y, precision=jax.lax.Precision.HIGHEST)
+    # H broadcast over the leading axes makes them batch axes of one batched matmul whose output
+    # is already in y's layout: ``matmul(h, y)`` is a dot with no batch axes, which XLA lays out
+    # as (b, ..., Q) and transposes back (on CPU those transposes cost as much as the matmul).
+    # The same products and sums, so the same values.
+    lead = y.ndim - 2
+    hb = jnp.broadcast_to(h, y.shape[:-2] + (b, b))
+    dims = (((lead + 1,), (lead,)), (tuple(range(lead)), tuple(range(lead))))
+    return jax.lax.dot_general(hb, y, dims, precision=jax.lax.Precision.HIGHEST)
 
 
 def _check_signs(signs, b: int) -> jax.Array:
@@ -149,6 +160,7 @@ def hadamard_transform(
     signs: jax.Array | None = None,
     inverse: bool = False,
     method: str = "butterfly",
+    explicit_vjp: bool = False,
 ) -> jax.Array:
     """Block-diagonal orthonormal Walsh-Hadamard transform along ``axis``.
 
@@ -159,6 +171,11 @@ def hadamard_transform(
       signs: optional ``(block_size,)`` +-1 vector (see :func:`random_signs`).
       inverse: apply the inverse (only differs from the forward when ``signs`` is given).
       method: ``"butterfly"`` (O(n log n)) or ``"matmul"`` (dense block matmul).
+      explicit_vjp: with ``method="matmul"`` and no ``signs``, differentiate through a custom VJP
+        that writes the transpose out: the same gradient values as autodiff, without the
+        transposes XLA puts around autodiff's transposed matmul (on CPU they cost about as much as
+        the matmul). Forward-mode autodiff (``jax.jvp``) is then unavailable, as it is through
+        any fake quantizer, which is where :mod:`qjax.quantize` uses it. Ignored otherwise.
 
     Returns:
       float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs);
@@ -170,8 +187,8 @@ def hadamard_transform(
       ValueError: bad ``block_size``, ``axis``, ``signs`` or ``method``, or a block size that does
         not divide the axis.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in HADAMARD_METHODS:
+        raise ValueError(f"method must be one of {HADAMARD_METHODS}, got {method!r}")
     axis = check_int("axis", axis)
     inverse = check_bool("inverse", inverse)
     x = jnp.asarray(x)
@@ -194,24 +211,68 @@ def hadamard_transform(
             f"Hadamard block_size {b} straddles shards: axis {axis} of size {n} is split over "
             f"{shards} devices into {n // shards} per device, not a multiple of {b}"
         )
-    # (P, blocks, block, Q): the rotated axis stays in place, so no transposes are needed. On an
-    # explicit mesh the leading axes stay separate (merging a sharded axis is not a local reshape).
+    if explicit_vjp and signs is None and method == "matmul":
+        return _rotate_vjp(x, b, axis, inverse)
+    return _forward(x, signs, b, axis, inverse, method)
+
+
+def _blocks(x: jax.Array, b: int, axis: int) -> jax.Array:
+    """``x`` as float32 ``(P, blocks, block, Q)``: the rotated axis stays in place, so no transposes
+    are needed. On an explicit mesh the leading axes stay separate (merging a sharded axis is not a
+    local reshape)."""
     lead = x.shape[:axis] if typed_sharding.explicit_sharding(x) else (
         int(np.prod(x.shape[:axis], dtype=np.int64)),)
     q = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
-    y = x.astype(jnp.float32).reshape(*lead, n // b, b, q)
+    return x.astype(jnp.float32).reshape(*lead, x.shape[axis] // b, b, q)
+
+
+def _split_norm(b: int) -> tuple[float, np.float32]:
+    """``1/sqrt(b) = pre * post``: ``pre = 2^-ceil(log2(b)/2)`` is applied before the sums (exact),
+    so they cannot overflow unless the result does (module docstring); ``post`` is 1 or sqrt(2)."""
+    k = -(-(b.bit_length() - 1) // 2)
+    return 2.0**-k, np.float32(2.0**k / np.sqrt(b))
+
+
+def _forward(x, signs, b, axis, inverse, method):
+    y = _blocks(x, b, axis)
     if signs is not None and not inverse:
         y = y * signs[:, None]
     # Inputs beyond float32 max / sqrt(b) saturate first (identity gradient), so no partial sum
     # or result can overflow to inf (and no inf - inf to NaN); in range this is the identity.
     # (A margin of 2^-10 keeps the float32-rounded sums below float32 max.)
     y = _clip_finite(y, float(np.finfo(np.float32).max / np.sqrt(b) * (1 - 2.0**-10)))
-    # 1/sqrt(b) = pre * post with pre = 2^-ceil(log2(b)/2) applied before the sums (exact), so
-    # they cannot overflow unless the result does (module docstring), and post in {1, sqrt(2)}.
-    k = -(-(b.bit_length() - 1) // 2)
-    pre = 2.0**-k
-    post = np.float32(2.0**k / np.sqrt(b))
+    pre, post = _split_norm(b)
     y = (_butterfly(y * np.float32(pre)) if method == "butterfly" else _dense(y, pre)) * post
     if signs is not None and inverse:
         y = y * signs[:, None]
     return typed_sharding.reshape(y, x.shape, like=x)
+
+
+def _dense_backward(g: jax.Array, dtype, b: int, axis: int) -> jax.Array:
+    """``dx (like g, dtype)`` of the ``"matmul"`` transform (no signs) for the cotangent ``g``.
+
+    Autodiff's transpose, written out: ``(g * post) @ (pre * H)^T`` with ``H`` symmetric, the same
+    products and sums, so the same values (the saturation passes gradients unchanged). Autodiff's
+    transposed dot and reshapes made XLA add transposes around the matmul (on CPU about as costly
+    as the matmul itself); this is the forward's own transposes-free matmul.
+    """
+    pre, post = _split_norm(b)
+    t = _dense(_blocks(g, b, axis) * post, pre)
+    return typed_sharding.reshape(t, g.shape, like=g).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _rotate_vjp(x, b, axis, inverse):
+    return _forward(x, None, b, axis, inverse, "matmul")
+
+
+def _rotate_vjp_fwd(x, b, axis, inverse):
+    # Only x's dtype is kept (an empty array): the transform is linear, its backward needs no x.
+    return _forward(x, None, b, axis, inverse, "matmul"), jnp.zeros((0,), x.dtype)
+
+
+def _rotate_vjp_bwd(b, axis, inverse, res, g):
+    return (_dense_backward(g, res.dtype, b, axis),)
+
+
+_rotate_vjp.defvjp(_rotate_vjp_fwd, _rotate_vjp_bwd)

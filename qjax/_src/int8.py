@@ -117,10 +117,11 @@ def recompute_reason(spec: SP.QuantSpec, name: str = "spec") -> str | None:
     matmul). The kernels' fp8 activations follow it too. ``name`` starts the message.
     """
     SP.check_spec(spec, name)
-    if isinstance(spec.scale, (S.GgmlMax, S.TorchAOAffine)):
-        return (f"{name} scale {spec.scale} is a runtime preset (GGML / torchao scales); presets "
+    if isinstance(spec.scale_rule, (S.GgmlMax, S.TorchAOAffine)):
+        return (f"{name} scale {spec.scale_rule} is a runtime preset (GGML / torchao scales); "
+                "presets "
                 "use the fake-quant path")
-    if isinstance(spec.scale, S.AbsMax) and not spec.scale.symmetric:
+    if isinstance(spec.scale_rule, S.AbsMax) and not spec.scale_rule.symmetric:
         return f"{name} scale must be symmetric (a zero point needs a correction term)"
     if spec.scale_dtype is not None:
         return f"{name} scale_dtype must be None (float32 scales), got {spec.scale_dtype!r}"
@@ -128,7 +129,7 @@ def recompute_reason(spec: SP.QuantSpec, name: str = "spec") -> str | None:
         return f"{name} rounding must be 'nearest', got {spec.rounding!r}"
     if isinstance(spec.estimator, SP.LEARNED_SCALE_ESTIMATORS):
         return f"{name} must not use a learned-scale estimator (LSQ, PACT)"
-    if spec.hadamard is not None and spec.hadamard_mode != "half":
+    if spec.hadamard_block is not None and spec.hadamard_mode != "half":
         return (f"{name} with a Hadamard rotation must use hadamard_mode='half' (the caller "
                 "rotates x; the full form rotates back before the matmul)")
     return None
@@ -211,7 +212,8 @@ def training_weight_spec(spec: SP.QuantSpec) -> SP.QuantSpec:
     elif isinstance(g, G.PerAxis):
         g = G.PerAxis(tuple(map(_transposed, g.axis)) if isinstance(g.axis, tuple)
                       else _transposed(g.axis))
-    moved = {} if spec.hadamard is None else {"hadamard_axis": _transposed(spec.hadamard_axis)}
+    moved = ({} if spec.hadamard_block is None
+             else {"hadamard_axis": _transposed(spec.hadamard_axis)})
     return spec.replace(granularity=g, **moved)
 
 
@@ -220,14 +222,14 @@ def operand_codes(a32: jax.Array, spec: SP.QuantSpec, axis: int) -> tuple[jax.Ar
 
     One scale per 1-D slice along ``axis`` (``spec.granularity`` ``PerRow``; the scale keeps
     ``axis`` as size 1) or one for the whole array (``PerTensor``; all axes size 1):
-    ``s = spec.scale.compute(a)``, ``q = encode(a * (1/s))``, the ops of :func:`qjax.quantize`.
+    ``s = spec.scale_rule.compute(a)``, ``q = encode(a * (1/s))``, the ops of :func:`qjax.quantize`.
 
     Args:
       a32: float32 operand; axis: the contraction axis (-1 for ``x (..., K)``, 0 for a kernel).
     """
     axes = (tuple(range(a32.ndim)) if isinstance(spec.granularity, G.PerTensor)
             else (axis % a32.ndim,))
-    scale, _ = spec.scale.compute(a32, axes, spec.format)
+    scale, _ = spec.scale_rule.compute(a32, axes, spec.format)
     return E.encode(a32, scale, None, spec.format), scale
 
 

@@ -79,7 +79,7 @@ def _operand_reason(spec: SP.QuantSpec, role: int8.Role, name: str) -> str | Non
                 f"PerTensor(), got {g}")
     if spec.rounding not in _DETERMINISTIC:
         return f"{name} rounding must be one of {_DETERMINISTIC}, got {spec.rounding!r}"
-    if spec.hadamard is not None and spec.hadamard_mode != "half":
+    if spec.hadamard_block is not None and spec.hadamard_mode != "half":
         return f"{name} with a Hadamard rotation must use hadamard_mode='half'"
     return None
 
@@ -108,7 +108,7 @@ def block_reason(weight: SP.QuantSpec | None, activation: SP.QuantSpec | None) -
         return reason
     if isinstance(activation.estimator, SP.LEARNED_SCALE_ESTIMATORS):
         return "activation must not use a learned-scale estimator (LSQ, PACT)"
-    if weight.format.bits > 7 and not getattr(weight.scale, "symmetric", True):
+    if weight.format.bits > 7 and not getattr(weight.scale_rule, "symmetric", True):
         return "an 8-bit weight must be symmetric (its centred codes q - z would not fit int8)"
     ga, gw = _group(activation), _group(weight)
     if ga and gw and max(ga, gw) % min(ga, gw):
@@ -145,7 +145,7 @@ def activation_operand(x: jax.Array, spec: SP.QuantSpec, b: int
     """
     check_floating(x, "x")
     k = x.shape[-1]
-    qa = quantize(x, spec.replace(hadamard=None))
+    qa = quantize(x, spec.replace(hadamard_block=None))
     codes, mult = int8.int8_operand(qa.codes_float32(), qa.scale.astype(jnp.float32),
                                     spec.format)
     rows = codes.size // k

@@ -169,7 +169,7 @@ def qat_dense(x: jax.Array, kernel: jax.Array, weight: SP.QuantSpec,
     if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"need x (..., K) and kernel (K, N), got {x.shape} and {kernel.shape}")
     int8.check_int32_sum(kernel.shape[0], activation.format, weight.format)
-    plain = lambda s: s.replace(hadamard=None)  # rotation already applied by the caller
+    plain = lambda s: s.replace(hadamard_block=None)  # rotation already applied by the caller
     x32, kernel32 = x.astype(jnp.float32), kernel.astype(jnp.float32)
     if backward == "int8":
         y = _qat_dense_int8(x32, kernel32, key, plain(weight), plain(activation), out_sharding)

@@ -2,8 +2,8 @@
 
 For ``x`` and a static :class:`~qjax.QuantSpec`:
 
-1. ``x`` is cast to float32 and, if ``spec.hadamard`` is set, rotated by the block Walsh-Hadamard
-   transform along ``spec.hadamard_axis``.
+1. ``x`` is cast to float32 and, if ``spec.hadamard_block`` is set, rotated by the block
+   Walsh-Hadamard transform along ``spec.hadamard_axis``.
 2. It is viewed in blocks (:mod:`qjax._src.granularity`); the scale rule (or a learned ``scale``)
 gives
    one scale (and zero point) per block; no gradient flows into a computed scale.
@@ -62,11 +62,11 @@ def _check_x(x) -> jax.Array:
 
 def rotate_like_spec(x32: jax.Array, spec: QuantSpec, inverse: bool = False) -> jax.Array:
     """Rotates float32 ``x32`` by the spec's Hadamard transform (identity without one)."""
-    if spec.hadamard is None:
+    if spec.hadamard_block is None:
         return x32
-    return hadamard_transform(
-        x32, spec.hadamard, axis=spec.hadamard_axis, inverse=inverse, method=spec.hadamard_method
-    )
+    # explicit_vjp: the quantizers around it are custom VJPs anyway (no forward-mode autodiff).
+    return hadamard_transform(x32, spec.hadamard_block, axis=spec.hadamard_axis, inverse=inverse,
+                              method=spec.hadamard_method, explicit_vjp=True)
 
 
 def scale_shape(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -90,10 +90,11 @@ def _rule_scale(xb, lay: G.Layout, spec: QuantSpec, dtype, axis_name):
         # Empty x: no statistic exists, so every (possibly empty) block gets the scale the rule
         # gives a block of one zero, broadcast to the scale shape (module docstring).
         one = jnp.zeros(tuple(max(d, 1) for d in xb.shape), jnp.float32)
-        s, z = spec.scale.compute(one, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
+        s, z = spec.scale_rule.compute(one, lay.reduce_axes, spec.format, dtype,
+                                       axis_name=axis_name)
         z = None if z is None else jnp.broadcast_to(z, lay.scale_shape)
         return jnp.broadcast_to(s, lay.scale_shape), z
-    return spec.scale.compute(xb, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
+    return spec.scale_rule.compute(xb, lay.reduce_axes, spec.format, dtype, axis_name=axis_name)
 
 
 def _scale_and_zero(xb, lay: G.Layout, spec: QuantSpec, scale, dtype, axis_name=None):

@@ -18,7 +18,7 @@ from qjax._src._checks import check_pos_int
 from qjax._src.hadamard import check_block_size
 
 __all__ = [
-    "MESH_AXES", "BATCH_AXES", "LLAMA_RULES", "QUANTIZER_STATE", "make_mesh", "param_specs",
+    "MESH_AXES", "BATCH_AXES", "QUANTIZER_STATE", "make_mesh", "param_specs",
     "opt_state_specs", "named_shardings", "batch_spec", "check_batch", "check_hadamard_blocks",
     "shard_key", "put", "path_str",
 ]
@@ -30,18 +30,6 @@ BATCH_AXES = ("data", "fsdp")
 #: Names of quantizer-state leaves stored beside a layer's ``kernel``.
 QUANTIZER_STATE = ("kernel_scale", "input_scale")
 _AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
-
-#: Rules for :class:`qjax.models.llama.Llama` (q/k/v/gate/up column-parallel, o/down
-#: row-parallel; the LM head and the embedding split over ``fsdp`` only, so the logits keep the
-#: whole vocabulary for the loss).
-LLAMA_RULES: tuple[tuple[str, P], ...] = (
-    (r"blocks_\d+/(attn/[qkv]|mlp/(gate|up))/kernel", P("fsdp", "tensor")),
-    (r"blocks_\d+/(attn/o|mlp/down)/kernel", P("tensor", "fsdp")),
-    (r"lm_head/kernel", P("fsdp", None)),
-    (r"embed/embedding", P(None, "fsdp")),
-    (r".*norm/scale", P()),
-)
-
 
 def make_mesh(shape: Mapping[str, int], *, axis_types: str = "explicit",
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -160,15 +148,16 @@ def _check_rule_axes(pattern: str, spec: P, mesh: Mesh) -> None:
             seen.add(a)
 
 
-def param_specs(params: Any, mesh: Mesh,
-                rules: Sequence[tuple[str, P]] = LLAMA_RULES) -> Any:
+def param_specs(params: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()) -> Any:
     """A ``PartitionSpec`` per leaf of ``params`` (same tree structure).
 
     Args:
       params: a params tree (arrays or ``jax.ShapeDtypeStruct``).
       mesh: the mesh (its axis names and sizes).
       rules: ``(regex, PartitionSpec)`` pairs, first full match on the leaf's path wins;
-        unmatched leaves use the ``fsdp`` default. Quantizer-state leaves
+        unmatched leaves use the ``fsdp`` default (e.g.
+        :data:`qjax.models.llama.PARTITION_RULES` for the reference Llama; a model's rules live
+        beside the model). Quantizer-state leaves
         (:data:`QUANTIZER_STATE`) follow the ``kernel`` beside them.
 
     Raises:

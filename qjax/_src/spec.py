@@ -4,7 +4,7 @@ A :class:`QuantSpec` is a frozen, hashable dataclass, so it can be a static argu
 ``jax.jit`` or a field of a Flax module. Fields may be given as objects or as short names::
 
     QuantSpec("int4", PerGroup(-1, 32), "absmax", "ste")
-    QuantSpec(Midrise(4), PerRow(-1), RmsGaussian(), Trust(), hadamard=128)
+    QuantSpec(Midrise(4), PerRow(-1), RmsGaussian(), Trust(), hadamard_block=128)
 
 Estimators (the backward rule of the fake-quant op):
 
@@ -13,7 +13,7 @@ Estimators (the backward rule of the fake-quant op):
   ``[lo, hi]`` is the unclipped range in units of the scale (``[qmin - z, qmax - z]`` for integers,
   ``+-max_level`` for midrise, ternary and float grids).
 * :class:`Trust`: QuEST's trust mask ``dx = g * 1[|q(x) - x| <= multiplier * step / 2]``, or
-  with ``clip`` set, the clip mask ``dx = g * 1[|x| <= clip * scale * max_level]``.
+  with ``clip_ratio`` set, the clip mask ``dx = g * 1[|x| <= clip_ratio * scale * max_level]``.
 * :class:`LSQ`: learned step size (the scale is a parameter passed to ``fake_quant``).
 * :class:`PACT`: learned clipping level ``alpha`` (passed to ``fake_quant`` as ``scale=``; the
   step is ``alpha / max_level``): ``dx = g * 1[lo <= x/s, x < alpha]``, ``dalpha = g`` above.
@@ -24,10 +24,13 @@ zero) and ``"half_up"`` (llama.cpp's), see :meth:`qjax.IntFormat.encode`. ``scal
 (``"float16"`` or ``"bfloat16"``) stores the scale in that dtype: codes use the float32 scale of
 the rule, values (and ``QArray.scale``) its rounding, as llama.cpp's fp16 block scales do.
 
-``hadamard`` is the Walsh-Hadamard block size applied along ``hadamard_axis`` before
+``scale_rule`` computes the scale from the data (a learned scale is an array passed to
+``fake_quant(..., scale=)``: ``scale`` always names an array). ``hadamard_block`` is the
+Walsh-Hadamard block size applied along ``hadamard_axis`` before
 quantization, or None; ``hadamard_mode="full"`` rotates back after quantizing, ``"half"`` leaves
 the result rotated (for a matmul whose other operand is rotated too); ``hadamard_method`` picks
-the butterfly or the dense block matmul (see :mod:`qjax._src.hadamard`).
+the dense block matmul (``"matmul"``, the default everywhere: fastest on CPU BLAS and TPU MXUs)
+or the ``O(n log n)`` butterfly (see :func:`qjax.hadamard_transform`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from qjax._src import formats as F
 from qjax._src import granularity as G
 from qjax._src import scales as S
 from qjax._src._checks import check_bool, check_finite_positive, check_int
-from qjax._src.hadamard import METHODS, check_block_size
+from qjax._src.hadamard import HADAMARD_METHODS, check_block_size
 
 __all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "PACT", "Estimator"]
 
@@ -70,21 +73,22 @@ class Trust:
     Attributes:
       multiplier: trust threshold in half steps (1.0 trusts every in-range value and outliers up to
         half a step beyond the clip; < 1 also masks in-range values near decision boundaries).
-      clip: if set, use the clip mask ``1[|x| <= clip * c]`` (``c`` the clipping value) instead,
-        as in QuEST's W1A1 recipe (``clip=1.3``).
+      clip_ratio: if set, use the clip mask ``1[|x| <= clip_ratio * c]`` (``c`` the clipping
+        value) instead, as in QuEST's W1A1 recipe (``clip_ratio=1.3``).
 
     References:
       Panferov et al., 2025. QuEST: Stable Training of LLMs with 1-Bit Weights and Activations.
     """
 
     multiplier: float = 1.0
-    clip: float | None = None
+    clip_ratio: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "multiplier", check_finite_positive("trust multiplier",
                                                                   self.multiplier))
-        if self.clip is not None:
-            object.__setattr__(self, "clip", check_finite_positive("trust clip", self.clip))
+        if self.clip_ratio is not None:
+            object.__setattr__(self, "clip_ratio",
+                               check_finite_positive("trust clip_ratio", self.clip_ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,13 +161,13 @@ class QuantSpec:
 
     format: F.Format | str
     granularity: G.Granularity | str = dataclasses.field(default_factory=G.PerTensor)
-    scale: S.ScaleRule | str = dataclasses.field(default_factory=S.AbsMax)
+    scale_rule: S.ScaleRule | str = dataclasses.field(default_factory=S.AbsMax)
     estimator: Estimator | str = dataclasses.field(default_factory=STE)
     rounding: str = "nearest"
-    hadamard: int | None = None
+    hadamard_block: int | None = None
     hadamard_axis: int = -1
     hadamard_mode: str = "full"
-    hadamard_method: str = "butterfly"
+    hadamard_method: str = "matmul"
     scale_dtype: str | None = None
 
     def __post_init__(self):
@@ -171,7 +175,7 @@ class QuantSpec:
         est = as_estimator(self.estimator)
         object.__setattr__(self, "format", fmt)
         object.__setattr__(self, "granularity", G.as_granularity(self.granularity))
-        object.__setattr__(self, "scale", S.as_scale_rule(self.scale))
+        object.__setattr__(self, "scale_rule", S.as_scale_rule(self.scale_rule))
         object.__setattr__(self, "estimator", est)
         # A signed 1-bit integer grid (codes -1, 0) has no positive level: every rule and
         # estimator but asymmetric absmax would divide by zero, and that one is uint1's grid.
@@ -187,12 +191,13 @@ class QuantSpec:
             raise ValueError(
                 f"{type(est).__name__} supports nearest rounding and float32 scales only"
             )
-        if self.hadamard is not None:
-            object.__setattr__(self, "hadamard", check_block_size(self.hadamard))
+        if self.hadamard_block is not None:
+            object.__setattr__(self, "hadamard_block", check_block_size(self.hadamard_block,
+                                                                "hadamard_block"))
         object.__setattr__(self, "hadamard_axis", check_int("hadamard_axis", self.hadamard_axis))
-        if self.hadamard_method not in METHODS:
+        if self.hadamard_method not in HADAMARD_METHODS:
             raise ValueError(
-                f"hadamard_method must be one of {METHODS}, got {self.hadamard_method!r}"
+                f"hadamard_method must be one of {HADAMARD_METHODS}, got {self.hadamard_method!r}"
             )
         if self.hadamard_mode not in HADAMARD_MODES:
             raise ValueError(
@@ -202,7 +207,8 @@ class QuantSpec:
             raise ValueError(
                 f"{type(est).__name__} needs a uniform grid, not the float format {fmt.name}"
             )
-        if isinstance(est, LSQ) and isinstance(self.scale, S.AbsMax) and not self.scale.symmetric:
+        rule = self.scale_rule
+        if isinstance(est, LSQ) and isinstance(rule, S.AbsMax) and not rule.symmetric:
             raise ValueError("LSQ learns a symmetric step; use a symmetric scale rule for its init")
 
     def replace(self, **changes) -> QuantSpec:

@@ -21,7 +21,7 @@ from qjax._src.checkpoint import (
     TrainingCheckpoints,
     check_run_dir,
 )
-from qjax._src.config import TrainConfig, load_config, run_identity
+from qjax._src.config import RENAMED_FIELDS, TrainConfig, load_config, run_identity
 from qjax._src.methods import distill, zeroqat
 from qjax._src.models.llama import non_embedding_params
 from qjax._src.nn import double_rounding as DR
@@ -72,12 +72,12 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
     finished run of the same identity returns its recorded result without training.
 
     With ``config.mesh`` the step runs sharded (params, quantizer and optimizer state placed by
-    :data:`qjax.sharding.LLAMA_RULES`, batches over the data axes); with several processes, only
-    process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
+    :data:`qjax.models.llama.PARTITION_RULES`, batches over the data axes); with several processes,
+    only process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
     """
     lead = jax.process_index() == 0
     check_run_dir(run_dir, run_dir_identity(config, corpus), write=lead,
-                  defaults=IDENTITY_DEFAULTS)
+                  defaults=IDENTITY_DEFAULTS, renamed={"config": RENAMED_FIELDS})
     done_path = os.path.join(run_dir, "done.json")
     if os.path.exists(done_path):
         with open(done_path) as f:
@@ -332,7 +332,7 @@ def run(config: TrainConfig) -> list[dict]:
     runs = _runs(config)
     for sub, cfg in runs:
         check_run_dir(os.path.join(config.run_dir, sub), run_dir_identity(cfg, corpus),
-                      defaults=IDENTITY_DEFAULTS,
+                      defaults=IDENTITY_DEFAULTS, renamed={"config": RENAMED_FIELDS},
                       write=False)
     if lead:
         print(corpus.info.describe(), file=sys.stderr)

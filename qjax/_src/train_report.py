@@ -24,8 +24,8 @@ def label(config: TrainConfig) -> str:
     a = f"A{config.act_bits}" if config.act_bits else ""
     name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
                             else "")
-    if config.scale != "auto":
-        name += "+" + config.scale.split(":")[0]
+    if config.scale_rule != "auto":
+        name += "+" + config.scale_rule.split(":")[0]
     if config.method == "double_rounding":
         w = "W" + "/".join(map(str, config.double_rounding_bits))
     if config.mixed_precision_budget is not None:  # an average over the layers' widths

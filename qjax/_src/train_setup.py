@@ -30,6 +30,7 @@ from qjax._src.config import LOW_RANK_METHODS, TrainConfig
 from qjax._src.methods import compute_optimal
 from qjax._src.models.llama import (
     BLOCK_LINEARS,
+    PARTITION_RULES,
     Llama,
     LlamaConfig,
     non_embedding_params,
@@ -70,9 +71,10 @@ def method_from_config(config: TrainConfig
             return lowrank.qalora(weight, act(), rank=config.rank)
         return lowrank.lr_qat(weight, act(), rank=config.rank, phi_dtype=config.phi_dtype)
     return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                  block_size=config.block_size, trust=config.trust, clip=config.clip,
-                  hadamard=config.hadamard, grid=config.grid, estimator=config.estimator,
-                  scale=config.scale, integer_forward=config.integer_forward,
+                  hadamard_block=config.hadamard_block, trust=config.trust,
+                  clip_ratio=config.clip_ratio,
+                  hadamard_mode=config.hadamard_mode, grid=config.grid, estimator=config.estimator,
+                  scale_rule=config.scale_rule, integer_forward=config.integer_forward,
                   backward=config.backward)
 
 
@@ -103,7 +105,10 @@ def validate(config: TrainConfig) -> None:
         except (ValueError, TypeError) as e:
             raise type(e)(f"{e} (d_model={config.d_model})") from None
     if config.method is not None and config.schedule != "cosine":
-        schedules(config, {"probe": jnp.zeros((1,))})
+        # The model's own N, from its parameter shapes (nothing is initialized).
+        shapes = jax.eval_shape(model_from_config(config).init, jax.random.key(0),
+                                jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32))["params"]
+        schedules(config, non_embedding_params(shapes))
 
 
 def attention_from_config(config: TrainConfig) -> AttentionQuant | None:
@@ -116,21 +121,27 @@ def attention_from_config(config: TrainConfig) -> AttentionQuant | None:
                            config.kv_group)
 
 
-def build_model(config: TrainConfig, widths: Mapping[str, int] | None = None):
-    """The (quantized) reference model of ``config`` and its initial params; ``widths``
-    (``{kernel path: weight bits}``, from :func:`allocate_widths`) sets each layer's width."""
+def model_from_config(config: TrainConfig, widths: Mapping[str, int] | None = None):
+    """The (quantized) reference model of ``config``; ``widths`` (``{kernel path: weight
+    bits}``, from :func:`allocate_widths`) sets each layer's width."""
     method = method_from_config(config)
     rules = quantization_rules(method) if widths is None else \
         precision_allocate.rules_from_allocation(widths, method)
-    model = quantize_model(Llama(model_config(config), attention=attention_from_config(config)),
-                           rules)
+    return quantize_model(Llama(model_config(config), attention=attention_from_config(config)),
+                          rules)
+
+
+def build_model(config: TrainConfig, widths: Mapping[str, int] | None = None):
+    """The model of :func:`model_from_config` and its initial params."""
+    model = model_from_config(config, widths)
     sample = jnp.zeros((1, config.seq_len), jnp.int32)
     return model, model.init(jax.random.key(config.seed), sample)["params"]
 
 
-def schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSchedule]:
-    """The learning-rate schedule and QAT switch of ``config.schedule``; ``params`` gives N for
-    ``qat_fraction="optimal"`` (non-embedding parameters: the ones the blocks quantize)."""
+def schedules(config: TrainConfig, n_params: int) -> tuple[optax.Schedule, optim.QATSchedule]:
+    """The learning-rate schedule and QAT switch of ``config.schedule``; ``n_params`` is N for
+    ``qat_fraction="optimal"`` (the model's non-embedding parameters: the ones the blocks
+    quantize, :func:`qjax.models.llama.non_embedding_params`)."""
     if config.schedule == "cosine":
         return optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction), \
             optim.QATSchedule(config.qat_start if config.qat_start <= 1.0
@@ -138,8 +149,7 @@ def schedules(config: TrainConfig, params) -> tuple[optax.Schedule, optim.QATSch
     fraction = config.qat_fraction
     if fraction == "optimal":
         fraction = compute_optimal.optimal_qat_fraction(
-            config.steps * config.batch_size * config.seq_len, non_embedding_params(params),
-            config.weight_bits)
+            config.steps * config.batch_size * config.seq_len, n_params, config.weight_bits)
     make = (compute_optimal.fused_cooldown if config.schedule == "wsd_fused"
             else compute_optimal.classical_qat)
     return make(config.steps, config.lr, fraction, config.warmup_fraction)
@@ -149,7 +159,7 @@ def optimizer(config: TrainConfig, params):
     """(lr schedule, QAT switch, optax transformation); the transformation is None for
     ``method="zeroqat"``, whose zeroth-order step (:func:`qjax.methods.zeroqat.zo_step`) is
     built by the training loop around its loss."""
-    schedule, qat = schedules(config, params)
+    schedule, qat = schedules(config, non_embedding_params(params))
     if config.method == "zeroqat":
         return schedule, qat, None
     tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
@@ -261,11 +271,11 @@ class Placement:
             return
         self.mesh = sharding.make_mesh(config.mesh, axis_types=config.mesh_axis_types)
         sharding.check_batch(config.batch_size, self.mesh)
-        self.param_specs = sharding.param_specs(params, self.mesh, sharding.LLAMA_RULES)
+        self.param_specs = sharding.param_specs(params, self.mesh, PARTITION_RULES)
         method = method_from_config(config)
         if method is not None:
             lq = resolve(method, dense_layout((config.d_model, config.d_model)))
-            block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard", None)
+            block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard_block", None)
             if block:
                 sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,
                                                BLOCK_LINEARS + "/kernel")

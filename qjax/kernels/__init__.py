@@ -5,7 +5,7 @@ the integer product of the ``"xla"`` backend, are the same rule as QAT's integer
 
 from qjax._src.kernels.activation import activation_codes
 from qjax._src.kernels.api import BACKENDS, quantized_matmul, resolve_backend
-from qjax._src.kernels.blocks import BlockSizes, default_block_sizes
+from qjax._src.kernels.blocks import BlockSizes, default_hadamard_blocks
 from qjax._src.kernels.cases import Case, classify
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "classify",
     "BACKENDS",
     "BlockSizes",
-    "default_block_sizes",
+    "default_hadamard_blocks",
     "quantized_matmul",
     "resolve_backend",
 ]

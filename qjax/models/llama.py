@@ -23,6 +23,7 @@ greedy tokens).
 from qjax._src.models.llama import (
     BLOCK_LINEARS,
     MLP,
+    PARTITION_RULES,
     Attention,
     Block,
     Embed,
@@ -45,5 +46,6 @@ __all__ = [
     "LlamaConfig",
     "MLP",
     "non_embedding_params",
+    "PARTITION_RULES",
     "quantization_rules",
 ]

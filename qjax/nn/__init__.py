@@ -20,7 +20,7 @@ from qjax._src.nn.layout import (
 )
 from qjax._src.nn.lowrank import LowRankQAT, lr_qat, qalora
 from qjax._src.nn.pretrained import init_from_float
-from qjax._src.nn.recipe import METHODS, LayerQuant, Method, default_block_size, resolve
+from qjax._src.nn.recipe import METHODS, LayerQuant, Method, default_hadamard_block, resolve
 from qjax._src.nn.rewrite import QuantizedLinenModel, quantize_model, sites
 from qjax._src.nn.site import Site
 from qjax.nn import double_rounding, linen, lowrank, nnx, ops
@@ -35,7 +35,7 @@ __all__ = [
     "QuantizedLinenModel",
     "Site",
     "conv_layout",
-    "default_block_size",
+    "default_hadamard_block",
     "dense_layout",
     "einsum_layout",
     "embed_layout",

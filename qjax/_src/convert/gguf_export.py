@@ -114,7 +114,7 @@ def _out_in(node: Mapping, path: str, shape: tuple[int, int], used: set):
     k = node["kernel"]
     used.add(f"{path}/kernel")
     if isinstance(k, QArray):
-        if k.spec.hadamard is not None:
+        if k.spec.hadamard_block is not None:
             raise ValueError(f"layer {path!r} is stored Hadamard-rotated; llama.cpp does not "
                              "rotate its inputs, so it cannot run this model")
         w = k

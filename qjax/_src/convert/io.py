@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable, Mapping
 
@@ -219,9 +220,29 @@ def restore(path: str, like=None):
     if like is None:
         return plain
     expected = _manifest_qarrays(like)
-    if expected != manifest["qarrays"]:
+    if expected != {p: {**m, "spec": current_spec_repr(m["spec"])}
+                    for p, m in manifest["qarrays"].items()}:
         raise ValueError(f"{path}: the quantized layers or specs differ from the model's")
     return from_arrays(plain, like)
+
+
+# QuantSpec's field names before they were made to mean one thing each (manifests written then):
+# ``scale`` (the rule), ``hadamard`` (the block), ``Trust.clip``; and the Hadamard method's old
+# default, which a spec without a rotation still recorded.
+_SPEC_RENAMES = ((re.compile(r"\bscale=(?=[A-Z])"), "scale_rule="),
+                 (re.compile(r"\bhadamard=(?=\d|None)"), "hadamard_block="),
+                 (re.compile(r"(Trust\(multiplier=[^,]+, )clip="), r"\1clip_ratio="),
+                 (re.compile(r"(hadamard_block=None, hadamard_axis=-?\d+, hadamard_mode='\w+', "
+                             r"hadamard_method=)'butterfly'"), r"\1'matmul'"))
+
+
+def current_spec_repr(text: str) -> str:
+    """A QuantSpec repr from a manifest in today's field names (identity for current ones)."""
+    if "scale_rule=" in text:
+        return text
+    for pattern, new in _SPEC_RENAMES:
+        text = pattern.sub(new, text)
+    return text
 
 
 def _manifest_qarrays(like: Mapping) -> dict:

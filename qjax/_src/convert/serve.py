@@ -178,7 +178,7 @@ def _integer_conv(x, w: QArray, lq: LayerQuant, layout: KernelLayout, cfg: dict)
     x32 = rotate_input(x, lq, layout).astype(jnp.float32)
     reduce = tuple(range(x32.ndim)) if spec.granularity == G.PerTensor() else tuple(
         range(1, x32.ndim))
-    scale, _ = spec.scale.compute(x32, reduce, spec.format)
+    scale, _ = spec.scale_rule.compute(x32, reduce, spec.format)
     xi, xs = int8_operand(E.encode(x32, scale, None, spec.format), scale, spec.format)
     wi, ws = int8_operand(w.codes_float32(), w.scale, w.spec.format)
     check_int32_sum(layout.k, spec.format, w.spec.format)

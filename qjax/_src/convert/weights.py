@@ -83,7 +83,7 @@ def serving_spec(spec: SP.QuantSpec) -> SP.QuantSpec:
     """
     if not isinstance(spec, SP.QuantSpec):
         raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
-    moved = {} if spec.hadamard is None else {
+    moved = {} if spec.hadamard_block is None else {
         "hadamard_axis": _other_axis(spec.hadamard_axis, "spec.hadamard_axis")}
     return spec.replace(granularity=_transpose_granularity(spec.granularity), **moved)
 

@@ -13,7 +13,7 @@ the whole ``x``, broadcast to every row: the kernels always read one multiplier 
 whose scale rule is a row statistic the kernel computes (:func:`row_kernel_reason`: ``AbsMax``,
 ``RmsGaussian``); every other accepted spec (per tensor, MSE search, percentile) is quantized by
 ``activation_codes`` as XLA ops before the matmul kernel. QuEST's Hadamard rotation is applied by
-the caller before this op (``act_spec.hadamard`` is ignored here).
+the caller before this op (``act_spec.hadamard_block`` is ignored here).
 
 Both refuse a spec whose codes they cannot reproduce (unsigned or fp4 grids, zero points, other
 granularities, learned scales, ...): for integer grids the rule is the activation half of
@@ -83,8 +83,9 @@ def row_kernel_reason(spec: SP.QuantSpec) -> str | None:
     if spec.granularity != G.PerRow(-1):
         return (f"spec granularity must be PerRow(-1) (per token) for the row kernel, got "
                 f"{spec.granularity}; use activation_codes (XLA) for per-tensor scales")
-    if not isinstance(spec.scale, ROW_KERNEL_SCALES):
-        return (f"spec scale must be AbsMax or RmsGaussian for the row kernel, got {spec.scale}; "
+    if not isinstance(spec.scale_rule, ROW_KERNEL_SCALES):
+        return ("spec scale must be AbsMax or RmsGaussian for the row kernel, got "
+                f"{spec.scale_rule}; "
                 "use activation_codes (XLA)")
     return None
 

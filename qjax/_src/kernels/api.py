@@ -229,7 +229,7 @@ def quantized_matmul(
         kind = "pallas_gpu" if resolved == "pallas_gpu" else "pallas_tpu"
         m = max(1, math.prod(x.shape[:-1]))
         opd = _operand_dtype(case, x.dtype, w.dtype)
-        bs = block_sizes or B.default_block_sizes(case, m, opd, out, kind)
+        bs = block_sizes or B.default_hadamard_blocks(case, m, opd, out, kind)
         B.validate_block_sizes(bs, case, opd, out, kind)
     elif block_sizes is not None:
         B.validate_block_sizes(block_sizes, case, x.dtype, out, "pallas_tpu")

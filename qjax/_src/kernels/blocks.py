@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from qjax._src._checks import check_pos_int
 from qjax._src.kernels.cases import Case, round_up
 
-__all__ = ["BlockSizes", "default_block_sizes", "validate_block_sizes"]
+__all__ = ["BlockSizes", "default_hadamard_blocks", "validate_block_sizes"]
 
 BACKENDS_WITH_BLOCKS = ("pallas_tpu", "pallas_gpu", "interpret")
 
@@ -83,7 +83,7 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def default_block_sizes(case: Case, m: int, x_dtype, out_dtype, backend: str) -> BlockSizes:
+def default_hadamard_blocks(case: Case, m: int, x_dtype, out_dtype, backend: str) -> BlockSizes:
     """Per-backend defaults, clipped to the problem so that tiny shapes pad little.
 
     ``m`` is the number of rows of x (at least 1); ``backend`` one of ``BACKENDS_WITH_BLOCKS``

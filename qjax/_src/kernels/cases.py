@@ -112,8 +112,8 @@ FP8_ACT_SCALES = (S.AbsMax, S.RmsGaussian)
 def _fp8_act_reason(a: SP.QuantSpec, name: str) -> str | None:
     if a.granularity != G.PerRow(-1):
         return f"{name} granularity must be PerRow(-1) (per token) for fp8, got {a.granularity}"
-    if not isinstance(a.scale, FP8_ACT_SCALES):
-        return f"{name} scale must be AbsMax or RmsGaussian for fp8, got {a.scale}"
+    if not isinstance(a.scale_rule, FP8_ACT_SCALES):
+        return f"{name} scale must be AbsMax or RmsGaussian for fp8, got {a.scale_rule}"
     return int8.recompute_reason(a, name)
 
 
@@ -177,7 +177,7 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     if isinstance(fmt, F.FloatFormat) and not _is_fp8(fmt):
         raise ValueError(f"weight format {fmt.name} is not supported; use an integer, midrise, "
                          "ternary or fp8 (e4m3/e5m2) format")
-    if spec.hadamard is not None and spec.hadamard_mode != "half":
+    if spec.hadamard_block is not None and spec.hadamard_mode != "half":
         raise ValueError("w was quantized with a full Hadamard rotation; kernels need the "
                          "'half' form (codes of the rotated weight, x rotated by the caller)")
     gran = spec.granularity
@@ -212,7 +212,7 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
     if group is not None and group % (8 // bits if bits in PACKED_BITS else 1):
         raise ValueError(f"group size {group} must be a multiple of the {8 // bits} codes per "
                          f"byte of a {bits}-bit format")
-    plain = None if act_spec is None else act_spec.replace(hadamard=None)
+    plain = None if act_spec is None else act_spec.replace(hadamard_block=None)
     return Case(kind, n, k, bits, group, fmt, plain, has_zero, w.dtype)
 
 

@@ -12,55 +12,59 @@ from qjax._src import spec as SP
 from qjax._src.hadamard import check_block_size, hadamard_transform, saturating_cast
 from qjax._src.quantize import fake_quant as core_fake_quant
 
-__all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_FORMS"]
+__all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_MODES"]
 
-HADAMARD_FORMS = ("half", "full", None)
+# The rotation of a QuEST operand: a QuantSpec's hadamard_mode, or None for no rotation.
+HADAMARD_MODES = (*SP.HADAMARD_MODES, None)
 
 
-def _check_hadamard(hadamard: object, block_size: object) -> None:
-    # Both always, also where they end up unused (hadamard=None ignores block_size, bits=None
-    # skips the quantizer that would check them): a typo must not silently change the layer.
-    if hadamard not in HADAMARD_FORMS:
-        raise ValueError(f"hadamard must be one of {HADAMARD_FORMS}, got {hadamard!r}")
-    check_block_size(block_size)
+def _check_hadamard(hadamard_mode: object, hadamard_block: object) -> None:
+    # Both always, also where they end up unused (hadamard_mode=None ignores hadamard_block,
+    # bits=None skips the quantizer that would check them): a typo must not silently change the
+    # layer.
+    if hadamard_mode not in HADAMARD_MODES:
+        raise ValueError(f"hadamard_mode must be one of {HADAMARD_MODES}, got {hadamard_mode!r}")
+    check_block_size(hadamard_block, "hadamard_block")
 
 
 def spec(
     bits: int,
     *,
-    hadamard: str | None = "half",
+    hadamard_mode: str | None = "half",
     trust: float = 1.0,
-    clip: float | None = None,
-    block_size: int = 128,
+    clip_ratio: float | None = None,
+    hadamard_block: int = 128,
     axis: int = -1,
     hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
+    scale_rule: S.ScaleRule | str | None = None,
 ) -> SP.QuantSpec:
     """The :class:`~qjax.QuantSpec` of QuEST at ``bits`` for rows along ``axis``.
 
     Args:
       bits: 1 to 8.
-      hadamard: ``"half"``, ``"full"`` or None.
+      hadamard_mode: ``"half"``, ``"full"`` or None.
       trust: trust multiplier ``m`` (1.0 = half a step, the paper's default).
-      clip: if set, the clip mask ``1[|x| <= clip * c]`` replaces the trust mask (W1A1: 1.3).
-      block_size: Hadamard block (power of two dividing the row length).
+      clip_ratio: if set, the clip mask ``1[|x| <= clip_ratio * c]`` replaces the trust mask
+        (W1A1: 1.3).
+      hadamard_block: Hadamard block (power of two dividing the row length).
       axis: the row (contraction) axis: quantization statistics and rotation run along it.
       hadamard_method: ``"matmul"`` (default: dense block matmul, fastest on CPU BLAS and TPU
         MXUs) or ``"butterfly"`` (O(n log n)); see :func:`qjax.hadamard_transform`.
-      scale: None (QuEST: :class:`~qjax.RmsGaussian`, the MSE-optimal clip for Gaussian rows) or
+      scale_rule: None (QuEST: :class:`~qjax.RmsGaussian`, the MSE-optimal clip for Gaussian
+        rows) or
         another rule or rule name (see :func:`qjax._src.scales.as_scale_rule`), e.g.
         ``"mse:8:0.6"``:
         the clip with least squared error on the row itself, for rows that are not Gaussian.
     """
-    _check_hadamard(hadamard, block_size)
+    _check_hadamard(hadamard_mode, hadamard_block)
     return SP.QuantSpec(
         format=F.Midrise(bits),
         granularity=G.PerRow(axis),
-        scale=S.RmsGaussian() if scale is None else S.as_scale_rule(scale),
-        estimator=SP.Trust(multiplier=trust, clip=clip),
-        hadamard=None if hadamard is None else block_size,
+        scale_rule=S.RmsGaussian() if scale_rule is None else S.as_scale_rule(scale_rule),
+        estimator=SP.Trust(multiplier=trust, clip_ratio=clip_ratio),
+        hadamard_block=None if hadamard_mode is None else hadamard_block,
         hadamard_axis=axis,
-        hadamard_mode="full" if hadamard is None else hadamard,
+        hadamard_mode="full" if hadamard_mode is None else hadamard_mode,
         hadamard_method=hadamard_method,
     )
 
@@ -68,24 +72,25 @@ def spec(
 def fake_quant(
     x: jax.Array,
     bits: int,
-    hadamard: str | None = "half",
+    hadamard_mode: str | None = "half",
     trust: float = 1.0,
-    clip: float | None = None,
+    clip_ratio: float | None = None,
     *,
-    block_size: int = 128,
+    hadamard_block: int = 128,
     axis: int = -1,
     hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
+    scale_rule: S.ScaleRule | str | None = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """QuEST fake quantization of ``x`` along ``axis`` (same shape and dtype as ``x``).
 
-    With ``hadamard="half"`` the result is in the rotated basis. See :func:`spec`. Inside
+    With ``hadamard_mode="half"`` the result is in the rotated basis. See :func:`spec`. Inside
     ``shard_map``, ``axis_name`` names the mesh axis that splits ``axis``: the RMS is then the
     global one (see :func:`qjax.fake_quant`).
     """
-    s = spec(bits, hadamard=hadamard, trust=trust, clip=clip, block_size=block_size, axis=axis,
-             hadamard_method=hadamard_method, scale=scale)
+    s = spec(bits, hadamard_mode=hadamard_mode, trust=trust, clip_ratio=clip_ratio,
+             hadamard_block=hadamard_block, axis=axis, hadamard_method=hadamard_method,
+             scale_rule=scale_rule)
     return core_fake_quant(x, s, axis_name=axis_name)
 
 
@@ -95,12 +100,12 @@ def quantize_dense_operands(
     *,
     bits_x: int | None,
     bits_w: int | None,
-    hadamard: str | None = "half",
+    hadamard_mode: str | None = "half",
     trust: float = 1.0,
-    clip: float | None = None,
-    block_size: int = 128,
+    clip_ratio: float | None = None,
+    hadamard_block: int = 128,
     hadamard_method: str = "matmul",
-    scale: S.ScaleRule | str | None = None,
+    scale_rule: S.ScaleRule | str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fake-quantized operands of ``x @ kernel`` (Flax layout: ``x (..., K)``, ``kernel (K, N)``).
 
@@ -109,7 +114,7 @@ def quantize_dense_operands(
     precision (rotated in the half form so the product is unchanged, and cast back to its dtype
     saturating at the dtype's largest finite value, as :func:`qjax.fake_quant` does).
     """
-    _check_hadamard(hadamard, block_size)
+    _check_hadamard(hadamard_mode, hadamard_block)
     if kernel.ndim != 2:
         raise ValueError(f"kernel must have shape (K, N), got {kernel.shape}")
     if x.shape[-1] != kernel.shape[0]:
@@ -119,10 +124,11 @@ def quantize_dense_operands(
 
     def one(a, bits, axis):
         if bits is not None:
-            return fake_quant(a, bits, hadamard, trust, clip, block_size=block_size, axis=axis,
-                              hadamard_method=hadamard_method, scale=scale)
-        if hadamard == "half":
-            rotated = hadamard_transform(a, block_size, axis=axis, method=hadamard_method)
+            return fake_quant(a, bits, hadamard_mode, trust, clip_ratio,
+                              hadamard_block=hadamard_block, axis=axis,
+                              hadamard_method=hadamard_method, scale_rule=scale_rule)
+        if hadamard_mode == "half":
+            rotated = hadamard_transform(a, hadamard_block, axis=axis, method=hadamard_method)
             return saturating_cast(rotated, a.dtype)  # as fake_quant: finite stays finite
         return a
 
@@ -133,8 +139,8 @@ def dense(x: jax.Array, kernel: jax.Array, *, precision=None, **operands) -> jax
     """QuEST linear layer ``Q(x H) @ Q(W H)^T`` with ``kernel = W^T`` of shape ``(K, N)``.
 
     ``operands`` are the keyword arguments of :func:`quantize_dense_operands` (``bits_x``,
-    ``bits_w``, ``hadamard``, ``trust``, ``clip``, ``block_size``, ``hadamard_method``,
-    ``scale``).
+    ``bits_w``, ``hadamard_mode``, ``trust``, ``clip_ratio``, ``hadamard_block``,
+    ``hadamard_method``, ``scale_rule``).
     """
     xq, wq = quantize_dense_operands(x, kernel, **operands)
     return jnp.matmul(xq, wq, precision=precision)

@@ -26,12 +26,24 @@ from qjax._src.nn.recipe import Method
 
 __all__ = [
     "LlamaConfig", "Llama", "quantization_rules", "non_embedding_params", "BLOCK_LINEARS",
-    "init_caches", "greedy_generate",
+    "init_caches", "greedy_generate", "PARTITION_RULES",
 ]
 
 #: Paths of the linear layers inside the blocks: ``blocks_<i>/attn/{q,k,v,o}``,
 #: ``blocks_<i>/mlp/{gate,up,down}``.
 BLOCK_LINEARS = r"blocks_\d+/(attn/[qkvo]|mlp/(gate|up|down))"
+
+
+#: Partition rules of :class:`Llama` for :func:`qjax.sharding.param_specs` (q/k/v/gate/up
+#: column-parallel, o/down row-parallel; the LM head and the embedding split over ``fsdp`` only,
+#: so the logits keep the whole vocabulary for the loss).
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"blocks_\d+/(attn/[qkv]|mlp/(gate|up))/kernel", P("fsdp", "tensor")),
+    (r"blocks_\d+/(attn/o|mlp/down)/kernel", P("tensor", "fsdp")),
+    (r"lm_head/kernel", P("fsdp", None)),
+    (r"embed/embedding", P(None, "fsdp")),
+    (r".*norm/scale", P()),
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ def init_scale(w: jax.Array, recipe: DoubleRounding) -> jax.Array:
     """``s_h = max|W| / qmax_h`` per block of the ``(K, N)`` matrix (blocked scale shape)."""
     spec = recipe.spec()
     lay = G.layout(spec.granularity, w.shape)
-    s, _ = spec.scale.compute(lay.block(w.astype(jnp.float32)), lay.reduce_axes, spec.format)
+    s, _ = spec.scale_rule.compute(lay.block(w.astype(jnp.float32)), lay.reduce_axes, spec.format)
     return s
 
 

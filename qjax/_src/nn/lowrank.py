@@ -67,14 +67,14 @@ class LowRankQAT:
         reason = None
         if not (isinstance(fmt, F.IntFormat) and fmt.signed):
             reason = f"format {fmt.name} (a signed integer grid is needed)"
-        elif w.hadamard is not None:
+        elif w.hadamard_block is not None:
             reason = "a Hadamard rotation"
         elif w.rounding == "stochastic":
             reason = "stochastic rounding"
         elif isinstance(w.estimator, SP.LEARNED_SCALE_ESTIMATORS):
             reason = "a learned-scale estimator (the recipe learns its own scale)"
-        elif isinstance(w.scale, S.AbsMax) and not w.scale.symmetric or isinstance(
-                w.scale, S.TorchAOAffine) and not w.scale.symmetric:
+        elif isinstance(w.scale_rule, S.AbsMax) and not w.scale_rule.symmetric or isinstance(
+                w.scale_rule, S.TorchAOAffine) and not w.scale_rule.symmetric:
             reason = "a zero point"
         if reason:
             raise ValueError(f"{self.kind} cannot use a weight spec with {reason}")

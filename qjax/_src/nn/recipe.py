@@ -31,7 +31,7 @@ from qjax._src.nn.layout import KernelLayout
 from qjax._src.qdot import integer_forward_reason
 
 __all__ = ["LayerQuant", "Method", "METHODS", "resolve", "as_target", "learned",
-           "default_block_size"]
+           "default_hadamard_block"]
 
 METHODS = ("quest", "lsq", "pact", "ste")
 MAX_AUTO_BLOCK = 128
@@ -95,16 +95,16 @@ class LayerQuant:
 
     def half_block(self, operand: str) -> int | None:
         s = getattr(self, operand)
-        if s is None or s.hadamard is None or s.hadamard_mode != "half":
+        if s is None or s.hadamard_block is None or s.hadamard_mode != "half":
             return None
-        return s.hadamard
+        return s.hadamard_block
 
     @property
     def rotation(self) -> tuple[int, str] | None:
         """``(block_size, method)`` of the half-form rotation both operands share, or None."""
         for s in (self.weight, self.activation):
-            if s is not None and s.hadamard is not None and s.hadamard_mode == "half":
-                return s.hadamard, s.hadamard_method
+            if s is not None and s.hadamard_block is not None and s.hadamard_mode == "half":
+                return s.hadamard_block, s.hadamard_method
         return None
 
     def replace(self, **changes) -> LayerQuant:
@@ -118,7 +118,7 @@ def _check_backward(backward: object, integer_forward: bool) -> None:
                          "integer_forward=True too")
 
 
-def default_block_size(dim: int, cap: int = MAX_AUTO_BLOCK) -> int:
+def default_hadamard_block(dim: int, cap: int = MAX_AUTO_BLOCK) -> int:
     """The largest power of two ``<= cap`` that divides ``dim`` (1 for odd ``dim``)."""
     b = 1
     while b * 2 <= cap and dim % (b * 2) == 0:
@@ -130,7 +130,7 @@ def default_block_size(dim: int, cap: int = MAX_AUTO_BLOCK) -> int:
 class Method:
     """A named recipe at given bit widths (``act_bits=None``: weight-only).
 
-    * ``quest``: RMS-Gaussian scales per row, trust estimator (``clip`` switches to the clip
+    * ``quest``: RMS-Gaussian scales per row, trust estimator (``clip_ratio`` switches to the clip
       mask, e.g. 1.3 for W1A1; ``estimator="ste"`` or ``"clipped_ste"`` replaces it), half
       Hadamard on both operands.
     * ``lsq``: learned steps per output channel (weights) and per tensor (inputs).
@@ -143,16 +143,16 @@ class Method:
     ``pact``) rather than per token, so that an integer convolution can serve them (one scale
     per output pixel's whole receptive field).
 
-    ``block_size`` is the Hadamard block along K (for convolutions, along the input channels).
+    ``hadamard_block`` is the Hadamard block along K (for convolutions, along the input channels).
     None (the default) picks, per layer, the largest power of two ``<= 128`` dividing it; an
     explicit size that does not divide a layer's K is an error naming the layer.
-    ``scale`` (a rule or rule name, see :func:`qjax._src.scales.as_scale_rule`) replaces the scale
-    rule
+    ``scale_rule`` (a rule or rule name, see :func:`qjax._src.scales.as_scale_rule`) replaces the
+    scale rule
     of both operands for ``quest`` (default :class:`~qjax.RmsGaussian`; e.g. ``"mse:8:0.6"``
     searches the clip with least squared error per row) and ``ste`` (default
     :class:`~qjax.AbsMax`); ``lsq`` and ``pact`` learn theirs, so only ``"auto"``.
     ``grid`` is ``"midrise"`` (QuEST's ``2^b`` levels without zero) or ``"int"`` (signed
-    integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard`` is
+    integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard_mode`` is
     ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others.
     ``weight_axis_name`` / ``activation_axis_name`` go to :class:`LayerQuant` (``shard_map`` only).
     ``integer_forward`` applies to dense layers without batch axes; convolutions (served as
@@ -160,25 +160,25 @@ class Method:
     (needs ``integer_forward=True``) gives those integer-forward layers int8 gradient matmuls
     (see :class:`LayerQuant`); the other layers keep the float backward.
 
-    The fields are checked here, also those the method ignores (``block_size`` without a
-    Hadamard, ``trust`` outside QuEST): ``block_size`` a positive power of two or None,
-    ``trust`` finite and positive, ``clip`` finite and positive or None, ``integer_forward`` a
+    The fields are checked here, also those the method ignores (``hadamard_block`` without a
+    Hadamard, ``trust`` outside QuEST): ``hadamard_block`` a positive power of two or None,
+    ``trust`` finite and positive, ``clip_ratio`` finite and positive or None, ``integer_forward`` a
     bool, ``backward`` ``"float"`` or ``"int8"``. A 1-bit ``"int"`` grid ``{-1, 0}`` has no
     positive level, which the default scale rules and the learned steps of LSQ and PACT need:
-    1 bit takes the midrise grid (or, for ``quest`` and ``ste``, a ``scale`` rule that copes,
+    1 bit takes the midrise grid (or, for ``quest`` and ``ste``, a ``scale_rule`` that copes,
     e.g. asymmetric absmax).
     """
 
     name: str
     weight_bits: int | None = 4
     act_bits: int | None = 4
-    block_size: int | None = None
+    hadamard_block: int | None = None
     trust: float = 1.0
-    clip: float | None = None
-    hadamard: str | None = "auto"
+    clip_ratio: float | None = None
+    hadamard_mode: str | None = "auto"
     grid: str = "auto"
     estimator: str = "auto"
-    scale: S.ScaleRule | str = "auto"
+    scale_rule: S.ScaleRule | str = "auto"
     integer_forward: bool = False
     weight_axis_name: str | tuple[str, ...] | None = None
     activation_axis_name: str | tuple[str, ...] | None = None
@@ -191,8 +191,9 @@ class Method:
             bits = getattr(self, name)
             if bits is not None:
                 check_int(name, bits, 1, 8)
-        if self.hadamard not in quest.HADAMARD_FORMS + ("auto",):
-            raise ValueError(f"hadamard must be one of {quest.HADAMARD_FORMS + ('auto',)}")
+        if self.hadamard_mode not in quest.HADAMARD_MODES + ("auto",):
+            raise ValueError(f"hadamard_mode must be one of {quest.HADAMARD_MODES + ('auto',)}, "
+                             f"got {self.hadamard_mode!r}")
         if self.grid not in ("auto", "midrise", "int"):
             raise ValueError(f"grid must be 'auto', 'midrise' or 'int', got {self.grid!r}")
         allowed = {"quest": ("auto", "trust", "ste", "clipped_ste"),
@@ -200,23 +201,24 @@ class Method:
         if self.estimator not in allowed:
             raise ValueError(f"estimator of {self.name} must be one of {allowed}, "
                              f"got {self.estimator!r}")
-        if self.scale != "auto":
+        if self.scale_rule != "auto":
             if self.name not in ("quest", "ste"):
-                raise ValueError(f"scale of {self.name} must be 'auto' (it learns its scales), "
-                                 f"got {self.scale!r}")
-            S.as_scale_rule(self.scale)  # fails early on a bad name
-        if self.block_size is not None:
-            check_block_size(self.block_size)
+                raise ValueError(f"scale_rule of {self.name} must be 'auto' (it learns its "
+                                 "scales), "
+                                 f"got {self.scale_rule!r}")
+            S.as_scale_rule(self.scale_rule)  # fails early on a bad name
+        if self.hadamard_block is not None:
+            check_block_size(self.hadamard_block, "hadamard_block")
         check_real("trust", self.trust, 0.0, low_open=True)
-        if self.clip is not None:
-            check_real("clip", self.clip, 0.0, low_open=True)
+        if self.clip_ratio is not None:
+            check_real("clip_ratio", self.clip_ratio, 0.0, low_open=True)
         check_bool("integer_forward", self.integer_forward)
         check_axis_name("weight_axis_name", self.weight_axis_name)
         check_axis_name("activation_axis_name", self.activation_axis_name)
         _check_backward(self.backward, self.integer_forward)
         for name in ("weight_bits", "act_bits"):
             bits = getattr(self, name)
-            if bits is None or self.scale != "auto":
+            if bits is None or self.scale_rule != "auto":
                 continue
             # LSQ divides by sqrt(max_level), PACT's step is alpha / max_level, and the default
             # rules (RMS-Gaussian, symmetric absmax) need a positive level too.
@@ -227,7 +229,7 @@ class Method:
                     f"level); allowed {name}: 2..8, or 1..8 with grid='midrise'")
 
     def _scale(self, default: S.ScaleRule) -> S.ScaleRule:
-        return default if self.scale == "auto" else S.as_scale_rule(self.scale)
+        return default if self.scale_rule == "auto" else S.as_scale_rule(self.scale_rule)
 
     def _format(self, bits: int) -> F.Format:
         midrise = self.grid == "midrise" or (self.grid == "auto" and self.name == "quest")
@@ -235,21 +237,23 @@ class Method:
 
     def _block(self, layout: KernelLayout) -> int | None:
         """The Hadamard block for ``layout``, or None when there is no rotation."""
-        hadamard = self.hadamard
+        hadamard = self.hadamard_mode
         if hadamard == "auto":
             hadamard = "half" if self.name == "quest" else None
         if hadamard is None or layout.kind == "embed":
             return None
         dim = layout.channels if layout.kind == "conv" else layout.k
-        if self.block_size is None:
-            b = default_block_size(dim)
+        if self.hadamard_block is None:
+            b = default_hadamard_block(dim)
             return None if b == 1 else b
-        if dim % self.block_size:
+        if dim % self.hadamard_block:
             what = "input channels" if layout.kind == "conv" else "K (contracted size)"
-            raise ValueError(f"Hadamard block_size {self.block_size} does not divide the "
-                             f"{what} {dim}; leave block_size=None to pick the largest power of "
+            raise ValueError(f"Hadamard block hadamard_block={self.hadamard_block} does not "
+                             "divide the "
+                             f"{what} {dim}; leave hadamard_block=None to pick the largest "
+                             "power of "
                              f"two <= {MAX_AUTO_BLOCK} that divides it")
-        return self.block_size
+        return self.hadamard_block
 
     def layer_quant(self, layout: KernelLayout) -> LayerQuant:
         """Specs for one layer (see the module docstring for the axes they refer to)."""
@@ -259,20 +263,21 @@ class Method:
         embed, conv = layout.kind == "embed", layout.kind == "conv"
         wb, ab = self.weight_bits, None if embed else self.act_bits
         block = self._block(layout)
-        mode = "half" if self.hadamard == "auto" else self.hadamard
+        mode = "half" if self.hadamard_mode == "auto" else self.hadamard_mode
 
         def make(bits, granularity, scale, estimator, axis):
             if bits is None:
                 return None
             rot = {} if block is None else dict(
-                hadamard=block, hadamard_axis=axis, hadamard_mode=mode, hadamard_method="matmul")
+                hadamard_block=block, hadamard_axis=axis, hadamard_mode=mode,
+                hadamard_method="matmul")
             return SP.QuantSpec(self._format(bits), granularity, scale, estimator, **rot)
 
         w_gran = G.PerRow(0)
         a_stat = G.PerAxis(0) if conv else G.PerRow(-1)  # per example / per token
         if self.name == "quest":
             est = {"ste": SP.STE(), "clipped_ste": SP.ClippedSTE()}.get(
-                self.estimator, SP.Trust(self.trust, self.clip))
+                self.estimator, SP.Trust(self.trust, self.clip_ratio))
             rule = self._scale(S.RmsGaussian())
             w = make(wb, w_gran, rule, est, 0)
             a = make(ab, a_stat, rule, est, -1)
@@ -320,24 +325,24 @@ def _check_weight_axes(spec: SP.QuantSpec, layout: KernelLayout) -> None:
                          "(axis 1), e.g. PerRow(0)")
     if isinstance(g, G.PerGroup) and layout.k % g.size:
         raise ValueError(f"weight group size {g.size} does not divide K = {layout.k}")
-    if spec.hadamard is not None:
+    if spec.hadamard_block is not None:
         if spec.hadamard_axis not in along_k:
             raise ValueError(f"weight hadamard_axis={spec.hadamard_axis} is not K (axis 0 of "
                              "the (K, N) matrix)")
         dim = layout.channels if layout.kind == "conv" else layout.k
-        if dim % spec.hadamard:
-            raise ValueError(f"weight Hadamard block {spec.hadamard} does not divide {dim}")
+        if dim % spec.hadamard_block:
+            raise ValueError(f"weight Hadamard block {spec.hadamard_block} does not divide {dim}")
 
 
 def _check_activation_axes(spec: SP.QuantSpec, layout: KernelLayout) -> None:
-    if spec.hadamard is None:
+    if spec.hadamard_block is None:
         return
     if spec.hadamard_axis != -1:
         raise ValueError(f"activation hadamard_axis={spec.hadamard_axis} is not the input's "
                          "last axis (-1)")
     dim = layout.channels if layout.kind == "conv" else layout.k
-    if dim % spec.hadamard:
-        raise ValueError(f"activation Hadamard block {spec.hadamard} does not divide {dim}")
+    if dim % spec.hadamard_block:
+        raise ValueError(f"activation Hadamard block {spec.hadamard_block} does not divide {dim}")
 
 
 def resolve(target: Target, layout: KernelLayout, path: str | None = None) -> LayerQuant:
