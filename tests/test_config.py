@@ -101,7 +101,7 @@ def test_backward_field():
         r"backward must be one of \('float', 'int8'\), got 'fp8'": ["backward=fp8"],
         "backward='int8' reuses the int8 codes of the integer forward: set integer_forward=true":
             ["backward=int8"],
-        "backward='int8' is for method quest, lsq, pact or ste": [
+        "integer_forward is for method quest, lsq, pact or ste": [
             "method=double_rounding", "weight_bits=8", "integer_forward=true", "backward=int8"],
     }
     for message, overrides in bad.items():
@@ -138,3 +138,13 @@ def test_run_identity_keeps_what_changes_results_only():
 def test_a_renamed_override_names_its_new_name(old, new):
     with pytest.raises(ValueError, match=f"config key '{old}' is now '{new}'"):
         apply_overrides(TrainConfig(), [f"{old}=1"])
+
+
+@pytest.mark.parametrize("method", ["lr_qat", "qalora", "zeroqat", "double_rounding"])
+def test_integer_forward_is_refused_where_it_would_be_ignored(method):
+    # Everything else valid for the method (zeroqat fine-tunes from init_from; Double Rounding
+    # stores its highest width), so the message is integer_forward's.
+    extra = {"zeroqat": ["init_from=runs/x"], "double_rounding": ["weight_bits=8"]}.get(method, [])
+    with pytest.raises(ValueError, match=f"integer_forward is for method .* got method='{method}'"):
+        apply_overrides(TrainConfig(), [f"method={method}", *extra, "integer_forward=true"])
+    assert apply_overrides(TrainConfig(), ["method=ste", "integer_forward=true"]).integer_forward

@@ -228,20 +228,27 @@ class TrainConfig:
                                  f"{self.weight_bits}")
 
     def _check_backward(self) -> None:
-        """``backward`` one of :data:`qjax._src.quantized_backward.BACKWARDS`; a quantized one needs
+        """``integer_forward`` only with a method whose layers are :class:`qjax.nn.Method` recipes;
+        ``backward`` one of :data:`qjax._src.quantized_backward.BACKWARDS`; a quantized one needs
         ``integer_forward`` (it reuses the forward's int8 codes) and a method whose layers are
         :class:`qjax.nn.Method` recipes. A float run (``method=None``, e.g. the baseline of such
         a run) ignores it."""
         QB.check_backward(self.backward, "backward")
+        if not isinstance(self.integer_forward, bool):
+            raise ValueError(f"integer_forward must be true or false, got "
+                             f"{self.integer_forward!r}")
+        if (self.integer_forward and self.method is not None
+                and self.method not in RECIPE_METHODS):
+            # These methods build their own layers (low-rank, zeroth-order, multi-precision):
+            # an integer forward would be silently ignored.
+            names = f"{', '.join(RECIPE_METHODS[:-1])} or {RECIPE_METHODS[-1]}"
+            raise ValueError(f"integer_forward is for method {names} (qjax.nn.Method layers), "
+                             f"got method={self.method!r}")
         if self.backward == "float":
             return
         if not self.integer_forward:
             raise ValueError(f"backward={self.backward!r} reuses the int8 codes of the integer "
                              "forward: set integer_forward=true too")
-        if self.method is not None and self.method not in RECIPE_METHODS:
-            names = f"{', '.join(RECIPE_METHODS[:-1])} or {RECIPE_METHODS[-1]}"
-            raise ValueError(f"backward={self.backward!r} is for method {names} (qjax.nn.Method "
-                             f"layers with integer_forward), got method={self.method!r}")
 
     def _check_attention(self) -> None:
         """Bit widths in 2..8 (``kv_bits``: 2, 4 or 8) or None; ``kv_group`` only with
