@@ -5,7 +5,9 @@
    linears, with (a) float attention, (b) int8 Q/K/V per token and head and 8-bit attention
    probabilities per row (``attn_bits=8 attn_prob_bits=8``), (c) (b) with K and V int4 per
    token, head and group of 32 channels, as the served KV cache stores them (``kv_bits=4
-   kv_group=32``). Validation loss per seed; each seed is a paired run (same init and batches).
+   kv_group=32``); (b) and (c) again with EdgeQAT's entropy and attention-map loss terms
+   (:mod:`qjax.methods.edgeqat`, weights 0.5 and 1). Validation loss per seed; each seed is a
+   paired run (same init and batches).
 2. KV-cache bytes per token (all layers, keys and values) in float32, int8 and int4.
 3. Greedy decoding (``qjax.models.llama.greedy_generate``, jitted, prefill 16 tokens then 112
    one at a time) with the cache in float32, int8 and int4: tokens per second at batch 1 and 8,
@@ -39,12 +41,20 @@ try:
 except ImportError:  # run as a script from the benchmarks folder
     from _timing import interleaved_medians, machine, write_results
 
+# EdgeQAT's entropy and attention-map terms (qjax.methods.edgeqat) at the authors' weights; the
+# attention term's teacher is the float forward of the current weights (trained from scratch).
+EDGEQAT = dict(edgeqat_entropy=0.5, edgeqat_attention=1.0)
 ROWS = {
     "W4A4 linears, float attention": {},
     "+ int8 Q/K/V, 8-bit probabilities": dict(attn_bits=8, attn_prob_bits=8),
     "+ int4 K/V (cache), 8-bit Q and probabilities": dict(attn_bits=8, attn_prob_bits=8,
                                                          kv_bits=4, kv_group=32),
+    "+ int8 Q/K/V, 8-bit probabilities, EdgeQAT loss": dict(attn_bits=8, attn_prob_bits=8,
+                                                           **EDGEQAT),
+    "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT loss": dict(
+        attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32, **EDGEQAT),
 }
+SLUGS = ("float_attn", "int8_attn", "int4_kv", "int8_attn_edgeqat", "int4_kv_edgeqat")
 CACHES = {"float32": None, "int8": A.attention_quant(None, None, kv_bits=8),
           "int4 (group 32)": A.attention_quant(None, None, kv_bits=4, kv_group=32)}
 QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,
@@ -52,7 +62,7 @@ QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,
 
 
 def _config(row: str, seed: int, quick: bool, runs_dir: str):
-    slug = ["float_attn", "int8_attn", "int4_kv"][list(ROWS).index(row)]
+    slug = SLUGS[list(ROWS).index(row)]
     fields = {**ROWS[row], "seed": seed, "baseline": False, **(QUICK if quick else {})}
     return dataclasses.replace(get_config(), name=slug, **fields,
                                out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))

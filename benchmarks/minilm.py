@@ -196,7 +196,7 @@ def main(quick: bool = False, qat_steps: int = 100) -> None:
     payload = {"machine": machine(), "sentences": n, "corpus_sha256": corpus_hash,
                "quick": quick, "repeats": repeats, "rows": rows,
                "float_bytes_total": f_total, "float_bytes_kernels": f_kernels}
-    md = [f"# all-MiniLM-L6-v2 PTQ ({n} stdlib docstrings, corpus {corpus_hash})", "",
+    md = [f"# all-MiniLM-L6-v2 PTQ and QAT/KD ({n} stdlib docstrings, corpus {corpus_hash})", "",
           "| case | cos mean | cos min | top-1 | top-5 | bytes (MB) | kernels (MB) | "
           "b=1 latency | b=32 latency |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

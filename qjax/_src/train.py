@@ -11,8 +11,10 @@ import time
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from qjax._src import data as D
 from qjax._src.atomic_files import write_json_atomically
@@ -22,7 +24,7 @@ from qjax._src.checkpoint import (
     check_run_dir,
 )
 from qjax._src.config import RENAMED_FIELDS, TrainConfig, load_config, run_identity
-from qjax._src.methods import distill, zeroqat
+from qjax._src.methods import distill, edgeqat, zeroqat
 from qjax._src.models.llama import non_embedding_params
 from qjax._src.nn import double_rounding as DR
 from qjax._src.train_report import Progress, label, read_metrics, results_table
@@ -87,6 +89,16 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
         return job.train()
 
 
+def _sown(state: Mapping) -> dict[str, list]:
+    """EdgeQAT's sown statistics by name (``"entropy"``, ``"scores"``), each a list over the
+    layers in a fixed (path) order, from the mutable state of ``apply``."""
+    out: dict[str, list] = {"entropy": [], "scores": []}
+    flat = traverse_util.flatten_dict(dict(state.get(edgeqat.COLLECTION, {})))
+    for path in sorted(flat, key=lambda k: tuple(map(str, k))):
+        out.setdefault(path[-1], []).extend(flat[path])
+    return out
+
+
 @dataclasses.dataclass
 class _Job:
     """One run: the config, what it builds, and where it writes."""
@@ -125,13 +137,17 @@ class _Job:
         return optax.softmax_cross_entropy_with_integer_labels(
             self._logits(p, inputs, qat_on, aux, bits, key), targets).mean()
 
-    def _logits(self, p, inputs, qat_on, aux, bits=None, key=None):
+    def _logits(self, p, inputs, qat_on, aux, bits=None, key=None, collect=False):
         """Logits ``(batch, seq, vocab)`` of ``inputs (batch, seq)``; ``key`` (or None) is the
-        ``"quant"`` rng stream that keys a quantized backward (:meth:`quant_key`)."""
+        ``"quant"`` rng stream that keys a quantized backward (:meth:`quant_key`). ``collect``:
+        ``(logits, EdgeQAT's sown statistics)``."""
         kw = {} if bits is None else {"bits": bits}
         if key is not None:
             kw["rngs"] = {"quant": key}
-        return self.model.apply(model_variables(p, aux["fixed"]), inputs, qat=qat_on, **kw)
+        if collect:
+            kw["mutable"] = [edgeqat.COLLECTION]
+        out = self.model.apply(model_variables(p, aux["fixed"]), inputs, qat=qat_on, **kw)
+        return (out[0], _sown(out[1])) if collect else out
 
     def quant_key(self, step) -> jax.Array | None:
         """The key of the quantized backward (``backward="int8"``) at ``step`` (an int, traced in
@@ -148,27 +164,48 @@ class _Job:
 
     def loss(self, p, inputs, targets, qat_on, aux, key=None):
         """The training objective: cross-entropy, or with ``distill`` its mix with the KL to the
-        float teacher; Double Rounding averages it over its widths (one forward each). ``key``
-        keys a quantized backward (:meth:`quant_key`)."""
+        float teacher; plus EdgeQAT's terms while QAT is on (:meth:`_edgeqat`); Double Rounding
+        averages it over its widths (one forward each). ``key`` keys a quantized backward
+        (:meth:`quant_key`)."""
         c = self.config
-        teacher_logits = None
+        guided = qat_on and bool(c.edgeqat_entropy or c.edgeqat_attention)
+        teacher_logits = teacher_scores = None
         if aux["teacher"] is not None:
-            teacher_logits = jax.lax.stop_gradient(
-                self.teacher_model.apply({"params": aux["teacher"]}, inputs))
+            out = self.teacher_model.apply({"params": aux["teacher"]}, inputs,
+                                           mutable=[edgeqat.COLLECTION] if guided else False)
+            teacher_logits = jax.lax.stop_gradient(out[0] if guided else out)
+            teacher_scores = _sown(out[1])["scores"] if guided else None
+        elif guided and c.edgeqat_attention:  # the float forward of the current weights
+            _, sown = self._logits(jax.lax.stop_gradient(p), inputs, False, aux, collect=True)
+            teacher_scores = sown["scores"]
 
         def at(bits):
-            if teacher_logits is None:
-                return self.cross_entropy(p, inputs, targets, qat_on, aux, bits, key)
-            value, _ = distill.distillation_loss(
-                self._logits(p, inputs, qat_on, aux, bits, key), teacher_logits, targets,
-                ce_weight=1.0 - c.distill, kl_weight=c.distill,
-                temperature=c.distill_temperature)
-            return value
+            logits = self._logits(p, inputs, qat_on, aux, bits, key, collect=guided)
+            logits, sown = logits if guided else (logits, None)
+            if c.distill:
+                value, _ = distill.distillation_loss(
+                    logits, teacher_logits, targets, ce_weight=1.0 - c.distill,
+                    kl_weight=c.distill, temperature=c.distill_temperature)
+            else:
+                value = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            return value + self._edgeqat(sown, teacher_scores) if guided else value
 
         if isinstance(self.method, DR.DoubleRounding) and qat_on:
             widths = self.method.bits
             return DR.joint_loss(at, widths, (1.0 / len(widths),) * len(widths))
         return at(None)
+
+    def _edgeqat(self, sown: dict, teacher_scores: list | None) -> jax.Array:
+        """``edgeqat_entropy * L_ent + edgeqat_attention * L_attn`` (:mod:`qjax.methods.edgeqat`)
+        of the statistics the model sowed, the attention terms over the causal entries."""
+        c, value = self.config, 0.0
+        if c.edgeqat_entropy:
+            value = value + c.edgeqat_entropy * edgeqat.entropy_loss(sown["entropy"])
+        if c.edgeqat_attention:
+            t = sown["scores"][0].shape[-1]
+            value = value + c.edgeqat_attention * edgeqat.attention_map_loss(
+                sown["scores"], teacher_scores, jnp.tril(jnp.ones((t, t), bool)))
+        return value
 
     def step_fn(self, qat_on: bool):
         """The train step ``(p, opt_state, inputs, targets, aux, step) -> (p, opt_state, loss)``

@@ -32,6 +32,8 @@ def label(config: TrainConfig) -> str:
         name, w = name + "+hawq", f"W{config.mixed_precision_budget:g}"
     if config.distill:
         name += f"+kd{config.distill:g}"
+    if config.edgeqat_entropy or config.edgeqat_attention:
+        name += f"+edgeqat{config.edgeqat_entropy:g}/{config.edgeqat_attention:g}"
     if config.method in LOW_RANK_METHODS:
         name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
                                       else f" {config.phi_dtype}")

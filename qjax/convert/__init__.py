@@ -8,8 +8,11 @@
 * :func:`save` / :func:`restore`: Orbax checkpoints of serving params (atomic, checksummed).
 * :func:`export_serving` / :func:`load_exported`: the serving forward as StableHLO (jax.export).
 * :func:`export_gguf`: a GGUF file (a llama.cpp ``llama`` model for the reference Llama).
+* :func:`export_gguf_bert`: the BERT encoder and its WordPiece tokenizer as a llama.cpp ``bert``
+  embedding model.
 """
 
+from qjax._src.convert.gguf_bert import export_gguf_bert
 from qjax._src.convert.gguf_export import export_gguf, gguf_tensor, llama_tensors, rope_permutation
 from qjax._src.convert.io import (
     export_serving,
@@ -55,6 +58,7 @@ __all__ = [
     "serving_model",
     "convert",
     "export_gguf",
+    "export_gguf_bert",
     "gguf_tensor",
     "llama_tensors",
     "rope_permutation",

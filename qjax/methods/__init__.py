@@ -4,6 +4,7 @@ from qjax.methods import (
     asq,
     compute_optimal,
     distill,
+    edgeqat,
     ifairy,
     ofq,
     oscillation,
@@ -12,5 +13,5 @@ from qjax.methods import (
     zeroqat,
 )
 
-__all__ = ["asq", "compute_optimal", "distill", "ifairy", "ofq", "oscillation", "quest",
+__all__ = ["asq", "compute_optimal", "distill", "edgeqat", "ifairy", "ofq", "oscillation", "quest",
            "scaling_law", "zeroqat"]

@@ -21,8 +21,10 @@ from qjax._src.attention import (
     init_kv_cache,
     quantized_attention,
 )
+from qjax._src.methods import edgeqat
 from qjax._src.nn.ops import qat_active
 from qjax._src.nn.recipe import Method
+from qjax._src.quantize import fake_quant
 
 __all__ = [
     "LlamaConfig", "Llama", "quantization_rules", "non_embedding_params", "BLOCK_LINEARS",
@@ -151,12 +153,30 @@ class Attention(nn.Module):
             else:
                 out = cached_attention(q, cache, spec_q=spec.q, spec_p=spec.p)
             return dense("o", out_init)(out.reshape(b, t, d)), cache
+        if self.is_mutable_collection(edgeqat.COLLECTION):
+            self._sow_edgeqat(q, k, spec)
         if spec is None:
             out = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
         else:
             out = quantized_attention(q, k, v, spec_q=spec.q, spec_k=spec.k, spec_v=spec.v,
                                       spec_p=spec.p, causal=True)
         return dense("o", out_init)(out.reshape(b, t, d))
+
+
+    def _sow_edgeqat(self, q, k, spec: AttentionQuant | None) -> None:
+        """EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`), only when its collection is
+        mutable: the pre-softmax logits ``(B, H, T, T)`` of the attention as computed (of the
+        fake-quantized Q and K when quantized; XLA shares them with the attention's own), and
+        for quantized Q and K their :func:`~qjax.methods.edgeqat.qk_entropy`."""
+        if spec is not None:
+            q = q if spec.q is None else fake_quant(q.astype(jnp.float32), spec.q)
+            k = k if spec.k is None else fake_quant(k.astype(jnp.float32), spec.k)
+            if spec.q is not None and spec.k is not None:
+                self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(q))
+                self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(k))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32),
+                            precision="highest") / math.sqrt(q.shape[-1])
+        self.sow(edgeqat.COLLECTION, "scores", scores)
 
 
 class MLP(nn.Module):
