@@ -42,11 +42,11 @@ import numpy as np
 from flax import nnx
 
 from benchmarks._timing import machine, write_results
+from benchmarks.gguf_llamacpp import CASES  # the same five weight / activation cases
 from qjax import convert as QC
-from qjax import presets
 from qjax.models import bert as B
 from qjax.models import minilm as ML
-from qjax.nn import LayerQuant, quantize_model
+from qjax.nn import quantize_model
 
 SENTENCES = [
     "A man is eating food.",
@@ -95,16 +95,6 @@ np.save(out, np.asarray(emb, np.float32))
 json.dump(ids, open(out + ".ids.json", "w"))
 """
 
-_Q8 = presets.gguf_q8_0(axis=0)  # blocks of 32 along K of the (in, out) kernel
-_Q4 = presets.gguf_q4_0(axis=0)
-_A8 = presets.gguf_q8_0(axis=-1)  # llama.cpp's Q8_0 activation blocks (its vec_dot_type)
-CASES = {
-    "F32": None,
-    "Q8_0 weight-only": LayerQuant(weight=_Q8),
-    "Q4_0 weight-only": LayerQuant(weight=_Q4),
-    "Q8_0, Q8_0 activations": LayerQuant(weight=_Q8, activation=_A8),
-    "Q4_0, Q8_0 activations": LayerQuant(weight=_Q4, activation=_A8),
-}
 
 
 @nnx.jit

@@ -65,7 +65,7 @@ import numpy as np
 from flax import nnx
 
 from qjax._src import presets
-from qjax._src.convert.gguf_export import gguf_tensor, gguf_tensor_type
+from qjax._src.convert.gguf_export import file_type, gguf_tensor, gguf_tensor_type
 from qjax._src.convert.io import check_overwrite, flatten, write_atomically
 from qjax._src.convert.nnx_serving import ServingLayer
 from qjax._src.models.bert import Bert, BertConfig, tensor_map
@@ -262,18 +262,6 @@ def wordpiece_vocab(tokenizer, vocab_size: int) -> dict:
 
 # --- file ----------------------------------------------------------------------------------------
 
-def _file_type(tensors: Mapping[str, object]) -> int:
-    """llama.cpp's ``general.file_type``: the type of most block weights."""
-    kinds = [gguf_tensor_type(a) for n, a in tensors.items() if n.startswith("blk.")]
-    q4 = kinds.count(gguf.GGMLQuantizationType.Q4_0)
-    q8 = kinds.count(gguf.GGMLQuantizationType.Q8_0)
-    if q4 and q4 >= q8:
-        return gguf.LlamaFileType.MOSTLY_Q4_0
-    if q8:
-        return gguf.LlamaFileType.MOSTLY_Q8_0
-    return gguf.LlamaFileType.ALL_F32
-
-
 def _metadata(w: gguf.GGUFWriter, c: BertConfig, vocab: dict) -> None:
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.d_model)
@@ -327,7 +315,7 @@ def export_gguf_bert(model: Bert, path: str, tokenizer, *, name: str = "qjax",
     def write(tmp):
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[_ARCH])
         w.add_name(name)
-        w.add_file_type(_file_type(tensors))
+        w.add_file_type(file_type(tensors))
         _metadata(w, model.config, vocab)
         for tname, a in tensors.items():
             data, qtype = gguf_tensor(a)

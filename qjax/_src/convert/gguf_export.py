@@ -51,7 +51,8 @@ from qjax._src.models.llama import LlamaConfig
 from qjax._src.qarray import QArray, relayout
 from qjax._src.quantize import dequantize
 
-__all__ = ["export_gguf", "gguf_tensor", "llama_tensors", "rope_permutation"]
+__all__ = ["export_gguf", "gguf_tensor", "gguf_tensor_type", "file_type", "llama_tensors",
+           "rope_permutation"]
 
 _BLOCK = presets.GGUF_BLOCK
 _QTYPES = {presets.gguf_q8_0(-1): gguf.GGMLQuantizationType.Q8_0,
@@ -268,7 +269,7 @@ def export_gguf(serving_params: Mapping, path: str, config: LlamaConfig | None =
         w.add_name(name)
         if config is not None:
             _llama_metadata(w, config)
-            w.add_file_type(_file_type(tensors))
+            w.add_file_type(file_type(tensors))
         for tname, a in tensors.items():
             data, qtype = gguf_tensor(a)
             w.add_tensor(tname, data, raw_dtype=None if qtype == gguf.GGMLQuantizationType.F32
@@ -281,7 +282,7 @@ def export_gguf(serving_params: Mapping, path: str, config: LlamaConfig | None =
     write_atomically(path, write, overwrite=overwrite)
 
 
-def _file_type(tensors: dict[str, object]) -> int:
+def file_type(tensors: Mapping[str, object]) -> int:
     """llama.cpp's ``general.file_type``: the type of most block weights."""
     kinds = [gguf_tensor_type(a) for n, a in tensors.items() if n.startswith("blk.")]
     q4 = kinds.count(gguf.GGMLQuantizationType.Q4_0)
