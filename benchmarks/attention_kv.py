@@ -6,8 +6,8 @@
    probabilities per row (``attn_bits=8 attn_prob_bits=8``), (c) (b) with K and V int4 per
    token, head and group of 32 channels, as the served KV cache stores them (``kv_bits=4
    kv_group=32``); (b) and (c) again with EdgeQAT's entropy and attention-map loss terms
-   (:mod:`qjax.methods.edgeqat`, weights 0.5 and 1). Validation loss per seed; each seed is a
-   paired run (same init and batches).
+   (:mod:`qjax.methods.edgeqat`, weights 0.5 and 1), and (c) with the attention-map term only.
+   Validation loss per seed; each seed is a paired run (same init and batches).
 2. KV-cache bytes per token (all layers, keys and values) in float32, int8 and int4.
 3. Greedy decoding (``qjax.models.llama.greedy_generate``, jitted, prefill 16 tokens then 112
    one at a time) with the cache in float32, int8 and int4: tokens per second at batch 1 and 8,
@@ -53,8 +53,11 @@ ROWS = {
                                                            **EDGEQAT),
     "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT loss": dict(
         attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32, **EDGEQAT),
+    "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT attention term only": dict(
+        attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32, edgeqat_attention=1.0),
 }
-SLUGS = ("float_attn", "int8_attn", "int4_kv", "int8_attn_edgeqat", "int4_kv_edgeqat")
+SLUGS = ("float_attn", "int8_attn", "int4_kv", "int8_attn_edgeqat", "int4_kv_edgeqat",
+         "int4_kv_edgeqat_attention")
 CACHES = {"float32": None, "int8": A.attention_quant(None, None, kv_bits=8),
           "int4 (group 32)": A.attention_quant(None, None, kv_bits=4, kv_group=32)}
 QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks._timing import machine, write_results
-from benchmarks.gguf_llamacpp import CASES  # the same five weight / activation cases
+from benchmarks.gguf_llamacpp import CASES, EXTRA_BUFTS  # the same cases and loader patch
 from qjax import convert as QC
 from qjax.models import bert as B
 from qjax.models import minilm as ML
@@ -73,20 +73,12 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
 ]
 
-_RUN = """
+_RUN = EXTRA_BUFTS + """
 import json, sys
 import numpy as np
-import llama_cpp.llama
 from llama_cpp import Llama
-path, sentences, out, extra = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3], sys.argv[4]
-if extra == "0":  # Llama() has no argument for llama_model_params.use_extra_bufts
-    low = llama_cpp.llama.llama_cpp
-    default = low.llama_model_default_params
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    low.llama_model_default_params = params
+path, sentences, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+_no_extra_bufts(sys.argv[4])
 m = Llama(model_path=path, embedding=True, verbose=False, n_threads=1, n_ctx=512, n_batch=512,
           n_ubatch=512, flash_attn=False)
 ids = [m.tokenize(s.encode("utf-8"), add_bos=True, special=False) for s in sentences]

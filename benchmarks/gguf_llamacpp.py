@@ -34,11 +34,30 @@ from qjax import presets
 from qjax.models.llama import Llama, LlamaConfig
 from qjax.nn import LayerQuant, quantize_model
 
-_RUN = """
+# Run first in the llama.cpp subprocess (argument: "1" keeps llama.cpp's extra buffer types). With
+# llama-cpp-python 0.3.36 on an AVX512/AMX CPU, the AMX buffer that repacks Q8_0/Q4_0 weights
+# segfaults in the first forward (for llama.cpp's own quantization too); Llama() has no argument
+# for llama_model_params.use_extra_bufts, so its default params are patched to turn it off.
+EXTRA_BUFTS = """
+import llama_cpp.llama
+def _no_extra_bufts(extra):
+    if extra == "1":
+        return
+    low = llama_cpp.llama.llama_cpp
+    default = low.llama_model_default_params
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    low.llama_model_default_params = params
+"""
+
+_RUN = EXTRA_BUFTS + """
 import json, sys
 import numpy as np
 from llama_cpp import Llama
 path, tokens, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+_no_extra_bufts(sys.argv[4])
 # type_k/type_v 0 = GGML_TYPE_F32: keep the KV cache in float32 (llama.cpp's default is F16).
 m = Llama(model_path=path, n_ctx=len(tokens), logits_all=True, verbose=False, n_threads=1,
           n_batch=len(tokens), type_k=0, type_v=0)
@@ -64,7 +83,7 @@ def _version(python: str) -> str:
     return out.stdout.strip()
 
 
-def main(llama_python: str) -> None:
+def main(llama_python: str, extra_bufts: bool = False) -> None:
     cfg = LlamaConfig(d_model=128, n_layers=2, n_heads=4, max_seq_len=64)
     text = b"def hello(name):\n    return f'hello {name}'\n"
     tokens = list(text)[: cfg.max_seq_len]
@@ -81,7 +100,8 @@ def main(llama_python: str) -> None:
             path = os.path.join(d, "model.gguf")
             QC.export_gguf(sp, path, cfg, overwrite=True)
             out = os.path.join(d, "logits.npy")
-            subprocess.run([llama_python, "-c", _RUN, path, json.dumps(tokens), out], check=True)
+            subprocess.run([llama_python, "-c", _RUN, path, json.dumps(tokens), out,
+                            str(int(extra_bufts))], check=True)
             theirs = np.load(out)
             diff = np.abs(theirs - ours)
             rows.append({
@@ -101,11 +121,13 @@ def main(llama_python: str) -> None:
                      f"| {r['argmax_agreement']:.3f} |")
     lines += ["", "llama.cpp quantizes the activations of Q8_0/Q4_0 matmuls to Q8_0 blocks; "
               "qjax's weight-only rows do not, the 'Q8_0 activations' rows do, with the rounding "
-              "of llama.cpp's reference `quantize_row_q8_0_ref`. Its optimized CPU paths need "
-              "not round exactly so, the float parts differ in the last bits, and blocks are "
-              "summed in another order, so rare activation codes differ and move the logits of "
-              "later tokens.",
-              "", f"llama-cpp-python {_version(llama_python)}. Machine: {machine()}"]
+              "of llama.cpp's reference `quantize_row_q8_0_ref`. With llama.cpp's plain CPU "
+              "kernels (use_extra_bufts=False) those rows agree to float rounding; its "
+              "repacked kernels (extra buffer types, e.g. on an earlier AVX2 machine) need not "
+              "round exactly so and sum blocks in another order, so rare activation codes "
+              "differ and move the logits of later tokens (up to 3.7e-2 there).",
+              "", f"llama-cpp-python {_version(llama_python)}, use_extra_bufts={extra_bufts}. "
+              f"Machine: {machine()}"]
     print("\n".join(lines))
     write_results("gguf_llamacpp", {"rows": rows, "tokens": len(tokens), "machine": machine()},
                   "\n".join(lines) + "\n")
@@ -115,4 +137,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--llama-python", required=True,
                         help="a Python interpreter with llama-cpp-python installed")
-    main(parser.parse_args().llama_python)
+    parser.add_argument("--extra-bufts", action="store_true",
+                        help="let llama.cpp repack weights into its CPU extra buffer types "
+                             "(crashes on AMX CPUs with llama-cpp-python 0.3.36)")
+    args = parser.parse_args()
+    main(args.llama_python, args.extra_bufts)
