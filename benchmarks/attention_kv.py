@@ -6,8 +6,11 @@
    probabilities per row (``attn_bits=8 attn_prob_bits=8``), (c) (b) with K and V int4 per
    token, head and group of 32 channels, as the served KV cache stores them (``kv_bits=4
    kv_group=32``); (b) and (c) again with EdgeQAT's entropy and attention-map loss terms
-   (:mod:`qjax.methods.edgeqat`, weights 0.5 and 1), and (c) with the attention-map term only.
+   (:mod:`qjax.methods.edgeqat`, entropy weight 0.5, half the authors' coefficient, attention
+   weight 1), and (c) with the attention-map term only.
    Validation loss per seed; each seed is a paired run (same init and batches).
+   The same int4-cache rows again as QAT of each seed's float model (the main job's float run,
+   :data:`FINETUNE` steps from it), EdgeQAT's setting.
 2. KV-cache bytes per token (all layers, keys and values) in float32, int8 and int4.
 3. Greedy decoding (``qjax.models.llama.greedy_generate``, jitted, prefill 16 tokens then 112
    one at a time) with the cache in float32, int8 and int4: tokens per second at batch 1 and 8,
@@ -41,23 +44,35 @@ try:
 except ImportError:  # run as a script from the benchmarks folder
     from _timing import interleaved_medians, machine, write_results
 
-# EdgeQAT's entropy and attention-map terms (qjax.methods.edgeqat) at the authors' weights; the
-# attention term's teacher is the float forward of the current weights (trained from scratch).
+# EdgeQAT's entropy and attention-map terms (qjax.methods.edgeqat): attention weight 1 as the
+# authors, entropy weight 0.5, half the authors' coefficient (their -0.5 log of the summed
+# entropies is edgeqat.entropy_loss at weight 1). From scratch, the attention term's teacher is
+# the float forward of the current weights.
 EDGEQAT = dict(edgeqat_entropy=0.5, edgeqat_attention=1.0)
 ROWS = {
     "W4A4 linears, float attention": {},
     "+ int8 Q/K/V, 8-bit probabilities": dict(attn_bits=8, attn_prob_bits=8),
     "+ int4 K/V (cache), 8-bit Q and probabilities": dict(attn_bits=8, attn_prob_bits=8,
                                                          kv_bits=4, kv_group=32),
-    "+ int8 Q/K/V, 8-bit probabilities, EdgeQAT loss": dict(attn_bits=8, attn_prob_bits=8,
-                                                           **EDGEQAT),
-    "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT loss": dict(
+    "+ int8 Q/K/V, 8-bit probabilities, EdgeQAT loss (entropy 0.5, attention 1)": dict(
+        attn_bits=8, attn_prob_bits=8, **EDGEQAT),
+    "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT loss (entropy 0.5, attention 1)": dict(
         attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32, **EDGEQAT),
     "+ int4 K/V (cache), 8-bit Q and probabilities, EdgeQAT attention term only": dict(
         attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32, edgeqat_attention=1.0),
 }
 SLUGS = ("float_attn", "int8_attn", "int4_kv", "int8_attn_edgeqat", "int4_kv_edgeqat",
          "int4_kv_edgeqat_attention")
+# EdgeQAT's own setting, QAT of a pretrained model: per seed the float model of the main job
+# (500 steps), then FINETUNE steps of QuEST W4A4 with an int4 KV cache from it, with and
+# without EdgeQAT's terms (the attention term's teacher: the float checkpoint).
+FINETUNE = dict(steps=150, lr=3e-4, eval_every=50, checkpoint_every=50)
+_KV4 = dict(attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=32)
+FINETUNE_ROWS = {
+    "int4 K/V (cache), 8-bit Q and probabilities": _KV4,
+    "+ EdgeQAT loss (entropy 0.5, attention 1)": dict(_KV4, **EDGEQAT),
+    "+ EdgeQAT attention term only": dict(_KV4, edgeqat_attention=1.0),
+}
 CACHES = {"float32": None, "int8": A.attention_quant(None, None, kv_bits=8),
           "int4 (group 32)": A.attention_quant(None, None, kv_bits=4, kv_group=32)}
 QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,
@@ -90,6 +105,39 @@ def quality(seeds: list[int], quick: bool) -> list[dict]:
         rows.append({"row": row, "val_loss": losses, "mean": statistics.fmean(losses),
                      "vs_float_attention_pct": diffs,
                      "vs_float_attention_mean_pct": statistics.fmean(diffs)})
+    return rows
+
+
+def finetune_quality(seeds: list[int], quick: bool) -> list[dict]:
+    """Validation losses of :data:`FINETUNE_ROWS`, QAT from each seed's float checkpoint."""
+    runs_dir = os.path.join("runs", "attention_kv" + ("_quick" if quick else ""))
+    short = QUICK if quick else {}
+    base = {s: os.path.join(runs_dir, "float_base", f"seed{s}") for s in seeds}
+    corpus = None
+    rows, first = [], None
+    for i, (row, fields) in enumerate(FINETUNE_ROWS.items()):
+        losses = []
+        for seed in seeds:
+            float_cfg = dataclasses.replace(get_config(), name="float_base", method=None,
+                                            seed=seed, baseline=False, **short,
+                                            out_dir=base[seed])
+            cfg = dataclasses.replace(get_config(), name=f"finetune{i}", seed=seed,
+                                      baseline=False, init_from=base[seed],
+                                      **{**FINETUNE, **short, **fields},
+                                      out_dir=os.path.join(runs_dir, f"finetune{i}",
+                                                           f"seed{seed}"))
+            if corpus is None:
+                corpus = D.load_corpus(D.CorpusConfig(paths=cfg.corpus_paths,
+                                                      max_bytes=cfg.max_corpus_bytes,
+                                                      val_fraction=cfg.val_fraction,
+                                                      suffixes=cfg.corpus_suffixes))
+            train.train_one(float_cfg, corpus, float_cfg.run_dir)  # cached after the first row
+            print(f"== fine-tune: {row}, seed {seed}", flush=True)
+            losses.append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
+        first = losses if first is None else first
+        diffs = [100 * (a / b - 1) for a, b in zip(losses, first, strict=True)]
+        rows.append({"row": row, "val_loss": losses, "mean": statistics.fmean(losses),
+                     "vs_first_pct": diffs, "vs_first_mean_pct": statistics.fmean(diffs)})
     return rows
 
 
@@ -127,10 +175,12 @@ def main(seeds: list[int], quick: bool) -> None:
     mc = LlamaConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                      max_seq_len=128)
     rows = quality(seeds, quick)
+    tuned = finetune_quality(seeds, quick)
     per_token = cache_bytes(dataclasses.replace(mc, max_seq_len=cfg.seq_len))
     batches = (1, 8)
     speed = decode_speed(mc, batches, 3 if quick else 7)
-    payload = {"seeds": seeds, "quick": quick, "rows": rows, "cache_bytes_per_token": per_token,
+    payload = {"seeds": seeds, "quick": quick, "rows": rows, "finetune_rows": tuned,
+               "finetune": FINETUNE, "cache_bytes_per_token": per_token,
                "decode_tokens_per_second": {str(b): v for b, v in speed.items()},
                "machine": machine()}
     steps = QUICK["steps"] if quick else cfg.steps
@@ -143,6 +193,14 @@ def main(seeds: list[int], quick: bool) -> None:
     for r in rows:
         lines.append(f"| {r['row']} | {', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
                      f"{r['mean']:.4f} | {r['vs_float_attention_mean_pct']:+.2f} |")
+    lines += ["", f"From a float checkpoint (each seed's float model, {steps} steps), "
+              f"{FINETUNE['steps'] if not quick else steps} steps of QuEST W4A4 QAT at lr "
+              f"{FINETUNE['lr']:g} (EdgeQAT's setting; the attention term's teacher is the "
+              "float checkpoint):", "",
+              "| attention | val loss per seed | mean | vs first row (%) |", "|---|---|---|---|"]
+    for r in tuned:
+        lines.append(f"| {r['row']} | {', '.join(f'{v:.4f}' for v in r['val_loss'])} | "
+                     f"{r['mean']:.4f} | {r['vs_first_mean_pct']:+.2f} |")
     lines += ["", "| KV cache | bytes per token (all layers, K and V) | x float32 | "
               + " | ".join(f"decode tok/s b{b}" for b in batches) + " |",
               "|---|---|---|" + "---|" * len(batches)]

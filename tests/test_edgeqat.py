@@ -86,6 +86,7 @@ def test_token_importance_and_low_bit_tokens():
     np.testing.assert_array_equal(E.low_bit_tokens(imp, 0.5),
                                   [[False, True, False, True], [True, True, False, False]])
     assert not np.any(E.low_bit_tokens(imp, 0.0)) and np.all(E.low_bit_tokens(imp, 1.0))
+    assert int(E.low_bit_tokens(jnp.arange(100.0)[None], 0.29).sum()) == 29  # not 28.999...
 
 
 def test_token_adaptive_fake_quant_quantizes_each_token_at_its_width():
@@ -104,6 +105,7 @@ def test_token_adaptive_fake_quant_quantizes_each_token_at_its_width():
     ("token_axis", ValueError, "each token on its own"),
     ("low_shape", ValueError, "low must be a bool"),
     ("low_dtype", ValueError, "low must be a bool"),
+    ("rotated_tokens", ValueError, "mixes the batch or token axis"),
 ])
 def test_token_adaptive_fake_quant_rejects(case, error, match):
     x = jnp.ones((2, 4, 2, 8))
@@ -112,7 +114,9 @@ def test_token_adaptive_fake_quant_rejects(case, error, match):
     args = {"per_tensor": (x, low, qjax.QuantSpec("int8", "tensor"), lo),
             "token_axis": (x, low, hi, qjax.QuantSpec("int4", qjax.PerRow(1))),
             "low_shape": (x, jnp.zeros((2, 3), bool), hi, lo),
-            "low_dtype": (x, jnp.zeros((2, 4)), hi, lo)}[case]
+            "low_dtype": (x, jnp.zeros((2, 4)), hi, lo),
+            "rotated_tokens": (x, low, hi, qjax.QuantSpec("int4", qjax.PerRow(-1),
+                                                          hadamard_block=4, hadamard_axis=1))}[case]
     with pytest.raises(error, match=match):
         E.token_adaptive_fake_quant(*args)
 
@@ -120,7 +124,15 @@ def test_token_adaptive_fake_quant_rejects(case, error, match):
 @pytest.mark.parametrize("fn, args, match", [
     (E.qk_entropy, (jnp.ones((2, 3, 4)),), "batch, tokens, heads"),
     (E.qk_entropy, (jnp.ones((1, 2, 1, 4)), jnp.ones((1, 3), bool)), "token_mask"),
-    (E.entropy_loss, ([],), "at least one"),
+    (E.entropy_loss, ([],), "entropies must hold at least one"),
+    (E.entropy_loss, (jnp.zeros((0,)),), "entropies must hold at least one"),
+    (E.qk_entropy, (jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2))), "token_mask must be a bool"),
+    (E.attention_map_loss, (jnp.ones((1, 1, 2, 2)), jnp.ones((1, 1, 2, 2)), jnp.ones((2, 2))),
+     "mask must be a bool"),
+    (E.attention_map_loss, (jnp.ones((1, 1, 2, 2)), jnp.ones((1, 1, 2, 2)),
+                            jnp.ones((3, 3), bool)), "must broadcast"),
+    (E.attention_map_loss, ([jnp.ones((1, 1, 2, 2))], [jnp.ones((1, 1, 2, 2))] * 2),
+     "same length"),
     (E.attention_map_loss, (jnp.ones((1, 1, 2, 2)), jnp.ones((1, 1, 2, 3))), "one shape"),
     (E.low_bit_tokens, (jnp.ones((2, 3)), 1.5), "fraction"),
     (E.token_importance, (jnp.ones((2, 3)),), "scores"),
@@ -139,7 +151,9 @@ def test_llama_sows_edgeqat_statistics_only_when_asked():
     att = A.attention_quant(8, 8)
     qm = quantize_model(Llama(cfg, attention=att), quantization_rules("lsq"))
     ids = jnp.asarray(RNG.integers(0, 32, size=(2, 6)), jnp.int32)
-    params = qm.init(jax.random.key(0), ids)["params"]
+    variables = qm.init(jax.random.key(0), ids)
+    assert set(variables) == {"params"}  # nothing sown at init (it would go stale in a run)
+    params = variables["params"]
     plain = qm.apply({"params": params}, ids)
     logits, state = qm.apply({"params": params}, ids, mutable=[E.COLLECTION])
     np.testing.assert_array_equal(logits, plain)

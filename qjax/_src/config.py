@@ -105,7 +105,8 @@ class TrainConfig:
     # EdgeQAT (qjax.methods.edgeqat), added to the loss while QAT is on: edgeqat_entropy times
     # the entropy loss of the quantized Q and K (needs attn_bits), edgeqat_attention times
     # 1 - the cosine of the attention logits to the float model's (init_from's, else the float
-    # forward of the current weights). The authors' weights: 0.5 and 1.
+    # forward of the current weights). The authors' coefficients: 1 and 1 (their -0.5 log of the
+    # summed entropies is edgeqat.entropy_loss at weight 1).
     edgeqat_entropy: float = 0.0
     edgeqat_attention: float = 0.0
     # method="zeroqat": MeZO-style SGD (two forward passes per probe, no backward) of an lsq model

@@ -222,7 +222,8 @@ def teacher(config: TrainConfig):
     """(float model, params) of the ``init_from`` float checkpoint when the loss reads a teacher
     (``distill > 0``, or ``edgeqat_attention > 0`` with ``init_from``), else None; a step
     argument, rebuilt from the checkpoint on resume."""
-    if not (config.distill or (config.edgeqat_attention and config.init_from)):
+    if config.method is None or not (config.distill
+                                     or (config.edgeqat_attention and config.init_from)):
         return None
     float_config = _float_config(config)
     return (Llama(model_config(config)),

@@ -28,8 +28,9 @@ Where this differs from the authors' released code (read in ``shawnricecake/Edge
 the released code *adds* ``+log(sum of cosines)``, which lowers the similarity under gradient
 descent, where this module raises it (the paper's intent) and is bounded (``1 - cos`` cannot be
 NaN when the cosines sum to <= 0); masked (future) entries do not enter the cosines; token
-importance is per sequence rather than averaged over the batch. The released code's weights:
-``0.5`` for the entropy term, ``1`` for the attention term.
+importance is per sequence rather than averaged over the batch. The released code's
+coefficients are ``edgeqat_entropy=1`` (its ``-0.5 log`` is already in :func:`entropy_loss`) and
+``edgeqat_attention=1``.
 
 References:
   Shen, X., Kong, Z., Yang, C., et al. (2024). EdgeQAT: Entropy and Distribution Guided

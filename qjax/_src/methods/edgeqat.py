@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -39,9 +40,10 @@ def qk_entropy(x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
     terms = jnp.log1p(jnp.var(x.astype(jnp.float32), axis=-1, ddof=1))  # (B, T, H)
     if token_mask is None:
         return jnp.mean(terms)
-    m = jnp.asarray(token_mask, bool)
-    if m.shape != x.shape[:2]:
-        raise ValueError(f"token_mask must be (batch, tokens) = {x.shape[:2]}, got {m.shape}")
+    m = jnp.asarray(token_mask)
+    if m.shape != x.shape[:2] or m.dtype != jnp.bool_:
+        raise ValueError(f"token_mask must be a bool (batch, tokens) = {x.shape[:2]} array, got "
+                         f"{m.dtype} {m.shape}")
     w = jnp.broadcast_to(m[..., None], terms.shape).astype(jnp.float32)
     return jnp.sum(terms * w) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -54,16 +56,32 @@ def entropy_loss(entropies: Sequence[jax.Array] | jax.Array) -> jax.Array:
     K; with the same number of rows in every term (the reference Llama) that is this loss plus a
     constant, so the gradients are the same.
     """
-    e = jnp.stack([jnp.asarray(v, jnp.float32) for v in entropies]) \
-        if isinstance(entropies, (list, tuple)) else jnp.asarray(entropies, jnp.float32)
-    if e.size == 0:
-        raise ValueError("entropies must hold at least one qk_entropy term")
+    if isinstance(entropies, (list, tuple)):
+        if not entropies:
+            raise ValueError("entropies must hold at least one qk_entropy term, got none")
+        entropies = jnp.stack([jnp.asarray(v) for v in entropies])
+    check_floating(entropies, "entropies")
+    if entropies.size == 0:
+        raise ValueError("entropies must hold at least one qk_entropy term, got none")
+    e = entropies.astype(jnp.float32)
     return -0.5 * jnp.log(jnp.maximum(jnp.mean(e), jnp.finfo(jnp.float32).tiny))
 
 
+def _mask_weights(mask, shape: tuple[int, ...]) -> jax.Array:
+    if mask is None:
+        return jnp.ones(shape, jnp.float32)
+    m = jnp.asarray(mask)
+    if m.dtype != jnp.bool_:
+        raise ValueError(f"mask must be a bool array (True where attention is allowed), got "
+                         f"{m.dtype}")
+    try:
+        return jnp.broadcast_to(m, shape).astype(jnp.float32)
+    except ValueError:
+        raise ValueError(f"mask {m.shape} must broadcast to the scores {shape}") from None
+
+
 def _cosines(s: jax.Array, t: jax.Array, mask) -> jax.Array:
-    w = jnp.ones(s.shape, jnp.float32) if mask is None else \
-        jnp.broadcast_to(jnp.asarray(mask, bool), s.shape).astype(jnp.float32)
+    w = _mask_weights(mask, s.shape)
     axes = (-2, -1)
     s, t = jnp.where(w > 0, s, 0.0), jnp.where(w > 0, t, 0.0)
     dot = jnp.sum(s * t, axis=axes)
@@ -88,10 +106,15 @@ def attention_map_loss(student_scores: Sequence[jax.Array] | jax.Array,
     included) and adds ``+log(sum of cosines)`` to the loss, which *lowers* the similarity under
     gradient descent; this function raises it, as the paper describes.
     """
-    pairs = list(zip(student_scores, teacher_scores, strict=True)) \
-        if isinstance(student_scores, (list, tuple)) else [(student_scores, teacher_scores)]
+    layered = isinstance(student_scores, (list, tuple))
+    if layered != isinstance(teacher_scores, (list, tuple)) or (
+            layered and len(student_scores) != len(teacher_scores)):
+        raise ValueError("student_scores and teacher_scores must be two arrays or two sequences "
+                         "with one array per layer each, of the same length")
+    pairs = list(zip(student_scores, teacher_scores, strict=True)) if layered \
+        else [(student_scores, teacher_scores)]
     if not pairs:
-        raise ValueError("student_scores must hold at least one layer")
+        raise ValueError("student_scores must hold at least one layer, got none")
     cos = []
     for s, t in pairs:
         check_floating(s, "student_scores")
@@ -124,13 +147,19 @@ def low_bit_tokens(importance: jax.Array, fraction: float) -> jax.Array:
     if importance.ndim != 2:
         raise ValueError(f"importance must be (batch, tokens), got {importance.shape}")
     fraction = check_real("fraction", fraction, 0.0, 1.0)
-    n = int(fraction * importance.shape[1])
+    # Rounded first so that e.g. 0.29 * 100 (28.999...) selects 29 tokens.
+    n = math.floor(round(fraction * importance.shape[1], 6))
     ranks = jnp.argsort(jnp.argsort(importance, axis=1, stable=True), axis=1, stable=True)
     return ranks < n
 
 
 def _check_per_token(spec: QuantSpec, shape: tuple[int, ...], name: str) -> None:
     g = G.as_granularity(spec.granularity)
+    if spec.hadamard_block is not None and \
+            G.normalize_axis(spec.hadamard_axis, len(shape)) in (0, 1):
+        raise ValueError(f"{name} must quantize each token on its own: its Hadamard rotation "
+                         f"(hadamard_axis={spec.hadamard_axis}) mixes the batch or token axis of "
+                         f"x {shape}")
     if isinstance(g, G.PerGroup):
         mixes = G.normalize_axis(g.axis, len(shape)) in (0, 1)
     elif isinstance(g, G.PerTensor):

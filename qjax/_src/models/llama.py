@@ -153,7 +153,7 @@ class Attention(nn.Module):
             else:
                 out = cached_attention(q, cache, spec_q=spec.q, spec_p=spec.p)
             return dense("o", out_init)(out.reshape(b, t, d)), cache
-        if self.is_mutable_collection(edgeqat.COLLECTION):
+        if self.is_mutable_collection(edgeqat.COLLECTION) and not self.is_initializing():
             self._sow_edgeqat(q, k, spec)
         if spec is None:
             out = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
@@ -165,9 +165,11 @@ class Attention(nn.Module):
 
     def _sow_edgeqat(self, q, k, spec: AttentionQuant | None) -> None:
         """EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`), only when its collection is
-        mutable: the pre-softmax logits ``(B, H, T, T)`` of the attention as computed (of the
-        fake-quantized Q and K when quantized; XLA shares them with the attention's own), and
-        for quantized Q and K their :func:`~qjax.methods.edgeqat.qk_entropy`."""
+        mutable and not at init (so ``init`` returns params only): the pre-softmax logits
+        ``(B, H, T, T)`` of the fake-quantized Q and K (float ones when not quantized),
+        recomputed here in float32 (equal to the attention's own up to float rounding; one more
+        ``(B, H, T, T)`` array per layer kept for the backward), and for quantized Q and K their
+        :func:`~qjax.methods.edgeqat.qk_entropy`."""
         if spec is not None:
             q = q if spec.q is None else fake_quant(q.astype(jnp.float32), spec.q)
             k = k if spec.k is None else fake_quant(k.astype(jnp.float32), spec.k)
