@@ -194,3 +194,34 @@ def test_bad_inputs():
         zq.zo_step(quadratic, {"learning_rate": 1e-3})
     with pytest.raises(TypeError, match="loss_fn"):
         zq.zo_step(None, zq.ZeroOrderConfig(1e-3))
+
+
+def test_zo_step_trains_an_nnx_model():
+    """The same on a Flax NNX model: the step runs on the nnx.Param state (learned steps
+    included), the rest of the graph is merged back in the loss."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l0 = nnx.Linear(8, 16, rngs=rngs)
+            self.l1 = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l1(jax.nn.relu(self.l0(x)))
+
+    x = jax.random.normal(jax.random.key(0), (32, 8))
+    y = Net(nnx.Rngs(9))(x)
+    model = qjax.nn.quantize_model(Net(nnx.Rngs(1)), {"l0|l1": qjax.nn.Method("lsq", 4, 4)})
+    model(x)  # the learned steps take their first-batch values
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0]) - b[1]) ** 2)
+    start = float(loss(params, (x, y)))
+    step = zq.zo_step(loss, zq.ZeroOrderConfig(3e-3, eps=1e-3, num_probes=4))
+    p = jax.tree_util.tree_map(jnp.copy, params)
+    for i in range(50):
+        p, _ = step(p, (x, y), jax.random.key(3), i)
+    assert float(loss(p, (x, y))) < 0.7 * start
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p),
+                                                      jax.tree_util.tree_leaves(params),
+                                                      strict=True)]
+    assert all(moved)  # every parameter, learned steps included, was perturbed and updated
