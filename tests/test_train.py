@@ -80,6 +80,7 @@ def test_cli_errors(tmp_path, capsys):
         train.run(config)
 
 
+@pytest.mark.slow  # 35 s; .ci/run runs it; test_killed_run_resumes_... covers resume by default
 def test_sigkill_mid_run_then_resume_matches(uninterrupted, tmp_path):
     """A real kill (SIGKILL, possibly mid-checkpoint) loses nothing: the resumed run's losses
     equal the uninterrupted run's."""
