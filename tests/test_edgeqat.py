@@ -166,6 +166,7 @@ def test_llama_sows_edgeqat_statistics_only_when_asked():
     assert sorted(fstate[E.COLLECTION]["blocks_1"]["attn"]) == ["scores"]  # float: no entropy
 
 
+@pytest.mark.slow  # 19 s; .ci/run runs it (the Llama's sown statistics are tested above)
 def test_training_program_adds_the_edgeqat_terms(tmp_path):
     import optax
 
@@ -204,7 +205,7 @@ def _first_loss(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r][0]
 
 
-@pytest.mark.slow  # 25 s: a float base, then QAT with its teacher
+@pytest.mark.slow  # 25 s: a float base, then QAT with its teacher; .ci/run runs it
 def test_training_program_edgeqat_with_a_float_teacher_and_distillation(tmp_path):
     """With init_from, the attention term's teacher is the float checkpoint (the same one the
     distillation term reads)."""

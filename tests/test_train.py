@@ -251,6 +251,7 @@ def float_base(tmp_path_factory):
     return small, str(out / "float")
 
 
+@pytest.mark.slow  # 22 s; .ci/run runs it; distillation_loss is unit-tested in test_distill.py
 def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp_path):
     import jax
     import optax
