@@ -57,6 +57,7 @@ def _close(got, full):
     np.testing.assert_allclose(got, full, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(full))))
 
 
+@pytest.mark.slow  # 18 s; .ci/run runs it (the quantized cache's decode test stays)
 def test_float_cache_decoding_gives_the_full_forward_logits():
     fm, fp, _, _ = _models()
     full = jax.jit(fm.apply)({"params": fp}, IDS)

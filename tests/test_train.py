@@ -121,6 +121,7 @@ def test_float_phase_then_qat(tmp_path):
     assert [r["qat"] for r in rows] == [False, False, True, True]
 
 
+@pytest.mark.slow  # 18 s; .ci/run runs it
 def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
     """backward=int8 trains (the loss keyed per step from the seed): two runs of the config, one
     of them stopped and resumed, log the same losses."""
@@ -141,6 +142,7 @@ def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in resumed] == losses
 
 
+@pytest.mark.slow  # 14 s; .ci/run runs it
 def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
     """attn_bits / attn_prob_bits / kv_bits quantize the Llama's attention in QAT; the trained
     params decode with the int4 KV cache the config names."""
@@ -171,6 +173,7 @@ def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
         TrainConfig(kv_bits=3)
 
 
+@pytest.mark.slow  # 14 s; .ci/run runs it
 def test_low_rank_qat_from_a_float_run(tmp_path):
     small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
     train.run(TrainConfig(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
@@ -198,6 +201,7 @@ def test_rerun_with_other_overrides_never_returns_the_old_results(uninterrupted,
     assert "resumed" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 13 s; .ci/run runs it
 def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
         uninterrupted, tmp_path, capsys):
     full_out, _ = uninterrupted
@@ -324,6 +328,7 @@ def test_method_options_are_checked(fields, message):
         TrainConfig(**fields)
 
 
+@pytest.mark.slow  # 14 s; .ci/run runs it
 def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_path):
     small, base = float_base
     config = TrainConfig(name="mp", out_dir=str(tmp_path), baseline=False, method="lsq",

@@ -67,6 +67,7 @@ def single_run(tmp_path_factory):
     return config, root / "run"
 
 
+@pytest.mark.slow  # 34 s + 19 s setup; .ci/run runs it
 def test_two_processes_match_one(tmp_path, single_run):
     config, single_dir = single_run
     port = _free_port()
