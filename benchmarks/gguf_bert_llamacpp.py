@@ -31,7 +31,6 @@ Run: ``python -m benchmarks.gguf_bert_llamacpp --llama-python /path/to/python``;
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -42,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks._timing import machine, write_results
-from benchmarks.gguf_llamacpp import CASES, EXTRA_BUFTS  # the same cases and loader patch
+from benchmarks.gguf_llamacpp import CASES, EXTRA_BUFTS, parse_args  # cases, patch, CLI
 from qjax import convert as QC
 from qjax.models import bert as B
 from qjax.models import minilm as ML
@@ -188,12 +187,6 @@ def main(llama_python: str, extra_bufts: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--llama-python", required=True,
-                        help="a Python interpreter with llama-cpp-python installed")
-    parser.add_argument("--extra-bufts", action="store_true",
-                        help="let llama.cpp repack weights into its CPU extra buffer types "
-                             "(AMX, repacked Q4_0/Q8_0; off by default, see the docstring)")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     jax.config.update("jax_default_matmul_precision", "highest")
     main(args.llama_python, args.extra_bufts)

@@ -133,12 +133,17 @@ def main(llama_python: str, extra_bufts: bool = False) -> None:
                   "\n".join(lines) + "\n")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(description: str) -> argparse.Namespace:
+    """``--llama-python PY`` and ``--extra-bufts`` (the llama.cpp benchmarks' command line)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--llama-python", required=True,
                         help="a Python interpreter with llama-cpp-python installed")
     parser.add_argument("--extra-bufts", action="store_true",
                         help="let llama.cpp repack weights into its CPU extra buffer types "
                              "(crashes on AMX CPUs with llama-cpp-python 0.3.36)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    args = parse_args(__doc__)
     main(args.llama_python, args.extra_bufts)
