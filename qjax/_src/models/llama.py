@@ -162,7 +162,6 @@ class Attention(nn.Module):
                                       spec_p=spec.p, causal=True)
         return dense("o", out_init)(out.reshape(b, t, d))
 
-
     def _sow_edgeqat(self, q, k, spec: AttentionQuant | None) -> None:
         """EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`), only when its collection is
         mutable and not at init (so ``init`` returns params only): the pre-softmax logits
