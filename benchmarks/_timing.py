@@ -50,3 +50,23 @@ def write_results(name: str, payload: dict, markdown: str) -> tuple[str, str]:
     with open(mpath, "w") as f:
         f.write(markdown)
     return jpath, mpath
+
+
+def report(name: str, quick: bool, payload: dict, lines: list[str]) -> tuple[str, str]:
+    """Prints the Markdown ``lines`` followed by the machine, and writes them with ``payload``
+    (plus ``payload["machine"]``) to ``results/<name>[_quick].{json,md}``; returns the paths."""
+    payload["machine"] = machine()
+    text = "\n".join([*lines, "", f"Machine: {payload['machine']}"])
+    print(text)
+    return write_results(name + ("_quick" if quick else ""), payload, text + "\n")
+
+
+def seeds_cli(main: Callable[[list[int], bool], None], doc: str, seeds: str = "0,1") -> None:
+    """``main(seeds, quick)`` from the command line: ``[--quick] [--seeds 0,1]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", default=seeds)
+    a = parser.parse_args()
+    main([int(s) for s in a.seeds.split(",")], a.quick)

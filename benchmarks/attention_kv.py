@@ -22,7 +22,6 @@ Run: ``python -m benchmarks.attention_kv [--quick] [--seeds 0,1]``; writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -32,7 +31,6 @@ import sys
 import jax
 
 from qjax import attention as A
-from qjax import data as D
 from qjax import train
 from qjax.models.llama import Llama, LlamaConfig, greedy_generate, init_caches
 
@@ -40,9 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
 
 try:
-    from benchmarks._timing import interleaved_medians, machine, write_results
+    from benchmarks._timing import interleaved_medians, machine, seeds_cli, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _timing import interleaved_medians, machine, write_results
+    from _timing import interleaved_medians, machine, seeds_cli, write_results
 
 # EdgeQAT's entropy and attention-map terms (qjax.methods.edgeqat): attention weight 1 as the
 # authors, entropy weight 0.5, half the authors' coefficient (their -0.5 log of the summed
@@ -89,10 +87,7 @@ def _config(row: str, seed: int, quick: bool, runs_dir: str):
 def quality(seeds: list[int], quick: bool) -> list[dict]:
     runs_dir = os.path.join("runs", "attention_kv" + ("_quick" if quick else ""))
     probe = _config(next(iter(ROWS)), seeds[0], quick, runs_dir)
-    corpus = D.load_corpus(D.CorpusConfig(paths=probe.corpus_paths,
-                                          max_bytes=probe.max_corpus_bytes,
-                                          val_fraction=probe.val_fraction,
-                                          suffixes=probe.corpus_suffixes))
+    corpus = train.load_corpus(probe)
     rows, base = [], None
     for row in ROWS:
         losses = []
@@ -127,10 +122,7 @@ def finetune_quality(seeds: list[int], quick: bool) -> list[dict]:
                                       out_dir=os.path.join(runs_dir, f"finetune{i}",
                                                            f"seed{seed}"))
             if corpus is None:
-                corpus = D.load_corpus(D.CorpusConfig(paths=cfg.corpus_paths,
-                                                      max_bytes=cfg.max_corpus_bytes,
-                                                      val_fraction=cfg.val_fraction,
-                                                      suffixes=cfg.corpus_suffixes))
+                corpus = train.load_corpus(cfg)
             train.train_one(float_cfg, corpus, float_cfg.run_dir)  # cached after the first row
             print(f"== fine-tune: {row}, seed {seed}", flush=True)
             losses.append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
@@ -217,8 +209,4 @@ def main(seeds: list[int], quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", default="0,1")
-    a = parser.parse_args()
-    main([int(s) for s in a.seeds.split(",")], a.quick)
+    seeds_cli(main, __doc__)

@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 
-from qjax import data as D
 from qjax import train
 from qjax.methods import compute_optimal
 from qjax.models.llama import non_embedding_params
@@ -71,10 +70,7 @@ def f_star(config) -> tuple[float, float]:
 def main(seeds: list[int], quick: bool) -> None:
     runs_dir = os.path.join("runs", "compute_optimal_qat" + ("_quick" if quick else ""))
     probe = _config(SCHEDULES[0], FRACTIONS[0], seeds[0], quick, runs_dir)
-    corpus = D.load_corpus(D.CorpusConfig(paths=probe.corpus_paths,
-                                          max_bytes=probe.max_corpus_bytes,
-                                          val_fraction=probe.val_fraction,
-                                          suffixes=probe.corpus_suffixes))
+    corpus = train.load_corpus(probe)
     s, fstar = f_star(probe)
     results = {}
     for fraction in FRACTIONS:

@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 
-from qjax import data as D
 from qjax import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
@@ -65,10 +64,7 @@ def _paired(float_losses: list[float], int8_losses: list[float]) -> dict:
 def main(seeds: list[int], steps: int, quick: bool) -> None:
     runs_dir = os.path.join("runs", "quantized_backward_quality" + ("_quick" if quick else ""))
     probe = _config(next(iter(ROWS)), "float", seeds[0], steps, quick, runs_dir)
-    corpus = D.load_corpus(D.CorpusConfig(paths=probe.corpus_paths,
-                                          max_bytes=probe.max_corpus_bytes,
-                                          val_fraction=probe.val_fraction,
-                                          suffixes=probe.corpus_suffixes))
+    corpus = train.load_corpus(probe)
     rows = []
     for row in ROWS:
         losses = {}

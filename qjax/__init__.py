@@ -22,7 +22,7 @@ from qjax import (
     presets,
     sharding,
 )
-from qjax._src.formats import FloatFormat, IntFormat, Midrise, Ternary
+from qjax._src.formats import POST, FloatFormat, IntFormat, Midrise, Ternary
 from qjax._src.granularity import PerAxis, PerGroup, PerRow, PerTensor
 from qjax._src.hadamard import hadamard_matrix, hadamard_transform, random_signs
 from qjax._src.qarray import QArray, pack_bits, unpack_bits
@@ -30,6 +30,7 @@ from qjax._src.quantize import compute_scale, dequantize, fake_quant, quantize
 from qjax._src.scales import (
     AbsMax,
     GgmlMax,
+    MeanAbs,
     MseSearch,
     Percentile,
     RmsGaussian,
@@ -51,8 +52,10 @@ __all__ = [
     "GgmlMax",
     "IntFormat",
     "LSQ",
+    "MeanAbs",
     "Midrise",
     "PACT",
+    "POST",
     "MseSearch",
     "PerAxis",
     "PerGroup",

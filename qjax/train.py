@@ -31,11 +31,16 @@ the checkpoint on resume, and the checkpoints hold the trained params only. ``di
 one model at every width (losses averaged) and reports each width from the one checkpoint.
 ``backward=int8`` (with ``integer_forward=true``) runs the gradient matmuls of the integer-forward
 layers in int8 (:mod:`qjax._src.quantized_backward`), the stochastic rounding keyed by the seed and
-the step (the same losses on every run and resume of the config).
+the step (the same losses on every run and resume of the config). ``method=ofq`` trains StatsQ
+weights with LSQ activations (:mod:`qjax.methods.ofq`), logs ``osc_ratio`` (the fraction of block
+kernel weights whose EMA code-flip frequency exceeds 0.005) and, with ``cga_boundary_range=``,
+anneals from ``cga_start`` (a fraction of the steps) on; ``grid=post`` (methods ``lsq``, ``ste``)
+puts the weights on ASQ's power-of-sqrt(2) grid (:class:`qjax.POST`).
 """
 
 from qjax._src.train import (
     initialize_distributed,
+    load_corpus,
     main,
     run,
     train_one,
@@ -46,6 +51,7 @@ __all__ = [
     "build_model",
     "load_params",
     "initialize_distributed",
+    "load_corpus",
     "main",
     "run",
     "train_one",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import qjax
 from qjax.methods import asq as A
 
 # Shared shapes (each new shape is a new compilation): a kernel (K, N), tokens (T, C).
@@ -47,19 +48,20 @@ def test_level_sets_at_3_and_4_bits():
     want3 = np.float32([-1, -s, -0.5, 0, 0.5, s, 1])
     want4 = np.float32([-1, -s, -0.5, -s / 2, -0.25, -s / 4, -0.125, 0,
                         0.125, s / 4, 0.25, s / 2, 0.5, s, 1])
-    np.testing.assert_array_equal(A.POST(3).levels, want3)
-    np.testing.assert_array_equal(A.POST(4).levels, want4)
-    assert A.POST(3).max_code == 3 and A.POST(4).max_code == 7
+    np.testing.assert_array_equal(A.POST(3).code_table, want3)
+    np.testing.assert_array_equal(A.POST(4).code_table, want4)
+    assert A.POST(3).qmax == 3 and A.POST(4).qmax == 7 and A.POST(4).qmin == -7
+    assert A.POST is qjax.POST and qjax.QuantSpec("post4").format == A.POST(4)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_level_set_structure(bits):
     g = A.POST(bits)
-    lv = g.levels
+    lv = g.code_table
     np.testing.assert_array_equal(lv, ref_levels(bits))
     assert lv.size == 2 ** bits - 1 and np.all(np.diff(lv) > 0)
     np.testing.assert_array_equal(lv, -lv[::-1])
-    m = g.magnitudes
+    m = g.levels().astype(np.float32)
     assert np.all(g.midpoints > m[:-1]) and np.all(g.midpoints < m[1:])
     exact = (m[:-1].astype(np.float64) + m[1:]) / 2
     assert np.all(np.abs(g.midpoints - exact) <= np.spacing(g.midpoints) / 2)
@@ -69,7 +71,7 @@ def test_level_set_structure(bits):
 @pytest.mark.parametrize("step", [1.0, 0.25])
 def test_ties_round_away_from_zero(bits, step):
     g = A.POST(bits)
-    j = np.arange(g.max_code)
+    j = np.arange(g.qmax)
     for sign in (1, -1):
         at = jnp.asarray(sign * g.midpoints * np.float32(step))  # exact: step is a power of 2
         below = jnp.asarray(sign * np.nextafter(g.midpoints, np.float32(0)) * np.float32(step))
@@ -88,8 +90,8 @@ def test_nearest_level_against_brute_force():
     want = (ref_post_level(v, bits).astype(np.float32) * step)  # float32 product, as the format
     np.testing.assert_array_equal(y[keep], want[keep])
     codes = np.asarray(A.post_quantize(jnp.asarray(x), jnp.asarray(step), bits))
-    assert codes.dtype == np.int8 and np.abs(codes).max() <= A.POST(bits).max_code
-    np.testing.assert_array_equal(A.POST(bits).levels[codes + A.POST(bits).max_code][keep],
+    assert codes.dtype == np.int8 and np.abs(codes).max() <= A.POST(bits).qmax
+    np.testing.assert_array_equal(A.POST(bits).code_table[codes + A.POST(bits).qmax][keep],
                                   ref_post_level(v, bits)[keep])
 
 
@@ -324,3 +326,21 @@ def test_bad_arguments_raise(case):
     fn, exc, match = ERRORS[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+def test_post_quantspec_with_lsq_equals_post_fake_quant_values_and_gradients():
+    """The core format (qjax.POST, LSQ estimator: what Method("lsq", grid="post") trains) and
+    ASQ's own post_fake_quant agree wherever no element sits exactly on the clip |x/s| = 1."""
+    x = jnp.asarray(rand((K, N), 7, 1.0))
+    step = A.post_init_step(x)  # per output feature; the 99th percentile, so some clip
+    spec = qjax.QuantSpec("post4", qjax.PerRow(0), "absmax", "lsq")
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec, scale=step)),
+                                  np.asarray(A.post_fake_quant(x, step, 4)))
+
+    def loss(f):
+        return lambda x, s: jnp.sum(jnp.sin(3.0 * f(x, s)))
+
+    core = jax.grad(loss(lambda x, s: qjax.fake_quant(x, spec, scale=s)), argnums=(0, 1))(x, step)
+    asq = jax.grad(loss(lambda x, s: A.post_fake_quant(x, s, 4)), argnums=(0, 1))(x, step)
+    for a, b in zip(core, asq, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

@@ -47,6 +47,19 @@ def test_quantized_operands_are_fake_quant_and_gradients_are_ste():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_return_logits_are_the_fake_quantized_scores_before_masking():
+    out, logits = A.quantized_attention(Q, K, V, spec_q=TOKEN, spec_k=TOKEN, causal=True,
+                                        return_logits=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(
+        A.quantized_attention(Q, K, V, spec_q=TOKEN, spec_k=TOKEN, causal=True)))
+    qf, kf = qjax.fake_quant(Q, TOKEN), jnp.repeat(qjax.fake_quant(K, TOKEN), 2, axis=2)
+    want = np.einsum("bthd,bshd->bhts", np.float64(qf), np.float64(kf)) / 4.0
+    assert logits.shape == (2, 4, 6, 6) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-5)  # future ones too
+    with pytest.raises(TypeError, match="return_logits"):
+        A.quantized_attention(Q, K, V, return_logits="yes")
+
+
 def test_fully_masked_rows_give_zeros_not_nan():
     mask = jnp.zeros((1, 1, 6, 6), bool).at[..., 0, :].set(True)
     out = A.quantized_attention(Q, K, V, mask=mask, spec_p=qjax.QuantSpec("uint8", "row"))

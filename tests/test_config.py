@@ -101,7 +101,7 @@ def test_backward_field():
         r"backward must be one of \('float', 'int8'\), got 'fp8'": ["backward=fp8"],
         "backward='int8' reuses the int8 codes of the integer forward: set integer_forward=true":
             ["backward=int8"],
-        "integer_forward is for method quest, lsq, pact or ste": [
+        "integer_forward is for method quest, lsq, pact, ste or ofq": [
             "method=double_rounding", "weight_bits=8", "integer_forward=true", "backward=int8"],
     }
     for message, overrides in bad.items():

@@ -145,6 +145,17 @@ def test_int_encode_half_away_and_half_up():
         f.encode(v, rounding="up")
 
 
+def test_midrise_encode_half_up_is_floor():
+    f = qjax.Midrise(2)  # codes -2..1, levels (q + 1/2) * step
+    v = jnp.array([-2.5, -2.0, -1.5, -1e-30, 0.0, 0.5, 1.0, 1.999, 2.0, 100.0])
+    np.testing.assert_array_equal(f.encode(v, rounding="half_up"),
+                                  [-2, -2, -2, -1, 0, 0, 1, 1, 1, 1])
+    # Nearest rounds an edge half to even: 0 -> round(0.5) - 1 = -1, 2 -> round(2.5) - 1 = 1.
+    np.testing.assert_array_equal(f.encode(v), [-2, -2, -2, -1, -1, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        f.encode(v, rounding="half_away")
+
+
 def test_format_arguments_are_checked():
     with pytest.raises(TypeError, match="signed must be a bool"):
         qjax.IntFormat(4, signed="no")
@@ -156,3 +167,29 @@ def test_signed_one_bit_int_has_no_positive_level():
         F.check_positive_level(qjax.IntFormat(1), "LSQ")
     for ok in (qjax.IntFormat(1, signed=False), qjax.Midrise(1), qjax.Ternary(), qjax.IntFormat(2)):
         F.check_positive_level(ok, "LSQ")
+
+
+def test_post_format_example_names_and_storage():
+    f = qjax.POST(4)  # levels 0, +-2^(-k/2), k = 0..6; codes -7..7
+    assert F.format_from_name("post4") == f and f.name == "post4" and f.num_levels == 15
+    assert (f.qmin, f.qmax, f.max_level, f.uniform) == (-7, 7, 1.0, False)
+    x = jnp.array([0.3, -1.2, 2.5, -0.05, 0.9, -3.1, 1.7, 0.02])
+    spec = qjax.QuantSpec(f, qjax.PerTensor(), "absmax", "ste")
+    qa = qjax.quantize(x, spec)  # step = max|x| = 3.1
+    codes = np.asarray(qa.codes_float32())
+    np.testing.assert_array_equal(f.decode(jnp.asarray(codes)) * np.float32(3.1),
+                                  np.asarray(qjax.dequantize(qa)))
+    # |x| / 3.1 = 0.097 -> 0.125 (above the midpoint 0.0625), 0.387 -> 2^-1.5 = 0.354,
+    # 0.806 -> 2^-0.5 = 0.707 (below 0.854), 0.290 -> 0.25 (below 0.302), 0.016 -> 0
+    np.testing.assert_array_equal(codes, [1, -4, 6, 0, 3, -7, 5, 0])
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)),
+                                  np.asarray(qjax.dequantize(qa)))
+    assert qa.packed and qa.codes.dtype == np.uint8  # 4-bit codes, two per byte
+    with pytest.raises(ValueError, match="bits"):
+        qjax.POST(1)
+    for bad, message in ((dict(rounding="stochastic"), "stochastic rounding is supported for"),
+                         (dict(estimator="pact"), "PACT needs a uniform grid"),
+                         (dict(estimator="trust"), "Trust needs a uniform grid")):
+        with pytest.raises(ValueError, match=message):
+            qjax.QuantSpec("post4", **bad)
+    assert qjax.QuantSpec("post4", estimator="lsq").format == f

@@ -56,6 +56,25 @@ def test_statsq_reference_example():
     assert ofq.statsq_codes(K_REF, 2).dtype == jnp.int32
 
 
+def test_statsq_is_a_quantspec_and_the_ofq_method_weight():
+    lq = qjax.nn.Method("ofq", 3, 4).layer_quant(qjax.nn.dense_layout((16, 8)))
+    assert lq.weight == ofq.statsq_spec(3, qjax.PerRow(0))
+    assert lq.weight.rounding == "half_up" and lq.weight.scale_rule == qjax.MeanAbs(2.0)
+    assert isinstance(lq.activation.estimator, qjax.LSQ)
+    assert lq.activation.format == qjax.IntFormat(4)
+    k = jax.random.normal(jax.random.key(3), (16, 8)).at[:, 5].set(0.0)
+    qa = qjax.quantize(k, lq.weight)  # what convert stores
+    np.testing.assert_array_equal(np.asarray(qa.codes_float32()),
+                                  np.asarray(ofq.statsq_codes(k, 3, granularity=qjax.PerRow(0))))
+    np.testing.assert_array_equal(np.asarray(qjax.dequantize(qa)), np.asarray(ofq.statsq(k, 3)))
+    with pytest.raises(ValueError, match="grid of ofq must be 'auto'"):
+        qjax.nn.Method("ofq", grid="int")
+    with pytest.raises(ValueError, match="scale_rule of ofq must be 'auto'"):
+        qjax.nn.Method("ofq", scale_rule="absmax")
+    with pytest.raises(ValueError, match="bits"):
+        ofq.statsq_spec(9)
+
+
 GRANULARITIES = {
     "default_per_row_-2": (None, (0,)),
     "per_row_0": (qjax.PerRow(0), (0,)),
@@ -211,6 +230,19 @@ def test_cga_first_and_last_zeroes_adam_moments_of_frozen_entries():
     mu = state[1][0].mu
     np.testing.assert_array_equal(np.asarray(mu) != 0, trainable)
     np.testing.assert_array_equal(np.asarray(u) != 0, trainable)
+
+
+def test_cga_start_step_passes_updates_until_then():
+    cga = ofq.confidence_guided_annealing(0.005, 2, boundaries="with_edges", start_step=2)
+    state = cga.init(K_REF)
+    trains = np.zeros(8, bool)
+    trains[[2, 5]] = True
+    for step in range(4):
+        u, state = cga.update(jnp.ones_like(K_REF), state, K_REF)
+        want = np.ones(8) if step < 2 else trains.astype(float)
+        np.testing.assert_array_equal(np.asarray(u).ravel(), want)
+    with pytest.raises(ValueError, match="start_step"):
+        ofq.confidence_guided_annealing(0.005, 2, start_step=-1)
 
 
 def test_cga_masks_select_leaves():

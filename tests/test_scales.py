@@ -84,6 +84,8 @@ def test_scale_rule_names():
     assert S.as_scale_rule("mse:8") == S.MseSearch(8)
     assert S.as_scale_rule("rms_gaussian:3") == S.RmsGaussian(clip=3.0)
     assert S.as_scale_rule("percentile:99.5") == S.Percentile(99.5)
+    assert S.as_scale_rule("mean_abs") == S.MeanAbs(2.0)
+    assert S.as_scale_rule("mean_abs:3") == S.MeanAbs(3.0)
     with pytest.raises(ValueError, match="unknown scale rule 'max'"):
         S.as_scale_rule("max")
     with pytest.raises(ValueError, match=r"'absmax' takes at most 0 arguments"):
@@ -246,3 +248,29 @@ def test_rules_refuse_the_signed_one_bit_grid(rule):
     # int1's max level is 0: these divided by it (ZeroDivisionError) before.
     with pytest.raises(ValueError, match=r"int1 has no positive level.*'midrise1'"):
         rule.compute(jnp.ones((2, 4)), (1,), qjax.IntFormat(1))
+
+
+def test_mean_abs_values_jit_eager_and_zero_blocks():
+    x = jnp.array([[1.0, -2.0, 3.0, -6.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, -0.5, 0.5]])
+    # mean|x| per row: 3, 0, 0.5; step = 2 mean / 2^(b-1).
+    for fmt, half in ((qjax.Midrise(2), 2), (qjax.IntFormat(4), 8), (qjax.Midrise(1), 1)):
+        step = S.MeanAbs().step(x, (1,), fmt)
+        np.testing.assert_array_equal(np.asarray(step).ravel(), [6 / half, 0.0, 1 / half])
+        s, z = S.MeanAbs().compute(x, (1,), fmt)
+        assert z is None and float(s[1, 0]) == float(np.finfo(np.float32).tiny)
+    s3, _ = S.MeanAbs(3.0).compute(x, (1,), qjax.Midrise(2))
+    assert float(s3[0, 0]) == 4.5
+    big = jax.random.normal(jax.random.key(1), (16, 1000)) * 1e37  # the plain sum overflows
+    eager, _ = S.MeanAbs().compute(big, (1,), qjax.Midrise(4))
+    jitted, _ = jax.jit(lambda v: S.MeanAbs().compute(v, (1,), qjax.Midrise(4)))(big)
+    assert np.isfinite(np.asarray(eager)).all()
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
+
+
+@pytest.mark.parametrize("fmt", ["ternary", "uint4", "e4m3"])
+def test_mean_abs_needs_a_signed_uniform_grid(fmt):
+    with pytest.raises(ValueError, match="mean_abs needs a midrise or signed integer grid"):
+        S.MeanAbs().compute(jnp.ones((2, 4)), (1,), qjax.QuantSpec(fmt).format)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="MeanAbs multiple must be positive and finite"):
+            S.MeanAbs(bad)

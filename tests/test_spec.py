@@ -47,7 +47,7 @@ def test_spec_is_a_static_jit_argument_and_replace_revalidates():
     (dict(format="int1"), ValueError, "no positive level|int1"),
     (dict(format="int4", rounding="up"), ValueError, "rounding must be one of"),
     (dict(format="fp8_e4m3", rounding="stochastic"), ValueError, "uniform formats only"),
-    (dict(format="midrise4", rounding="half_up"), ValueError, "needs an IntFormat"),
+    (dict(format="midrise4", rounding="half_away"), ValueError, "needs an IntFormat"),
     (dict(format="int4", scale_dtype="float64"), ValueError, "scale_dtype must be None or one"),
     (dict(format="int4", estimator="lsq", scale_dtype="float16"), ValueError,
      "nearest rounding and float32 scales only"),
@@ -62,7 +62,7 @@ def test_spec_is_a_static_jit_argument_and_replace_revalidates():
      "symmetric"),
     (dict(format="int4", estimator="magic"), ValueError, "unknown estimator"),
     (dict(format="int4", hadamard_axis=1.5), TypeError, "hadamard_axis"),
-], ids=["bits", "int1", "rounding", "stochastic_fp8", "half_up_midrise", "scale_dtype",
+], ids=["bits", "int1", "rounding", "stochastic_fp8", "half_away_midrise", "scale_dtype",
         "lsq_fp16_scale", "hadamard_block", "hadamard_method", "hadamard_mode", "trust_fp8",
         "lsq_asymmetric", "estimator_name", "hadamard_axis"])
 def test_bad_specs_name_the_field(kwargs, error, message):

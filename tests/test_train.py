@@ -322,7 +322,12 @@ def jax_tree_max_abs_diff(a, b) -> float:
     (dict(method="double_rounding", weight_bits=4, double_rounding_bits=(8, 4)),
      "stores weight_bits = the highest"),
     (dict(method="gptq"), "method must be None or one of"),
-], ids=["zeroqat_needs_base", "distill_needs_base", "distill_range", "dr_bits", "unknown"])
+    (dict(method="lsq", cga_boundary_range=0.01), "it needs method='ofq'"),
+    (dict(method="ofq", cga_boundary_range=0.5), "cga_boundary_range must be None or a"),
+    (dict(method="ofq", cga_start=1.5), "cga_start must be a fraction"),
+    (dict(method="ofq", mixed_precision_budget=3.0), "mixed_precision_budget must be None"),
+], ids=["zeroqat_needs_base", "distill_needs_base", "distill_range", "dr_bits", "unknown",
+        "cga_needs_ofq", "cga_range", "cga_start", "ofq_one_width"])
 def test_method_options_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**fields)
@@ -354,3 +359,38 @@ def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_pat
     assert "kernel_scale" in params["blocks_0"]["attn"]["q"]
     with pytest.raises(ValueError, match=r"average width in \[2, 8\]"):
         TrainConfig(method="lsq", mixed_precision_budget=1.5, mixed_precision_bits=(2, 8))
+
+
+def test_ofq_run_logs_oscillations_anneals_and_resumes_exactly(tmp_path):
+    """method=ofq: osc_ratio logged every step; CGA from step 3 freezes the confident weights
+    (most block kernel entries stay bit for bit from step 3 on, none before); a run stopped
+    after step 3 resumes to the uninterrupted run's metrics (tracker and CGA state included)."""
+    ofq_run = {**TINY, "method": "ofq", "weight_bits": 2, "act_bits": 4, "baseline": False,
+               "cga_boundary_range": 0.02, "cga_start": 0.5}
+    full = TrainConfig(name="ofq", out_dir=str(tmp_path / "full"), **ofq_run)
+    (result,) = train.run(full)
+    rows = _rows(tmp_path / "full" / "qat" / "metrics.jsonl")
+    ratios = [r["osc_ratio"] for r in rows if "loss" in r]
+    assert len(ratios) == 6 and all(0.0 <= r <= 1.0 for r in ratios) and ratios[-1] > 0
+    assert result["osc_ratio"] == ratios[-1] and result["label"] == "ofq+cga0.02 W2A4"
+
+    part = TrainConfig(name="ofq", out_dir=str(tmp_path / "part"), stop_after=3, **ofq_run)
+    assert train.run(part) == []
+    p3 = train_setup.load_params(part, str(tmp_path / "part" / "qat"))
+    assert train.run(TrainConfig(name="ofq", out_dir=str(tmp_path / "part"), **ofq_run))
+    p6 = train_setup.load_params(part, str(tmp_path / "part" / "qat"))
+    p0 = train_setup.initial_params(full)[1]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert strip(_rows(tmp_path / "part" / "qat" / "metrics.jsonl")) == strip(rows)
+
+    kernels = traverse_util.flatten_dict(train_setup.block_kernel_mask(p0), sep="/")
+    assert len([k for k, v in kernels.items() if v]) == 7  # q, k, v, o, gate, up, down
+
+    def unchanged(a, b):
+        fa, fb = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
+        same = sum(int(np.sum(np.asarray(fa[k]) == np.asarray(fb[k]))) for k in kernels
+                   if kernels[k])
+        return same / sum(fa[k].size for k in kernels if kernels[k])
+
+    assert unchanged(p0, p3) < 0.01  # Adam moves every weight before CGA starts
+    assert unchanged(p3, p6) > 0.5  # then the confident ones (d > 0.02 steps) are frozen

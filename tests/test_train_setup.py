@@ -17,10 +17,11 @@ def test_validate_accepts_the_default_and_auto_blocks():
      "layer 'attention and output projections': Hadamard block hadamard_block=128"),
     (dict(d_model=96, n_heads=5), "must split into n_heads"),
     (dict(estimator="foo"), "estimator of quest must be one of"),
-    (dict(grid="foo"), "grid must be 'auto', 'midrise' or 'int'"),
+    (dict(grid="foo"), r"grid must be one of \('auto', 'midrise', 'int', 'post'\)"),
+    (dict(grid="post"), "grid='post' .* is for methods lsq and ste"),
     (dict(schedule="wsd_fused", qat_fraction="optimal", weight_bits=None, act_bits=4),
      "needs weight_bits"),
-], ids=["block", "heads", "estimator", "grid", "optimal_without_bits"])
+], ids=["block", "heads", "estimator", "grid", "post_on_quest", "optimal_without_bits"])
 def test_validate_names_the_mistake(fields, message):
     with pytest.raises(ValueError, match=message):
         S.validate(TrainConfig(**fields)) if "schedule" not in fields else TrainConfig(**fields)
@@ -44,3 +45,11 @@ def test_method_from_config_passes_the_backward():
     # refused as integer_forward is, naming the layer.
     with pytest.raises(ValueError, match="integer_forward is not available"):
         S.validate(TrainConfig(method="lsq", integer_forward=True, backward="int8"))
+
+
+def test_post_and_ofq_from_config():
+    m = S.method_from_config(TrainConfig(method="lsq", grid="post", weight_bits=4, act_bits=4))
+    assert m.grid == "post"
+    m = S.method_from_config(TrainConfig(method="ofq", weight_bits=2, act_bits=4))
+    assert m.name == "ofq"
+    S.validate(TrainConfig(method="ofq", weight_bits=2, act_bits=2))

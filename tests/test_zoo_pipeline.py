@@ -2,7 +2,7 @@
 
 Each model of the zoo (Linen Dense / Einsum+DenseGeneral / Conv / nn.scan / ViT patch conv /
 raw einsum, NNX LinearGeneral block / nnx.vmap+nnx.scan) goes through quantize_model -> init ->
-3 jitted Optax steps -> convert -> serve -> save/restore -> jax.export, for four recipes. Serving
+3 jitted Optax steps -> convert -> serve -> save/restore -> jax.export, for six recipes. Serving
 equals QAT bit for bit in float32 where the contract says so: weight-only and learned-scale
 recipes (the layer's own op on the same dequantized kernel) and integer-forward recipes (the
 same int8 product); QuEST W4A4 trains with fake quantization and serves with int8 products, so
@@ -29,6 +29,8 @@ RECIPES = {
     "lsq_w4a4": Method("lsq", 4, 4),
     "int8_w8a8": Method("ste", 8, 8, integer_forward=True),
     "int4_weight_only": Method("ste", 4, None),
+    "ofq_w2a4": Method("ofq", 2, 4),  # StatsQ weights (floor rounding), LSQ activations
+    "lsq_post_w4a4": Method("lsq", 4, 4, grid="post"),  # ASQ's POST weights, table decode
 }
 
 
@@ -46,10 +48,13 @@ EXTRA = {"linen_cnn": ("conv1",), "linen_vit": ("patch_embed",)}
 
 
 
+LEARNED_ACTIVATION_STEPS = ("lsq_w4a4", "ofq_w2a4", "lsq_post_w4a4")
+
+
 def _extra(z, recipe):
     # A module's own parameter contracted by jnp.einsum ("raw" kernel) is matched by its path;
-    # learned scales need a Flax layer to live in, so LSQ leaves it out (see the test below).
-    raw = () if recipe == "lsq_w4a4" else z.raw_params
+    # learned scales need a Flax layer to live in, so LSQ activations leave it out (see below).
+    raw = () if recipe in LEARNED_ACTIVATION_STEPS else z.raw_params
     return EXTRA.get(z.name, ()) + tuple(raw)
 
 
@@ -102,7 +107,8 @@ DEFAULT_PIPELINES = {
     ("linen_cnn", "int8_w8a8"), ("linen_scan", "int8_w8a8"),
     ("linen_scan", "int4_weight_only"), ("nnx_block", "lsq_w4a4"),
     ("nnx_scan", "quest_w4a4"), ("linen_vit", "quest_w4a4"),
-    ("linen_raw_einsum", "lsq_w4a4"),
+    ("linen_raw_einsum", "lsq_w4a4"), ("linen_einsum", "ofq_w2a4"),
+    ("nnx_scan", "lsq_post_w4a4"),
 }
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax._src import granularity as G
-from qjax._src._checks import check_int
+from qjax._src._checks import check_bool, check_int
 from qjax._src.qarray import QArray
 from qjax._src.quantize import dequantize, fake_quant, quantize
 from qjax._src.spec import QuantSpec, check_spec
@@ -40,34 +40,37 @@ def _fq(x, spec, name: str):
     return x.astype(jnp.float32) if spec is None else fake_quant(x.astype(jnp.float32), spec)
 
 
-def _attend(qf, kf, vf, *, spec_p, mask, causal: bool, scale: float | None) -> jax.Array:
-    """Softmax attention of float32 ``qf (B,T,H,D)`` over ``kf, vf (B,S,Hk,D)``."""
+def _attend(qf, kf, vf, *, spec_p, mask, causal: bool, scale: float | None
+            ) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention of float32 ``qf (B,T,H,D)`` over ``kf, vf (B,S,Hk,D)``, and the scaled
+    logits ``(B,H,T,S)`` before masking."""
     t, s = qf.shape[1], kf.shape[1]
     rep = qf.shape[2] // kf.shape[2]
     if rep > 1:  # grouped-query attention: each key head serves `rep` query heads
         kf, vf = jnp.repeat(kf, rep, axis=2), jnp.repeat(vf, rep, axis=2)
     d = qf.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = jnp.einsum("bthd,bshd->bhts", qf, kf, precision="highest") * scale
+    logits = jnp.einsum("bthd,bshd->bhts", qf, kf, precision="highest") * scale
     allowed = jnp.ones((t, s), bool)
     if causal:
         allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
     if mask is not None:
         allowed = allowed & jnp.asarray(mask, bool)
-    scores = jnp.where(allowed, scores, -jnp.inf)
+    scores = jnp.where(allowed, logits, -jnp.inf)
     # A row with nothing allowed gives zeros, not NaN.
     top = jnp.max(scores, axis=-1, keepdims=True)
     e = jnp.where(allowed, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
     p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     p = _fq(p, spec_p, "spec_p")
-    return jnp.einsum("bhts,bshd->bthd", p, vf, precision="highest")
+    return jnp.einsum("bhts,bshd->bthd", p, vf, precision="highest"), logits
 
 
 def quantized_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                         spec_q: QuantSpec | None = None, spec_k: QuantSpec | None = None,
                         spec_v: QuantSpec | None = None, spec_p: QuantSpec | None = None,
                         mask: jax.Array | None = None, causal: bool = False,
-                        scale: float | None = None) -> jax.Array:
+                        scale: float | None = None, return_logits: bool = False
+                        ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention with fake-quantized Q, K, V and probabilities (see the module docstring).
 
     Args:
@@ -79,14 +82,19 @@ def quantized_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       mask: bool, broadcastable to ``(B, H, T, S)``, True where attention is allowed.
       causal: also mask keys after each query (aligned to the end of the keys).
       scale: the score scale (default ``1 / sqrt(D)``).
+      return_logits: also return the scaled logits ``S = fq(q) fq(k)^T * scale``, float32
+        ``(B, H, T, S)``, before masking (what EdgeQAT's attention-map loss compares).
 
     Returns:
-      ``(B, T, H, D)`` in ``q``'s dtype; gradients follow each spec's estimator.
+      ``(B, T, H, D)`` in ``q``'s dtype (and the logits with ``return_logits``); gradients
+      follow each spec's estimator.
     """
     _check_qkv(q, k, v)
-    out = _attend(_fq(q, spec_q, "spec_q"), _fq(k, spec_k, "spec_k"), _fq(v, spec_v, "spec_v"),
-                  spec_p=spec_p, mask=mask, causal=causal, scale=scale)
-    return out.astype(q.dtype)
+    out, logits = _attend(_fq(q, spec_q, "spec_q"), _fq(k, spec_k, "spec_k"),
+                          _fq(v, spec_v, "spec_v"), spec_p=spec_p, mask=mask, causal=causal,
+                          scale=scale)
+    return (out.astype(q.dtype), logits) if check_bool("return_logits", return_logits) \
+        else out.astype(q.dtype)
 
 
 def kv_cache_spec(bits: int, group: int | None = None) -> QuantSpec:
@@ -236,8 +244,8 @@ def cached_attention(q: jax.Array, cache: KVCache, *, spec_q: QuantSpec | None =
     t, s = q.shape[1], cache.capacity
     first = cache.length - t  # absolute position of the first query
     allowed = jnp.arange(s)[None, :] <= first + jnp.arange(t)[:, None]
-    out = _attend(_fq(q, spec_q, "spec_q"), kf, vf, spec_p=spec_p, mask=allowed,
-                  causal=False, scale=scale)
+    out, _ = _attend(_fq(q, spec_q, "spec_q"), kf, vf, spec_p=spec_p, mask=allowed,
+                     causal=False, scale=scale)
     return out.astype(q.dtype)
 
 

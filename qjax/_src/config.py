@@ -66,7 +66,7 @@ class TrainConfig:
     trust: float = 1.0
     clip_ratio: float | None = None
     hadamard_mode: str | None = "auto"
-    grid: str = "auto"
+    grid: str = "auto"  # qjax.nn.Method.grid: "midrise", "int", or "post" (ASQ's POST weights)
     estimator: str = "auto"
     scale_rule: str = "auto"  # scale rule name, e.g. "mse:8:0.6"
     hadamard_block: int | None = 128  # None: largest power of 2 <= 128 dividing K
@@ -109,6 +109,13 @@ class TrainConfig:
     # summed entropies is edgeqat.entropy_loss at weight 1).
     edgeqat_entropy: float = 0.0
     edgeqat_attention: float = 0.0
+    # method="ofq" (qjax.methods.ofq): StatsQ weights and LSQ activations; the training program
+    # tracks the weights' StatsQ codes (Nagel et al.'s EMA of code flips) and logs osc_ratio, the
+    # fraction of weights whose flip frequency exceeds 0.005. cga_boundary_range (in steps, in
+    # (0, 0.5)) turns on confidence-guided annealing from step round(cga_start * steps): updates
+    # of weights further than that from a rounding boundary are zeroed (None: no CGA).
+    cga_boundary_range: float | None = None
+    cga_start: float = 0.0
     # method="zeroqat": MeZO-style SGD (two forward passes per probe, no backward) of an lsq model
     # started from init_from, perturbation zo_eps, zo_probes directions per step.
     zo_eps: float = 1e-3
@@ -234,6 +241,7 @@ class TrainConfig:
                     or not min(widths) <= budget <= max(widths):
                 raise ValueError(f"mixed_precision_budget must be an average width in "
                                  f"[{min(widths)}, {max(widths)}] bits, got {budget!r}")
+        self._check_ofq()
         bits = self.double_rounding_bits
         if self.method == "double_rounding":
             if not bits or any(isinstance(b, bool) or not isinstance(b, int) for b in bits):
@@ -242,6 +250,24 @@ class TrainConfig:
                 raise ValueError(f"method='double_rounding' stores weight_bits = the highest of "
                                  f"double_rounding_bits {tuple(bits)}, got weight_bits="
                                  f"{self.weight_bits}")
+
+    def _check_ofq(self) -> None:
+        br, start = self.cga_boundary_range, self.cga_start
+        if br is not None and (isinstance(br, bool) or not isinstance(br, (int, float))
+                               or not 0.0 < br < 0.5):
+            raise ValueError(f"cga_boundary_range must be None or a distance in steps in "
+                             f"(0, 0.5), got {br!r}")
+        if isinstance(start, bool) or not isinstance(start, (int, float)) \
+                or not 0.0 <= start <= 1.0:
+            raise ValueError(f"cga_start must be a fraction of the steps in [0, 1], got {start!r}")
+        if self.method is None or self.method == "ofq":
+            if self.method == "ofq" and self.mixed_precision_budget is not None:
+                raise ValueError("method='ofq' tracks and anneals one weight width: "
+                                 "mixed_precision_budget must be None")
+            return
+        if br is not None:
+            raise ValueError(f"cga_boundary_range anneals StatsQ weights: it needs method='ofq', "
+                             f"got method={self.method!r}")
 
     def _check_backward(self) -> None:
         """``integer_forward`` only with a method whose layers are :class:`qjax.nn.Method` recipes;
@@ -340,7 +366,7 @@ QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip_ratio", "hadamard_mode
                 "quantizer_lr_multiplier", "integer_forward",
                 "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group", "rank",
                 "phi_dtype", "distill", "distill_temperature", "edgeqat_entropy",
-                "edgeqat_attention", "zo_eps",
+                "edgeqat_attention", "cga_boundary_range", "cga_start", "zo_eps",
                 "zo_probes", "double_rounding_bits", "mixed_precision_budget",
                 "mixed_precision_bits")
 

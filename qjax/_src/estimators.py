@@ -266,10 +266,11 @@ def _pact_bwd(fmt, res, g):
 _pact.defvjp(_pact_fwd, _pact_bwd)
 
 
-def _check_lsq_format(fmt):
+def _check_lsq_format(fmt, lsq: bool = True):
     fmt = F.as_format(fmt)
-    if not fmt.uniform:
-        raise ValueError(f"LSQ and PACT need a uniform grid, not the float format {fmt.name}")
+    if not fmt.uniform and not (lsq and isinstance(fmt, F.POST)):
+        raise ValueError(f"LSQ and PACT need a uniform grid (LSQ also takes POST), not the "
+                         f"non-uniform format {fmt.name}")
     F.check_positive_level(fmt, "LSQ and PACT")  # they divide by max_level
     return fmt
 
@@ -280,7 +281,7 @@ def learned_scale_quant(x, scale, fmt, estimator: SP.Estimator, *, n: int | None
     For :class:`~qjax.LSQ` the parameter is the step ``s``; for :class:`~qjax.PACT` it is the
     clipping level ``alpha`` (the step is ``alpha / max_level``).
     """
-    fmt = _check_lsq_format(fmt)
+    fmt = _check_lsq_format(fmt, isinstance(estimator, SP.LSQ))
     check_static_scale("scale (the LSQ step or PACT alpha)", scale)
     scale = jnp.asarray(scale, jnp.float32)
     if isinstance(estimator, SP.PACT):

@@ -16,6 +16,8 @@ Formats (all frozen, hashable dataclasses so they can be static arguments under 
 * :class:`Ternary`: codes ``{-1, 0, 1}``.
 * :class:`FloatFormat` ``(name)``: fp8 ``e4m3`` (OCP ``float8_e4m3fn``, max 448), ``e5m2``
   (max 57344) and fp4 ``e2m1`` (max 6). Round to nearest even, saturating (no inf/NaN codes).
+* :class:`POST` ``(bits)``: ASQ's power-of-sqrt(2) grid, integer codes ``[-K, K]`` decoded by a
+  table (``0``, ``+-2^(-k/2)``); nearest level, ties away from zero.
 
 All arithmetic is float32 and rounding is round-half-to-even (``jnp.round``) by default, as the
 numerics contract requires.
@@ -24,6 +26,7 @@ numerics contract requires.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -39,6 +42,7 @@ __all__ = [
     "Midrise",
     "Ternary",
     "FloatFormat",
+    "POST",
     "Format",
     "format_from_name",
     "check_bits",
@@ -52,6 +56,7 @@ def check_bits(bits: object, lo: int = 1, hi: int = 8) -> int:
 
 
 INT_ROUNDINGS = ("nearest", "half_away", "half_up")
+MIDRISE_ROUNDINGS = ("nearest", "half_up")
 
 
 def _round_int(v: jax.Array, rounding: str, qmin: int) -> jax.Array:
@@ -182,8 +187,20 @@ class Midrise:
     def name(self) -> str:
         return f"midrise{self.bits}"
 
-    def encode(self, v, zero_point=None):
-        return jnp.clip(jnp.round(v + 0.5) - 1.0, self.qmin, self.qmax)
+    def encode(self, v, zero_point=None, rounding: str = "nearest"):
+        """Codes of ``v`` (float32, units of the step), as float32 integers.
+
+        ``rounding`` (see :data:`MIDRISE_ROUNDINGS`): ``"nearest"`` is ``round(v + 1/2) - 1``
+        half to even (a value on a bin edge goes to the even-numbered level); ``"half_up"``
+        sends a value on an edge to the level above, i.e. ``floor(v)``: OFQ's StatsQ.
+        """
+        if rounding == "nearest":
+            q = jnp.round(v + 0.5) - 1.0
+        elif rounding == "half_up":
+            q = jnp.floor(v)  # not floor(v + 1) - 1, which loses tiny negative v to 0
+        else:
+            raise ValueError(f"rounding must be one of {MIDRISE_ROUNDINGS}, got {rounding!r}")
+        return jnp.clip(q, self.qmin, self.qmax)
 
     def encode_floor(self, v, zero_point=None):
         return jnp.clip(jnp.floor(v + 0.5) - 1.0, self.qmin, self.qmax)
@@ -312,8 +329,97 @@ class FloatFormat:
         return -self.max_level, self.max_level
 
 
-Format = IntFormat | Midrise | Ternary | FloatFormat
-FORMAT_TYPES = (IntFormat, Midrise, Ternary, FloatFormat)
+@functools.cache
+def _post_tables(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    k = 2 ** (bits - 1) - 1
+    # 2^(-j/2) as a power of two times sqrt(1/2): exact scaling of one correctly rounded sqrt.
+    mags = [0.0] + [math.ldexp(math.sqrt(0.5) if j % 2 else 1.0, -(j // 2))
+                    for j in range(k - 1, -1, -1)]
+    m = np.asarray(mags, np.float32)
+    mids = ((m[:-1].astype(np.float64) + m[1:].astype(np.float64)) / 2).astype(np.float32)
+    table = np.concatenate([-m[:0:-1], m])
+    for a in (m, mids, table):
+        a.setflags(write=False)
+    return m, mids, table
+
+
+@dataclasses.dataclass(frozen=True)
+class POST:
+    """ASQ's power-of-sqrt(2) grid: levels ``0`` and ``+-2^(-k/2)``, ``k = 0..K-1``.
+
+    ``K = 2^(b-1) - 1`` (``2^b - 1`` levels, b = 2..8: 2 bits is ``{0, +-1}``); codes
+    ``q in [-K, K]`` mean ``sign(q) * 2^(-(K - |q|)/2)`` (0 for ``q = 0``), so the scale is also
+    the clip (``max_level = 1``). Encoding rounds ``|v|`` to the nearest level by comparing it
+    with the float32 midpoints of adjacent magnitudes (ties away from zero, ``|v| >= 1 -> +-1``);
+    decoding is a table lookup. Non-uniform: no stochastic rounding, no int8 product.
+
+    References:
+      Zhou et al., 2025. Precision Neural Network Quantization via Learnable Adaptive Modules
+      (ASQ and POST).
+    """
+
+    bits: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", check_bits(self.bits, lo=2))
+
+    signed = True
+    uniform = False
+    max_level = 1.0
+
+    @property
+    def qmax(self) -> int:
+        """``K = 2^(bits-1) - 1``."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -self.qmax
+
+    @property
+    def num_levels(self) -> int:
+        return 2 * self.qmax + 1
+
+    @property
+    def name(self) -> str:
+        return f"post{self.bits}"
+
+    def levels(self) -> np.ndarray:
+        """All non-negative levels, ascending (float64 of the float32 values)."""
+        return _post_tables(self.bits)[0].astype(np.float64)
+
+    @property
+    def midpoints(self) -> np.ndarray:
+        """float32 ``(K,)``: the rounding thresholds of ``|v|`` (midpoints of adjacent levels)."""
+        return _post_tables(self.bits)[1]
+
+    @property
+    def code_table(self) -> np.ndarray:
+        """float32 ``(2K + 1,)``, ascending: code ``q`` means ``code_table[q + K]``."""
+        return _post_tables(self.bits)[2]
+
+    def encode(self, v, zero_point=None):
+        # compare_all: K <= 127 compares per element, and it compiles far faster than "scan".
+        mag = jnp.searchsorted(jnp.asarray(self.midpoints), jnp.abs(v), side="right",
+                               method="compare_all")
+        return jnp.where(v < 0, -mag, mag).astype(jnp.float32)
+
+    def encode_floor(self, v, zero_point=None):
+        raise ValueError(
+            f"stochastic rounding is supported for uniform formats only, not {self.name}"
+        )
+
+    def decode(self, q, zero_point=None):
+        """float32 levels of integer-valued codes (out-of-range codes clip to ``+-1``)."""
+        return jnp.take(jnp.asarray(self.code_table), q.astype(jnp.int32) + self.qmax,
+                        mode="clip")
+
+    def range_in_scale_units(self, zero_point=None):
+        return -1.0, 1.0
+
+
+Format = IntFormat | Midrise | Ternary | FloatFormat | POST
+FORMAT_TYPES = (IntFormat, Midrise, Ternary, FloatFormat, POST)
 
 
 def check_positive_level(fmt: Format, user: str) -> None:
@@ -326,7 +432,7 @@ def check_positive_level(fmt: Format, user: str) -> None:
             "asymmetric rule)"
         )
 
-_NAME_RE = re.compile(r"^(int|uint|midrise)([1-8])$")
+_NAME_RE = re.compile(r"^(int|uint|midrise|post)([1-8])$")
 
 
 def format_from_name(name: str) -> Format:
@@ -343,6 +449,8 @@ def format_from_name(name: str) -> Format:
         kind, bits = m.group(1), int(m.group(2))
         if kind == "midrise":
             return Midrise(bits)
+        if kind == "post":
+            return POST(bits)
         return IntFormat(bits, signed=(kind == "int"))
     if key == "ternary":
         return Ternary()
@@ -350,7 +458,7 @@ def format_from_name(name: str) -> Format:
         return FloatFormat(key)
     raise ValueError(
         f"unknown format {name!r}; allowed: int1..int8, uint1..uint8, midrise1..midrise8, "
-        f"ternary, {', '.join(sorted(_FLOAT_FORMATS) + sorted(_FLOAT_ALIASES))}"
+        f"post2..post8, ternary, {', '.join(sorted(_FLOAT_FORMATS) + sorted(_FLOAT_ALIASES))}"
     )
 
 

@@ -76,7 +76,8 @@ def code_max(fmt: F.Format) -> int | None:
       TypeError: ``fmt`` is not a qjax format.
     """
     if not isinstance(fmt, F.Format):
-        raise TypeError(f"fmt must be a qjax format (IntFormat, Midrise, Ternary, FloatFormat), "
+        raise TypeError(f"fmt must be a qjax format (IntFormat, Midrise, Ternary, FloatFormat, "
+                        "POST), "
                         f"got {type(fmt).__name__}")
     if isinstance(fmt, F.IntFormat) and fmt.signed:
         return -fmt.qmin

@@ -19,6 +19,7 @@ Rules:
 * :class:`MseSearch`: the clipping ratio in ``linspace(min_ratio, 1, num_candidates)`` of the
   absmax that minimises the block's squared error.
 * :class:`Percentile`: ``scale = percentile(|x|, q) / max_level``.
+* :class:`MeanAbs`: ``scale = multiple * mean|x| / 2^(b-1)`` (OFQ's StatsQ on the midrise grid).
 * :class:`GgmlMax`: llama.cpp's block scale, ``max|x| / qmax`` or (``signed``) ``x_e / qmin``
   with ``x_e`` the element of largest magnitude, divided exactly as C does.
 * :class:`TorchAOAffine`: torchao's ``choose_qparams_affine`` (symmetric or asymmetric with an
@@ -66,6 +67,7 @@ __all__ = [
     "RmsGaussian",
     "MseSearch",
     "Percentile",
+    "MeanAbs",
     "ScaleRule",
     "QUEST_GAUSSIAN_CLIP",
     "gaussian_clip",
@@ -253,6 +255,45 @@ class Percentile:
         return clamp_scale(p * (1.0 / fmt.max_level)), None
 
 
+@dataclasses.dataclass(frozen=True)
+class MeanAbs:
+    """``scale = multiple * mean|x| / 2^(b-1)``: the ``2^b`` codes of a signed ``b``-bit grid
+    span ``+-multiple * mean|x|``.
+
+    On the midrise grid with ``multiple=2`` and ``rounding="half_up"`` this is OFQ's StatsQ
+    (levels ``+-(k - 1/2) s / n``, ``s = 2 mean|W|``, ``n = 2^(b-1)``). The mean sums ``|x| /
+    count`` (no overflow) in a fixed order (jit == eager, see :func:`ordered_sum`). Signed
+    integer and midrise grids only.
+
+    References:
+      Liu, Liu, Cheng (2023). Oscillation-free Quantization for Low-bit Vision Transformers.
+      ICML. arXiv:2302.02210.
+    """
+
+    multiple: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "multiple", check_finite_positive("MeanAbs multiple",
+                                                                   self.multiple))
+
+    def step(self, xb, axes, fmt, axis_name=None):
+        """The unclamped step (0 for an all-zero block), float32 like ``xb``."""
+        if not (isinstance(fmt, F.Midrise) or (isinstance(fmt, F.IntFormat) and fmt.signed)):
+            raise ValueError(f"mean_abs needs a midrise or signed integer grid, not {fmt.name}")
+        count = math.prod(xb.shape[ax] for ax in axes)
+        if axis_name is not None:
+            count = count * jax.lax.psum(1, axis_name)
+        a = jnp.abs(xb) * (1.0 / max(count, 1))  # an empty block has no elements to sum
+        if axis_name is None and all(typed_sharding.axis_shards(xb, ax) == 1 for ax in axes):
+            mean = ordered_sum(a, axes)
+        else:  # reduced axes split over devices: one global reduction
+            mean = _reduce_sum(a, axes, axis_name)
+        return mean * (self.multiple / 2 ** (fmt.bits - 1))
+
+    def compute(self, xb, axes, fmt, dtype=None, axis_name=None):
+        return clamp_scale(self.step(xb, axes, fmt, axis_name)), None
+
+
 def exact_divide(a: jax.Array, c: float) -> jax.Array:
     """``a / c`` correctly rounded, as numpy, torch and C compute it.
 
@@ -398,8 +439,8 @@ class TorchAOAffine:
         return scale, zero_point
 
 
-ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile | GgmlMax | TorchAOAffine
-SCALE_RULE_TYPES = (AbsMax, RmsGaussian, MseSearch, Percentile, GgmlMax, TorchAOAffine)
+ScaleRule = AbsMax | RmsGaussian | MseSearch | Percentile | MeanAbs | GgmlMax | TorchAOAffine
+SCALE_RULE_TYPES = (AbsMax, RmsGaussian, MseSearch, Percentile, MeanAbs, GgmlMax, TorchAOAffine)
 
 _RULE_NAMES = {
     "absmax": AbsMax,
@@ -407,19 +448,22 @@ _RULE_NAMES = {
     "rms_gaussian": RmsGaussian,
     "mse": MseSearch,
     "percentile": Percentile,
+    "mean_abs": MeanAbs,
 }
 # Positional arguments a rule name may take after colons ("mse:8:0.6"), in field order.
 _RULE_ARGS = {
     "rms_gaussian": (("clip", float),),
     "mse": (("num_candidates", int), ("min_ratio", float)),
     "percentile": (("q", float),),
+    "mean_abs": (("multiple", float),),
 }
 
 
 def as_scale_rule(rule: ScaleRule | str) -> ScaleRule:
     """Returns ``rule`` or builds it from a name, optionally with positional arguments.
 
-    Names: ``absmax``, ``absmax_asymmetric``, ``rms_gaussian``, ``mse``, ``percentile``.
+    Names: ``absmax``, ``absmax_asymmetric``, ``rms_gaussian``, ``mse``, ``percentile``,
+    ``mean_abs``.
     Arguments follow the name after colons, in the rule's field order, so that a string config
     can set them: ``"mse:8:0.6"`` is ``MseSearch(8, 0.6)``, ``"rms_gaussian:3"`` is
     ``RmsGaussian(clip=3.0)``, ``"percentile:99.5"`` is ``Percentile(99.5)``.

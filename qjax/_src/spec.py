@@ -20,7 +20,8 @@ Estimators (the backward rule of the fake-quant op):
 
 ``rounding`` is ``"nearest"`` (half to even, the default) or ``"stochastic"`` (``floor(v + u)``,
 ``u ~ U[0, 1)``; needs a PRNG key); integer formats also take ``"half_away"`` (half away from
-zero) and ``"half_up"`` (llama.cpp's), see :meth:`qjax.IntFormat.encode`. ``scale_dtype``
+zero) and ``"half_up"`` (llama.cpp's), see :meth:`qjax.IntFormat.encode`; the midrise grid also
+takes ``"half_up"`` (``floor(x/s)``, OFQ's StatsQ), see :meth:`qjax.Midrise.encode`. ``scale_dtype``
 (``"float16"`` or ``"bfloat16"``) stores the scale in that dtype: codes use the float32 scale of
 the rule, values (and ``QArray.scale``) its rounding, as llama.cpp's fp16 block scales do.
 
@@ -136,8 +137,11 @@ def check_rounding(rounding: object, fmt: F.Format) -> str:
         raise ValueError(
             f"stochastic rounding is supported for uniform formats only, not {fmt.name}"
         )
+    if rounding == "half_up" and isinstance(fmt, F.Midrise):
+        return rounding
     if rounding not in ("nearest", "stochastic") and not isinstance(fmt, F.IntFormat):
-        raise ValueError(f"rounding {rounding!r} needs an IntFormat, not {fmt.name}")
+        raise ValueError(f"rounding {rounding!r} needs an IntFormat (or, for 'half_up', a "
+                         f"Midrise grid), not {fmt.name}")
     return rounding
 
 
@@ -203,9 +207,12 @@ class QuantSpec:
             raise ValueError(
                 f"hadamard_mode must be one of {HADAMARD_MODES}, got {self.hadamard_mode!r}"
             )
-        if isinstance(est, (Trust, LSQ, PACT)) and not fmt.uniform:
+        # LSQ's step gradient needs only levels and a clip range: ASQ learns the POST step so.
+        lsq_on_post = isinstance(est, LSQ) and isinstance(fmt, F.POST)
+        if isinstance(est, (Trust, LSQ, PACT)) and not fmt.uniform and not lsq_on_post:
             raise ValueError(
-                f"{type(est).__name__} needs a uniform grid, not the float format {fmt.name}"
+                f"{type(est).__name__} needs a uniform grid (LSQ also takes POST), not the "
+                f"non-uniform format {fmt.name}"
             )
         rule = self.scale_rule
         if isinstance(est, LSQ) and isinstance(rule, S.AbsMax) and not rule.symmetric:

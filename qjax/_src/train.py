@@ -24,7 +24,7 @@ from qjax._src.checkpoint import (
     check_run_dir,
 )
 from qjax._src.config import RENAMED_FIELDS, TrainConfig, load_config, run_identity
-from qjax._src.methods import distill, edgeqat, zeroqat
+from qjax._src.methods import distill, edgeqat, oscillation, zeroqat
 from qjax._src.models.llama import non_embedding_params
 from qjax._src.nn import double_rounding as DR
 from qjax._src.train_report import Progress, label, read_metrics, results_table
@@ -44,8 +44,8 @@ from qjax._src.train_setup import (
     validate,
 )
 
-__all__ = ["main", "run", "train_one", "build_model", "load_params", "initialize_distributed",
-           "validate", "run_dir_identity"]
+__all__ = ["main", "run", "train_one", "load_corpus", "build_model", "load_params",
+           "initialize_distributed", "validate", "run_dir_identity"]
 
 
 def _scalar(x) -> float:
@@ -87,6 +87,11 @@ def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
     job = _Job.build(config, corpus, run_dir, widths)
     with job.place.context():
         return job.train()
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-byte cross-entropy of ``logits (batch, seq, vocab)``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
 def _sown(state: Mapping) -> dict[str, list]:
@@ -134,8 +139,7 @@ class _Job:
     def cross_entropy(self, p, inputs, targets, qat_on, aux, bits=None, key=None):
         """Mean next-byte cross-entropy (at weight width ``bits`` for Double Rounding; ``key``:
         see :meth:`_logits`)."""
-        return optax.softmax_cross_entropy_with_integer_labels(
-            self._logits(p, inputs, qat_on, aux, bits, key), targets).mean()
+        return _cross_entropy(self._logits(p, inputs, qat_on, aux, bits, key), targets)
 
     def _logits(self, p, inputs, qat_on, aux, bits=None, key=None, collect=False):
         """Logits ``(batch, seq, vocab)`` of ``inputs (batch, seq)``; ``key`` (or None) is the
@@ -169,13 +173,14 @@ class _Job:
         (:meth:`quant_key`)."""
         c = self.config
         guided = qat_on and bool(c.edgeqat_entropy or c.edgeqat_attention)
+        need_scores = guided and bool(c.edgeqat_attention)
         teacher_logits = teacher_scores = None
-        if aux["teacher"] is not None:
+        if aux["teacher"] is not None and (c.distill or need_scores):
             out = self.teacher_model.apply({"params": aux["teacher"]}, inputs,
-                                           mutable=[edgeqat.COLLECTION] if guided else False)
-            teacher_logits = jax.lax.stop_gradient(out[0] if guided else out)
-            teacher_scores = _sown(out[1])["scores"] if guided else None
-        elif guided and c.edgeqat_attention:  # the float forward of the current weights
+                                           mutable=[edgeqat.COLLECTION] if need_scores else False)
+            teacher_logits = jax.lax.stop_gradient(out[0] if need_scores else out)
+            teacher_scores = _sown(out[1])["scores"] if need_scores else None
+        elif need_scores:  # the float forward of the current weights
             _, sown = self._logits(jax.lax.stop_gradient(p), inputs, False, aux, collect=True)
             teacher_scores = sown["scores"]
 
@@ -187,7 +192,7 @@ class _Job:
                     logits, teacher_logits, targets, ce_weight=1.0 - c.distill,
                     kl_weight=c.distill, temperature=c.distill_temperature)
             else:
-                value = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+                value = _cross_entropy(logits, targets)
             return value + self._edgeqat(sown, teacher_scores) if guided else value
 
         if isinstance(self.method, DR.DoubleRounding) and qat_on:
@@ -255,6 +260,13 @@ class _Job:
                   file=sys.stderr)
         return state, start
 
+    def oscillation(self, opt_state) -> dict:
+        """``{"osc_ratio": r}`` for ``method="ofq"``: the fraction of the block kernels' weights
+        whose EMA code-flip frequency exceeds 0.005 (Nagel et al. 2022); else ``{}``."""
+        if self.config.method != "ofq":
+            return {}
+        return {"osc_ratio": _scalar(oscillation.oscillation_ratio(opt_state))}
+
     def train(self) -> dict:
         c, lead = self.config, jax.process_index() == 0
         steps = {True: self.step_fn(True), False: self.step_fn(False)}
@@ -285,7 +297,8 @@ class _Job:
                         raise FloatingPointError(f"loss is {loss_v} at step {done}")
                     log.write(json.dumps({"step": done, "loss": loss_v,
                                           "lr": float(self.schedule(step)),
-                                          "tokens_per_s": tok_s, "qat": qat_on}) + "\n")
+                                          "tokens_per_s": tok_s, "qat": qat_on,
+                                          **self.oscillation(opt_state)}) + "\n")
                     if lead:
                         progress.update(done, loss_v, tok_s)
                 if done % c.eval_every == 0 or done == c.steps:
@@ -312,7 +325,7 @@ class _Job:
             "act_bits": c.act_bits if self.method else None,
             "val_loss": last_val, "val_ppl": math.exp(last_val),
             "steps": c.steps, "tokens": c.steps * tokens,
-            "non_embedding_params": non_embedding_params(p),
+            "non_embedding_params": non_embedding_params(p), **self.oscillation(opt_state),
         }
         if isinstance(self.method, DR.DoubleRounding):  # every width from the one checkpoint
             result["val_loss_at_bits"] = {str(b): evaluate(p, True, b) for b in self.method.bits}
@@ -352,6 +365,15 @@ def _widths(config: TrainConfig, corpus: D.Corpus, run_dir: str, float_dir: str)
     return allocation["widths"]
 
 
+def load_corpus(config: TrainConfig) -> D.Corpus:
+    """The corpus ``config`` trains on (its ``corpus_*``, ``max_corpus_bytes`` and
+    ``val_fraction`` fields; :func:`qjax.data.load_corpus`)."""
+    return D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
+                                        max_bytes=config.max_corpus_bytes,
+                                        val_fraction=config.val_fraction,
+                                        suffixes=config.corpus_suffixes))
+
+
 def run(config: TrainConfig) -> list[dict]:
     """Runs the float baseline (if ``config.baseline``) and the configured model; prints a table.
 
@@ -360,10 +382,7 @@ def run(config: TrainConfig) -> list[dict]:
     identity, so a mistake is reported before the float baseline has trained for minutes.
     """
     validate(config)
-    corpus = D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
-                                          max_bytes=config.max_corpus_bytes,
-                                          val_fraction=config.val_fraction,
-                                          suffixes=config.corpus_suffixes))
+    corpus = load_corpus(config)
     D.check_fits(corpus, config.batch_size, config.seq_len)
     lead = jax.process_index() == 0
     runs = _runs(config)

@@ -24,6 +24,8 @@ def label(config: TrainConfig) -> str:
     a = f"A{config.act_bits}" if config.act_bits else ""
     name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
                             else "")
+    if config.grid == "post":  # ASQ's power-of-sqrt(2) weights
+        name += "+post"
     if config.scale_rule != "auto":
         name += "+" + config.scale_rule.split(":")[0]
     if config.method == "double_rounding":
@@ -34,6 +36,8 @@ def label(config: TrainConfig) -> str:
         name += f"+kd{config.distill:g}"
     if config.edgeqat_entropy or config.edgeqat_attention:
         name += f"+edgeqat{config.edgeqat_entropy:g}/{config.edgeqat_attention:g}"
+    if config.cga_boundary_range is not None:
+        name += f"+cga{config.cga_boundary_range:g}"
     if config.method in LOW_RANK_METHODS:
         name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
                                       else f" {config.phi_dtype}")

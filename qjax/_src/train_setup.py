@@ -27,7 +27,7 @@ from qjax._src import optim, sharding
 from qjax._src.attention import AttentionQuant, attention_quant
 from qjax._src.checkpoint import RunDirError, TrainingCheckpoints
 from qjax._src.config import LOW_RANK_METHODS, TrainConfig
-from qjax._src.methods import compute_optimal
+from qjax._src.methods import compute_optimal, ofq
 from qjax._src.models.llama import (
     BLOCK_LINEARS,
     PARTITION_RULES,
@@ -49,7 +49,7 @@ from qjax._src.spec import QuantSpec
 __all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
            "initial_params", "model_variables", "load_params", "Placement", "model_config",
            "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE",
-           "attention_from_config"]
+           "attention_from_config", "block_kernel_mask", "ofq_transforms"]
 
 
 def method_from_config(config: TrainConfig
@@ -164,7 +164,29 @@ def optimizer(config: TrainConfig, params):
         return schedule, qat, None
     tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                          quantizer_lr_multiplier=config.quantizer_lr_multiplier)
+    if config.method == "ofq":
+        tx = optax.chain(tx, *ofq_transforms(config))
     return schedule, qat, tx
+
+
+def block_kernel_mask(params):
+    """True on the kernels of the blocks' linear layers (the ones the method quantizes)."""
+    kernel = re.compile(BLOCK_LINEARS + "/kernel")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: kernel.fullmatch("/".join(str(k.key) for k in path)) is not None, params)
+
+
+def ofq_transforms(config: TrainConfig) -> list[optax.GradientTransformation]:
+    """After the optimizer of ``method="ofq"``: the oscillation tracker of the block kernels'
+    StatsQ codes (read by :func:`qjax.methods.oscillation.oscillation_ratio`), then, with
+    ``cga_boundary_range``, confidence-guided annealing from step ``round(cga_start * steps)``
+    (last, so that frozen weights stay bit for bit)."""
+    out = [ofq.track_oscillations(config.weight_bits, mask=block_kernel_mask)]
+    if config.cga_boundary_range is not None:
+        out.append(ofq.confidence_guided_annealing(
+            config.cga_boundary_range, config.weight_bits, mask=block_kernel_mask,
+            start_step=round(config.cga_start * config.steps)))
+    return out
 
 
 def initial_state(params, tx, seed: int) -> dict:

@@ -10,18 +10,18 @@ i.e. ``PerRow(-2)``: the statistic runs over ``K``), with ``n = 2^(b-1)``::
   W_q   = (q + 1/2) * step                 (midrise levels +-(k - 1/2) * s / n, k = 1..n)
   dW    = g                                (identity straight-through estimator)
 
-An all-zero block has ``s = 0`` and quantizes to exact zeros; ``1 / step`` is taken of
-the scale clamp ``(step)`` so it stays finite. ``mean|W|`` sums ``|W| /
-count``,
-so it cannot overflow. Values are cast back to the input dtype, saturating (float32, bfloat16
-and float16 inputs). Example (one block, 2 bits): ``W = [0.3, -1.2, 2.5, -0.05, 0.9, -3.1, 1.7,
-0.02]`` has ``s = 2.4425`` and ``W_q = [0.6106, -0.6106, 1.8319, -0.6106, 0.6106, -1.8319,
-1.8319, 0.6106]``.
+An all-zero block has ``s = 0``; its step is clamped to the smallest normal float32 (as every
+qjax scale), so its values are ``2^-127``, a denormal that XLA flushes to 0. ``mean|W|`` sums
+``|W| / count`` in a fixed order, so it cannot overflow and jit equals eager. Values are cast back
+to the input dtype, saturating (float32, bfloat16 and float16 inputs). Example (one block, 2
+bits): ``W = [0.3, -1.2, 2.5, -0.05, 0.9, -3.1, 1.7, 0.02]`` has ``s = 2.4425`` and
+``W_q = [0.6106, -0.6106, 1.8319, -0.6106, 0.6106, -1.8319, 1.8319, 0.6106]``.
 
-Why not ``QuantSpec(Midrise(b), scale=<rule>)``: qjax's midrise grid rounds
-``round(v + 1/2) - 1`` half to even (``floor(v)`` except at even integers ``v``, where it gives
-``v - 1``), and its all-zero block goes to ``-step/2`` of the smallest scale instead of 0; and
-``QuantSpec`` accepts only the scale rules of :mod:`qjax` (AbsMax, RmsGaussian, ...).
+StatsQ is a :class:`qjax.QuantSpec` (:func:`statsq_spec`): ``Midrise(b)``, the scale rule
+``qjax.MeanAbs(2.0)`` and ``rounding="half_up"`` (on the midrise grid, ``floor(v)``: a value on a
+bin edge goes to the level above), identity STE; :func:`statsq` is ``qjax.fake_quant`` with it.
+So ``quantize``, ``convert`` and ``quantize_model(model, Method("ofq", bits, act_bits))`` (StatsQ
+weights per output channel, LSQ activations) use it too.
 
 **CGA.** In the annealing phase the paper freezes every weight that is *confident*, i.e. not
 near a rounding threshold. With ``c = clip(v, -n, n)`` and ``d`` the distance of ``c`` to the
@@ -61,6 +61,7 @@ from qjax._src.methods.ofq import (
     BOUNDARIES,
     DEFAULT_GRANULARITY,
     Boundaries,
+    CGAState,
     Mask,
     TrackOscillationsState,
     boundary_distance,
@@ -68,6 +69,7 @@ from qjax._src.methods.ofq import (
     confidence_guided_annealing,
     statsq,
     statsq_codes,
+    statsq_spec,
     statsq_step,
     track_oscillations,
 )
@@ -75,6 +77,7 @@ from qjax._src.methods.ofq import (
 __all__ = [
     "Boundaries",
     "BOUNDARIES",
+    "CGAState",
     "boundary_distance",
     "cga_trainable",
     "confidence_guided_annealing",
@@ -82,6 +85,7 @@ __all__ = [
     "Mask",
     "statsq",
     "statsq_codes",
+    "statsq_spec",
     "statsq_step",
     "track_oscillations",
     "TrackOscillationsState",

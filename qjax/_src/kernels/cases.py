@@ -174,7 +174,7 @@ def classify(x_shape: tuple[int, ...], w: QArray, act_spec: SP.QuantSpec | None)
                          f"got {tuple(x_shape)}")
     spec = w.spec
     fmt = spec.format
-    if isinstance(fmt, F.FloatFormat) and not _is_fp8(fmt):
+    if isinstance(fmt, F.POST) or (isinstance(fmt, F.FloatFormat) and not _is_fp8(fmt)):
         raise ValueError(f"weight format {fmt.name} is not supported; use an integer, midrise, "
                          "ternary or fp8 (e4m3/e5m2) format")
     if spec.hadamard_block is not None and spec.hadamard_mode != "half":

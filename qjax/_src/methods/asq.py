@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -14,6 +13,7 @@ from flax import nnx
 from qjax._src import formats as F
 from qjax._src._checks import check_bool, check_floating, check_int, check_pos_int, check_real
 from qjax._src.estimators import check_static_scale
+from qjax._src.formats import POST
 from qjax._src.hadamard import saturating_cast
 from qjax._src.scales import clamp_scale, lsq_init
 
@@ -31,77 +31,6 @@ __all__ = [
 ]
 
 BETA_MIN = 1e-8  # the adapter's floor (the released code's clamp)
-
-
-@functools.cache
-def _tables(bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    k = 2 ** (bits - 1) - 1
-    # 2^(-j/2) as a power of two times sqrt(1/2): exact scaling of one correctly rounded sqrt.
-    mags = [0.0] + [math.ldexp(math.sqrt(0.5) if j % 2 else 1.0, -(j // 2))
-                    for j in range(k - 1, -1, -1)]
-    m = np.asarray(mags, np.float32)
-    mids = ((m[:-1].astype(np.float64) + m[1:].astype(np.float64)) / 2).astype(np.float32)
-    levels = np.concatenate([-m[:0:-1], m])
-    for a in (m, mids, levels):
-        a.setflags(write=False)
-    return m, mids, levels
-
-
-@dataclasses.dataclass(frozen=True)
-class POST:
-    """The power-of-sqrt(2) grid of ``bits`` bits (2 to 8), see the module docstring.
-
-    Attributes:
-      bits: 2 (levels 0, +-1) to 8 (127 magnitudes, down to 2^-63).
-    """
-
-    bits: int
-
-    def __post_init__(self):
-        object.__setattr__(self, "bits", F.check_bits(self.bits, lo=2))
-
-    @property
-    def max_code(self) -> int:
-        """``K = 2^(bits-1) - 1``: codes are ``-K..K``."""
-        return 2 ** (self.bits - 1) - 1
-
-    @property
-    def max_level(self) -> float:
-        return 1.0
-
-    @property
-    def name(self) -> str:
-        return f"post{self.bits}"
-
-    @property
-    def magnitudes(self) -> np.ndarray:
-        """float32 ``(K + 1,)``: ``0, 2^(-(K-1)/2), ..., 2^(-1/2), 1`` (ascending)."""
-        return _tables(self.bits)[0]
-
-    @property
-    def midpoints(self) -> np.ndarray:
-        """float32 ``(K,)``: the rounding thresholds of ``|v|``."""
-        return _tables(self.bits)[1]
-
-    @property
-    def levels(self) -> np.ndarray:
-        """float32 ``(2K + 1,)`` sorted; code ``c`` is ``levels[c + K]``."""
-        return _tables(self.bits)[2]
-
-    def encode(self, v: jax.Array) -> jax.Array:
-        """int32 codes of ``v`` (float32, in units of the step): nearest level, ties away from 0."""
-        # compare_all: K <= 127 compares per element, and it compiles far faster than "scan".
-        mag = jnp.searchsorted(jnp.asarray(self.midpoints), jnp.abs(v), side="right",
-                               method="compare_all")
-        return jnp.where(v < 0, -mag, mag).astype(jnp.int32)
-
-    def decode(self, q: jax.Array) -> jax.Array:
-        """float32 levels of integer codes (out-of-range codes clip to ``+-1``)."""
-        return jnp.take(jnp.asarray(self.levels), q.astype(jnp.int32) + self.max_code,
-                        mode="clip")
-
-    def range_in_scale_units(self) -> tuple[float, float]:
-        return -1.0, 1.0
 
 
 def _check_param(name: str, p: object, x_shape: tuple[int, ...]) -> jax.Array:

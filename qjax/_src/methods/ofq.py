@@ -10,23 +10,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qjax._src import formats as F
 from qjax._src import granularity as G
-from qjax._src._checks import check_floating, check_real
+from qjax._src import scales as S
+from qjax._src._checks import check_floating, check_int, check_real
 from qjax._src.formats import check_bits
-from qjax._src.hadamard import saturating_cast
 from qjax._src.methods import oscillation as osc
 from qjax._src.optim import weight_decay_mask
-from qjax._src.scales import clamp_scale
+from qjax._src.quantize import fake_quant
+from qjax._src.spec import STE, QuantSpec
 
 __all__ = [
     "BOUNDARIES",
     "DEFAULT_GRANULARITY",
     "statsq",
+    "statsq_spec",
     "statsq_step",
     "statsq_codes",
     "boundary_distance",
     "cga_trainable",
     "confidence_guided_annealing",
+    "CGAState",
     "track_oscillations",
     "TrackOscillationsState",
 ]
@@ -53,39 +57,28 @@ def _check(w: object, bits: object, granularity: object) -> tuple[int, G.Granula
 def _parts(w: jax.Array, bits: int, granularity: G.Granularity) -> _Parts:
     """The StatsQ decomposition of ``w`` (validated arguments), all float32, no gradient."""
     wb, lay = G.to_blocks(jax.lax.stop_gradient(w).astype(jnp.float32), granularity)
-    n = 2 ** (bits - 1)
-    count = max(lay.block_elements, 1)
-    # |W| / count summed: a mean that cannot overflow where the plain sum would.
-    mean = jnp.sum(jnp.abs(wb) * (1.0 / count), axis=lay.reduce_axes, keepdims=True)
-    step = mean * (2.0 / n)  # 2 / n is a power of two: exact
-    latent = wb * (1.0 / clamp_scale(step))
-    codes = jnp.clip(jnp.floor(latent), -n, n - 1)
+    grid = F.Midrise(bits)
+    # The core's rule and rounding (QuantSpec(Midrise(b), scale_rule=MeanAbs(2),
+    # rounding="half_up")), kept unclamped here so that an all-zero block gives exact zeros.
+    step = S.MeanAbs(2.0).step(wb, lay.reduce_axes, grid)
+    latent = wb * (1.0 / S.clamp_scale(step))
+    codes = grid.encode(latent, rounding="half_up")
     return _Parts(codes, step, latent, lay)
 
 
-def _values(codes: jax.Array, step: jax.Array) -> jax.Array:
-    return (codes + 0.5) * step
+def statsq_spec(bits: int, granularity: G.Granularity | str = DEFAULT_GRANULARITY
+                ) -> QuantSpec:
+    """StatsQ as a :class:`qjax.QuantSpec`: ``Midrise(bits)``, :class:`qjax.MeanAbs` ``(2)``,
+    identity STE, ``rounding="half_up"`` (``floor``). :func:`statsq` is ``fake_quant`` with it;
+    the spec also serves in ``quantize``, ``quantize_model`` (``Method("ofq")``) and ``convert``.
+
+    Raises:
+      TypeError/ValueError: ``bits`` not an int in [1, 8], a bad granularity.
+    """
+    return QuantSpec(F.Midrise(check_bits(bits)), G.as_granularity(granularity),
+                     S.MeanAbs(2.0), STE(), rounding="half_up")
 
 
-def _statsq_values(w, bits, granularity):
-    p = _parts(w, bits, granularity)
-    return saturating_cast(p.layout.unblock(_values(p.codes, p.step)), w.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _statsq(w, bits, granularity):
-    return _statsq_values(w, bits, granularity)
-
-
-def _statsq_fwd(w, bits, granularity):
-    return _statsq_values(w, bits, granularity), None
-
-
-def _statsq_bwd(bits, granularity, res, g):
-    return (g,)  # identity straight-through: dW = g, in W's dtype
-
-
-_statsq.defvjp(_statsq_fwd, _statsq_bwd)
 
 
 def statsq(w: jax.Array, bits: int, *,
@@ -111,8 +104,7 @@ def statsq(w: jax.Array, bits: int, *,
       Liu et al., 2023. Oscillation-free Quantization for Low-bit Vision Transformers.
     """
     bits, granularity = _check(w, bits, granularity)
-    G.layout(granularity, tuple(w.shape))  # shape errors here, not inside the custom_vjp
-    return _statsq(w, bits, granularity)
+    return fake_quant(w, statsq_spec(bits, granularity))
 
 
 def statsq_step(w: jax.Array, bits: int, *,
@@ -201,6 +193,12 @@ def _need_params(params, who: str) -> None:
                          "on when the caller does)")
 
 
+class CGAState(NamedTuple):
+    """State of :func:`confidence_guided_annealing`: the number of updates so far."""
+
+    count: jax.Array  # int32 scalar
+
+
 def confidence_guided_annealing(
     boundary_range: float,
     bits: int,
@@ -208,13 +206,16 @@ def confidence_guided_annealing(
     granularity: G.Granularity | str = DEFAULT_GRANULARITY,
     boundaries: Boundaries = "interior",
     mask: Mask = weight_decay_mask,
+    start_step: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """CGA as an Optax transform: updates of confident weights are set to exactly 0.
 
     ``update(updates, state, params)`` returns ``where(cga_trainable(params), updates, 0)`` on
     the leaves ``mask`` selects (others pass unchanged); the mask comes from the params of this
-    call. Stateless. Place it last in the chain so that weight decay and momentum are zeroed too
-    and frozen entries stay bit-identical (see the module docstring).
+    call. From update ``start_step`` on (counted from 0; the state is the count): before it,
+    updates pass unchanged, so CGA can anneal only the end of a run. Place it last in the chain
+    so that weight decay and momentum are zeroed too and frozen entries stay bit-identical (see
+    the module docstring).
 
     Args:
       boundary_range: ``BR`` in steps, in (0, 0.5).
@@ -226,11 +227,13 @@ def confidence_guided_annealing(
         ``True`` for all) or a callable of the params; default
         :func:`qjax.optim.weight_decay_mask` (matrices: rank >= 2, not biases, norm scales or
         quantizer parameters).
+      start_step: the first update (0-based) that anneals; an int >= 0.
 
     Raises:
       TypeError/ValueError: at construction for bad hyper-parameters; at ``update`` when
         ``params`` is None.
     """
+    start_step = check_int("start_step", start_step, lo=0)
     boundary_range = _check_range(boundary_range)
     bits = check_bits(bits)
     granularity = G.as_granularity(granularity)
@@ -239,16 +242,20 @@ def confidence_guided_annealing(
 
     def update(updates, state, params=None):
         _need_params(params, "confidence_guided_annealing")
+        before = state.count < start_step
 
         def one(u, p):
             check_floating(p, "a masked params leaf")
-            return _zero_where(cga_trainable(p, bits, boundary_range, granularity=granularity,
-                                             boundaries=boundaries), u)
+            keep = cga_trainable(p, bits, boundary_range, granularity=granularity,
+                                 boundaries=boundaries)
+            return _zero_where(keep | before, u)
 
-        return jax.tree.map(one, updates, params), state
+        return jax.tree.map(one, updates, params), CGAState(optax.safe_increment(state.count))
 
-    inner = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    inner = optax.GradientTransformation(lambda params: CGAState(jnp.zeros((), jnp.int32)),
+                                         update)
     return optax.masked(inner, mask)
+
 
 
 class TrackOscillationsState(NamedTuple):
@@ -307,7 +314,7 @@ def track_oscillations(
             if freeze_threshold is not None:
                 parts = _parts(p, bits, granularity)
                 held = parts.layout.unblock(
-                    _values(parts.layout.block(s.frozen_code.astype(jnp.float32)), parts.step))
+                    (parts.layout.block(s.frozen_code.astype(jnp.float32)) + 0.5) * parts.step)
                 u = jnp.where(s.frozen, (held - p.astype(jnp.float32)).astype(u.dtype), u)
             return u, s
 

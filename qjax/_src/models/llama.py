@@ -154,30 +154,31 @@ class Attention(nn.Module):
                 out = cached_attention(q, cache, spec_q=spec.q, spec_p=spec.p)
             return dense("o", out_init)(out.reshape(b, t, d)), cache
         if self.is_mutable_collection(edgeqat.COLLECTION) and not self.is_initializing():
-            self._sow_edgeqat(q, k, spec)
-        if spec is None:
+            out = self._sow_edgeqat(q, k, v, spec)
+        elif spec is None:
             out = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
         else:
             out = quantized_attention(q, k, v, spec_q=spec.q, spec_k=spec.k, spec_v=spec.v,
                                       spec_p=spec.p, causal=True)
         return dense("o", out_init)(out.reshape(b, t, d))
 
-    def _sow_edgeqat(self, q, k, spec: AttentionQuant | None) -> None:
-        """EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`), only when its collection is
-        mutable and not at init (so ``init`` returns params only): the pre-softmax logits
-        ``(B, H, T, T)`` of the fake-quantized Q and K (float ones when not quantized),
-        recomputed here in float32 (equal to the attention's own up to float rounding; one more
-        ``(B, H, T, T)`` array per layer kept for the backward), and for quantized Q and K their
-        :func:`~qjax.methods.edgeqat.qk_entropy`."""
-        if spec is not None:
-            q = q if spec.q is None else fake_quant(q.astype(jnp.float32), spec.q)
-            k = k if spec.k is None else fake_quant(k.astype(jnp.float32), spec.k)
-            if spec.q is not None and spec.k is not None:
-                self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(q))
-                self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(k))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32),
-                            precision="highest") / math.sqrt(q.shape[-1])
-        self.sow(edgeqat.COLLECTION, "scores", scores)
+    def _sow_edgeqat(self, q, k, v, spec: AttentionQuant | None) -> jax.Array:
+        """The attention output, sowing EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`) on
+        the way; called only when its collection is mutable and not at init (so ``init``
+        returns params only): the scaled logits ``(B, H, T, T)`` the attention itself computed
+        (of the fake-quantized Q and K; float32 at HIGHEST precision, also without a spec) and,
+        for quantized Q and K, their :func:`~qjax.methods.edgeqat.qk_entropy`."""
+        specs = spec or AttentionQuant()
+        # Q and K are fake-quantized once here, then passed on as they are (spec None).
+        q = q if specs.q is None else fake_quant(q.astype(jnp.float32), specs.q)
+        k = k if specs.k is None else fake_quant(k.astype(jnp.float32), specs.k)
+        if specs.q is not None and specs.k is not None:
+            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(q))
+            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(k))
+        out, logits = quantized_attention(q, k, v, spec_v=specs.v, spec_p=specs.p, causal=True,
+                                          return_logits=True)
+        self.sow(edgeqat.COLLECTION, "scores", logits)
+        return out.astype(v.dtype)
 
 
 class MLP(nn.Module):

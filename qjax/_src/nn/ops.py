@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
+from qjax._src import formats as F
 from qjax._src import granularity as G
 from qjax._src import scales as S
 from qjax._src import spec as SP
@@ -129,7 +130,8 @@ def init_kernel_scale(kernel: jax.Array, spec: SP.QuantSpec, layout: KernelLayou
     """Initial learned parameter of a kernel ``(*stack, *layout.shape)``.
 
     Shape ``(*stack, *batch, *scale_shape(spec, (K, N)))``. LSQ: ``2 mean|w| / sqrt(QP)`` per
-    block; PACT: the Gaussian-optimal clip times the block RMS.
+    block (on the POST grid: the 99th percentile of |w|, ASQ's); PACT: the Gaussian-optimal
+    clip times the block RMS.
 
     References:
       Esser et al., 2020, Learned Step Size Quantization; Choi et al., 2018, PACT.
@@ -138,6 +140,9 @@ def init_kernel_scale(kernel: jax.Array, spec: SP.QuantSpec, layout: KernelLayou
     def one(m):
         x32 = rotate_like_spec(m.astype(jnp.float32), spec)
         xb, lay = G.to_blocks(x32, spec.granularity)
+        if isinstance(spec.estimator, SP.LSQ) and isinstance(spec.format, F.POST):
+            # ASQ's released init: the step is POST's clip, the 99th percentile of |w|.
+            return S.Percentile(99.0).compute(xb, lay.reduce_axes, spec.format)[0]
         if isinstance(spec.estimator, SP.LSQ):
             return S.lsq_init(xb, spec.format.max_level, lay.reduce_axes)
         rms = jnp.sqrt(jnp.mean(jnp.square(xb), axis=lay.reduce_axes, keepdims=True))

@@ -33,7 +33,8 @@ from qjax._src.qdot import integer_forward_reason
 __all__ = ["LayerQuant", "Method", "METHODS", "resolve", "as_target", "learned",
            "default_hadamard_block"]
 
-METHODS = ("quest", "lsq", "pact", "ste")
+METHODS = ("quest", "lsq", "pact", "ste", "ofq")
+GRIDS = ("auto", "midrise", "int", "post")
 MAX_AUTO_BLOCK = 128
 
 
@@ -138,10 +139,15 @@ class Method:
       channel with clipped STE.
     * ``ste``: absmax per output channel / per token, identity STE (``estimator="clipped_ste"``
       for the clipped one).
+    * ``ofq``: OFQ's StatsQ weights (:func:`qjax.methods.ofq.statsq_spec`: midrise grid, step
+      ``2 mean|W| / 2^(b-1)`` per output channel, ``floor`` rounding, identity STE) and
+      ``lsq``'s activations (OFQ quantizes the weights; the activations need a recipe of their
+      own). Train it with :func:`qjax.methods.ofq.confidence_guided_annealing` and
+      :func:`qjax.methods.ofq.track_oscillations` in the optimizer.
 
-    Inputs of convolutions are quantized per example (``quest``, ``ste``) or per tensor (``lsq``,
-    ``pact``) rather than per token, so that an integer convolution can serve them (one scale
-    per output pixel's whole receptive field).
+    Inputs of convolutions are quantized per example (``quest``, ``ste``) or per tensor
+    (``lsq``, ``pact``, ``ofq``) rather than per token, so that an integer convolution can serve
+    them (one scale per output pixel's whole receptive field).
 
     ``hadamard_block`` is the Hadamard block along K (for convolutions, along the input channels).
     None (the default) picks, per layer, the largest power of two ``<= 128`` dividing it; an
@@ -151,9 +157,12 @@ class Method:
     of both operands for ``quest`` (default :class:`~qjax.RmsGaussian`; e.g. ``"mse:8:0.6"``
     searches the clip with least squared error per row) and ``ste`` (default
     :class:`~qjax.AbsMax`); ``lsq`` and ``pact`` learn theirs, so only ``"auto"``.
-    ``grid`` is ``"midrise"`` (QuEST's ``2^b`` levels without zero) or ``"int"`` (signed
-    integers); ``"auto"`` is midrise for QuEST and int for the others. ``hadamard_mode`` is
-    ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None for the others.
+    ``grid`` is ``"midrise"`` (QuEST's ``2^b`` levels without zero), ``"int"`` (signed
+    integers) or, for ``lsq`` and ``ste``, ``"post"``: weights on ASQ's power-of-sqrt(2) grid
+    (:class:`~qjax.POST`; ``lsq`` learns its step from the 99th percentile of ``|w|``),
+    activations on the int grid; ``"auto"`` is midrise for QuEST and int for the others.
+    ``hadamard_mode`` is ``"half"``, ``"full"`` or None; ``"auto"`` is half for QuEST and None
+    for the others.
     ``weight_axis_name`` / ``activation_axis_name`` go to :class:`LayerQuant` (``shard_map`` only).
     ``integer_forward`` applies to dense layers without batch axes; convolutions (served as
     integer convolutions) and batched einsums train with fake quantization. ``backward="int8"``
@@ -194,8 +203,17 @@ class Method:
         if self.hadamard_mode not in quest.HADAMARD_MODES + ("auto",):
             raise ValueError(f"hadamard_mode must be one of {quest.HADAMARD_MODES + ('auto',)}, "
                              f"got {self.hadamard_mode!r}")
-        if self.grid not in ("auto", "midrise", "int"):
-            raise ValueError(f"grid must be 'auto', 'midrise' or 'int', got {self.grid!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "post" and self.name not in ("lsq", "ste"):
+            raise ValueError(f"grid='post' (POST weights) is for methods lsq and ste, got "
+                             f"{self.name!r}")
+        if self.grid == "post" and self.weight_bits is not None and self.weight_bits < 2:
+            raise ValueError(f"grid='post' needs weight_bits >= 2 (POST(1) has no level but "
+                             f"0), got {self.weight_bits}")
+        if self.name == "ofq" and self.grid != "auto":
+            raise ValueError("grid of ofq must be 'auto' (StatsQ weights are midrise, the lsq "
+                             f"activations int), got {self.grid!r}")
         allowed = {"quest": ("auto", "trust", "ste", "clipped_ste"),
                    "ste": ("auto", "ste", "clipped_ste")}.get(self.name, ("auto",))
         if self.estimator not in allowed:
@@ -203,8 +221,8 @@ class Method:
                              f"got {self.estimator!r}")
         if self.scale_rule != "auto":
             if self.name not in ("quest", "ste"):
-                raise ValueError(f"scale_rule of {self.name} must be 'auto' (it learns its "
-                                 "scales), "
+                why = "StatsQ's" if self.name == "ofq" else "it learns its scales"
+                raise ValueError(f"scale_rule of {self.name} must be 'auto' ({why}), "
                                  f"got {self.scale_rule!r}")
             S.as_scale_rule(self.scale_rule)  # fails early on a bad name
         if self.hadamard_block is not None:
@@ -222,7 +240,7 @@ class Method:
                 continue
             # LSQ divides by sqrt(max_level), PACT's step is alpha / max_level, and the default
             # rules (RMS-Gaussian, symmetric absmax) need a positive level too.
-            fmt = self._format(bits)
+            fmt = self._format(bits, name == "act_bits")
             if fmt.max_level <= 0:
                 raise ValueError(
                     f"{self.name} cannot use {name}={bits} on the {fmt.name} grid (no positive "
@@ -231,8 +249,11 @@ class Method:
     def _scale(self, default: S.ScaleRule) -> S.ScaleRule:
         return default if self.scale_rule == "auto" else S.as_scale_rule(self.scale_rule)
 
-    def _format(self, bits: int) -> F.Format:
-        midrise = self.grid == "midrise" or (self.grid == "auto" and self.name == "quest")
+    def _format(self, bits: int, activation: bool) -> F.Format:
+        if self.grid == "post":
+            return F.IntFormat(bits) if activation else F.POST(bits)
+        auto_midrise = self.name == "quest" or (self.name == "ofq" and not activation)
+        midrise = self.grid == "midrise" or (self.grid == "auto" and auto_midrise)
         return F.Midrise(bits) if midrise else F.IntFormat(bits)
 
     def _block(self, layout: KernelLayout) -> int | None:
@@ -265,13 +286,14 @@ class Method:
         block = self._block(layout)
         mode = "half" if self.hadamard_mode == "auto" else self.hadamard_mode
 
-        def make(bits, granularity, scale, estimator, axis):
+        def make(bits, granularity, scale, estimator, axis, **extra):
             if bits is None:
                 return None
             rot = {} if block is None else dict(
                 hadamard_block=block, hadamard_axis=axis, hadamard_mode=mode,
                 hadamard_method="matmul")
-            return SP.QuantSpec(self._format(bits), granularity, scale, estimator, **rot)
+            return SP.QuantSpec(self._format(bits, axis == -1), granularity, scale, estimator,
+                                **rot, **extra)
 
         w_gran = G.PerRow(0)
         a_stat = G.PerAxis(0) if conv else G.PerRow(-1)  # per example / per token
@@ -283,6 +305,9 @@ class Method:
             a = make(ab, a_stat, rule, est, -1)
         elif self.name == "lsq":
             w = make(wb, w_gran, S.AbsMax(), SP.LSQ(), 0)
+            a = make(ab, G.PerTensor(), S.AbsMax(), SP.LSQ(), -1)
+        elif self.name == "ofq":  # StatsQ (qjax.methods.ofq.statsq_spec) + lsq activations
+            w = make(wb, w_gran, S.MeanAbs(2.0), SP.STE(), 0, rounding="half_up")
             a = make(ab, G.PerTensor(), S.AbsMax(), SP.LSQ(), -1)
         elif self.name == "pact":
             w = make(wb, w_gran, S.AbsMax(), SP.ClippedSTE(), 0)
