@@ -220,8 +220,10 @@ def test_scale_dtype_stores_rounded_scale_and_keeps_contract(scale_dtype):
 
 
 def test_runtime_rounding_and_scale_dtype_validation():
-    with pytest.raises(ValueError, match="rounding 'half_up' needs an IntFormat"):
-        qjax.QuantSpec("midrise4", rounding="half_up")
+    with pytest.raises(ValueError, match="rounding 'half_away' needs an IntFormat"):
+        qjax.QuantSpec("midrise4", rounding="half_away")
+    with pytest.raises(ValueError, match="LSQ supports nearest rounding"):
+        qjax.QuantSpec("midrise4", estimator="lsq", rounding="half_up")
     with pytest.raises(ValueError, match="scale_dtype must be None or one of"):
         qjax.QuantSpec("int8", scale_dtype="float8")
     with pytest.raises(ValueError, match="LSQ supports nearest rounding"):

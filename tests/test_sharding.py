@@ -359,3 +359,17 @@ def test_quantized_dense_forwards_out_sharding(integer_forward):
     assert y.sharding.spec == P(None, "tensor")
     assert g.sharding.spec == kernel.sharding.spec  # the cotangent has its primal's sharding
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_mean_abs_statsq_with_axis_name_is_the_global_rule():
+    """StatsQ (MeanAbs) with the reduced axis split over 'tensor' inside shard_map: psum of the
+    per-shard means gives the one-device values."""
+    from qjax.methods import ofq
+
+    spec = ofq.statsq_spec(2, qjax.PerRow(-1))
+    mesh = _mesh({"tensor": 2})
+    x = jax.random.normal(jax.random.key(0), (4, 16))
+    f = jax.shard_map(lambda v: qjax.fake_quant(v, spec, axis_name="tensor"), mesh=mesh,
+                      in_specs=P(None, "tensor"), out_specs=P(None, "tensor"))
+    y = jax.jit(f)(S.put(x, NamedSharding(mesh, P(None, "tensor"))))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(qjax.fake_quant(x, spec)), rtol=1e-6)

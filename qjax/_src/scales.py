@@ -280,10 +280,10 @@ class MeanAbs:
         """The unclamped step (0 for an all-zero block), float32 like ``xb``."""
         if not (isinstance(fmt, F.Midrise) or (isinstance(fmt, F.IntFormat) and fmt.signed)):
             raise ValueError(f"mean_abs needs a midrise or signed integer grid, not {fmt.name}")
-        count = math.prod(xb.shape[ax] for ax in axes)
+        count = max(math.prod(xb.shape[ax] for ax in axes), 1)  # an empty block sums nothing
         if axis_name is not None:
             count = count * jax.lax.psum(1, axis_name)
-        a = jnp.abs(xb) * (1.0 / max(count, 1))  # an empty block has no elements to sum
+        a = jnp.abs(xb) * (1.0 / count)
         if axis_name is None and all(typed_sharding.axis_shards(xb, ax) == 1 for ax in axes):
             mean = ordered_sum(a, axes)
         else:  # reduced axes split over devices: one global reduction
