@@ -361,6 +361,7 @@ def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_pat
         TrainConfig(method="lsq", mixed_precision_budget=1.5, mixed_precision_bits=(2, 8))
 
 
+@pytest.mark.slow  # 20 s; .ci/run runs it; StatsQ, CGA and the tracker are unit-tested
 def test_ofq_run_logs_oscillations_anneals_and_resumes_exactly(tmp_path):
     """method=ofq: osc_ratio logged every step; CGA from step 3 freezes the confident weights
     (most block kernel entries stay bit for bit from step 3 on, none before); a run stopped
