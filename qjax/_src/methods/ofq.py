@@ -246,9 +246,12 @@ def confidence_guided_annealing(
 
         def one(u, p):
             check_floating(p, "a masked params leaf")
-            keep = cga_trainable(p, bits, boundary_range, granularity=granularity,
-                                 boundaries=boundaries)
-            return _zero_where(keep | before, u)
+            # Before start_step nothing is frozen: skip the StatsQ pass over the weights.
+            keep = jax.lax.cond(
+                before, lambda p: jnp.ones(p.shape, bool),
+                lambda p: cga_trainable(p, bits, boundary_range, granularity=granularity,
+                                        boundaries=boundaries), p)
+            return _zero_where(keep, u)
 
         return jax.tree.map(one, updates, params), CGAState(optax.safe_increment(state.count))
 
