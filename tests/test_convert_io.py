@@ -213,8 +213,10 @@ def test_write_atomically_cleans_up_on_failure(tmp_path):
 def test_a_checkpoint_written_under_the_old_spec_field_names_restores(tmp_path):
     """``tests/data/serving_v1_names`` was saved by qjax before QuantSpec's ``scale`` /
     ``hadamard`` / ``Trust.clip`` became ``scale_rule`` / ``hadamard_block`` / ``clip_ratio``
-    (and the Hadamard method's default became ``"matmul"``): a QuEST W4A4 layer with a 16-block
-    half rotation and an LSQ layer. Its manifest's specs still match today's model."""
+    (and the Hadamard method's default became ``"matmul"``, then ``"kronecker"``): a QuEST W4A4
+    layer with a 16-block half rotation and an LSQ layer. Its manifest's specs still match
+    today's model (the Hadamard method is not part of a spec's identity: the methods compute the
+    same rotation)."""
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -237,3 +239,25 @@ def test_a_checkpoint_written_under_the_old_spec_field_names_restores(tmp_path):
     with pytest.raises(ValueError, match="specs differ"):
         QC.restore(data, QC.convert(other.init(jax.random.key(0), jnp.ones((2, 16)))["params"],
                                     other))
+
+
+def test_a_checkpoint_of_another_hadamard_method_restores(tmp_path):
+    # Written while "matmul" was the default: the rotation method differs, the transform is the
+    # same, so the checkpoint loads into today's ("kronecker") model; any other change is refused.
+    import json
+
+    _, sp, fwd = setup(W4A4)
+    path = str(tmp_path / "ckpt")
+    QC.save(path, sp)
+    manifest = os.path.join(path, "manifest.json")
+    with open(manifest) as f:
+        text = f.read()
+    assert "hadamard_method='kronecker'" in text
+    with open(manifest, "w") as f:
+        f.write(text.replace("hadamard_method='kronecker'", "hadamard_method='matmul'"))
+    np.testing.assert_array_equal(fwd(QC.restore(path, sp), IDS), fwd(sp, IDS))
+    with open(manifest, "w") as f:
+        f.write(text.replace("hadamard_block=64", "hadamard_block=32"))
+    json.loads(open(manifest).read())  # still a valid manifest, only the block differs
+    with pytest.raises(ValueError, match="specs differ"):
+        QC.restore(path, sp)

@@ -30,7 +30,9 @@ the rule, values (and ``QArray.scale``) its rounding, as llama.cpp's fp16 block 
 Walsh-Hadamard block size applied along ``hadamard_axis`` before
 quantization, or None; ``hadamard_mode="full"`` rotates back after quantizing, ``"half"`` leaves
 the result rotated (for a matmul whose other operand is rotated too); ``hadamard_method`` picks
-the dense block matmul (``"matmul"``, the default everywhere: fastest on CPU BLAS and TPU MXUs)
+how the rotation is computed (the same transform to float rounding): ``"kronecker"`` (the default
+everywhere: a 32-wide dense matmul and signed sums, fastest on CPU), the dense block matmul
+(``"matmul"``, the default before; checkpoints written with it load into ``"kronecker"`` models)
 or the ``O(n log n)`` butterfly (see :func:`qjax.hadamard_transform`).
 """
 
@@ -42,7 +44,7 @@ from qjax._src import formats as F
 from qjax._src import granularity as G
 from qjax._src import scales as S
 from qjax._src._checks import check_bool, check_finite_positive, check_int
-from qjax._src.hadamard import HADAMARD_METHODS, check_block_size
+from qjax._src.hadamard import HADAMARD_METHODS, HadamardMethod, check_block_size
 
 __all__ = ["QuantSpec", "STE", "ClippedSTE", "Trust", "LSQ", "PACT", "Estimator"]
 
@@ -171,7 +173,7 @@ class QuantSpec:
     hadamard_block: int | None = None
     hadamard_axis: int = -1
     hadamard_mode: str = "full"
-    hadamard_method: str = "matmul"
+    hadamard_method: HadamardMethod = "kronecker"
     scale_dtype: str | None = None
 
     def __post_init__(self):

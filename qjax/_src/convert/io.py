@@ -219,30 +219,32 @@ def restore(path: str, like=None):
     plain = _unflatten(flat)
     if like is None:
         return plain
-    expected = _manifest_qarrays(like)
-    if expected != {p: {**m, "spec": current_spec_repr(m["spec"])}
-                    for p, m in manifest["qarrays"].items()}:
+
+    def identity(qarrays: dict) -> dict:
+        return {p: {**m, "spec": spec_identity(m["spec"])} for p, m in qarrays.items()}
+
+    if identity(_manifest_qarrays(like)) != identity(manifest["qarrays"]):
         raise ValueError(f"{path}: the quantized layers or specs differ from the model's")
     return from_arrays(plain, like)
 
 
 # QuantSpec's field names before they were made to mean one thing each (manifests written then):
-# ``scale`` (the rule), ``hadamard`` (the block), ``Trust.clip``; and the Hadamard method's old
-# default, which a spec without a rotation still recorded.
+# ``scale`` (the rule), ``hadamard`` (the block), ``Trust.clip``.
 _SPEC_RENAMES = ((re.compile(r"\bscale=(?=[A-Z])"), "scale_rule="),
                  (re.compile(r"\bhadamard=(?=\d|None)"), "hadamard_block="),
-                 (re.compile(r"(Trust\(multiplier=[^,]+, )clip="), r"\1clip_ratio="),
-                 (re.compile(r"(hadamard_block=None, hadamard_axis=-?\d+, hadamard_mode='\w+', "
-                             r"hadamard_method=)'butterfly'"), r"\1'matmul'"))
+                 (re.compile(r"(Trust\(multiplier=[^,]+, )clip="), r"\1clip_ratio="))
+_HADAMARD_METHOD = re.compile(r", hadamard_method='\w+'")
 
 
-def current_spec_repr(text: str) -> str:
-    """A QuantSpec repr from a manifest in today's field names (identity for current ones)."""
-    if "scale_rule=" in text:
-        return text
-    for pattern, new in _SPEC_RENAMES:
-        text = pattern.sub(new, text)
-    return text
+def spec_identity(text: str) -> str:
+    """A QuantSpec repr (from a manifest or ``repr``) in today's field names, without the Hadamard
+    method: the methods compute the same rotation (to float rounding), so a checkpoint written
+    with one loads into a model whose specs use another (the default moved from ``"matmul"`` to
+    ``"kronecker"``); the model's method rotates the activations."""
+    if "scale_rule=" not in text:
+        for pattern, new in _SPEC_RENAMES:
+            text = pattern.sub(new, text)
+    return _HADAMARD_METHOD.sub("", text)
 
 
 def _manifest_qarrays(like: Mapping) -> dict:

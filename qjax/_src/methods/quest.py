@@ -9,7 +9,12 @@ from qjax._src import formats as F
 from qjax._src import granularity as G
 from qjax._src import scales as S
 from qjax._src import spec as SP
-from qjax._src.hadamard import check_block_size, hadamard_transform, saturating_cast
+from qjax._src.hadamard import (
+    HadamardMethod,
+    check_block_size,
+    hadamard_transform,
+    saturating_cast,
+)
 from qjax._src.quantize import fake_quant as core_fake_quant
 
 __all__ = ["spec", "fake_quant", "quantize_dense_operands", "dense", "HADAMARD_MODES"]
@@ -35,7 +40,7 @@ def spec(
     clip_ratio: float | None = None,
     hadamard_block: int = 128,
     axis: int = -1,
-    hadamard_method: str = "matmul",
+    hadamard_method: HadamardMethod = "kronecker",
     scale_rule: S.ScaleRule | str | None = None,
 ) -> SP.QuantSpec:
     """The :class:`~qjax.QuantSpec` of QuEST at ``bits`` for rows along ``axis``.
@@ -48,8 +53,9 @@ def spec(
         (W1A1: 1.3).
       hadamard_block: Hadamard block (power of two dividing the row length).
       axis: the row (contraction) axis: quantization statistics and rotation run along it.
-      hadamard_method: ``"matmul"`` (default: dense block matmul, fastest on CPU BLAS and TPU
-        MXUs) or ``"butterfly"`` (O(n log n)); see :func:`qjax.hadamard_transform`.
+      hadamard_method: ``"kronecker"`` (default: a 32-wide dense matmul and signed sums, fastest
+        on CPU), ``"matmul"`` (dense block matmul) or ``"butterfly"`` (O(n log n)); the same
+        rotation to float rounding, see :func:`qjax.hadamard_transform`.
       scale_rule: None (QuEST: :class:`~qjax.RmsGaussian`, the MSE-optimal clip for Gaussian
         rows) or
         another rule or rule name (see :func:`qjax._src.scales.as_scale_rule`), e.g.
@@ -78,7 +84,7 @@ def fake_quant(
     *,
     hadamard_block: int = 128,
     axis: int = -1,
-    hadamard_method: str = "matmul",
+    hadamard_method: HadamardMethod = "kronecker",
     scale_rule: S.ScaleRule | str | None = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
@@ -104,7 +110,7 @@ def quantize_dense_operands(
     trust: float = 1.0,
     clip_ratio: float | None = None,
     hadamard_block: int = 128,
-    hadamard_method: str = "matmul",
+    hadamard_method: HadamardMethod = "kronecker",
     scale_rule: S.ScaleRule | str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Fake-quantized operands of ``x @ kernel`` (Flax layout: ``x (..., K)``, ``kernel (K, N)``).

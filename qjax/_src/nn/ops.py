@@ -119,11 +119,15 @@ def per_matrix(f, tree: dict, lead: tuple[int, ...]):
 
 
 def rotate(a: jax.Array, rotation: tuple[int, str] | None, axis: int) -> jax.Array:
-    """``a`` rotated by the half-form block Hadamard ``rotation`` along ``axis`` (or as is)."""
+    """``a`` rotated by the half-form block Hadamard ``rotation`` along ``axis`` (or as is).
+
+    Differentiable in reverse mode (the transpose written out, as the quantizers do); the other
+    operand of such a layer is quantized, which already rules out forward mode."""
     if rotation is None:
         return a
     block, method = rotation
-    return saturating_cast(hadamard_transform(a, block, axis=axis, method=method), a.dtype)
+    return saturating_cast(hadamard_transform(a, block, axis=axis, method=method,
+                                              explicit_vjp=True), a.dtype)
 
 
 def init_kernel_scale(kernel: jax.Array, spec: SP.QuantSpec, layout: KernelLayout) -> jax.Array:

@@ -290,8 +290,7 @@ class Method:
             if bits is None:
                 return None
             rot = {} if block is None else dict(
-                hadamard_block=block, hadamard_axis=axis, hadamard_mode=mode,
-                hadamard_method="matmul")
+                hadamard_block=block, hadamard_axis=axis, hadamard_mode=mode)
             return SP.QuantSpec(self._format(bits, axis == -1), granularity, scale, estimator,
                                 **rot, **extra)
 
