@@ -165,9 +165,10 @@ def cases(cfg: LlamaConfig) -> dict[str, Callable[[], tuple[Init, Apply]]]:
     }
 
 
-def make_step(init: Init, apply: Apply, ids: jax.Array,
-              targets: jax.Array) -> tuple[Callable[[], Any], float]:
-    """A thunk running one jitted train step from a fixed state, and its first loss."""
+def jitted_step(init: Init, apply: Apply, ids: jax.Array,
+                targets: jax.Array) -> tuple[Callable[[Any, Any], Any], Any, Any]:
+    """The jitted train step ``(params, opt_state) -> (params, opt_state, loss)`` (cross-entropy,
+    ``qat_adamw``) and its initial params and optimizer state."""
     variables = dict(init(jax.random.key(0), ids))
     params = variables.pop("params")
     tx = qjax.optim.qat_adamw(1e-3, weight_decay=0.1)
@@ -183,6 +184,13 @@ def make_step(init: Init, apply: Apply, ids: jax.Array,
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
+    return step, params, opt_state
+
+
+def make_step(init: Init, apply: Apply, ids: jax.Array,
+              targets: jax.Array) -> tuple[Callable[[], Any], float]:
+    """A thunk running one jitted train step from a fixed state, and its first loss."""
+    step, params, opt_state = jitted_step(init, apply, ids, targets)
     loss = float(step(params, opt_state)[2])
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss}")

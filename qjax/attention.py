@@ -9,6 +9,12 @@ group, with its estimator), in float32::
     P = fq_p(softmax(S))          (probabilities: unsigned grids, e.g. "uint8" per row)
     O = P fq(v)
 
+It is two public steps a model can also call apart, ``attention_logits(fq(q), fq(k))`` then
+``attend(logits, fq(v), spec_p=)`` (bit for bit the same), for a V quantization that depends on
+the logits: EdgeQAT's token-adaptive widths (``AttentionQuant(..., q_low=, k_low=, v_low=,
+low_fraction=)``, ``attention_quant(..., low_bits=)``), where the least important tokens of a
+sequence (``qjax.methods.edgeqat.token_importance``) use fewer bits.
+
 Layouts: ``q (B, T, H, D)``, ``k, v (B, S, H, D)``; ``mask`` broadcastable to ``(B, H, T, S)``
 (True = attend); ``causal=True`` masks ``s > t + offset`` (``offset = S - T``, so a block of new
 queries attends to the whole cache before it). Grouped-query attention: ``k`` and ``v`` may have
@@ -31,6 +37,8 @@ from qjax._src.attention import (
     AttentionQuant,
     KVCache,
     append_kv,
+    attend,
+    attention_logits,
     attention_quant,
     cached_attention,
     init_kv_cache,
@@ -41,6 +49,8 @@ from qjax._src.attention import (
 
 __all__ = [
     "append_kv",
+    "attend",
+    "attention_logits",
     "attention_quant",
     "AttentionQuant",
     "cached_attention",

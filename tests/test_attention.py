@@ -116,3 +116,22 @@ def test_bad_input_is_named():
         A.append_kv(cache, K[:, :2], V[:, :2])
     with pytest.raises(ValueError, match="matching the cache"):
         A.append_kv(cache, K[:, :1, :1], V[:, :1, :1])
+
+
+def test_logits_then_attend_is_quantized_attention():
+    # The two halves a model composes when V's quantization depends on the logits (EdgeQAT's
+    # token-adaptive widths): bit for bit the one-call form.
+    spec_p = qjax.QuantSpec("uint8", "row")
+    qf, kf, vf = (qjax.fake_quant(a, TOKEN) for a in (Q, K, V))
+    logits = A.attention_logits(qf, kf)
+    out = A.attend(logits, vf, spec_p=spec_p, causal=True)
+    want = A.quantized_attention(Q, K, V, spec_q=TOKEN, spec_k=TOKEN, spec_v=TOKEN,
+                                 spec_p=spec_p, causal=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    assert logits.shape == (2, 4, 6, 6) and out.dtype == jnp.float32
+    with pytest.raises(ValueError, match="logits must be"):
+        A.attend(logits[0], vf)
+    with pytest.raises(ValueError, match="v must be"):
+        A.attend(logits, vf[:, :5])
+    with pytest.raises(ValueError, match="must divide the heads"):
+        A.attention_logits(Q, jnp.ones((2, 6, 3, 16)))

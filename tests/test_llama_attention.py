@@ -144,3 +144,101 @@ def test_decoding_errors_name_the_problem():
         A.attention_quant(bits=9)
     with pytest.raises(ValueError, match="prompt must be"):
         greedy_generate(extend, fp, IDS[0], 2, init_caches(CFG, 2))
+
+
+# ------------------------------------------------ EdgeQAT's token-adaptive attention widths
+ADAPTIVE = A.attention_quant(8, 8, low_bits=4, low_fraction=0.5)
+UNIFORM8, UNIFORM4 = A.attention_quant(8, 8), A.attention_quant(4, 8)
+
+
+def _attention_out(quant, low=None, fraction=None):
+    """A QAT attention layer's output ((B, T, d), low) for IDS-shaped random inputs."""
+    from qjax.models.llama import Attention
+
+    if fraction is not None:
+        quant = A.AttentionQuant(**{**quant.__dict__, "low_fraction": fraction})
+    x = jax.random.normal(jax.random.key(5), (2, 12, CFG.d_model))
+    layer = quantize_model(Attention(CFG, quant), {})
+    params = layer.init(jax.random.key(0), x)["params"]
+    out = layer.apply({"params": params}, x, low=low, qat=True) if quant.token_adaptive \
+        else (layer.apply({"params": params}, x, qat=True), None)
+    return out
+
+
+def test_token_adaptive_widths_reduce_to_the_uniform_ones():
+    all_low = jnp.ones((2, 12), bool)
+    # Every token low (V: fraction 1; Q, K: the previous layer's choice all True) = uniform int4
+    # for Q, K, V with the same uint8 probabilities.
+    out, low = _attention_out(ADAPTIVE, all_low, fraction=1.0)
+    np.testing.assert_array_equal(low, all_low)
+    np.testing.assert_array_equal(out, _attention_out(UNIFORM4)[0])
+    # No previous choice (the first layer) and a fraction below one token: uniform int8.
+    out, low = _attention_out(ADAPTIVE, None, fraction=0.05)
+    assert not np.any(low)
+    np.testing.assert_array_equal(out, _attention_out(UNIFORM8)[0])
+
+
+def test_token_adaptive_v_widths_follow_the_layers_own_importance():
+    # Half the tokens of each sequence, the least important by this layer's own logits (the
+    # sown scores), take the low width; the output differs from both uniform widths.
+    from qjax.methods import edgeqat
+    from qjax.models.llama import Attention
+
+    x = jax.random.normal(jax.random.key(5), (2, 12, CFG.d_model))
+    layer = quantize_model(Attention(CFG, ADAPTIVE), {})
+    params = layer.init(jax.random.key(0), x)["params"]
+    (out, low), stats = layer.apply({"params": params}, x, qat=True,
+                                    mutable=[edgeqat.COLLECTION])
+    scores = stats[edgeqat.COLLECTION]["scores"][0]
+    np.testing.assert_array_equal(
+        low, edgeqat.low_bit_tokens(edgeqat.token_importance(scores), 0.5))
+    assert int(low.sum()) == 2 * 6
+    for uniform in (UNIFORM8, UNIFORM4):
+        assert not np.array_equal(out, _attention_out(uniform)[0])
+
+
+def test_the_llama_passes_each_layers_low_tokens_to_the_next():
+    import flax.linen as nn
+
+    from qjax.models.llama import Attention
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, Attention) and context.method_name == "__call__":
+            seen.append((kwargs.get("low"), out[1]))
+        return out
+
+    qm = quantize_model(Llama(CFG, attention=ADAPTIVE), quantization_rules(Method("quest", 4, 4)))
+    params = qm.init(jax.random.key(0), IDS)["params"]
+    with nn.intercept_methods(record):
+        logits = qm.apply({"params": params}, IDS, qat=True)
+    assert np.all(np.isfinite(logits)) and len(seen) == CFG.n_layers
+    (first_in, first_out), (second_in, second_out) = seen
+    assert first_in is None and second_out is not None
+    np.testing.assert_array_equal(second_in, first_out)
+    # Gradients flow (token-adaptive fake quant is STE on every token) and are finite.
+    grads = jax.grad(lambda p: jnp.mean(qm.apply({"params": p}, IDS, qat=True)))(params)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    # Without QAT the attention is float and no tokens are chosen.
+    with nn.intercept_methods(record):
+        qm.apply({"params": params}, IDS, qat=False)
+    assert all(low is None for _, low in seen[2:])
+
+
+def test_token_adaptive_attention_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="cannot be cached"):
+        init_caches(CFG, 1, attention=ADAPTIVE)
+    with pytest.raises(ValueError, match="below the widths"):
+        A.attention_quant(4, 8, low_bits=4)
+    with pytest.raises(ValueError, match="low_fraction"):
+        A.attention_quant(8, 8, low_bits=4, low_fraction=0.0)
+    with pytest.raises(ValueError, match="q_low goes with q"):
+        A.AttentionQuant(q_low=UNIFORM4.q)
+    with pytest.raises(ValueError, match="needs the low-width specs"):
+        A.AttentionQuant(p=UNIFORM8.p, low_fraction=0.5)
+    with pytest.raises(ValueError, match="q_low goes with q"):
+        A.AttentionQuant(q=UNIFORM8.q, low_fraction=0.5)
+    kv = A.attention_quant(8, 8, kv_bits=8, kv_group=8, low_bits=4)
+    assert kv.k_low == qjax.QuantSpec("int4", kv.k.granularity) and kv.q_low == UNIFORM4.q

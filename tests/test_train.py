@@ -395,3 +395,14 @@ def test_ofq_run_logs_oscillations_anneals_and_resumes_exactly(tmp_path):
 
     assert unchanged(p0, p3) < 0.01  # Adam moves every weight before CGA starts
     assert unchanged(p3, p6) > 0.5  # then the confident ones (d > 0.02 steps) are frozen
+
+
+@pytest.mark.slow  # ~10 s; .ci/run runs it
+def test_token_adaptive_attention_run_learns(tmp_path):
+    """attn_low_bits: EdgeQAT's token-adaptive Q/K/V widths in the training program."""
+    small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
+    config = TrainConfig(name="adaptive", out_dir=str(tmp_path), baseline=False, method="quest",
+                         attn_bits=8, attn_prob_bits=8, attn_low_bits=4, **small)
+    (result,) = train.run(config)
+    rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] and 0 < result["val_loss"] < 6

@@ -53,3 +53,17 @@ def test_post_and_ofq_from_config():
     m = S.method_from_config(TrainConfig(method="ofq", weight_bits=2, act_bits=4))
     assert m.name == "ofq"
     S.validate(TrainConfig(method="ofq", weight_bits=2, act_bits=2))
+
+
+def test_token_adaptive_attention_from_config():
+    config = TrainConfig(attn_bits=8, attn_prob_bits=8, attn_low_bits=4, attn_low_fraction=0.25)
+    attention = S.attention_from_config(config)
+    assert attention.token_adaptive and attention.low_fraction == 0.25
+    assert attention.q.format.bits == 8 and attention.v_low.format.bits == 4
+    assert not S.attention_from_config(TrainConfig(attn_bits=8)).token_adaptive
+    for fields, message in ((dict(attn_low_bits=4), "set attn_bits"),
+                            (dict(attn_bits=4, attn_low_bits=4), "below the widths"),
+                            (dict(attn_bits=8, attn_low_bits=4, attn_low_fraction=0.0),
+                             "low_fraction")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**fields)

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from qjax._src import granularity as G
-from qjax._src._checks import check_bool, check_int
+from qjax._src._checks import check_bool, check_int, check_real
 from qjax._src.qarray import QArray
 from qjax._src.quantize import dequantize, fake_quant, quantize
 from qjax._src.spec import QuantSpec, check_spec
 
-__all__ = ["quantized_attention", "kv_cache_spec", "AttentionQuant", "attention_quant",
-           "KVCache", "init_kv_cache", "append_kv", "cached_attention", "kv_cache_bytes"]
+__all__ = ["quantized_attention", "attention_logits", "attend", "kv_cache_spec",
+           "AttentionQuant", "attention_quant", "KVCache", "init_kv_cache", "append_kv",
+           "cached_attention", "kv_cache_bytes"]
 
 
 def _check_qkv(q, k, v) -> tuple[int, int]:
@@ -40,29 +41,55 @@ def _fq(x, spec, name: str):
     return x.astype(jnp.float32) if spec is None else fake_quant(x.astype(jnp.float32), spec)
 
 
-def _attend(qf, kf, vf, *, spec_p, mask, causal: bool, scale: float | None
-            ) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention of float32 ``qf (B,T,H,D)`` over ``kf, vf (B,S,Hk,D)``, and the scaled
-    logits ``(B,H,T,S)`` before masking."""
-    t, s = qf.shape[1], kf.shape[1]
-    rep = qf.shape[2] // kf.shape[2]
-    if rep > 1:  # grouped-query attention: each key head serves `rep` query heads
-        kf, vf = jnp.repeat(kf, rep, axis=2), jnp.repeat(vf, rep, axis=2)
-    d = qf.shape[3]
+def _repeat_heads(x: jax.Array, heads: int) -> jax.Array:
+    """``x (B, S, Hk, D)`` with each head repeated to ``heads`` (grouped-query attention)."""
+    rep = heads // x.shape[2]
+    return jnp.repeat(x, rep, axis=2) if rep > 1 else x
+
+
+def attention_logits(q: jax.Array, k: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """The scaled logits ``S = q k^T * scale``, float32 ``(B, H, T, S)``, before any mask.
+
+    Args:
+      q: ``(B, T, H, D)`` floating (already fake-quantized, if it is to be); k: ``(B, S, Hk, D)``,
+        ``Hk`` dividing ``H`` (each key head serves ``H / Hk`` query heads).
+      scale: default ``1 / sqrt(D)``.
+    """
+    _check_qkv(q, k, k)
+    d = q.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    logits = jnp.einsum("bthd,bshd->bhts", qf, kf, precision="highest") * scale
+    kf = _repeat_heads(k.astype(jnp.float32), q.shape[2])
+    return jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), kf, precision="highest") * scale
+
+
+def attend(logits: jax.Array, v: jax.Array, *, spec_p: QuantSpec | None = None,
+           mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    """Softmax attention of ``logits (B, H, T, S)`` (:func:`attention_logits`) over the values
+    ``v (B, S, Hk, D)``: ``O = fq_p(softmax(S + mask)) v``, float32 ``(B, T, H, D)``.
+
+    ``mask`` (bool, broadcastable to ``(B, H, T, S)``, True = attend) and ``causal`` as in
+    :func:`quantized_attention`; a row with nothing allowed gives zeros, not NaN.
+    """
+    if not hasattr(logits, "ndim") or logits.ndim != 4:
+        raise ValueError(f"logits must be (batch, heads, T, S), got "
+                         f"{getattr(logits, 'shape', type(logits).__name__)}")
+    b, h, t, s = logits.shape
+    if not hasattr(v, "ndim") or v.ndim != 4 or v.shape[0] != b or v.shape[1] != s \
+            or h % v.shape[2]:
+        raise ValueError(f"v must be (batch, S, heads dividing {h}, head_dim) for logits "
+                         f"{logits.shape}, got {getattr(v, 'shape', type(v).__name__)}")
     allowed = jnp.ones((t, s), bool)
-    if causal:
+    if check_bool("causal", causal):
         allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
     if mask is not None:
         allowed = allowed & jnp.asarray(mask, bool)
-    scores = jnp.where(allowed, logits, -jnp.inf)
-    # A row with nothing allowed gives zeros, not NaN.
+    scores = jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
     top = jnp.max(scores, axis=-1, keepdims=True)
     e = jnp.where(allowed, jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
     p = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     p = _fq(p, spec_p, "spec_p")
-    return jnp.einsum("bhts,bshd->bthd", p, vf, precision="highest"), logits
+    vf = _repeat_heads(v.astype(jnp.float32), h)
+    return jnp.einsum("bhts,bshd->bthd", p, vf, precision="highest")
 
 
 def quantized_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -90,9 +117,8 @@ def quantized_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       follow each spec's estimator.
     """
     _check_qkv(q, k, v)
-    out, logits = _attend(_fq(q, spec_q, "spec_q"), _fq(k, spec_k, "spec_k"),
-                          _fq(v, spec_v, "spec_v"), spec_p=spec_p, mask=mask, causal=causal,
-                          scale=scale)
+    logits = attention_logits(_fq(q, spec_q, "spec_q"), _fq(k, spec_k, "spec_k"), scale=scale)
+    out = attend(logits, _fq(v, spec_v, "spec_v"), spec_p=spec_p, mask=mask, causal=causal)
     return (out.astype(q.dtype), logits) if check_bool("return_logits", return_logits) \
         else out.astype(q.dtype)
 
@@ -113,22 +139,55 @@ class AttentionQuant:
     """How a model's attention is quantized: specs of Q, K, V ``(B, length, heads, D)`` and of
     the probabilities ``(B, H, T, S)``; None leaves that operand in float.
 
+    Token-adaptive widths (EdgeQAT): with ``low_fraction > 0`` the ``floor(low_fraction * T)``
+    least important tokens of each sequence (:func:`qjax.methods.edgeqat.low_bit_tokens` of
+    :func:`~qjax.methods.edgeqat.token_importance`) use ``q_low``, ``k_low``, ``v_low`` instead
+    of ``q``, ``k``, ``v``. A model applies them as the authors' code does: a layer's V with the
+    tokens its own logits rank lowest, its Q and K with the previous layer's (the first layer's Q
+    and K at the high width); :class:`qjax.models.Llama` does. Each low spec goes with its high
+    one (both None or both set), and both must quantize tokens on their own (per token, head or
+    group; checked when applied).
+
     A model with a KV cache stores keys and values with ``k``'s spec (:attr:`cache_spec`), so a
     quantized cache needs ``k == v``; decoding then computes what QAT with these specs computed.
+    Token-adaptive widths have no cache: a token's width depends on its rank among the whole
+    sequence's tokens, later ones included, which decoding does not know yet.
     """
 
     q: QuantSpec | None = None
     k: QuantSpec | None = None
     v: QuantSpec | None = None
     p: QuantSpec | None = None
+    q_low: QuantSpec | None = None
+    k_low: QuantSpec | None = None
+    v_low: QuantSpec | None = None
+    low_fraction: float = 0.0
 
     def __post_init__(self):
-        for name in ("q", "k", "v", "p"):
+        for name in ("q", "k", "v", "p", "q_low", "k_low", "v_low"):
             check_spec(getattr(self, name), name, optional=True)
+        check_real("low_fraction", self.low_fraction, 0.0, 1.0)
+        for name in ("q", "k", "v"):
+            high, low = getattr(self, name), getattr(self, name + "_low")
+            if (high is None) != (low is None) and (self.low_fraction > 0 or low is not None):
+                raise ValueError(f"{name}_low goes with {name}: set both or neither (got "
+                                 f"{name}={high}, {name}_low={low})")
+        if self.low_fraction > 0 and self.q_low is None and self.k_low is None \
+                and self.v_low is None:
+            raise ValueError("low_fraction > 0 needs the low-width specs q_low, k_low, v_low")
+
+    @property
+    def token_adaptive(self) -> bool:
+        """Whether some tokens use the low-width specs."""
+        return self.low_fraction > 0
 
     @property
     def cache_spec(self) -> QuantSpec | None:
         """The spec a KV cache stores keys and values with (:func:`init_kv_cache`)."""
+        if self.token_adaptive:
+            raise ValueError("token-adaptive attention widths (low_fraction > 0) cannot be "
+                             "cached: a token's width depends on its rank among the whole "
+                             "sequence; decode with a uniform AttentionQuant")
         if self.k != self.v:
             raise ValueError(f"a KV cache stores keys and values with one spec: k ({self.k}) and "
                              f"v ({self.v}) differ")
@@ -136,14 +195,22 @@ class AttentionQuant:
 
 
 def attention_quant(bits: int | None = 8, prob_bits: int | None = 8, kv_bits: int | None = None,
-                    kv_group: int | None = None) -> AttentionQuant:
+                    kv_group: int | None = None, *, low_bits: int | None = None,
+                    low_fraction: float = 0.5) -> AttentionQuant:
     """The usual attention recipe: Q, K, V signed absmax ``int<bits>`` per token and head (None:
     float); probabilities unsigned ``uint<prob_bits>`` per query row (absmax, so the row's
     largest probability is a level; None: float); with ``kv_bits``, K and V use
     :func:`kv_cache_spec` ``(kv_bits, kv_group)`` instead (the spec of the served cache).
 
+    ``low_bits``: EdgeQAT's token-adaptive widths (:class:`AttentionQuant`): the
+    ``low_fraction`` least important tokens take ``int<low_bits>`` for Q, K and V (K and V per
+    ``kv_group`` when ``kv_bits`` is set), below the widths of the others (the authors: 8 and 4,
+    half the tokens).
+
     Raises:
-      ValueError: a bit width outside 2..8 (``kv_bits``: 2, 4 or 8), a bad group.
+      ValueError: a bit width outside 2..8 (``kv_bits``: 2, 4 or 8), a bad group, ``low_bits``
+        without a quantized Q, K or V or not below their widths, ``low_fraction`` outside
+        ``(0, 1]`` with ``low_bits``.
 
     References:
       Shen et al., 2024 (EdgeQAT: quantized Q, K, attention map and KV cache).
@@ -157,7 +224,20 @@ def attention_quant(bits: int | None = 8, prob_bits: int | None = 8, kv_bits: in
     kv = kv_cache_spec(kv_bits, kv_group) if kv_bits is not None else q
     p = None if prob_bits is None else QuantSpec(
         f"uint{check_int('prob_bits', prob_bits, lo=2, hi=8)}", G.PerRow(-1))
-    return AttentionQuant(q=q, k=kv, v=kv, p=p)
+    if low_bits is None:
+        return AttentionQuant(q=q, k=kv, v=kv, p=p)
+    low_bits = check_int("low_bits", low_bits, lo=2, hi=7)
+    widths = [b for b in (bits, kv_bits if kv_bits is not None else bits) if b is not None]
+    if not widths or low_bits >= min(widths):
+        raise ValueError(f"low_bits ({low_bits}) must be below the widths of Q, K and V "
+                         f"(bits={bits}, kv_bits={kv_bits})")
+    check_real("low_fraction", low_fraction, 0.0, 1.0, low_open=True)
+    kv_low = None if kv is None else (
+        QuantSpec(f"int{low_bits}", kv.granularity) if kv_bits is not None
+        else per_token(low_bits, "low_bits"))
+    return AttentionQuant(q=q, k=kv, v=kv, p=p, q_low=per_token(low_bits, "low_bits")
+                          if q is not None else None, k_low=kv_low, v_low=kv_low,
+                          low_fraction=low_fraction)
 
 
 @jax.tree_util.register_dataclass
@@ -244,8 +324,8 @@ def cached_attention(q: jax.Array, cache: KVCache, *, spec_q: QuantSpec | None =
     t, s = q.shape[1], cache.capacity
     first = cache.length - t  # absolute position of the first query
     allowed = jnp.arange(s)[None, :] <= first + jnp.arange(t)[:, None]
-    out, _ = _attend(_fq(q, spec_q, "spec_q"), kf, vf, spec_p=spec_p, mask=allowed,
-                     causal=False, scale=scale)
+    out = attend(attention_logits(_fq(q, spec_q, "spec_q"), kf, scale=scale), vf,
+                 spec_p=spec_p, mask=allowed)
     return out.astype(q.dtype)
 
 

@@ -91,6 +91,11 @@ class TrainConfig:
     attn_prob_bits: int | None = None
     kv_bits: int | None = None
     kv_group: int | None = None
+    # EdgeQAT's token-adaptive widths (qjax.attention.attention_quant low_bits/low_fraction): the
+    # attn_low_fraction least important tokens of each sequence take int<attn_low_bits> Q, K, V
+    # (V by the layer's own logits, Q and K by the previous layer's choice). No KV cache.
+    attn_low_bits: int | None = None
+    attn_low_fraction: float = 0.5
     # Start from a float checkpoint: the run directory of a float run of the same model sizes
     # (e.g. runs/<name>/float, or its ckpt/ folder). method="lr_qat" / "qalora" (qjax.nn.lowrank,
     # weights int<weight_bits> per output channel, activations int<act_bits> per token) need it
@@ -294,12 +299,17 @@ class TrainConfig:
 
     def _check_attention(self) -> None:
         """Bit widths in 2..8 (``kv_bits``: 2, 4 or 8) or None; ``kv_group`` only with
-        ``kv_bits``, dividing the head size ``d_model / n_heads``."""
+        ``kv_bits``, dividing the head size ``d_model / n_heads``; ``attn_low_bits`` below the
+        attention's widths, ``attn_low_fraction`` in (0, 1]."""
         from qjax._src.attention import attention_quant
 
         if self.kv_group is not None and self.kv_bits is None:
             raise ValueError("kv_group is the group of a quantized KV cache: set kv_bits too")
-        attention_quant(self.attn_bits, self.attn_prob_bits, self.kv_bits, self.kv_group)
+        if self.attn_low_bits is not None and self.attn_bits is None and self.kv_bits is None:
+            raise ValueError("attn_low_bits lowers some tokens' Q, K, V widths: set attn_bits "
+                             "(or kv_bits) too")
+        attention_quant(self.attn_bits, self.attn_prob_bits, self.kv_bits, self.kv_group,
+                        low_bits=self.attn_low_bits, low_fraction=self.attn_low_fraction)
         head = self.d_model // self.n_heads if self.n_heads else 0
         if self.kv_group is not None and head % self.kv_group:
             raise ValueError(f"kv_group ({self.kv_group}) must divide the head size d_model / "
@@ -364,7 +374,8 @@ PLACEMENT_FIELDS = ("name", "out_dir", "stop_after", "baseline", "eval_every", "
 QUANT_FIELDS = ("weight_bits", "act_bits", "trust", "clip_ratio", "hadamard_mode", "grid",
                 "estimator", "scale_rule", "hadamard_block", "qat_start",
                 "quantizer_lr_multiplier", "integer_forward",
-                "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group", "rank",
+                "backward", "attn_bits", "attn_prob_bits", "kv_bits", "kv_group",
+                "attn_low_bits", "attn_low_fraction", "rank",
                 "phi_dtype", "distill", "distill_temperature", "edgeqat_entropy",
                 "edgeqat_attention", "cga_boundary_range", "cga_start", "zo_eps",
                 "zo_probes", "double_rounding_bits", "mixed_precision_budget",

@@ -113,12 +113,14 @@ def validate(config: TrainConfig) -> None:
 
 def attention_from_config(config: TrainConfig) -> AttentionQuant | None:
     """The reference Llama's attention quantization (``attn_bits``, ``attn_prob_bits``,
-    ``kv_bits``, ``kv_group``), or None: float attention (also for a float run)."""
+    ``kv_bits``, ``kv_group``, ``attn_low_bits``, ``attn_low_fraction``), or None: float
+    attention (also for a float run)."""
     fields = (config.attn_bits, config.attn_prob_bits, config.kv_bits)
     if config.method is None or all(f is None for f in fields):
         return None
     return attention_quant(config.attn_bits, config.attn_prob_bits, config.kv_bits,
-                           config.kv_group)
+                           config.kv_group, low_bits=config.attn_low_bits,
+                           low_fraction=config.attn_low_fraction)
 
 
 def model_from_config(config: TrainConfig, widths: Mapping[str, int] | None = None):

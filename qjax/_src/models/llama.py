@@ -17,9 +17,10 @@ from qjax._src.attention import (
     AttentionQuant,
     KVCache,
     append_kv,
+    attend,
+    attention_logits,
     cached_attention,
     init_kv_cache,
-    quantized_attention,
 )
 from qjax._src.methods import edgeqat
 from qjax._src.nn.ops import qat_active
@@ -118,18 +119,36 @@ def _float_attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def _adaptive(quant: AttentionQuant | None) -> bool:
+    return quant is not None and quant.token_adaptive
+
+
+def _quant_tokens(x, high, low_spec, low):
+    """``x (B, T, H, D)`` as float32, fake-quantized with ``high`` (None: float), per token with
+    ``low_spec`` where ``low (B, T)`` is True (EdgeQAT's token-adaptive widths)."""
+    if high is None:
+        return x.astype(jnp.float32)
+    if low is None or low_spec is None:
+        return fake_quant(x.astype(jnp.float32), high)
+    return edgeqat.token_adaptive_fake_quant(x, low, high, low_spec)
+
+
 class Attention(nn.Module):
     """Causal self-attention; ``quant`` (when :func:`~qjax.nn.ops.qat_active`) quantizes it.
 
-    ``x (B, T, d) -> (B, T, d)``, or with ``cache`` (a :class:`~qjax.attention.KVCache` holding
-    the ``cache.length`` tokens before ``x``) ``((B, T, d), cache extended by T tokens)``.
+    ``x (B, T, d) -> (B, T, d)``, or with ``cache`` (a :class:`~qjax.attention.KVCache`
+    holding the ``cache.length`` tokens before ``x``) ``((B, T, d), cache extended by T
+    tokens)``. With token-adaptive widths (``quant.token_adaptive``: EdgeQAT) it returns
+    ``((B, T, d), low)``: ``low (B, T)`` in is the previous layer's choice of low-width tokens
+    (None for the first layer), used for Q and K, and ``low`` out this layer's (the least
+    important tokens by its own logits), used for V and passed on (None while QAT is off).
     """
 
     config: LlamaConfig
     quant: AttentionQuant | None = None
 
     @nn.compact
-    def __call__(self, x, cache: KVCache | None = None):
+    def __call__(self, x, cache: KVCache | None = None, low: jax.Array | None = None):
         c = self.config
         b, t, d = x.shape
         hd = d // c.n_heads
@@ -144,6 +163,8 @@ class Attention(nn.Module):
         q, k = _rope(q, c.rope_theta, positions), _rope(k, c.rope_theta, positions)
         spec = self.quant if qat_active() else None
         if cache is not None:
+            if _adaptive(spec):
+                _ = spec.cache_spec  # raises: token-adaptive widths are not decoded with a cache
             cache = append_kv(cache, k, v)  # stored with the cache's own spec
             if spec is None:
                 allowed = jnp.arange(cache.capacity)[None, :] <= cache.length - t + jnp.arange(
@@ -153,32 +174,35 @@ class Attention(nn.Module):
             else:
                 out = cached_attention(q, cache, spec_q=spec.q, spec_p=spec.p)
             return dense("o", out_init)(out.reshape(b, t, d)), cache
-        if self.is_mutable_collection(edgeqat.COLLECTION) and not self.is_initializing():
-            out = self._sow_edgeqat(q, k, v, spec)
-        elif spec is None:
-            out = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+        sow = self.is_mutable_collection(edgeqat.COLLECTION) and not self.is_initializing()
+        if spec is None and not sow:
+            out, low = _float_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool))), None
         else:
-            out = quantized_attention(q, k, v, spec_q=spec.q, spec_k=spec.k, spec_v=spec.v,
-                                      spec_p=spec.p, causal=True)
-        return dense("o", out_init)(out.reshape(b, t, d))
+            out, low = self._quantized(q, k, v, spec or AttentionQuant(), low, sow)
+        out = dense("o", out_init)(out.reshape(b, t, d))
+        return (out, low) if _adaptive(self.quant) else out
 
-    def _sow_edgeqat(self, q, k, v, spec: AttentionQuant | None) -> jax.Array:
-        """The attention output, sowing EdgeQAT's statistics (:mod:`qjax.methods.edgeqat`) on
-        the way; called only when its collection is mutable and not at init (so ``init``
-        returns params only): the scaled logits ``(B, H, T, T)`` the attention itself computed
-        (of the fake-quantized Q and K; float32 at HIGHEST precision, also without a spec) and,
-        for quantized Q and K, their :func:`~qjax.methods.edgeqat.qk_entropy`."""
-        specs = spec or AttentionQuant()
-        # Q and K are fake-quantized once here, then passed on as they are (spec None).
-        q = q if specs.q is None else fake_quant(q.astype(jnp.float32), specs.q)
-        k = k if specs.k is None else fake_quant(k.astype(jnp.float32), specs.k)
-        if specs.q is not None and specs.k is not None:
-            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(q))
-            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(k))
-        out, logits = quantized_attention(q, k, v, spec_v=specs.v, spec_p=specs.p, causal=True,
-                                          return_logits=True)
-        self.sow(edgeqat.COLLECTION, "scores", logits)
-        return out.astype(v.dtype)
+    def _quantized(self, q, k, v, spec: AttentionQuant, low, sow: bool):
+        """Quantized attention (:func:`~qjax.attention.attention_logits` then
+        :func:`~qjax.attention.attend`: the logits are computed once, before V, whose token
+        widths they decide) and this layer's low-width tokens (or None). With ``sow``, EdgeQAT's
+        statistics (:mod:`qjax.methods.edgeqat`) are sown on the way (only when that collection
+        is mutable and not at init, so ``init`` returns params only): the scaled logits
+        ``(B, H, T, T)`` (of the fake-quantized Q and K; float32 at HIGHEST precision, also
+        without a spec) and, for quantized Q and K, their
+        :func:`~qjax.methods.edgeqat.qk_entropy`."""
+        qf = _quant_tokens(q, spec.q, spec.q_low, low)
+        kf = _quant_tokens(k, spec.k, spec.k_low, low)
+        if sow and spec.q is not None and spec.k is not None:
+            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(qf))
+            self.sow(edgeqat.COLLECTION, "entropy", edgeqat.qk_entropy(kf))
+        logits = attention_logits(qf, kf)
+        if sow:
+            self.sow(edgeqat.COLLECTION, "scores", logits)
+        cur = edgeqat.low_bit_tokens(edgeqat.token_importance(logits), spec.low_fraction) \
+            if spec.token_adaptive else None
+        vf = _quant_tokens(v, spec.v, spec.v_low, cur)
+        return attend(logits, vf, spec_p=spec.p, causal=True).astype(v.dtype), cur
 
 
 class MLP(nn.Module):
@@ -203,17 +227,21 @@ class Block(nn.Module):
     attention: AttentionQuant | None = None
 
     @nn.compact
-    def __call__(self, x, cache: KVCache | None = None):
+    def __call__(self, x, cache: KVCache | None = None, low: jax.Array | None = None):
+        """``x``, or ``(x, cache)`` with a cache, or ``(x, low)`` with token-adaptive attention
+        widths (see :class:`Attention`)."""
         eps = self.config.norm_eps
         attn = Attention(self.config, self.attention, name="attn")
         h = nn.RMSNorm(eps, name="attn_norm")(x)
-        if cache is None:
-            x = x + attn(h)
+        if cache is not None:
+            a, carry = attn(h, cache)
+        elif _adaptive(self.attention):
+            a, carry = attn(h, low=low)
         else:
-            a, cache = attn(h, cache)
-            x = x + a
+            a, carry = attn(h), None
+        x = x + a
         x = x + MLP(self.config, name="mlp")(nn.RMSNorm(eps, name="mlp_norm")(x))
-        return x if cache is None else (x, cache)
+        return x if cache is None and not _adaptive(self.attention) else (x, carry)
 
 
 class Llama(nn.Module):
@@ -239,9 +267,12 @@ class Llama(nn.Module):
         if ids.shape[-1] > self.config.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[-1]} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
-        x = self.embed(ids)
+        x, low = self.embed(ids), None
         for block in self.blocks:
-            x = block(x)
+            if _adaptive(self.attention):  # the low-width tokens pass from layer to layer
+                x, low = block(x, low=low)
+            else:
+                x = block(x)
         return self.lm_head(self.final_norm(x)).astype(jnp.float32)
 
     def extend(self, ids, caches: tuple[KVCache, ...]):
