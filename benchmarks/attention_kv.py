@@ -38,8 +38,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
 
 try:
+    from benchmarks._paired import paired_rows
     from benchmarks._timing import interleaved_medians, machine, seeds_cli, write_results
 except ImportError:  # run as a script from the benchmarks folder
+    from _paired import paired_rows
     from _timing import interleaved_medians, machine, seeds_cli, write_results
 
 # EdgeQAT's entropy and attention-map terms (qjax.methods.edgeqat): attention weight 1 as the
@@ -88,19 +90,8 @@ def quality(seeds: list[int], quick: bool) -> list[dict]:
     runs_dir = os.path.join("runs", "attention_kv" + ("_quick" if quick else ""))
     probe = _config(next(iter(ROWS)), seeds[0], quick, runs_dir)
     corpus = train.load_corpus(probe)
-    rows, base = [], None
-    for row in ROWS:
-        losses = []
-        for seed in seeds:
-            cfg = _config(row, seed, quick, runs_dir)
-            print(f"== {row}, seed {seed}", flush=True)
-            losses.append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
-        base = losses if base is None else base
-        diffs = [100 * (a / b - 1) for a, b in zip(losses, base, strict=True)]
-        rows.append({"row": row, "val_loss": losses, "mean": statistics.fmean(losses),
-                     "vs_float_attention_pct": diffs,
-                     "vs_float_attention_mean_pct": statistics.fmean(diffs)})
-    return rows
+    return paired_rows(list(ROWS), lambda row, seed: _config(row, seed, quick, runs_dir), seeds,
+                       corpus, "float_attention")
 
 
 def finetune_quality(seeds: list[int], quick: bool) -> list[dict]:

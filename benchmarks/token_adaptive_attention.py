@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import sys
 
 from qjax import train
@@ -31,8 +30,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
 
 try:
+    from benchmarks._paired import paired_rows
     from benchmarks._timing import report, seeds_cli
 except ImportError:  # run as a script from the benchmarks folder
+    from _paired import paired_rows
     from _timing import report, seeds_cli
 
 ROWS = {
@@ -57,17 +58,8 @@ def _config(row: str, seed: int, quick: bool, runs_dir: str):
 def main(seeds: list[int], quick: bool) -> None:
     runs_dir = os.path.join("runs", "token_adaptive_attention" + ("_quick" if quick else ""))
     corpus = train.load_corpus(_config(next(iter(ROWS)), seeds[0], quick, runs_dir))
-    rows, base = [], None
-    for row in ROWS:
-        losses = []
-        for seed in seeds:
-            cfg = _config(row, seed, quick, runs_dir)
-            print(f"== {row}, seed {seed}", flush=True)
-            losses.append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
-        base = losses if base is None else base
-        diffs = [100 * (a / b - 1) for a, b in zip(losses, base, strict=True)]
-        rows.append({"row": row, "val_loss": losses, "mean": statistics.fmean(losses),
-                     "vs_int8_pct": diffs, "vs_int8_mean_pct": statistics.fmean(diffs)})
+    rows = paired_rows(list(ROWS), lambda row, seed: _config(row, seed, quick, runs_dir), seeds,
+                       corpus, "int8")
     cfg = get_config()
     steps = QUICK["steps"] if quick else cfg.steps
     lines = ["# Token-adaptive attention widths (EdgeQAT) vs uniform (reference Llama, CPU)", "",
