@@ -100,7 +100,7 @@ def test_bad_input():
         qjax.hadamard_transform(jnp.ones((2, 8)), 8, signs=jnp.ones(4))
 
 
-@pytest.mark.parametrize("block", [1, 2, 8, 32, 64, 128, 256, 512, 2048])
+@pytest.mark.parametrize("block", [1, 8, 32, 128, 256, 2048])
 @pytest.mark.parametrize(("shape", "axis"), [((3, 2), -1), ((2, 5), 0), ((2, 1, 3), 1)])
 def test_kronecker_method_is_the_dense_transform(block, shape, axis):
     # H_b = H_c (x) H_a: a 32-wide dense matmul and signed sums over c (recursing past c = 8).
