@@ -1,5 +1,6 @@
 """The reference Llama's quantized attention, KV-cache decoding and greedy generation."""
 
+import dataclasses
 import functools
 
 import jax
@@ -156,7 +157,7 @@ def _attention_out(quant, low=None, fraction=None):
     from qjax.models.llama import Attention
 
     if fraction is not None:
-        quant = A.AttentionQuant(**{**quant.__dict__, "low_fraction": fraction})
+        quant = dataclasses.replace(quant, low_fraction=fraction)
     x = jax.random.normal(jax.random.key(5), (2, 12, CFG.d_model))
     layer = quantize_model(Attention(CFG, quant), {})
     params = layer.init(jax.random.key(0), x)["params"]
