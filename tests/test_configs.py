@@ -28,7 +28,15 @@ def test_every_study_row_has_a_config_file(monkeypatch):
     assert {f"study_{n}" for n in STUDY} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: pathlib.Path(p).stem)
+# The same rows at other widths (the same code, 4-12 s each to compile) run with -m slow.
+OTHER_WIDTHS = {"study_quest_mse_w2a2", "study_pact_w2a2", "study_quest_ste_w2a2",
+                "study_lsq_w2a2", "study_quest_w3a3", "study_quest_w2a2", "study_quest_w8a8",
+                "study_quest_w2", "study_ste_w2a2"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if pathlib.Path(p).stem in OTHER_WIDTHS else p
+    for p in CONFIGS], ids=lambda p: pathlib.Path(p).stem)
 def test_config_builds_and_steps(path):
     cfg = dataclasses.replace(load_config(path), **TINY)
     model, params = train.build_model(cfg)

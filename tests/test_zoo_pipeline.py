@@ -105,7 +105,7 @@ def _train_nnx(model, z, steps=3):
 DEFAULT_PIPELINES = {
     ("linen_dense", "quest_w4a4"), ("linen_einsum", "int4_weight_only"),
     ("linen_cnn", "int8_w8a8"), ("linen_scan", "int8_w8a8"),
-    ("linen_scan", "int4_weight_only"), ("nnx_block", "lsq_w4a4"),
+    ("nnx_block", "lsq_w4a4"),
     ("nnx_scan", "quest_w4a4"), ("linen_vit", "quest_w4a4"),
     ("linen_raw_einsum", "lsq_w4a4"), ("linen_einsum", "ofq_w2a4"),
     ("nnx_scan", "lsq_post_w4a4"),

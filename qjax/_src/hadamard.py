@@ -7,20 +7,22 @@ matrix is orthonormal and symmetric, so the transform is its own inverse and pre
 With fixed random ``signs`` (a ``(block_size,)`` vector of +-1) the transform is ``x -> H(x * d)``
 and its inverse ``y -> H(y) * d``.
 
-``method="butterfly"`` (default) is the fast transform, ``log2(n)`` stages of adds and subtracts,
+``method="butterfly"`` is the classic fast transform, ``log2(n)`` stages of adds and subtracts,
 ``O(n log n)`` per block. ``method="matmul"`` multiplies each block by the dense ``+-1`` matrix at
 ``Precision.HIGHEST`` (``O(n^2)`` flops, but one BLAS call or matrix-unit pass instead of
 ``log2(n)`` passes over memory: 2-3x faster than the butterfly on CPU at block 128).
-``method="kronecker"`` (the quantizers' default) uses Sylvester's factorisation ``H_n = H_c (x)
-H_a`` with ``a = min(n, 32)``, ``c = n / a``: each block viewed as ``(c, a)`` is multiplied by the
-dense ``H_a`` (one small matmul) and then combined across ``c`` by ``c``-term signed sums (one
-fused elementwise pass; ``c > 8`` recurses). At block 128 that is ``2 (32 + 4) = 72`` flops per
-element instead of 256, and 2.4-3.7x faster than ``"matmul"`` on CPU (``benchmarks/qat_step.py``
-measures the QAT step it serves). All three compute in float32 whatever the input dtype (the result
-is float32) and agree to float rounding (the summation order differs). The transform is linear, so
-reverse-mode autodiff gives the transpose (itself) with no custom rule; ``explicit_vjp=True``
-(used by the quantizers) writes that same transpose out as a custom VJP, because XLA surrounds
-autodiff's transposed matmul with transposes that on CPU cost about as much as the matmul.
+``method="kronecker"`` (the default, here and in the quantizers) uses Sylvester's factorisation
+``H_n = H_c (x) H_a`` with ``a = min(n, 32)``, ``c = n / a``: each block viewed as ``(c, a)`` is
+multiplied by the dense ``H_a`` (one small matmul) and then combined across ``c`` by ``c``-term
+signed sums (one fused elementwise pass; ``c > 8`` recurses). At block 128 that is ``2 (32 + 4) =
+72`` flops per element instead of 256, and 2.4-3.7x faster than ``"matmul"`` on CPU
+(``benchmarks/qat_step.py`` measures the QAT step it serves; on an explicit-sharding mesh whose non-
+rotated axes are sharded it falls back to the dense matmul, as its sums would merge a sharded axis).
+All three compute in float32 whatever the input dtype (the result is float32) and agree to float
+rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
+transpose (itself) with no custom rule; ``explicit_vjp=True`` (used by the quantizers) writes that
+same transpose out as a custom VJP, because XLA surrounds autodiff's transposed matmul with
+transposes that on CPU cost about as much as the matmul.
 
 Range: the ``1/sqrt(block_size)`` is split into an exact power of two ``2^-k``, ``k =
 log2(block_size) + 1``, applied before the sums (folded into the matrix, or one multiply), and the
@@ -179,6 +181,11 @@ def _kronecker(y: jax.Array, pre: float = 1.0) -> jax.Array:
     function again when ``c > 8``). ``pre`` (a power of two) is exact wherever it is applied.
     """
     *lead, nb, b, q = y.shape
+    spec = typed_sharding.explicit_spec(y)
+    if spec is not None and spec[-1] is not None:
+        # The sums run over (c, a * Q): merging a sharded Q is not a local reshape. One dense
+        # matmul keeps Q in place (the same transform, to float rounding).
+        return _dense(y, pre)
     a = min(b, _KRONECKER_DENSE)
     c = b // a
     y = _dense(y.reshape(*lead, nb, c, a, q), pre)
@@ -186,7 +193,9 @@ def _kronecker(y: jax.Array, pre: float = 1.0) -> jax.Array:
         return y.reshape(*lead, nb, b, q)
     y = y.reshape(*lead, nb, c, a * q)
     y = _signed_sums(y) if c <= _KRONECKER_SUMS else _kronecker(y)
-    return y.reshape(*lead, nb, b, q)
+    # Merge, then split: explicit-sharding meshes type-check a reshape that does both at once
+    # only with an ``out_sharding``, even where the dims it touches are unsharded.
+    return y.reshape(*lead, nb, b * q).reshape(*lead, nb, b, q)
 
 
 _TRANSFORMS = {"matmul": _dense, "kronecker": _kronecker}
@@ -211,7 +220,7 @@ def hadamard_transform(
     axis: int = -1,
     signs: jax.Array | None = None,
     inverse: bool = False,
-    method: HadamardMethod = "butterfly",
+    method: HadamardMethod = "kronecker",
     explicit_vjp: bool = False,
 ) -> jax.Array:
     """Block-diagonal orthonormal Walsh-Hadamard transform along ``axis``.
@@ -222,8 +231,8 @@ def hadamard_transform(
       axis: the axis to rotate (an int).
       signs: optional ``(block_size,)`` +-1 vector (see :func:`random_signs`).
       inverse: apply the inverse (only differs from the forward when ``signs`` is given).
-      method: ``"butterfly"`` (O(n log n)), ``"matmul"`` (dense block matmul) or
-        ``"kronecker"`` (a small dense matmul and signed sums; see the module docstring).
+      method: ``"kronecker"`` (default: a small dense matmul and signed sums; see the module
+        docstring), ``"matmul"`` (dense block matmul) or ``"butterfly"`` (O(n log n) stages).
       explicit_vjp: with ``method="matmul"`` or ``"kronecker"`` and no ``signs``,
         differentiate through a custom VJP that writes the transpose out: the same gradient
         values as autodiff (to float rounding for ``"kronecker"``), without the transposes XLA
@@ -233,8 +242,8 @@ def hadamard_transform(
 
     Returns:
       float32 array of ``x.shape``: each block ``b`` becomes ``H b`` (``H (d * b)`` with signs);
-      finite input gives finite output: exact up to ``max|x| <= float32 max / sqrt(block_size)``,
-      inputs beyond that saturated first (see the module docstring).
+      finite input gives finite output: exact (to float rounding) wherever the result is within
+      float32's range, saturated at float32 max where it is not (see the module docstring).
 
     Raises:
       TypeError: non-floating ``x``.

@@ -17,7 +17,9 @@ __all__ = ["label", "Progress", "read_metrics", "results_table"]
 
 
 def label(config: TrainConfig) -> str:
-    """The run's row name in the table, e.g. ``quest W4A4`` or ``lr_qat r8 W4``."""
+    """The run's row name in the table, e.g. ``quest W4A4``, ``lr_qat r8 W4`` or ``quest W4A4
+    QKV8/4 P8 KV4g32`` (quantized attention: Q/K/V widths, token-adaptive high/low, attention
+    probabilities, KV cache width and group)."""
     if config.method is None:
         return "float32"
     w = f"W{config.weight_bits}" if config.weight_bits else ""
@@ -41,7 +43,23 @@ def label(config: TrainConfig) -> str:
     if config.method in LOW_RANK_METHODS:
         name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
                                       else f" {config.phi_dtype}")
-    return f"{name} {w}{a}"
+    return f"{name} {w}{a}{_attention_label(config)}"
+
+
+def _attention_label(config: TrainConfig) -> str:
+    """`` QKV8/4 P8 KV4g32``: Q/K/V widths (token-adaptive: high/low), probabilities, cache."""
+    parts = []
+    if config.attn_bits is not None:
+        low = "" if config.attn_low_bits is None else f"/{config.attn_low_bits}"
+        parts.append(f"QKV{config.attn_bits}{low}")
+    if config.attn_prob_bits is not None:
+        parts.append(f"P{config.attn_prob_bits}")
+    if config.kv_bits is not None:
+        group = "" if config.kv_group is None else f"g{config.kv_group}"
+        low = "" if config.attn_low_bits is None or config.attn_bits is not None \
+            else f"/{config.attn_low_bits}"
+        parts.append(f"KV{config.kv_bits}{low}{group}")
+    return "".join(" " + p for p in parts)
 
 
 class Progress:

@@ -6,7 +6,10 @@ Functions of plain arrays, a :class:`~qjax.nn.LayerQuant` and a :class:`~qjax.nn
   ``from_matrix(fake_quant(to_matrix(kernel)))``, one quantization per ``(K, N)`` matrix (a stack
   of layers or an einsum's batch axes are never reduced over);
 * :func:`quantize_input`: the input, fake-quantized (or only rotated) on its row view ``(..., K)``
-  (dense layers) or as is (convolutions, channels last);
+  (dense layers) or as is (convolutions, channels last). Inside a trace, layers that quantize
+  the same input array alike (attention's q, k and v; a SwiGLU's gate and up) share one result,
+  so the quantizer's backward (trust mask, inverse rotation) runs once on their summed
+  cotangent; not with a learned input scale or a stochastic-rounding key (both per layer);
 * :func:`integer_dense`: QAT's integer forward of a dense layer, an int8 dot
   (the integer-forward matmul) on the row view and the matrix view, arranged back to the
   layer's

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 
 import jax
 import jax.numpy as jnp
+from flax.core.tracers import current_trace
 
 from qjax._src import formats as F
 from qjax._src import granularity as G
@@ -199,21 +202,78 @@ def _on_rows(f, x: jax.Array, layout: KernelLayout) -> jax.Array:
     return layout.rows_to_input(f(rows), x.shape)
 
 
+# Quantized inputs of the current traces: id(x) -> (weak reference to x, {recipe: (trace, xq)}).
+# An entry leaves when its input is freed (the trace that made it is over).
+_SHARED_INPUTS: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _forget(table: dict, ident: int, _ref: weakref.ref) -> None:
+    table.pop(ident, None)
+
+
+def _shared_input(x: jax.Array, recipe: Hashable, compute: Callable[[], jax.Array]) -> jax.Array:
+    """``compute()``, or the value it gave for this very ``x`` and ``recipe`` in this trace.
+
+    Layers that quantize one input (attention's q, k and v; a SwiGLU's gate and up) then share
+    one quantized input, so autodiff sums their cotangents before its backward (a Hadamard
+    rotation, a trust mask): one backward pass instead of one per layer. The values are the same;
+    the gradient equals the per-layer sum up to float summation order. Only tracers are shared
+    (eager arrays would keep their quantized copies alive), and only in the trace that made them
+    (a value made inside a scan body must not leak out of it).
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return compute()
+    try:
+        hash(recipe)
+    except TypeError:  # a spec holding an array: not shareable
+        return compute()
+    trace = current_trace()
+    entry = _SHARED_INPUTS.get(id(x))
+    if entry is None or entry[0]() is not x:
+        # The table is bound now: at interpreter exit the module's globals may be gone.
+        forget = functools.partial(_forget, _SHARED_INPUTS, id(x))
+        entry = (weakref.ref(x, forget), {})
+        _SHARED_INPUTS[id(x)] = entry
+    made = entry[1].get(recipe)
+    if made is not None and made[0] == trace:
+        return made[1]
+    xq = compute()
+    entry[1][recipe] = (trace, xq)
+    return xq
+
+
+def _row_view(layout: KernelLayout, ndim: int) -> tuple | None:
+    """What :func:`_on_rows` does to an input of rank ``ndim`` (part of a sharing key)."""
+    return None if layout.kind == "conv" else tuple(map(tuple, layout.x_order(ndim)))
+
+
 def rotate_input(x: jax.Array, lq: LayerQuant, layout: KernelLayout) -> jax.Array:
-    """The input rotated along K (channels for convolutions) by the recipe's half form."""
+    """The input rotated along K (channels for convolutions) by the recipe's half form.
+
+    Shared, as :func:`quantize_input`'s result, by the layers rotating the same traced ``x``.
+    """
     if lq.rotation is None:
         return x
-    return _on_rows(lambda r: rotate(r, lq.rotation, -1), x, layout)
+    return _shared_input(x, ("rotate", lq.rotation, layout.kind, _row_view(layout, x.ndim)),
+                         lambda: _on_rows(lambda r: rotate(r, lq.rotation, -1), x, layout))
 
 
 def quantize_input(x: jax.Array, lq: LayerQuant, layout: KernelLayout,
                    scale: jax.Array | None = None, *, key: jax.Array | None = None) -> jax.Array:
-    """The input as the layer's op should see it in QAT: fake-quantized and/or rotated."""
+    """The input as the layer's op should see it in QAT: fake-quantized and/or rotated.
+
+    Without a learned ``scale`` or a ``key`` (both differ per layer) the result is shared by the
+    layers that quantize the same traced ``x`` alike (:func:`_shared_input`).
+    """
     if lq.activation is None:
         return rotate_input(x, lq, layout)
     spec, axis_name = lq.activation, lq.activation_axis_name
-    return _on_rows(lambda r: fake_quant(r, spec, scale=scale, key=key, axis_name=axis_name),
-                    x, layout)
+    compute = lambda: _on_rows(  # noqa: E731
+        lambda r: fake_quant(r, spec, scale=scale, key=key, axis_name=axis_name), x, layout)
+    if scale is not None or key is not None:
+        return compute()
+    return _shared_input(x, (spec, lq.rotation, axis_name, layout.kind,
+                             _row_view(layout, x.ndim)), compute)
 
 
 def arrange_output(y: jax.Array, x_shape: tuple[int, ...], layout: KernelLayout) -> jax.Array:
