@@ -17,13 +17,12 @@ alike is the reference. Only the block linears ``blocks_<i>/attn/{q,k,v,o}``,
    how often the allocation survives redrawing the traces within their standard errors.
 2. **Double Rounding vs four separate widths.** One ``DoubleRounding(bits=(8, 6, 4, 2))`` model,
    fine-tuned with :func:`~qjax.nn.double_rounding.joint_loss`, evaluated at each width, against
-   four ``Method("ste", b, None)`` models, and the same DR model with ``scale_gradient="plain"``
-   (the ablation of its per-precision scale-gradient normalization). Accounting: every model
-   runs the same steps on the same batches (same tokens per model); the DR model's 4
-   forward/backward passes per step equal the four separate models' passes in total.
-   Checkpoint bytes: one int8 DR checkpoint (:func:`qjax.convert.convert`,
-   :func:`qjax.convert.save`) vs the four; and the int8 checkpoint lowered to 4 and 2 bits
-   (:func:`~qjax.nn.double_rounding.lower_precision`) is served and compared with QAT's logits.
+   four ``Method("ste", b, None)`` models. Accounting: every model runs the same steps on the same
+   batches (same tokens per model); the DR model's 4 forward/backward passes per step equal the
+   four separate models' passes in total. Checkpoint bytes: one int8 DR checkpoint
+   (:func:`qjax.convert.convert`, :func:`qjax.convert.save`) vs the four; and the int8 checkpoint
+   lowered to 4 and 2 bits (:func:`~qjax.nn.double_rounding.lower_precision`) is served and
+   compared with QAT's logits.
 3. **Cost of the trace estimation**: probes, seconds (compilation timed apart), standard errors.
 
 Run: ``python benchmarks/mixed_precision.py [--quick]``. The full run (d=128, 2 layers, seq 128,
@@ -310,9 +309,10 @@ def _qbytes(tree) -> int:
 
 
 def part2(bench: Bench) -> dict:
+    recipe = DR.DoubleRounding(bits=DR_BITS)
     ckpt_dir = os.path.join(bench.runs_dir, "checkpoints")
 
-    def run_dr(recipe):
+    def run_dr():
         qmodel, p0 = bench.quantized({BLOCK_LINEARS: recipe})
         before = {b: bench.evaluate(qmodel, p0, bits=b) for b in recipe.bits}
 
@@ -336,7 +336,7 @@ def part2(bench: Bench) -> dict:
                 "train_joint_loss": train_loss, "seconds": secs, "quantized_bytes":
                 _qbytes(int8), "checkpoint_bytes": QC.save(os.path.join(ckpt_dir, "dr_int8"),
                                                            int8, overwrite=True),
-                "served_minus_qat_max_abs_logit": check, "scale_gradient": recipe.scale_gradient}
+                "served_minus_qat_max_abs_logit": check}
 
     def run_sep(b):
         def run():
@@ -352,15 +352,12 @@ def part2(bench: Bench) -> dict:
         return run
 
     print("== part 2: Double Rounding", flush=True)
-    dr = bench.cached("dr_normalized", lambda: run_dr(DR.DoubleRounding(bits=DR_BITS)))
-    print("== part 2: Double Rounding, plain scale gradients", flush=True)
-    plain = bench.cached("dr_plain", lambda: run_dr(
-        DR.DoubleRounding(bits=DR_BITS, scale_gradient="plain")))
+    dr = bench.cached("dr", run_dr)
     sep = {}
-    for b in DR_BITS:
+    for b in recipe.bits:
         print(f"== part 2: separate STE W{b}", flush=True)
         sep[str(b)] = bench.cached(f"ste_w{b}", run_sep(b))
-    return {"double_rounding": dr, "double_rounding_plain": plain, "separate": sep}
+    return {"double_rounding": dr, "separate": sep}
 
 
 def _goals(p1: dict, p2: dict) -> dict:
@@ -439,19 +436,13 @@ def _markdown(bench: Bench, p1: dict, p2: dict, goals: dict, quick: bool) -> str
            f"DR: {c['ft_steps']} steps, each batch at the 4 precisions (joint loss); separate: "
            f"{c['ft_steps']} steps each on the same batches. Same tokens per model, same total "
            f"forward/backward passes ({4 * c['ft_steps']} on each side).", "",
-           "| bits | DR step 0 | DR after | separate step 0 | separate after | DR vs separate "
-           "| DR, plain scale gradients | plain vs separate |",
-           "|---|---|---|---|---|---|---|---|"]
-    plain = p2["double_rounding_plain"]["val_loss"]
+           "| bits | DR step 0 | DR after | separate step 0 | separate after | DR vs separate |",
+           "|---|---|---|---|---|---|"]
     for b in map(str, DR_BITS):
         s = sep[b]
         md.append(f"| {b} | {dr['val_loss_before'][b]:.4f} | **{dr['val_loss'][b]:.4f}** | "
                   f"{s['val_loss_before']:.4f} | **{s['val_loss']:.4f}** | "
-                  f"{100 * (dr['val_loss'][b] / s['val_loss'] - 1):+.2f}% | {plain[b]:.4f} | "
-                  f"{100 * (plain[b] / s['val_loss'] - 1):+.2f}% |")
-    md += ["", "DR's default scale gradient is `normalized` (the precision-l forward's gradient on "
-           "the shared s_h times 2^-(h-l)); `plain` lets the 2-bit forward's ~64x larger "
-           "gradient set s_h for every precision."]
+                  f"{100 * (dr['val_loss'][b] / s['val_loss'] - 1):+.2f}% |")
     sep_q = sum(s["quantized_bytes"] for s in sep.values())
     sep_c = sum(s["checkpoint_bytes"] for s in sep.values())
     md += ["", "| checkpoints | quantized kernels (codes + scales) | on disk (qjax.convert.save, "
@@ -518,8 +509,8 @@ def main() -> None:
     t0 = time.perf_counter()
     bench = Bench(c, runs_dir)
     print(f"float val loss {bench.float_loss:.4f}", flush=True)
-    p2 = part2(bench)  # before the HAWQ part: its own cache, and the shorter of the two
     p1 = part1(bench)
+    p2 = part2(bench)
     goals = _goals(p1, p2)
     md = _markdown(bench, p1, p2, goals, args.quick)
     print(md)

@@ -49,30 +49,6 @@ def test_scale_learns_through_every_precision():
         assert g.shape == s.shape and float(jnp.abs(g).sum()) > 0
 
 
-def test_normalized_scale_gradient_divides_each_precisions_share_by_its_shift():
-    """``W_l = q_l s_h 2^(h-l)``: the plain gradient on s_h grows with 2^(h-l); "normalized"
-    (the default) multiplies it by 2^-(h-l). Values and weight gradients are unchanged."""
-    import dataclasses
-
-    w = jax.random.normal(jax.random.key(3), (32, 8))
-    s = DR.init_scale(w, RECIPE) * 0.9  # some codes clip: both gradient terms present
-    plain = dataclasses.replace(RECIPE, scale_gradient="plain")
-    assert RECIPE.scale_gradient == "normalized"
-    c = jax.random.normal(jax.random.key(4), w.shape)
-    for bits in RECIPE.bits:
-        def loss(w, s, recipe, b=bits):
-            return jnp.sum(DR.double_round(w, s, recipe, b) * c)
-        np.testing.assert_array_equal(DR.double_round(w, s, RECIPE, bits),
-                                      DR.double_round(w, s, plain, bits))
-        gw_n, gs_n = jax.grad(loss, argnums=(0, 1))(w, s, RECIPE)
-        gw_p, gs_p = jax.grad(loss, argnums=(0, 1))(w, s, plain)
-        np.testing.assert_allclose(gw_n, gw_p, rtol=1e-6)
-        np.testing.assert_allclose(gs_n, gs_p * 2.0 ** (bits - 8), rtol=1e-6)
-        assert float(jnp.abs(gs_p).sum()) > 0
-    with pytest.raises(ValueError, match="scale_gradient must be one of"):
-        DR.DoubleRounding(scale_gradient="adaptive")
-
-
 def _trained_linen():
     qm = quantize_model(MLP(), {"up|down": RECIPE})
     v = qm.init(jax.random.key(1), X)

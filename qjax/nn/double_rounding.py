@@ -17,20 +17,13 @@ an LSQ step through every precision; it is initialized to ``max|W| / qmax_h`` pe
 converts to ``h``-bit codes once and derives any lower precision from them
 (:func:`lower_precision`), exactly the weights QAT used at that precision.
 
-The precisions compete for ``s_h``: through ``W_l = q_l s_h 2^(h-l)`` a 2-bit forward's gradient
-on ``s_h`` is ~``2^6`` times an 8-bit one's. By default (``scale_gradient="normalized"``) the
-precision-``l`` forward's gradient on ``s_h`` is multiplied by ``2^-(h-l)``, so every precision
-moves the shared scale by a step of the same size (values unchanged). The paper addresses this
-imbalance with an Adaptive Learning Rate Scaling (ALRS) of the scales per precision, whose exact
-formula is not available here; this fixed normalization is qjax's, and ``"plain"`` turns it off
-(``benchmarks/mixed_precision.py`` compares both).
+The paper's Adaptive Learning Rate Scaling of the scales per precision is not implemented.
 
 References:
   Huang et al., 2025, "Nearly Lossless Adaptive Bit Switching" (arXiv 2502.01199).
 """
 
 from qjax._src.nn.double_rounding import (
-    SCALE_GRADIENTS,
     DoubleRounding,
     codes,
     double_round,
@@ -44,7 +37,6 @@ __all__ = [
     "double_round",
     "DoubleRounding",
     "init_scale",
-    "SCALE_GRADIENTS",
     "joint_loss",
     "lower_precision",
 ]

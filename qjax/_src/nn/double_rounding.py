@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable, Sequence
 
 import jax
@@ -19,11 +18,7 @@ from qjax._src.nn.recipe import LayerQuant, resolve
 from qjax._src.qarray import QArray, codes_to_storage
 
 __all__ = ["DoubleRounding", "init_scale", "double_round", "codes", "lower_precision",
-           "joint_loss", "SCALE_GRADIENTS"]
-
-# How a lower precision's forward differentiates the shared scale s_h (see DoubleRounding).
-ScaleGradient = typing.Literal["normalized", "plain"]
-SCALE_GRADIENTS: tuple[str, ...] = typing.get_args(ScaleGradient)
+           "joint_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +30,11 @@ class DoubleRounding:
       granularity: of ``s_h`` on the ``(K, N)`` matrix: ``PerRow(0)`` (per output feature),
         ``PerGroup(0, g)`` or ``PerTensor()``.
       activation: an activation spec applied at every precision, or None (weight-only).
-      scale_gradient: ``"normalized"`` (default) multiplies the gradient that the precision-``l``
-        forward sends to ``s_h`` by ``2^-(h-l)``, cancelling the ``2^(h-l)`` in ``W_l = q_l s_h
-        2^(h-l)``, so every precision moves ``s_h`` by a step of the same size (the values are
-        unchanged); ``"plain"``: the gradient as it falls (a 2-bit forward's is ~64x an 8-bit's,
-        and it sets ``s_h`` for all). The paper's remedy for this imbalance is an adaptive
-        learning-rate scaling (ALRS) whose formula is not available here; this is a fixed one.
     """
 
     bits: tuple[int, ...] = (8, 6, 4, 2)
     granularity: G.Granularity = G.PerRow(0)
     activation: SP.QuantSpec | None = None
-    scale_gradient: ScaleGradient = "normalized"
 
     def __post_init__(self):
         if isinstance(self.bits, int) or not isinstance(self.bits, Sequence) or not self.bits:
@@ -59,9 +47,6 @@ class DoubleRounding:
             raise ValueError(f"granularity must be PerRow(0), PerGroup(0, g) or PerTensor(), "
                              f"got {self.granularity}")
         SP.check_spec(self.activation, "activation", optional=True)
-        if self.scale_gradient not in SCALE_GRADIENTS:
-            raise ValueError(f"scale_gradient must be one of {SCALE_GRADIENTS}, "
-                             f"got {self.scale_gradient!r}")
 
     @property
     def highest(self) -> int:
@@ -119,10 +104,6 @@ def double_round(w: jax.Array, scale: jax.Array, recipe: DoubleRounding, bits: i
     """The weight matrix ``W_l (K, N)`` at ``bits`` (default: the highest), in ``w``'s dtype."""
     bits = recipe.highest if bits is None else recipe.check(bits)
     lay = G.layout(recipe.granularity, w.shape)
-    if recipe.scale_gradient == "normalized" and bits < recipe.highest:
-        # Value exactly ``scale``; gradient times 2^-(h-l) (a power of two: exact).
-        frozen = jax.lax.stop_gradient(scale)
-        scale = frozen + (scale - frozen) * (1.0 / 2 ** (recipe.highest - bits))
     q = codes(w, scale, recipe, bits)
     return lay.unblock(q * (scale * 2.0 ** (recipe.highest - bits))).astype(w.dtype)
 
