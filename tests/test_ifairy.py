@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jaxpr_walk import equations
 
 from qjax.methods import ifairy as I
 
@@ -261,19 +262,10 @@ def test_serve_within_the_float32_dot_error_bound(granularity):
     assert np.all(np.abs(y - dense) <= 2 * np.sqrt(2) * bound)
 
 
-def _primitives(jaxpr, in_scan=False):
-    for eqn in jaxpr.eqns:
-        yield eqn, in_scan
-        for p in eqn.params.values():
-            inner = getattr(p, "jaxpr", None)
-            if inner is not None:
-                yield from _primitives(inner, in_scan or eqn.primitive.name == "scan")
-
-
 def test_serve_multiplies_only_in_the_epilogue():
     x, codes = crand((M, K), 16), jnp.zeros((K, N), jnp.int8)
     s = jnp.ones((1, N), jnp.float32)
-    eqns = list(_primitives(jax.make_jaxpr(I.ifairy_serve)(x, codes, s, s).jaxpr))
+    eqns = list(equations(jax.make_jaxpr(I.ifairy_serve)(x, codes, s, s).jaxpr))
     names = {e.primitive.name for e, _ in eqns}
     assert "scan" in names and "dot_general" not in names
     assert not [e for e, inside in eqns if inside and e.primitive.name == "mul"]

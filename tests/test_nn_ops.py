@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxpr_walk import equations
 
 import qjax
 from qjax.nn import Method, dense_layout
@@ -17,19 +18,7 @@ QUEST = qjax.nn.resolve(Method("quest", 4, 4, hadamard_block=64), dense_layout((
 def _rotations(closed) -> int:
     """Custom-VJP calls (a quantizer's rotation and estimator) in a forward jaxpr, nested ones
     included: each is one backward pass of the step."""
-    def count(jaxpr):
-        n = 0
-        for eqn in jaxpr.eqns:
-            n += eqn.primitive.name == "custom_vjp_call"
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (tuple, list)) else (v,):
-                    inner = getattr(sub, "jaxpr", None)
-                    if inner is not None and hasattr(inner, "eqns"):
-                        n += count(inner)
-                    elif hasattr(sub, "eqns"):
-                        n += count(sub)
-        return n
-    return count(closed.jaxpr)
+    return sum(e.primitive.name == "custom_vjp_call" for e, _ in equations(closed.jaxpr))
 
 
 def _two_layers(lq, w1, w2, x, scale=None):

@@ -16,8 +16,9 @@ and its inverse ``y -> H(y) * d``.
 multiplied by the dense ``H_a`` (one small matmul) and then combined across ``c`` by ``c``-term
 signed sums (one fused elementwise pass; ``c > 8`` recurses). At block 128 that is ``2 (32 + 4) =
 72`` flops per element instead of 256, and 2.4-3.7x faster than ``"matmul"`` on CPU
-(``benchmarks/qat_step.py`` measures the QAT step it serves; on an explicit-sharding mesh whose non-
-rotated axes are sharded it falls back to the dense matmul, as its sums would merge a sharded axis).
+(``benchmarks/qat_step.py`` measures the QAT step it serves; on an explicit-sharding mesh, when
+the axes after the rotated one are sharded, it computes the dense matmul instead, since its sums
+would merge a sharded axis).
 All three compute in float32 whatever the input dtype (the result is float32) and agree to float
 rounding (the summation order differs). The transform is linear, so reverse-mode autodiff gives the
 transpose (itself) with no custom rule; ``explicit_vjp=True`` (used by the quantizers) writes that

@@ -49,15 +49,15 @@ def label(config: TrainConfig) -> str:
 def _attention_label(config: TrainConfig) -> str:
     """`` QKV8/4 P8 KV4g32``: Q/K/V widths (token-adaptive: high/low), probabilities, cache."""
     parts = []
+    # The low width follows the first width it lowers: Q/K/V's, else the cache's K and V.
+    low = "" if config.attn_low_bits is None else f"/{config.attn_low_bits}"
     if config.attn_bits is not None:
-        low = "" if config.attn_low_bits is None else f"/{config.attn_low_bits}"
         parts.append(f"QKV{config.attn_bits}{low}")
+        low = ""
     if config.attn_prob_bits is not None:
         parts.append(f"P{config.attn_prob_bits}")
     if config.kv_bits is not None:
         group = "" if config.kv_group is None else f"g{config.kv_group}"
-        low = "" if config.attn_low_bits is None or config.attn_bits is not None \
-            else f"/{config.attn_low_bits}"
         parts.append(f"KV{config.kv_bits}{low}{group}")
     return "".join(" " + p for p in parts)
 
