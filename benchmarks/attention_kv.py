@@ -32,6 +32,7 @@ import jax
 
 from qjax import attention as A
 from qjax import train
+from qjax.config import replace
 from qjax.models.llama import Llama, LlamaConfig, greedy_generate, init_caches
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
@@ -82,7 +83,7 @@ QUICK = dict(steps=40, eval_every=20, checkpoint_every=20, eval_batches=4,
 def _config(row: str, seed: int, quick: bool, runs_dir: str):
     slug = SLUGS[list(ROWS).index(row)]
     fields = {**ROWS[row], "seed": seed, "baseline": False, **(QUICK if quick else {})}
-    return dataclasses.replace(get_config(), name=slug, **fields,
+    return replace(get_config(), name=slug, **fields,
                                out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
@@ -104,10 +105,10 @@ def finetune_quality(seeds: list[int], quick: bool) -> list[dict]:
     for i, (row, fields) in enumerate(FINETUNE_ROWS.items()):
         losses = []
         for seed in seeds:
-            float_cfg = dataclasses.replace(get_config(), name="float_base", method=None,
+            float_cfg = replace(get_config(), name="float_base", method=None,
                                             seed=seed, baseline=False, **short,
                                             out_dir=base[seed])
-            cfg = dataclasses.replace(get_config(), name=f"finetune{i}", seed=seed,
+            cfg = replace(get_config(), name=f"finetune{i}", seed=seed,
                                       baseline=False, init_from=base[seed],
                                       **{**FINETUNE, **short, **fields},
                                       out_dir=os.path.join(runs_dir, f"finetune{i}",
@@ -138,7 +139,7 @@ def decode_speed(cfg: LlamaConfig, batches: tuple[int, ...], repeats: int) -> di
     prompt_len, steps = 16, cfg.max_seq_len - 16
     out = {}
     for b in batches:
-        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
+        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.model.vocab_size)
         fns = {}
         for name, attention in CACHES.items():
             model = Llama(cfg, attention=attention)
@@ -155,21 +156,21 @@ def decode_speed(cfg: LlamaConfig, batches: tuple[int, ...], repeats: int) -> di
 
 def main(seeds: list[int], quick: bool) -> None:
     cfg = get_config()
-    mc = LlamaConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                     max_seq_len=128)
+    mc = dataclasses.replace(cfg.model, max_seq_len=128)
     rows = quality(seeds, quick)
     tuned = finetune_quality(seeds, quick)
-    per_token = cache_bytes(dataclasses.replace(mc, max_seq_len=cfg.seq_len))
+    per_token = cache_bytes(dataclasses.replace(mc, max_seq_len=cfg.model.max_seq_len))
     batches = (1, 8)
     speed = decode_speed(mc, batches, 3 if quick else 7)
     payload = {"seeds": seeds, "quick": quick, "rows": rows, "finetune_rows": tuned,
                "finetune": FINETUNE, "cache_bytes_per_token": per_token,
                "decode_tokens_per_second": {str(b): v for b, v in speed.items()},
                "machine": machine()}
-    steps = QUICK["steps"] if quick else cfg.steps
+    steps = QUICK["steps"] if quick else cfg.optim.steps
+    m = cfg.model
     lines = ["# Quantized attention and KV cache (reference Llama, CPU)", "",
-             f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} "
-             f"heads, seq {cfg.seq_len}), QuEST W4A4 linears, {steps} steps; seeds {seeds}, "
+             f"Tiny byte-level Llama (d={m.d_model}, {m.n_layers} layers, {m.n_heads} "
+             f"heads, seq {m.max_seq_len}), QuEST W4A4 linears, {steps} steps; seeds {seeds}, "
              "paired (same init and batches).", "",
              "| attention | val loss per seed | mean | vs float attention (%) |",
              "|---|---|---|---|"]

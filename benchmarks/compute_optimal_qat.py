@@ -62,9 +62,9 @@ def f_star(config) -> tuple[float, float]:
     """(S, f*) of the config's model (its non-embedding parameters) and token budget."""
     _, params = train.build_model(config)
     n = non_embedding_params(params)
-    tokens = config.steps * config.batch_size * config.seq_len
-    s = compute_optimal.tokens_per_param_byte(tokens, n, config.weight_bits)
-    return s, compute_optimal.optimal_qat_fraction(tokens, n, config.weight_bits)
+    tokens = config.optim.steps * config.optim.batch_size * config.model.max_seq_len
+    s = compute_optimal.tokens_per_param_byte(tokens, n, config.quant.weight_bits)
+    return s, compute_optimal.optimal_qat_fraction(tokens, n, config.quant.weight_bits)
 
 
 def main(seeds: list[int], quick: bool) -> None:
@@ -90,12 +90,13 @@ def main(seeds: list[int], quick: bool) -> None:
                      "fused_vs_classical_pct": diffs,
                      "fused_vs_classical_mean_pct": statistics.fmean(diffs)})
     cfg = get_config()
-    steps = QUICK["steps"] if quick else cfg.steps
-    tokens = steps * cfg.batch_size * cfg.seq_len
+    steps = QUICK["steps"] if quick else cfg.optim.steps
+    tokens = steps * cfg.optim.batch_size * cfg.model.max_seq_len
+    m = cfg.model
     lines = ["# Compute-optimal QAT: cooldown fusion vs classical (from scratch, QuEST W4A4)", "",
-             f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, seq {cfg.seq_len}, "
-             f"batch {cfg.batch_size}), {steps} steps = {tokens:,} tokens; S = {s:.2f} tokens "
-             f"per parameter-byte at 4 bits, f* = exp(-6.7297 / ln S) = {fstar:.4f} "
+             f"Tiny byte-level Llama (d={m.d_model}, {m.n_layers} layers, seq {m.max_seq_len}, "
+             f"batch {cfg.optim.batch_size}), {steps} steps = {tokens:,} tokens; S = {s:.2f} "
+             f"tokens per parameter-byte at 4 bits, f* = exp(-6.7297 / ln S) = {fstar:.4f} "
              f"({round(fstar * steps)} QAT steps); seeds {seeds}, paired (same init and "
              "batches). Quantized model's validation loss (nats/byte).", "",
              "| QAT fraction | cooldown fusion (per seed) | classical (per seed) "

@@ -19,7 +19,6 @@ Run: ``python -m benchmarks.ifairy_llama [--quick] [--seeds 0]``; writes
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from flax import traverse_util
 import qjax
 from qjax import data as D
 from qjax import train
+from qjax.config import replace
 from qjax.methods import ifairy
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
 
@@ -81,11 +81,11 @@ def _complex_kernels(params, key, cfg: LlamaConfig) -> tuple[dict, dict]:
 
 def train_complex(qat: bool, seed: int, quick: bool, corpus: D.Corpus) -> float:
     """Validation loss of the complex-structured Llama (iFairy W2 when ``qat``)."""
-    c = dataclasses.replace(get_config(), seed=seed, **(QUICK if quick else {}))
-    cfg = LlamaConfig(d_model=c.d_model, n_layers=c.n_layers, n_heads=c.n_heads,
-                      max_seq_len=c.seq_len)
+    c = replace(get_config(), seed=seed, **(QUICK if quick else {}))
+    cfg = c.model
     model = Llama(cfg)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+    sample = jnp.zeros((1, c.model.max_seq_len), jnp.int32)
+    params = model.init(jax.random.key(seed), sample)["params"]
     rest, cplx = _complex_kernels(params, jax.random.key(seed + 100), cfg)
     trained = {"rest": rest, "cplx": cplx}
 
@@ -102,10 +102,10 @@ def train_complex(qat: bool, seed: int, quick: bool, corpus: D.Corpus) -> float:
             logits = model.apply({"params": tr["rest"]}, inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-    schedule = qjax.optim.warmup_cosine(c.lr, c.steps, c.warmup_fraction)
+    schedule = qjax.optim.warmup_cosine(c.optim.lr, c.optim.steps, c.optim.warmup_fraction)
     tx = optax.chain(ifairy.conjugate_gradients(),
-                     qjax.optim.qat_adamw(schedule, weight_decay=c.weight_decay,
-                                          grad_clip=c.grad_clip))
+                     qjax.optim.qat_adamw(schedule, weight_decay=c.optim.weight_decay,
+                                          grad_clip=c.optim.grad_clip))
     opt = tx.init(trained)
 
     @jax.jit
@@ -115,26 +115,28 @@ def train_complex(qat: bool, seed: int, quick: bool, corpus: D.Corpus) -> float:
         return optax.apply_updates(tr, u), o, loss
 
     evaluate = jax.jit(lambda tr, i, t: loss_fn(tr, i, t, qat))
-    for s in range(c.steps):
-        inputs, targets = D.get_batch(corpus.train, s, c.batch_size, c.seq_len, c.seed)
+    for s in range(c.optim.steps):
+        inputs, targets = D.get_batch(corpus.train, s, c.optim.batch_size, c.model.max_seq_len,
+                                      c.optim.seed)
         trained, opt, loss = step(trained, opt, inputs, targets)
         if (s + 1) % 50 == 0:
             print(f"  complex {'iFairy W2' if qat else 'float'} step {s + 1} loss "
                   f"{float(loss):.4f}", flush=True)
-    val = D.val_batches(corpus.val, c.batch_size, c.seq_len, max_batches=c.eval_batches)
+    val = D.val_batches(corpus.val, c.optim.batch_size, c.model.max_seq_len,
+                        max_batches=c.eval_batches)
     return float(np.mean([float(evaluate(trained, i, t)) for i, t in val]))
 
 
 def main(seeds: list[int], quick: bool) -> None:
     runs_dir = os.path.join("runs", "ifairy_llama" + ("_quick" if quick else ""))
-    base = dataclasses.replace(get_config(), baseline=False, **(QUICK if quick else {}))
+    base = replace(get_config(), baseline=False, **(QUICK if quick else {}))
     corpus = train.load_corpus(base)
     rows = {}
     for row, fields in PROGRAM_ROWS.items():
         rows[row] = []
         for seed in seeds:
             slug = "float" if fields["method"] is None else "quest_w2"
-            cfg = dataclasses.replace(base, name=slug, seed=seed, **fields,
+            cfg = replace(base, name=slug, seed=seed, **fields,
                                       out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
             print(f"== {row}, seed {seed}", flush=True)
             rows[row].append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
@@ -144,10 +146,11 @@ def main(seeds: list[int], quick: bool) -> None:
             print(f"== {row}, seed {seed}", flush=True)
             rows[row].append(train_complex(qat, seed, quick, corpus))
     first = rows["float32 (real)"]
-    steps = base.steps
+    steps = base.optim.steps
     lines = ["# iFairy W2 vs QuEST W2 on the reference Llama (weights only, CPU)", "",
-             f"Tiny byte-level Llama (d={base.d_model}, {base.n_layers} layers, seq "
-             f"{base.seq_len}), {steps} steps; seeds {seeds}. Complex-paired: every block "
+             f"Tiny byte-level Llama (d={base.model.d_model}, {base.model.n_layers} layers, seq "
+             f"{base.model.max_seq_len}), {steps} steps; seeds {seeds}. Complex-paired: every "
+             "block "
              "linear is a complex linear on paired features (half the free parameters).", "",
              "| model | val loss per seed | mean | vs real float (%) |", "|---|---|---|---|"]
     out = []

@@ -71,7 +71,7 @@ from flax import traverse_util
 import qjax
 from qjax import LSQ, compute_scale, optim, presets, train
 from qjax import data as D
-from qjax.config import TrainConfig
+from qjax.config import TrainConfig, replace
 from qjax.methods.distill import logit_kl
 from qjax.methods.zeroqat import ZeroOrderConfig, zo_step
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig, non_embedding_params
@@ -118,7 +118,7 @@ def _ce(logits, targets):
 
 def base_config(size: dict, runs: str) -> TrainConfig:
     """The float base's training-program config (cosine lr 3e-3, the QuEST recipe's AdamW)."""
-    return TrainConfig(
+    return replace(TrainConfig(),
         name="llm_finetune_base", d_model=size["d_model"], n_layers=size["n_layers"],
         n_heads=size["n_heads"], seq_len=size["seq_len"], batch_size=size["base_batch"],
         steps=size["base_steps"], method=None, baseline=False,

@@ -52,7 +52,7 @@ from qjax import QArray, fake_quant, optim, precision, train
 from qjax import convert as QC
 from qjax import data as D
 from qjax._src.atomic_files import write_json_atomically
-from qjax.config import TrainConfig
+from qjax.config import TrainConfig, replace
 from qjax.models.llama import BLOCK_LINEARS, Llama, LlamaConfig
 from qjax.nn import Method, quantize_model
 from qjax.nn import double_rounding as DR
@@ -93,7 +93,7 @@ class Bench:
         print(self.corpus.info.describe(), flush=True)
         self.cfg = LlamaConfig(d_model=c["d_model"], n_layers=c["n_layers"],
                                n_heads=c["n_heads"], max_seq_len=c["seq_len"])
-        tc = TrainConfig(name="mixed_precision_float", method=None, baseline=False,
+        tc = replace(TrainConfig(), name="mixed_precision_float", method=None, baseline=False,
                          d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
                          seq_len=c["seq_len"], batch_size=c["batch_size"],
                          steps=c["float_steps"], lr=c["float_lr"],

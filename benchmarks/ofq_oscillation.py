@@ -17,13 +17,13 @@ Run: ``python -m benchmarks.ofq_oscillation [--quick] [--seeds 0,1]``; writes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import statistics
 import sys
 
 from qjax import train
+from qjax.config import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
@@ -45,7 +45,7 @@ def _config(bits: int, variant: str, seed: int, quick: bool, runs_dir: str):
     slug = f"w{bits}a{bits}{variant}"
     fields = dict(method="ofq", weight_bits=bits, act_bits=bits, seed=seed, baseline=False,
                   log_every=10, **VARIANTS[variant], **(QUICK if quick else {}))
-    return dataclasses.replace(get_config(), name=slug, **fields,
+    return replace(get_config(), name=slug, **fields,
                                out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
@@ -99,9 +99,10 @@ def _plot(path: str, rows: list[dict]) -> None:
 def main(seeds: list[int], quick: bool) -> None:
     cfg = get_config()
     rows = run_all(seeds, quick)
-    steps = QUICK["steps"] if quick else cfg.steps
+    steps = QUICK["steps"] if quick else cfg.optim.steps
+    m = cfg.model
     lines = ["# OFQ: oscillations and confidence-guided annealing (reference Llama, CPU)", "",
-             f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, seq {cfg.seq_len}),"
+             f"Tiny byte-level Llama (d={m.d_model}, {m.n_layers} layers, seq {m.max_seq_len}),"
              f" method=ofq (StatsQ weights, LSQ activations), {steps} steps; CGA at boundary "
              f"range {BOUNDARY_RANGE} steps; seeds {seeds}, paired.", "",
              "| run | val loss per seed | mean | vs no CGA (%) | final osc. ratio per seed |",

@@ -15,12 +15,12 @@ Run: ``python -m benchmarks.post_grid [--quick] [--seeds 0,1]``; writes
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
 
 from qjax import train
+from qjax.config import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
@@ -40,7 +40,7 @@ def _config(bits: int, grid: str, seed: int, quick: bool, runs_dir: str):
     slug = f"lsq_{grid}_w{bits}a{bits}"
     fields = dict(method="lsq", grid=grid, weight_bits=bits, act_bits=bits, seed=seed,
                   baseline=False, **(QUICK if quick else {}))
-    return dataclasses.replace(get_config(), name=slug, **fields,
+    return replace(get_config(), name=slug, **fields,
                                out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
@@ -63,10 +63,11 @@ def main(seeds: list[int], quick: bool) -> None:
                          "val_loss": losses, "mean": statistics.fmean(losses),
                          "vs_int_pct": diffs, "vs_int_mean_pct": statistics.fmean(diffs)})
     cfg = get_config()
-    steps = QUICK["steps"] if quick else cfg.steps
+    steps = QUICK["steps"] if quick else cfg.optim.steps
     lines = ["# POST (ASQ's power-of-sqrt(2) grid) vs uniform int weights (reference Llama, CPU)",
-             "", f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, seq "
-             f"{cfg.seq_len}), method=lsq, {steps} steps; seeds {seeds}, paired. Activations: "
+             "", f"Tiny byte-level Llama (d={cfg.model.d_model}, {cfg.model.n_layers} layers, seq "
+             f"{cfg.model.max_seq_len}), method=lsq, {steps} steps; seeds {seeds}, paired. "
+             "Activations: "
              "int, LSQ step per tensor, in every row.", "",
              "| weights | val loss per seed | mean | vs int grid (%) |", "|---|---|---|---|"]
     for r in rows:

@@ -18,13 +18,13 @@ writes ``benchmarks/results/quantized_backward_quality.{json,md}`` (``_quick`` w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import statistics
 import sys
 
 from qjax import train
+from qjax.config import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
@@ -46,9 +46,9 @@ def _config(row: str, backward: str, seed: int, steps: int, quick: bool, runs_di
     fields = {**ROWS[row], "integer_forward": True, "backward": backward, "seed": seed,
               "steps": steps, "eval_every": steps // 3, "checkpoint_every": steps // 3,
               "baseline": False, **(QUICK if quick else {})}
-    cfg = dataclasses.replace(get_config(), **fields)
+    cfg = replace(get_config(), **fields)
     slug = row.split(",")[0].split(" ")[0].lower()
-    return dataclasses.replace(cfg, name=f"{slug}_{backward}",
+    return replace(cfg, name=f"{slug}_{backward}",
                                out_dir=os.path.join(runs_dir, slug, backward, f"seed{seed}"))
 
 

@@ -36,6 +36,7 @@ import optax
 
 from qjax import data as D
 from qjax import train
+from qjax.config import replace
 from qjax.diagnostics import clip_error, dense_inputs, gradient_cosine
 from qjax.methods import quest
 
@@ -70,18 +71,18 @@ def _config(name: str, seed: int, quick: bool, runs_dir: str, **overrides):
     non-default token budget or weight decay)."""
     default = study_config(name, **(QUICK if quick else {}))
     cfg = study_config(name, seed=seed, **{**(QUICK if quick else {}), **overrides})
-    parts = [runs_dir, name, f"lr{cfg.lr:g}"]
-    if cfg.steps != default.steps:
-        parts.append(f"steps{cfg.steps}")
-    if cfg.weight_decay != default.weight_decay:
-        parts.append(f"wd{cfg.weight_decay:g}")
-    return dataclasses.replace(cfg, out_dir=os.path.join(*parts, f"seed{seed}"))
+    parts = [runs_dir, name, f"lr{cfg.optim.lr:g}"]
+    if cfg.optim.steps != default.optim.steps:
+        parts.append(f"steps{cfg.optim.steps}")
+    if cfg.optim.weight_decay != default.optim.weight_decay:
+        parts.append(f"wd{cfg.optim.weight_decay:g}")
+    return replace(cfg, out_dir=os.path.join(*parts, f"seed{seed}"))
 
 
 def _weight_mb(result: dict, cfg) -> float:
     """Block linears at their weight bits (float32 when not quantized) plus float32 embeddings."""
-    bits = cfg.weight_bits if cfg.method is not None and cfg.weight_bits else 32
-    embed = 2 * 256 * cfg.d_model
+    bits = cfg.quant.weight_bits if cfg.quant.method is not None and cfg.quant.weight_bits else 32
+    embed = 2 * 256 * cfg.model.d_model
     return (result["non_embedding_params"] * bits + embed * 32) / 8 / 2**20
 
 
@@ -92,9 +93,10 @@ def _gradient_quality(corpus: D.Corpus, weights: dict[int, tuple[str, object]]) 
     out = {}
     for bits, (row, src) in weights.items():
         params = train.load_params(src, src.run_dir)
-        inputs, targets = D.get_batch(corpus.train, 10**6, src.batch_size, src.seq_len, src.seed)
+        inputs, targets = D.get_batch(corpus.train, 10**6, src.optim.batch_size,
+                                      src.model.max_seq_len, src.optim.seed)
         for est in ("ste", "clipped_ste", "trust"):
-            cfg = dataclasses.replace(src, method="quest", weight_bits=bits, act_bits=bits,
+            cfg = replace(src, method="quest", weight_bits=bits, act_bits=bits,
                                       estimator=est)
             model, _ = train.build_model(cfg)
 
@@ -119,9 +121,9 @@ def _clip_quality(corpus: D.Corpus, cfg, run_dir: str) -> dict:
     in ``CLIPS`` (RMS units; 2.513 is the Gaussian optimum)."""
     model, _ = train.build_model(cfg)
     params = train.load_params(cfg, run_dir)
-    inputs, _ = next(iter(D.val_batches(corpus.val, cfg.batch_size, cfg.seq_len)))
+    inputs, _ = next(iter(D.val_batches(corpus.val, cfg.optim.batch_size, cfg.model.max_seq_len)))
     acts = dense_inputs(model, {"params": params}, jax.numpy.asarray(inputs), qat=False)
-    spec = quest.spec(4, hadamard_block=cfg.hadamard_block)
+    spec = quest.spec(4, hadamard_block=cfg.quant.hadamard_block)
     return {layer: clip_error(x, spec, CLIPS) for layer, x in acts.items() if layer != "lm_head"}
 
 
@@ -158,13 +160,14 @@ def _row(name: str, seeds: list[int], quick: bool, runs_dir: str, corpus: D.Corp
     results, cfg = [], None
     for seed in seeds:
         cfg = _config(name, seed, quick, runs_dir, **overrides)
-        print(f"== {name} lr {cfg.lr:g} steps {cfg.steps} seed {seed}", flush=True)
+        print(f"== {name} lr {cfg.optim.lr:g} steps {cfg.optim.steps} seed {seed}", flush=True)
         results.append(train.train_one(cfg, corpus, cfg.run_dir))
     losses = [r["val_loss"] for r in results]
+    q = cfg.quant
     return {
-        "config": name, "label": results[0]["label"], "method": cfg.method, "lr": cfg.lr,
-        "weight_bits": cfg.weight_bits if cfg.method else None,
-        "act_bits": cfg.act_bits if cfg.method else None, "seeds": seeds, "val_loss": losses,
+        "config": name, "label": results[0]["label"], "method": q.method, "lr": cfg.optim.lr,
+        "weight_bits": q.weight_bits if q.method else None,
+        "act_bits": q.act_bits if q.method else None, "seeds": seeds, "val_loss": losses,
         "mean": statistics.fmean(losses),
         "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
         "tokens": results[0]["tokens"], "non_embedding_params":
@@ -193,7 +196,8 @@ def _sweep(names: list[str], field: str, values: list, seeds: list[int], quick: 
              for n in names}
     base = table.get("float")
     cfg = study_config(names[0])
-    label = {v: f"{field} {v:g}" + (f" ({v * cfg.batch_size * cfg.seq_len / 1e6:.1f}M tokens)"
+    per_step = cfg.optim.batch_size * cfg.model.max_seq_len
+    label = {v: f"{field} {v:g}" + (f" ({v * per_step / 1e6:.1f}M tokens)"
                                     if field == "steps" else "") for v in values}
     md = [f"# QuEST study: {field} sweep (seeds {', '.join(map(str, seeds))})", "",
           "| config | " + " | ".join(label.values()) + " | best |",
@@ -238,9 +242,9 @@ def main() -> None:
                      f"{args.sweep!r}")
 
     first = _config(names[0], 0, args.quick, runs_dir)
-    corpus = D.load_corpus(D.CorpusConfig(paths=first.corpus_paths,
-                                          max_bytes=first.max_corpus_bytes,
-                                          val_fraction=first.val_fraction))
+    corpus = D.load_corpus(D.CorpusConfig(paths=first.data.paths,
+                                          max_bytes=first.data.max_bytes,
+                                          val_fraction=first.data.val_fraction))
     print(corpus.info.describe(), flush=True)
     entropy = D.unigram_entropy(corpus.val)
     if args.sweep:

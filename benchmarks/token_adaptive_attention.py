@@ -20,11 +20,11 @@ Run: ``python -m benchmarks.token_adaptive_attention [--quick] [--seeds 0,1]``; 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
 from qjax import train
+from qjax.config import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
 from quest_w4a4_tiny import get_config  # noqa: E402  (configs/ is not a package)
@@ -51,7 +51,7 @@ def _config(row: str, seed: int, quick: bool, runs_dir: str):
     slug = SLUGS[list(ROWS).index(row)]
     fields = dict(**ROWS[row], attn_prob_bits=8, seed=seed, baseline=False,
                   **(QUICK if quick else {}))
-    return dataclasses.replace(get_config(), name=slug, **fields,
+    return replace(get_config(), name=slug, **fields,
                                out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
@@ -61,10 +61,11 @@ def main(seeds: list[int], quick: bool) -> None:
     rows = paired_rows(list(ROWS), lambda row, seed: _config(row, seed, quick, runs_dir), seeds,
                        corpus, "int8")
     cfg = get_config()
-    steps = QUICK["steps"] if quick else cfg.steps
+    steps = QUICK["steps"] if quick else cfg.optim.steps
     lines = ["# Token-adaptive attention widths (EdgeQAT) vs uniform (reference Llama, CPU)", "",
-             f"Tiny byte-level Llama (d={cfg.d_model}, {cfg.n_layers} layers, seq "
-             f"{cfg.seq_len}), QuEST W4A4 linears, uint8 attention probabilities, {steps} "
+             f"Tiny byte-level Llama (d={cfg.model.d_model}, {cfg.model.n_layers} layers, seq "
+             f"{cfg.model.max_seq_len}), QuEST W4A4 linears, uint8 attention probabilities, "
+             f"{steps} "
              f"steps; seeds {seeds}, paired.", "",
              "| Q, K, V | val loss per seed | mean | vs int8 (%) |", "|---|---|---|---|"]
     for r in rows:

@@ -1,7 +1,8 @@
 """The QuEST study's rows (benchmarks/quest_quality.py, configs/study_*.py): one tiny model and
-token budget for every method, as :class:`qjax.config.TrainConfig` fields."""
+token budget for every method, as :class:`qjax.config.TrainConfig` fields by short name
+(:func:`qjax.config.replace`)."""
 
-from qjax.config import TrainConfig
+from qjax.config import TrainConfig, replace
 
 __all__ = ["STUDY_BASE", "STUDY", "study_config"]
 
@@ -54,4 +55,5 @@ def study_config(name: str, **overrides) -> TrainConfig:
     """The :class:`TrainConfig` of study row ``name`` (see :data:`STUDY`)."""
     if name not in STUDY:
         raise ValueError(f"unknown study config {name!r}; known: {', '.join(STUDY)}")
-    return TrainConfig(**{**STUDY_BASE, "name": f"study_{name}", **STUDY[name], **overrides})
+    fields = {**STUDY_BASE, "name": f"study_{name}", **STUDY[name], **overrides}
+    return replace(TrainConfig(), **fields)

@@ -5,9 +5,14 @@ standard library's sources), AdamW lr 3e-3 with the QuEST recipe. About 3-4 minu
 2-core CPU.
 """
 
-from qjax.config import TrainConfig
+from qjax.config import OptimConfig, QuantConfig, TrainConfig
+from qjax.models import LlamaConfig
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(name="quest_w4a4_tiny", method="quest", weight_bits=4, act_bits=4,
-                       steps=500, eval_every=100, checkpoint_every=100)
+    return TrainConfig(
+        name="quest_w4a4_tiny",
+        model=LlamaConfig(d_model=128, n_layers=2, n_heads=4, max_seq_len=256),
+        optim=OptimConfig(batch_size=16, steps=500, lr=3e-3),
+        quant=QuantConfig(method="quest", weight_bits=4, act_bits=4),
+        eval_every=100, checkpoint_every=100)

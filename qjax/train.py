@@ -4,6 +4,8 @@ Trains the reference Llama-style LM (:mod:`qjax.models.llama`) on byte-level bat
 corpus (:mod:`qjax.data`; default: the Python standard library's own sources), with the method of
 the config quantizing every linear layer in the blocks. With ``baseline=True`` it first trains the
 float model on the same data, then the quantized one, and ends with a table of both.
+Overrides name a field of the nested :class:`qjax.config.TrainConfig` by its short name or its
+dotted path (``lr=1e-3`` or ``optim.lr=1e-3``, ``seq_len=128`` or ``model.max_seq_len=128``).
 
 Per run (``<out_dir>/<float|qat>/``): ``metrics.jsonl`` (train loss, learning rate, tokens/s; and
 validation loss and perplexity every ``eval_every`` steps), Orbax checkpoints in ``ckpt/`` every

@@ -1,6 +1,5 @@
 """Every config in configs/ builds its model and takes a finite training step (tiny sizes)."""
 
-import dataclasses
 import glob
 import math
 import pathlib
@@ -11,7 +10,7 @@ import optax
 import pytest
 
 from qjax import train
-from qjax.config import load_config
+from qjax.config import load_config, replace
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p for p in glob.glob(str(ROOT / "configs" / "*.py"))
@@ -38,14 +37,15 @@ OTHER_WIDTHS = {"study_quest_mse_w2a2", "study_pact_w2a2", "study_quest_ste_w2a2
     pytest.param(p, marks=pytest.mark.slow) if pathlib.Path(p).stem in OTHER_WIDTHS else p
     for p in CONFIGS], ids=lambda p: pathlib.Path(p).stem)
 def test_config_builds_and_steps(path):
-    cfg = dataclasses.replace(load_config(path), **TINY)
+    cfg = replace(load_config(path), **TINY)
     model, params = train.build_model(cfg)
     tx = optax.adam(1e-2)
     # a fixed batch of few distinct bytes: any working model and recipe fits it in a few steps
-    ids = jax.random.randint(jax.random.key(0), (cfg.batch_size, cfg.seq_len + 1), 0, 8)
+    shape = (cfg.optim.batch_size, cfg.model.max_seq_len + 1)
+    ids = jax.random.randint(jax.random.key(0), shape, 0, 8)
 
     def loss_fn(p):
-        logits = model.apply({"params": p}, ids[:, :-1], qat=cfg.method is not None)
+        logits = model.apply({"params": p}, ids[:, :-1], qat=cfg.quant.method is not None)
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
     @jax.jit
@@ -62,5 +62,5 @@ def test_config_builds_and_steps(path):
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree_util.tree_leaves(updates))
     assert math.isfinite(losses[0]) and abs(losses[0] - math.log(256)) < 0.5
     assert losses[-1] < losses[0] - 0.5, f"{cfg.name} does not learn: {losses}"
-    if cfg.method is not None:
+    if cfg.quant.method is not None:
         assert model.layers, "no layer was quantized"

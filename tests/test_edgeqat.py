@@ -169,16 +169,16 @@ def test_llama_sows_edgeqat_statistics_only_when_asked():
 @pytest.mark.slow  # 19 s; .ci/run runs it (the Llama's sown statistics are tested above)
 def test_training_program_adds_the_edgeqat_terms(tmp_path):
     import optax
+    from train_configs import train_config
 
     from qjax import data as D
     from qjax import train
     from qjax._src import train_setup
-    from qjax.config import TrainConfig
 
     small = dict(d_model=32, n_layers=1, n_heads=2, seq_len=16, batch_size=2, steps=2, lr=1e-3,
                  hadamard_block=32, max_corpus_bytes=1_000_000, eval_every=2, eval_batches=1,
                  log_every=1, checkpoint_every=2)
-    config = TrainConfig(name="eq", out_dir=str(tmp_path), baseline=False, method="lsq",
+    config = train_config(name="eq", out_dir=str(tmp_path), baseline=False, method="lsq",
                          attn_bits=8, attn_prob_bits=8, edgeqat_entropy=0.5,
                          edgeqat_attention=1.0, **small)
     (result,) = train.run(config)
@@ -187,8 +187,9 @@ def test_training_program_adds_the_edgeqat_terms(tmp_path):
     # independently: CE + 0.5 L_ent + 1 L_attn at the initial params on batch 0, the teacher
     # the float forward of the same weights
     model, params, _ = train_setup.initial_params(config)
-    corpus = D.load_corpus(D.CorpusConfig(max_bytes=config.max_corpus_bytes))
-    x, y = D.get_batch(corpus.train, 0, config.batch_size, config.seq_len, config.seed)
+    corpus = D.load_corpus(config.data)
+    x, y = D.get_batch(corpus.train, 0, config.optim.batch_size, config.model.max_seq_len,
+                       config.optim.seed)
     s, st = model.apply({"params": params}, x, qat=True, mutable=[E.COLLECTION])
     _, ft = model.apply({"params": params}, x, qat=False, mutable=[E.COLLECTION])
     a, f = st[E.COLLECTION]["blocks_0"]["attn"], ft[E.COLLECTION]["blocks_0"]["attn"]
@@ -210,25 +211,26 @@ def test_training_program_edgeqat_with_a_float_teacher_and_distillation(tmp_path
     """With init_from, the attention term's teacher is the float checkpoint (the same one the
     distillation term reads)."""
     import optax
+    from train_configs import train_config
 
     from qjax import data as D
     from qjax import train
     from qjax._src import train_setup
-    from qjax.config import TrainConfig
 
     small = dict(d_model=32, n_layers=1, n_heads=2, seq_len=16, batch_size=2, steps=2, lr=1e-3,
                  hadamard_block=32, max_corpus_bytes=1_000_000, eval_every=2, eval_batches=1,
                  log_every=1, checkpoint_every=2)
-    train.run(TrainConfig(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
-    config = TrainConfig(name="eq", out_dir=str(tmp_path / "eq"), baseline=False, method="lsq",
+    train.run(train_config(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
+    config = train_config(name="eq", out_dir=str(tmp_path / "eq"), baseline=False, method="lsq",
                          init_from=str(tmp_path / "base" / "float"), distill=0.5,
                          attn_bits=8, edgeqat_attention=2.0, **small)
     train.run(config)
     first = _first_loss(tmp_path / "eq" / "qat" / "metrics.jsonl")
     model, params, _ = train_setup.initial_params(config)
     t_model, t_params = train_setup.teacher(config)
-    corpus = D.load_corpus(D.CorpusConfig(max_bytes=config.max_corpus_bytes))
-    x, y = D.get_batch(corpus.train, 0, config.batch_size, config.seq_len, config.seed)
+    corpus = D.load_corpus(config.data)
+    x, y = D.get_batch(corpus.train, 0, config.optim.batch_size, config.model.max_seq_len,
+                       config.optim.seed)
     s, st = model.apply({"params": params}, x, qat=True, mutable=[E.COLLECTION])
     t, tt = t_model.apply({"params": t_params}, x, mutable=[E.COLLECTION])
     ce = optax.softmax_cross_entropy_with_integer_labels(s, y).mean()
@@ -242,10 +244,11 @@ def test_training_program_edgeqat_with_a_float_teacher_and_distillation(tmp_path
 
 @pytest.mark.parametrize("fields, match", [
     (dict(method="lsq", edgeqat_entropy=0.5), "set attn_bits"),
-    (dict(method="lsq", attn_bits=8, edgeqat_entropy=-1.0), "finite weight >= 0"),
+    (dict(method="lsq", attn_bits=8, edgeqat_entropy=-1.0),
+     "edgeqat_entropy must be a finite number in \\[0"),
 ])
 def test_config_checks(fields, match):
-    from qjax.config import TrainConfig
+    from train_configs import train_config
 
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**fields)
+        train_config(**fields)

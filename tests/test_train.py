@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from train_configs import train_config
 
 from qjax import train
 from qjax._src import train_setup
 from qjax._src.checkpoint import MANIFEST, RunDirError
-from qjax.config import TrainConfig
 
 TINY = dict(d_model=64, n_layers=1, n_heads=2, seq_len=32, batch_size=4, steps=6, lr=3e-3,
             hadamard_block=64, max_corpus_bytes=2_000_000, eval_every=3, eval_batches=2,
@@ -27,7 +27,7 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    config = TrainConfig(name="tiny", out_dir=str(out), **TINY)
+    config = train_config(name="tiny", out_dir=str(out), **TINY)
     return out, train.run(config)
 
 
@@ -48,7 +48,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_table(uninterrupted, capsys):
 
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
     full_out, _ = uninterrupted
-    config = TrainConfig(name="tiny", out_dir=str(tmp_path), stop_after=3, baseline=False,
+    config = train_config(name="tiny", out_dir=str(tmp_path), stop_after=3, baseline=False,
                          **TINY)
     assert train.run(config) == []  # stopped after the step-3 checkpoint
     # a half-written step-4 metrics line, as a kill right after logging would leave
@@ -58,9 +58,9 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
     for change, field in ((dict(act_bits=2), "act_bits: 4 -> 2"),
                           (dict(d_model=128, hadamard_block=None), "d_model: 64 -> 128")):
         with pytest.raises(RunDirError, match=field):
-            train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False,
+            train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False,
                                   **{**TINY, **change}))
-    resumed = train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, **TINY))
+    resumed = train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False, **TINY))
     def strip(rows):  # wall-clock throughput differs between runs; everything else must not
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
@@ -74,7 +74,7 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--override", "stepz=3"])
     assert e.value.code == 2 and "unknown config key 'stepz'" in capsys.readouterr().err
-    config = TrainConfig(name="x", out_dir=str(tmp_path), corpus_paths=(str(tmp_path / "no"),),
+    config = train_config(name="x", out_dir=str(tmp_path), corpus_paths=(str(tmp_path / "no"),),
                          **{k: v for k, v in TINY.items() if k != "max_corpus_bytes"})
     with pytest.raises(FileNotFoundError, match="no"):
         train.run(config)
@@ -114,7 +114,7 @@ def test_sigkill_mid_run_then_resume_matches(uninterrupted, tmp_path):
 
 
 def test_float_phase_then_qat(tmp_path):
-    config = TrainConfig(name="phase", out_dir=str(tmp_path), baseline=False, qat_start=0.5,
+    config = train_config(name="phase", out_dir=str(tmp_path), baseline=False, qat_start=0.5,
                          **{**TINY, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
     train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
@@ -128,7 +128,7 @@ def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
     small = {**TINY, "steps": 4, "checkpoint_every": 2, "eval_every": 4}
 
     def config(out, **changes):
-        return TrainConfig(name="bwd", out_dir=str(tmp_path / out), baseline=False, method="ste",
+        return train_config(name="bwd", out_dir=str(tmp_path / out), baseline=False, method="ste",
                            integer_forward=True, backward="int8", **{**small, **changes})
 
     (result,) = train.run(config("full"))
@@ -149,7 +149,7 @@ def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
     from qjax.models.llama import init_caches
 
     small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
-    config = TrainConfig(name="attn", out_dir=str(tmp_path), baseline=False, method="quest",
+    config = train_config(name="attn", out_dir=str(tmp_path), baseline=False, method="quest",
                          attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=8, **small)
     (result,) = train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
@@ -159,25 +159,25 @@ def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
     model, _ = train_setup.build_model(config)
     params = train.load_params(config, str(tmp_path / "qat"))
     ids = jnp.zeros((1, 5), jnp.int32)
-    caches = init_caches(train_setup.model_config(config), 1, 8, attention=attention)
+    caches = init_caches(config.model, 1, 8, attention=attention)
     logits, caches = jax.jit(lambda p, i, c: model.apply({"params": p}, i, c, method="extend"))(
         params, ids, caches)
     full = jax.jit(model.apply)({"params": params}, ids)
     np.testing.assert_allclose(logits, full, rtol=0, atol=1e-6 * float(np.abs(full).max()))
     assert int(caches[0].length) == 5
     with pytest.raises(ValueError, match="kv_group is the group"):
-        TrainConfig(kv_group=8)
+        train_config(kv_group=8)
     with pytest.raises(ValueError, match="must divide the head size"):
-        TrainConfig(kv_bits=4, kv_group=24)
+        train_config(kv_bits=4, kv_group=24)
     with pytest.raises(ValueError, match="bits must be"):
-        TrainConfig(kv_bits=3)
+        train_config(kv_bits=3)
 
 
 @pytest.mark.slow  # 14 s; .ci/run runs it
 def test_low_rank_qat_from_a_float_run(tmp_path):
     small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
-    train.run(TrainConfig(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
-    config = TrainConfig(name="lr", out_dir=str(tmp_path / "lr"), baseline=False,
+    train.run(train_config(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
+    config = train_config(name="lr", out_dir=str(tmp_path / "lr"), baseline=False,
                          method="lr_qat", act_bits=None, rank=4,
                          init_from=str(tmp_path / "base" / "float"), **small)
     (result,) = train.run(config)
@@ -186,7 +186,7 @@ def test_low_rank_qat_from_a_float_run(tmp_path):
     assert {k[-1] for k in traverse_util.flatten_dict(params)} == {
         "lora_down", "lora_up", "kernel_scale"}
     with pytest.raises(ValueError, match="needs init_from|set init_from"):
-        TrainConfig(method="qalora")
+        train_config(method="qalora")
 
 
 def test_rerun_with_other_overrides_never_returns_the_old_results(uninterrupted, capsys):
@@ -194,10 +194,10 @@ def test_rerun_with_other_overrides_never_returns_the_old_results(uninterrupted,
     before = (out / "qat" / "done.json").read_text()
     with pytest.raises(RunDirError, match=r"qat holds a run of another config \(config\."
                                           r"weight_bits: 4 -> 2\)"):
-        train.run(TrainConfig(name="tiny", out_dir=str(out), **{**TINY, "weight_bits": 2}))
+        train.run(train_config(name="tiny", out_dir=str(out), **{**TINY, "weight_bits": 2}))
     assert (out / "qat" / "done.json").read_text() == before
     # the same config again returns the recorded results without training
-    assert train.run(TrainConfig(name="tiny", out_dir=str(out), **TINY)) == results
+    assert train.run(train_config(name="tiny", out_dir=str(out), **TINY)) == results
     assert "resumed" not in capsys.readouterr().err
 
 
@@ -206,7 +206,7 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
         uninterrupted, tmp_path, capsys):
     full_out, _ = uninterrupted
     tiny = {**TINY, "checkpoint_every": 2}
-    train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, stop_after=4,
+    train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False, stop_after=4,
                           **tiny))
     step4 = tmp_path / "qat" / "ckpt" / "4"
     files = [os.path.join(r, n) for r, _, ns in os.walk(step4) for n in ns if n != MANIFEST]
@@ -217,7 +217,7 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0x01]))
     capsys.readouterr()
-    result = train.run(TrainConfig(name="tiny", out_dir=str(tmp_path), baseline=False, **tiny))
+    result = train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False, **tiny))
     err = capsys.readouterr().err
     assert "checkpoint step 4" in err and "fails its CRC-32 check" in err
     assert "resuming from step 2" in err and "resumed from step 2" in err
@@ -251,7 +251,7 @@ def test_config_mistakes_fail_in_one_line_before_any_data_is_read(override, mess
 def float_base(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
     small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
-    train.run(TrainConfig(name="base", out_dir=str(out), method=None, **small))
+    train.run(train_config(name="base", out_dir=str(out), method=None, **small))
     return small, str(out / "float")
 
 
@@ -264,7 +264,7 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
     from qjax._src import train_setup
 
     small, base = float_base
-    config = TrainConfig(name="kd", out_dir=str(tmp_path), baseline=False, method="lsq",
+    config = train_config(name="kd", out_dir=str(tmp_path), baseline=False, method="lsq",
                          init_from=base, distill=0.25, distill_temperature=2.0,
                          **{**small, "log_every": 1})
     (result,) = train.run(config)
@@ -273,8 +273,9 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
     # independently: the initial student and the teacher on batch 0
     model, params, _ = train_setup.initial_params(config)
     t_model, t_params = train_setup.teacher(config)
-    corpus = D.load_corpus(D.CorpusConfig(max_bytes=config.max_corpus_bytes))
-    x, y = D.get_batch(corpus.train, 0, config.batch_size, config.seq_len, config.seed)
+    corpus = D.load_corpus(config.data)
+    x, y = D.get_batch(corpus.train, 0, config.optim.batch_size, config.model.max_seq_len,
+                       config.optim.seed)
     s = model.apply({"params": params}, x, qat=True)
     t = t_model.apply({"params": t_params}, x)
     ce = optax.softmax_cross_entropy_with_integer_labels(s, y).mean()
@@ -287,7 +288,7 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
 @pytest.mark.slow  # 33 s; zeroqat and Double Rounding are unit-tested in their own files
 def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     small, base = float_base
-    zo = TrainConfig(name="zo", out_dir=str(tmp_path / "zo"), baseline=False, method="zeroqat",
+    zo = train_config(name="zo", out_dir=str(tmp_path / "zo"), baseline=False, method="zeroqat",
                      init_from=base, act_bits=8, zo_probes=2, **{**small, "lr": 1e-5})
     (r,) = train.run(zo)
     assert r["label"] == "zeroqat W4A8" and 0 < r["val_loss"] < 6
@@ -297,7 +298,7 @@ def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     _, start, _ = train_setup.initial_params(zo)
     moved = jax_tree_max_abs_diff(trained, start)
     assert moved > 0  # the zeroth-order steps changed the weights and learned steps
-    dr = TrainConfig(name="dr", out_dir=str(tmp_path / "dr"), baseline=False,
+    dr = train_config(name="dr", out_dir=str(tmp_path / "dr"), baseline=False,
                      method="double_rounding", weight_bits=8, double_rounding_bits=(8, 4),
                      act_bits=None, **small)
     (r,) = train.run(dr)
@@ -330,13 +331,13 @@ def jax_tree_max_abs_diff(a, b) -> float:
         "cga_needs_ofq", "cga_range", "cga_start", "ofq_one_width"])
 def test_method_options_are_checked(fields, message):
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**fields)
+        train_config(**fields)
 
 
 @pytest.mark.slow  # 14 s; .ci/run runs it
 def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_path):
     small, base = float_base
-    config = TrainConfig(name="mp", out_dir=str(tmp_path), baseline=False, method="lsq",
+    config = train_config(name="mp", out_dir=str(tmp_path), baseline=False, method="lsq",
                          act_bits=None, init_from=base, mixed_precision_budget=3.0,
                          mixed_precision_bits=(2, 4, 8), **small)
     (r,) = train.run(config)
@@ -358,7 +359,7 @@ def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_pat
     params = train.load_params(config, str(tmp_path / "qat"))
     assert "kernel_scale" in params["blocks_0"]["attn"]["q"]
     with pytest.raises(ValueError, match=r"average width in \[2, 8\]"):
-        TrainConfig(method="lsq", mixed_precision_budget=1.5, mixed_precision_bits=(2, 8))
+        train_config(method="lsq", mixed_precision_budget=1.5, mixed_precision_bits=(2, 8))
 
 
 @pytest.mark.slow  # 20 s; .ci/run runs it; StatsQ, CGA and the tracker are unit-tested
@@ -368,17 +369,17 @@ def test_ofq_run_logs_oscillations_anneals_and_resumes_exactly(tmp_path):
     after step 3 resumes to the uninterrupted run's metrics (tracker and CGA state included)."""
     ofq_run = {**TINY, "method": "ofq", "weight_bits": 2, "act_bits": 4, "baseline": False,
                "cga_boundary_range": 0.02, "cga_start": 0.5}
-    full = TrainConfig(name="ofq", out_dir=str(tmp_path / "full"), **ofq_run)
+    full = train_config(name="ofq", out_dir=str(tmp_path / "full"), **ofq_run)
     (result,) = train.run(full)
     rows = _rows(tmp_path / "full" / "qat" / "metrics.jsonl")
     ratios = [r["osc_ratio"] for r in rows if "loss" in r]
     assert len(ratios) == 6 and all(0.0 <= r <= 1.0 for r in ratios) and ratios[-1] > 0
     assert result["osc_ratio"] == ratios[-1] and result["label"] == "ofq+cga0.02 W2A4"
 
-    part = TrainConfig(name="ofq", out_dir=str(tmp_path / "part"), stop_after=3, **ofq_run)
+    part = train_config(name="ofq", out_dir=str(tmp_path / "part"), stop_after=3, **ofq_run)
     assert train.run(part) == []
     p3 = train_setup.load_params(part, str(tmp_path / "part" / "qat"))
-    assert train.run(TrainConfig(name="ofq", out_dir=str(tmp_path / "part"), **ofq_run))
+    assert train.run(train_config(name="ofq", out_dir=str(tmp_path / "part"), **ofq_run))
     p6 = train_setup.load_params(part, str(tmp_path / "part" / "qat"))
     p0 = train_setup.initial_params(full)[1]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
@@ -401,7 +402,7 @@ def test_ofq_run_logs_oscillations_anneals_and_resumes_exactly(tmp_path):
 def test_token_adaptive_attention_run_learns(tmp_path):
     """attn_low_bits: EdgeQAT's token-adaptive Q/K/V widths in the training program."""
     small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
-    config = TrainConfig(name="adaptive", out_dir=str(tmp_path), baseline=False, method="quest",
+    config = train_config(name="adaptive", out_dir=str(tmp_path), baseline=False, method="quest",
                          attn_bits=8, attn_prob_bits=8, attn_low_bits=4, **small)
     (result,) = train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]

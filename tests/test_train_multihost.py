@@ -11,13 +11,18 @@ import sys
 import pytest
 
 CONFIG = """
-from qjax.config import TrainConfig
+from qjax.config import OptimConfig, QuantConfig, TrainConfig
+from qjax.data import CorpusConfig
+from qjax.models import LlamaConfig
 
 def get_config():
-    return TrainConfig(name="multihost", d_model=64, n_layers=1, n_heads=2, seq_len=32,
-                       batch_size=8, steps=4, eval_every=4, eval_batches=2, log_every=1,
-                       checkpoint_every=2, max_corpus_bytes=2**19, hadamard_block=32,
-                       baseline=False, method="quest")
+    return TrainConfig(name="multihost",
+                       model=LlamaConfig(d_model=64, n_layers=1, n_heads=2, max_seq_len=32),
+                       data=CorpusConfig(max_bytes=2**19),
+                       optim=OptimConfig(batch_size=8, steps=4),
+                       quant=QuantConfig("quest", hadamard_block=32),
+                       eval_every=4, eval_batches=2, log_every=1, checkpoint_every=2,
+                       baseline=False)
 """
 
 

@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from train_configs import train_config
 
 from qjax._src.train_report import label, read_metrics, results_table
-from qjax.config import TrainConfig
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
@@ -22,7 +22,7 @@ from qjax.config import TrainConfig
      "quest W4A4 QKV8/2 P4 KV4"),
 ])
 def test_label_names_everything_that_changes_the_results(overrides, expected):
-    assert label(TrainConfig(**overrides)) == expected
+    assert label(train_config(**overrides)) == expected
 
 
 def test_read_metrics_drops_rows_past_the_checkpoint(tmp_path):

@@ -1,6 +1,7 @@
 """What a TrainConfig builds (qjax.train_setup), checked without training."""
 
 import pytest
+from train_configs import train_config
 
 from qjax._src import train_setup as S
 from qjax.config import TrainConfig
@@ -9,7 +10,7 @@ from qjax.nn import Method
 
 def test_validate_accepts_the_default_and_auto_blocks():
     S.validate(TrainConfig())
-    S.validate(TrainConfig(d_model=96, hadamard_block=None))  # auto block: 32 divides 96
+    S.validate(train_config(d_model=96, hadamard_block=None))  # auto block: 32 divides 96
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -24,19 +25,23 @@ def test_validate_accepts_the_default_and_auto_blocks():
 ], ids=["block", "heads", "estimator", "grid", "post_on_quest", "optimal_without_bits"])
 def test_validate_names_the_mistake(fields, message):
     with pytest.raises(ValueError, match=message):
-        S.validate(TrainConfig(**fields)) if "schedule" not in fields else TrainConfig(**fields)
+        S.validate(train_config(**fields)) if "schedule" not in fields else train_config(**fields)
 
 
-def test_method_from_config_and_model_config():
-    assert S.method_from_config(TrainConfig(method=None)) is None
-    m = S.method_from_config(TrainConfig(method="lsq", weight_bits=2, act_bits=8))
+def test_method_from_config():
+    assert S.method_from_config(train_config(method=None)) is None
+    m = S.method_from_config(train_config(method="lsq", weight_bits=2, act_bits=8))
     assert isinstance(m, Method) and (m.weight_bits, m.act_bits) == (2, 8)
-    mc = S.model_config(TrainConfig(d_model=64, n_layers=3, n_heads=2, seq_len=32))
-    assert (mc.d_model, mc.n_layers, mc.n_heads, mc.max_seq_len) == (64, 3, 2, 32)
+    # every QuantConfig field reaches the Method under its own name
+    m = S.method_from_config(train_config(method="quest", trust=1.5, clip_ratio=1.3,
+                                          hadamard_mode="full", hadamard_block=32,
+                                          scale_rule="mse:8:0.6", grid="int", estimator="ste"))
+    assert (m.trust, m.clip_ratio, m.hadamard_mode, m.hadamard_block, m.grid, m.estimator) == (
+        1.5, 1.3, "full", 32, "int", "ste")
 
 
 def test_method_from_config_passes_the_backward():
-    config = TrainConfig(method="ste", integer_forward=True, backward="int8", d_model=64,
+    config = train_config(method="ste", integer_forward=True, backward="int8", d_model=64,
                          hadamard_block=64)
     assert S.method_from_config(config).backward == "int8"
     S.validate(config)
@@ -44,26 +49,26 @@ def test_method_from_config_passes_the_backward():
     # backward="int8" needs the integer forward, which learned scales (lsq, pact) do not have:
     # refused as integer_forward is, naming the layer.
     with pytest.raises(ValueError, match="integer_forward is not available"):
-        S.validate(TrainConfig(method="lsq", integer_forward=True, backward="int8"))
+        S.validate(train_config(method="lsq", integer_forward=True, backward="int8"))
 
 
 def test_post_and_ofq_from_config():
-    m = S.method_from_config(TrainConfig(method="lsq", grid="post", weight_bits=4, act_bits=4))
+    m = S.method_from_config(train_config(method="lsq", grid="post", weight_bits=4, act_bits=4))
     assert m.grid == "post"
-    m = S.method_from_config(TrainConfig(method="ofq", weight_bits=2, act_bits=4))
+    m = S.method_from_config(train_config(method="ofq", weight_bits=2, act_bits=4))
     assert m.name == "ofq"
-    S.validate(TrainConfig(method="ofq", weight_bits=2, act_bits=2))
+    S.validate(train_config(method="ofq", weight_bits=2, act_bits=2))
 
 
 def test_token_adaptive_attention_from_config():
-    config = TrainConfig(attn_bits=8, attn_prob_bits=8, attn_low_bits=4, attn_low_fraction=0.25)
+    config = train_config(attn_bits=8, attn_prob_bits=8, attn_low_bits=4, attn_low_fraction=0.25)
     attention = S.attention_from_config(config)
     assert attention.token_adaptive and attention.low_fraction == 0.25
     assert attention.q.format.bits == 8 and attention.v_low.format.bits == 4
-    assert not S.attention_from_config(TrainConfig(attn_bits=8)).token_adaptive
+    assert not S.attention_from_config(train_config(attn_bits=8)).token_adaptive
     for fields, message in ((dict(attn_low_bits=4), "set attn_bits"),
                             (dict(attn_bits=4, attn_low_bits=4), "below the widths"),
                             (dict(attn_bits=8, attn_low_bits=4, attn_low_fraction=0.0),
                              "low_fraction")):
         with pytest.raises(ValueError, match=message):
-            TrainConfig(**fields)
+            train_config(**fields)

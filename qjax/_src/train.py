@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from qjax._src import config_keys
 from qjax._src import data as D
 from qjax._src.atomic_files import write_json_atomically
 from qjax._src.checkpoint import (
@@ -23,7 +24,8 @@ from qjax._src.checkpoint import (
     TrainingCheckpoints,
     check_run_dir,
 )
-from qjax._src.config import RENAMED_FIELDS, TrainConfig, load_config, run_identity
+from qjax._src.config import TrainConfig
+from qjax._src.config_keys import RENAMED_FIELDS, load_config, run_identity
 from qjax._src.methods import distill, edgeqat, oscillation, zeroqat
 from qjax._src.models.llama import non_embedding_params
 from qjax._src.nn import double_rounding as DR
@@ -53,8 +55,7 @@ def _scalar(x) -> float:
     return float(np.asarray(x.addressable_shards[0].data))
 
 #: Shaped like :func:`run_dir_identity`: the default of every config field.
-IDENTITY_DEFAULTS = {"config": {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                                if f.default is not dataclasses.MISSING}}
+IDENTITY_DEFAULTS = {"config": config_keys.identity_defaults()}
 
 
 def run_dir_identity(config: TrainConfig, corpus: D.Corpus) -> dict:
@@ -67,15 +68,16 @@ def run_dir_identity(config: TrainConfig, corpus: D.Corpus) -> dict:
 
 def train_one(config: TrainConfig, corpus: D.Corpus, run_dir: str,
               widths: Mapping[str, int] | None = None) -> dict:
-    """Trains one model (float if ``config.method`` is None) and returns its final metrics.
+    """Trains one model (float if ``config.quant.method`` is None) and returns its final metrics.
 
     ``run_dir`` records what it is a run of (:func:`run_dir_identity`); a directory holding a
     run of another config or corpus is refused (:class:`qjax.checkpoint.RunDirError`), and a
     finished run of the same identity returns its recorded result without training.
 
-    With ``config.mesh`` the step runs sharded (params, quantizer and optimizer state placed by
-    :data:`qjax.models.llama.PARTITION_RULES`, batches over the data axes); with several processes,
-    only process 0 writes metrics and ``done.json`` (every process takes part in checkpoints).
+    With ``config.parallel.mesh`` the step runs sharded (params, quantizer and optimizer state
+    placed by :data:`qjax.models.llama.PARTITION_RULES`, batches over the data axes); with
+    several processes, only process 0 writes metrics and ``done.json`` (every process takes
+    part in checkpoints).
     """
     lead = jax.process_index() == 0
     check_run_dir(run_dir, run_dir_identity(config, corpus), write=lead,
@@ -130,7 +132,7 @@ class _Job:
         schedule, qat, tx = optimizer(config, params)
         place = Placement(config, params, tx)
         with place.context():
-            state = place.state(initial_state(params, tx, config.seed))
+            state = place.state(initial_state(params, tx, config.optim.seed))
         pair = teacher(config)
         return cls(config, corpus, run_dir, model, method_from_config(config), schedule, tx, qat,
                    place, state, {"fixed": fixed, "teacher": None if pair is None else pair[1]},
@@ -162,9 +164,9 @@ class _Job:
         RNG, ``+ 2`` ZeroQAT's directions, ``+ 3`` the HAWQ-V2 probes.
         """
         c = self.config
-        if self.method is None or c.backward == "float":
+        if self.method is None or c.quant.backward == "float":
             return None
-        return jax.random.fold_in(jax.random.key(c.seed + 4), step)
+        return jax.random.fold_in(jax.random.key(c.optim.seed + 4), step)
 
     def loss(self, p, inputs, targets, qat_on, aux, key=None):
         """The training objective: cross-entropy, or with ``distill`` its mix with the KL to the
@@ -172,10 +174,10 @@ class _Job:
         averages it over its widths (one forward each). ``key`` keys a quantized backward
         (:meth:`quant_key`)."""
         c = self.config
-        guided = qat_on and bool(c.edgeqat_entropy or c.edgeqat_attention)
-        need_scores = guided and bool(c.edgeqat_attention)
+        guided = qat_on and bool(c.methods.edgeqat_entropy or c.methods.edgeqat_attention)
+        need_scores = guided and bool(c.methods.edgeqat_attention)
         teacher_logits = teacher_scores = None
-        if aux["teacher"] is not None and (c.distill or need_scores):
+        if aux["teacher"] is not None and (c.methods.distill or need_scores):
             out = self.teacher_model.apply({"params": aux["teacher"]}, inputs,
                                            mutable=[edgeqat.COLLECTION] if need_scores else False)
             teacher_logits = jax.lax.stop_gradient(out[0] if need_scores else out)
@@ -187,10 +189,10 @@ class _Job:
         def at(bits):
             logits = self._logits(p, inputs, qat_on, aux, bits, key, collect=guided)
             logits, sown = logits if guided else (logits, None)
-            if c.distill:
+            if c.methods.distill:
                 value, _ = distill.distillation_loss(
-                    logits, teacher_logits, targets, ce_weight=1.0 - c.distill,
-                    kl_weight=c.distill, temperature=c.distill_temperature)
+                    logits, teacher_logits, targets, ce_weight=1.0 - c.methods.distill,
+                    kl_weight=c.methods.distill, temperature=c.methods.distill_temperature)
             else:
                 value = _cross_entropy(logits, targets)
             return value + self._edgeqat(sown, teacher_scores) if guided else value
@@ -204,11 +206,11 @@ class _Job:
         """``edgeqat_entropy * L_ent + edgeqat_attention * L_attn`` (:mod:`qjax.methods.edgeqat`)
         of the statistics the model sowed, the attention terms over the causal entries."""
         c, value = self.config, 0.0
-        if c.edgeqat_entropy:
-            value = value + c.edgeqat_entropy * edgeqat.entropy_loss(sown["entropy"])
-        if c.edgeqat_attention:
+        if c.methods.edgeqat_entropy:
+            value = value + c.methods.edgeqat_entropy * edgeqat.entropy_loss(sown["entropy"])
+        if c.methods.edgeqat_attention:
             t = sown["scores"][0].shape[-1]
-            value = value + c.edgeqat_attention * edgeqat.attention_map_loss(
+            value = value + c.methods.edgeqat_attention * edgeqat.attention_map_loss(
                 sown["scores"], teacher_scores, jnp.tril(jnp.ones((t, t), bool)))
         return value
 
@@ -219,9 +221,9 @@ class _Job:
         if self.tx is None:
             c = self.config
             zo = zeroqat.zo_step(lambda p, b: self.loss(p, *b[:2], qat_on, b[2]),
-                                 zeroqat.ZeroOrderConfig(self.schedule, eps=c.zo_eps,
-                                                         num_probes=c.zo_probes))
-            key = jax.random.key(c.seed + 2)  # directions from (key, step, probe)
+                                 zeroqat.ZeroOrderConfig(self.schedule, eps=c.methods.zo_eps,
+                                                         num_probes=c.methods.zo_probes))
+            key = jax.random.key(c.optim.seed + 2)  # directions from (key, step, probe)
 
             def zo_train(p, opt_state, inputs, targets, aux, step):
                 del step  # the count in opt_state is the step
@@ -245,7 +247,7 @@ class _Job:
         fn = jax.jit(self.cross_entropy, static_argnums=(3, 5))
         c = self.config
         val = [self.place.batch_arrays(i, t) for i, t in D.val_batches(
-            self.corpus.val, c.batch_size, c.seq_len, max_batches=c.eval_batches)]
+            self.corpus.val, c.optim.batch_size, c.model.max_seq_len, max_batches=c.eval_batches)]
         return lambda p, q, bits=None: float(np.mean(
             [_scalar(fn(p, i, t, q, self.aux, bits)) for i, t in val]))
 
@@ -263,7 +265,7 @@ class _Job:
     def oscillation(self, opt_state) -> dict:
         """``{"osc_ratio": r}`` for ``method="ofq"``: the fraction of the block kernels' weights
         whose EMA code-flip frequency exceeds 0.005 (Nagel et al. 2022); else ``{}``."""
-        if self.config.method != "ofq":
+        if self.config.quant.method != "ofq":
             return {}
         return {"osc_ratio": _scalar(oscillation.oscillation_ratio(opt_state))}
 
@@ -277,18 +279,18 @@ class _Job:
         if lead:
             read_metrics(metrics_path, start)
         p, opt_state = state["params"], state["opt_state"]
-        progress = Progress(c.steps, label(c), c.log_every)
-        tokens = c.batch_size * c.seq_len
+        progress = Progress(c.optim.steps, label(c), c.log_every)
+        tokens = c.optim.batch_size * c.model.max_seq_len
         t_last, last_val, since = time.perf_counter(), None, 0
         with open(metrics_path, "a") as log:
-            for step in range(start, c.steps):
-                inputs, targets = D.get_batch(self.corpus.train, step, c.batch_size, c.seq_len,
-                                              c.seed)
+            for step in range(start, c.optim.steps):
+                inputs, targets = D.get_batch(self.corpus.train, step, c.optim.batch_size,
+                                              c.model.max_seq_len, c.optim.seed)
                 qat_on = self.method is not None and self.qat.enabled(step)
                 p, opt_state, loss = steps[qat_on](
                     p, opt_state, *self.place.batch_arrays(inputs, targets), self.aux, step)
                 done, since = step + 1, since + 1
-                if done % c.log_every == 0 or done == c.steps:
+                if done % c.log_every == 0 or done == c.optim.steps:
                     loss_v = _scalar(loss)
                     now = time.perf_counter()
                     tok_s = tokens * since / max(now - t_last, 1e-9)
@@ -301,17 +303,17 @@ class _Job:
                                           **self.oscillation(opt_state)}) + "\n")
                     if lead:
                         progress.update(done, loss_v, tok_s)
-                if done % c.eval_every == 0 or done == c.steps:
+                if done % c.eval_every == 0 or done == c.optim.steps:
                     last_val = evaluate(p, qat_on)
                     log.write(json.dumps({"step": done, "val_loss": last_val,
                                           "val_ppl": math.exp(last_val)}) + "\n")
                 log.flush()
-                if done % c.checkpoint_every == 0 or done == c.steps:
+                if done % c.checkpoint_every == 0 or done == c.optim.steps:
                     store.save(done, {"params": p, "opt_state": opt_state, "step": done,
                                       "rng": state["rng"]})
                 if since == 0:  # keep evaluation and checkpoint time out of tokens/s
                     t_last = time.perf_counter()
-                if c.stop_after is not None and c.stop_after <= done < c.steps:
+                if c.stop_after is not None and c.stop_after <= done < c.optim.steps:
                     progress.close()
                     print(f"[{label(c)}] stopped after step {done} (stop_after)",
                           file=sys.stderr)
@@ -320,11 +322,11 @@ class _Job:
         progress.close()
         store.close()
         result = {
-            "label": label(c), "method": c.method,
-            "weight_bits": c.weight_bits if self.method else None,
-            "act_bits": c.act_bits if self.method else None,
+            "label": label(c), "method": c.quant.method,
+            "weight_bits": c.quant.weight_bits if self.method else None,
+            "act_bits": c.quant.act_bits if self.method else None,
             "val_loss": last_val, "val_ppl": math.exp(last_val),
-            "steps": c.steps, "tokens": c.steps * tokens,
+            "steps": c.optim.steps, "tokens": c.optim.steps * tokens,
             "non_embedding_params": non_embedding_params(p), **self.oscillation(opt_state),
         }
         if isinstance(self.method, DR.DoubleRounding):  # every width from the one checkpoint
@@ -337,9 +339,9 @@ class _Job:
 def _runs(config: TrainConfig) -> list[tuple[str, TrainConfig]]:
     """(sub-directory, config) of each model ``config`` trains, in order."""
     runs = []
-    if config.baseline and config.method is not None:
-        runs.append(("float", dataclasses.replace(config, method=None)))
-    runs.append(("qat" if config.method is not None else "float", config))
+    if config.baseline and config.quant.method is not None:
+        runs.append(("float", config_keys.replace(config, method=None)))
+    runs.append(("qat" if config.quant.method is not None else "float", config))
     return runs
 
 
@@ -350,7 +352,7 @@ def _widths(config: TrainConfig, corpus: D.Corpus, run_dir: str, float_dir: str)
     recorded = recorded_widths(config, run_dir)
     if recorded is not None:
         return recorded
-    float_config = dataclasses.replace(config, method=None, init_from=None, distill=0.0,
+    float_config = config_keys.replace(config, method=None, init_from=None, distill=0.0,
                                        mixed_precision_budget=None)
     source = config.init_from or float_dir
     allocation = allocate_widths(config, load_params(float_config, source), corpus)
@@ -366,12 +368,8 @@ def _widths(config: TrainConfig, corpus: D.Corpus, run_dir: str, float_dir: str)
 
 
 def load_corpus(config: TrainConfig) -> D.Corpus:
-    """The corpus ``config`` trains on (its ``corpus_*``, ``max_corpus_bytes`` and
-    ``val_fraction`` fields; :func:`qjax.data.load_corpus`)."""
-    return D.load_corpus(D.CorpusConfig(paths=config.corpus_paths,
-                                        max_bytes=config.max_corpus_bytes,
-                                        val_fraction=config.val_fraction,
-                                        suffixes=config.corpus_suffixes))
+    """The corpus ``config`` trains on (``config.data``; :func:`qjax.data.load_corpus`)."""
+    return D.load_corpus(config.data)
 
 
 def run(config: TrainConfig) -> list[dict]:
@@ -383,7 +381,7 @@ def run(config: TrainConfig) -> list[dict]:
     """
     validate(config)
     corpus = load_corpus(config)
-    D.check_fits(corpus, config.batch_size, config.seq_len)
+    D.check_fits(corpus, config.optim.batch_size, config.model.max_seq_len)
     lead = jax.process_index() == 0
     runs = _runs(config)
     for sub, cfg in runs:
@@ -399,7 +397,7 @@ def run(config: TrainConfig) -> list[dict]:
     for sub, cfg in runs:
         run_dir = os.path.join(config.run_dir, sub)
         widths = None
-        if cfg.method is not None and cfg.mixed_precision_budget is not None:
+        if cfg.quant.method is not None and cfg.methods.mixed_precision_budget is not None:
             widths = _widths(cfg, corpus, run_dir, os.path.join(config.run_dir, "float"))
         r = train_one(cfg, corpus, run_dir, widths)
         if "stopped" in r:
@@ -409,9 +407,10 @@ def run(config: TrainConfig) -> list[dict]:
     if not lead:
         return results
     n = results[-1]["non_embedding_params"]
-    print(f"\n{config.name}: {n:,} non-embedding params, d={config.d_model}, "
-          f"{config.n_layers} layers, seq {config.seq_len}, batch {config.batch_size}, "
-          f"{config.steps} steps\n{table}")
+    print(f"\n{config.name}: {n:,} non-embedding params, d={config.model.d_model}, "
+          f"{config.model.n_layers} layers, seq {config.model.max_seq_len}, "
+          f"batch {config.optim.batch_size}, "
+          f"{config.optim.steps} steps\n{table}")
     with open(os.path.join(config.run_dir, "results.md"), "w") as f:
         f.write(table + "\n")
     return results
@@ -446,15 +445,15 @@ def initialize_distributed(config: TrainConfig) -> None:
     ``num_processes`` and ``process_id`` sets them explicitly, e.g. to simulate hosts as processes
     on one machine; CPU processes exchange collectives over gloo.
     """
-    if config.coordinator_address is None:
+    if config.parallel.coordinator_address is None:
         return
-    if config.coordinator_address == "auto":
+    if config.parallel.coordinator_address == "auto":
         jax.distributed.initialize()
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=config.coordinator_address,
-                               num_processes=config.num_processes,
-                               process_id=config.process_id)
+    jax.distributed.initialize(coordinator_address=config.parallel.coordinator_address,
+                               num_processes=config.parallel.num_processes,
+                               process_id=config.parallel.process_id)
 
 
 if __name__ == "__main__":

@@ -20,29 +20,28 @@ def label(config: TrainConfig) -> str:
     """The run's row name in the table, e.g. ``quest W4A4``, ``lr_qat r8 W4`` or ``quest W4A4
     QKV8/4 P8 KV4g32`` (quantized attention: Q/K/V widths, token-adaptive high/low, attention
     probabilities, KV cache width and group)."""
-    if config.method is None:
+    q, m = config.quant, config.methods
+    if q.method is None:
         return "float32"
-    w = f"W{config.weight_bits}" if config.weight_bits else ""
-    a = f"A{config.act_bits}" if config.act_bits else ""
-    name = config.method + ("+ste" if config.estimator == "ste" and config.method == "quest"
-                            else "")
-    if config.grid == "post":  # ASQ's power-of-sqrt(2) weights
+    w = f"W{q.weight_bits}" if q.weight_bits else ""
+    a = f"A{q.act_bits}" if q.act_bits else ""
+    name = q.method + ("+ste" if q.estimator == "ste" and q.method == "quest" else "")
+    if q.grid == "post":  # ASQ's power-of-sqrt(2) weights
         name += "+post"
-    if config.scale_rule != "auto":
-        name += "+" + config.scale_rule.split(":")[0]
-    if config.method == "double_rounding":
-        w = "W" + "/".join(map(str, config.double_rounding_bits))
-    if config.mixed_precision_budget is not None:  # an average over the layers' widths
-        name, w = name + "+hawq", f"W{config.mixed_precision_budget:g}"
-    if config.distill:
-        name += f"+kd{config.distill:g}"
-    if config.edgeqat_entropy or config.edgeqat_attention:
-        name += f"+edgeqat{config.edgeqat_entropy:g}/{config.edgeqat_attention:g}"
-    if config.cga_boundary_range is not None:
-        name += f"+cga{config.cga_boundary_range:g}"
-    if config.method in LOW_RANK_METHODS:
-        name += f" r{config.rank}" + ("" if config.phi_dtype == "float32"
-                                      else f" {config.phi_dtype}")
+    if q.scale_rule != "auto":
+        name += "+" + q.scale_rule.split(":")[0]
+    if q.method == "double_rounding":
+        w = "W" + "/".join(map(str, m.double_rounding_bits))
+    if m.mixed_precision_budget is not None:  # an average over the layers' widths
+        name, w = name + "+hawq", f"W{m.mixed_precision_budget:g}"
+    if m.distill:
+        name += f"+kd{m.distill:g}"
+    if m.edgeqat_entropy or m.edgeqat_attention:
+        name += f"+edgeqat{m.edgeqat_entropy:g}/{m.edgeqat_attention:g}"
+    if m.cga_boundary_range is not None:
+        name += f"+cga{m.cga_boundary_range:g}"
+    if q.method in LOW_RANK_METHODS:
+        name += f" r{m.rank}" + ("" if m.phi_dtype == "float32" else f" {m.phi_dtype}")
     return f"{name} {w}{a}{_attention_label(config)}"
 
 
@@ -50,15 +49,16 @@ def _attention_label(config: TrainConfig) -> str:
     """`` QKV8/4 P8 KV4g32``: Q/K/V widths (token-adaptive: high/low), probabilities, cache."""
     parts = []
     # The low width follows the first width it lowers: Q/K/V's, else the cache's K and V.
-    low = "" if config.attn_low_bits is None else f"/{config.attn_low_bits}"
-    if config.attn_bits is not None:
-        parts.append(f"QKV{config.attn_bits}{low}")
+    at = config.attention
+    low = "" if at.attn_low_bits is None else f"/{at.attn_low_bits}"
+    if at.attn_bits is not None:
+        parts.append(f"QKV{at.attn_bits}{low}")
         low = ""
-    if config.attn_prob_bits is not None:
-        parts.append(f"P{config.attn_prob_bits}")
-    if config.kv_bits is not None:
-        group = "" if config.kv_group is None else f"g{config.kv_group}"
-        parts.append(f"KV{config.kv_bits}{low}{group}")
+    if at.attn_prob_bits is not None:
+        parts.append(f"P{at.attn_prob_bits}")
+    if at.kv_bits is not None:
+        group = "" if at.kv_group is None else f"g{at.kv_group}"
+        parts.append(f"KV{at.kv_bits}{low}{group}")
     return "".join(" " + p for p in parts)
 
 

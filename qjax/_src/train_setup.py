@@ -21,9 +21,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qjax._src import config_keys, optim, sharding
 from qjax._src import data as D
 from qjax._src import granularity as G
-from qjax._src import optim, sharding
 from qjax._src.attention import AttentionQuant, attention_quant
 from qjax._src.checkpoint import RunDirError, TrainingCheckpoints
 from qjax._src.config import LOW_RANK_METHODS, TrainConfig
@@ -32,7 +32,6 @@ from qjax._src.models.llama import (
     BLOCK_LINEARS,
     PARTITION_RULES,
     Llama,
-    LlamaConfig,
     non_embedding_params,
     quantization_rules,
 )
@@ -47,41 +46,34 @@ from qjax._src.precision import hessian as precision_hessian
 from qjax._src.spec import QuantSpec
 
 __all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
-           "initial_params", "model_variables", "load_params", "Placement", "model_config",
+           "initial_params", "model_variables", "load_params", "Placement",
            "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE",
            "attention_from_config", "block_kernel_mask", "ofq_transforms"]
 
 
 def method_from_config(config: TrainConfig
                        ) -> Method | lowrank.LowRankQAT | DR.DoubleRounding | None:
-    """The layer recipe of ``config.method`` (None for a float run); for ``zeroqat`` the lsq
+    """The layer recipe of ``config.quant`` (None for a float run); for ``zeroqat`` the lsq
     recipe of the model it trains."""
-    if config.method is None:
+    q, options = config.quant, config.methods
+    if q.method is None:
         return None
+
     def act():  # int activations per token, for the methods that are not a Method
-        return QuantSpec(f"int{config.act_bits}", G.PerRow(-1)) if config.act_bits else None
+        return QuantSpec(f"int{q.act_bits}", G.PerRow(-1)) if q.act_bits else None
 
-    if config.method == "zeroqat":  # the model ZeroQAT trains: learned steps, as full QAT's
-        return Method("lsq", weight_bits=config.weight_bits, act_bits=config.act_bits)
-    if config.method == "double_rounding":
-        return DR.DoubleRounding(bits=config.double_rounding_bits, activation=act())
-    if config.method in LOW_RANK_METHODS:
-        weight = QuantSpec(f"int{config.weight_bits}", G.PerRow(0))
-        if config.method == "qalora":
-            return lowrank.qalora(weight, act(), rank=config.rank)
-        return lowrank.lr_qat(weight, act(), rank=config.rank, phi_dtype=config.phi_dtype)
-    return Method(config.method, weight_bits=config.weight_bits, act_bits=config.act_bits,
-                  hadamard_block=config.hadamard_block, trust=config.trust,
-                  clip_ratio=config.clip_ratio,
-                  hadamard_mode=config.hadamard_mode, grid=config.grid, estimator=config.estimator,
-                  scale_rule=config.scale_rule, integer_forward=config.integer_forward,
-                  backward=config.backward)
-
-
-def model_config(config: TrainConfig) -> LlamaConfig:
-    """The reference model's sizes of ``config``."""
-    return LlamaConfig(d_model=config.d_model, n_layers=config.n_layers,
-                       n_heads=config.n_heads, max_seq_len=config.seq_len)
+    if q.method == "zeroqat":  # the model ZeroQAT trains: learned steps, as full QAT's
+        return Method("lsq", weight_bits=q.weight_bits, act_bits=q.act_bits)
+    if q.method == "double_rounding":
+        return DR.DoubleRounding(bits=options.double_rounding_bits, activation=act())
+    if q.method in LOW_RANK_METHODS:
+        weight = QuantSpec(f"int{q.weight_bits}", G.PerRow(0))
+        if q.method == "qalora":
+            return lowrank.qalora(weight, act(), rank=options.rank)
+        return lowrank.lr_qat(weight, act(), rank=options.rank, phi_dtype=options.phi_dtype)
+    # QuantConfig holds Method's fields under Method's names (the method's name aside).
+    fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "method"}
+    return Method(q.method, **fields)
 
 
 def validate(config: TrainConfig) -> None:
@@ -92,7 +84,7 @@ def validate(config: TrainConfig) -> None:
     Raises:
       ValueError / TypeError: naming the field or layer.
     """
-    mc = model_config(config)
+    mc = config.model
     method = method_from_config(config)
     for name, shape in (("attention and output projections", (mc.d_model, mc.d_model)),
                         ("mlp gate/up", (mc.d_model, mc.ffn_hidden)),
@@ -103,24 +95,23 @@ def validate(config: TrainConfig) -> None:
             elif isinstance(method, DR.DoubleRounding):
                 method.layer_quant(dense_layout(shape), name)
         except (ValueError, TypeError) as e:
-            raise type(e)(f"{e} (d_model={config.d_model})") from None
-    if config.method is not None and config.schedule != "cosine":
+            raise type(e)(f"{e} (d_model={config.model.d_model})") from None
+    if config.quant.method is not None and config.optim.schedule != "cosine":
         # The model's own N, from its parameter shapes (nothing is initialized).
+        sample = jax.ShapeDtypeStruct((1, config.model.max_seq_len), jnp.int32)
         shapes = jax.eval_shape(model_from_config(config).init, jax.random.key(0),
-                                jax.ShapeDtypeStruct((1, config.seq_len), jnp.int32))["params"]
+                                sample)["params"]
         schedules(config, non_embedding_params(shapes))
 
 
 def attention_from_config(config: TrainConfig) -> AttentionQuant | None:
-    """The reference Llama's attention quantization (``attn_bits``, ``attn_prob_bits``,
-    ``kv_bits``, ``kv_group``, ``attn_low_bits``, ``attn_low_fraction``), or None: float
+    """The reference Llama's attention quantization (``config.attention``), or None: float
     attention (also for a float run)."""
-    fields = (config.attn_bits, config.attn_prob_bits, config.kv_bits)
-    if config.method is None or all(f is None for f in fields):
+    a = config.attention
+    if config.quant.method is None or not a.enabled:
         return None
-    return attention_quant(config.attn_bits, config.attn_prob_bits, config.kv_bits,
-                           config.kv_group, low_bits=config.attn_low_bits,
-                           low_fraction=config.attn_low_fraction)
+    return attention_quant(a.attn_bits, a.attn_prob_bits, a.kv_bits, a.kv_group,
+                           low_bits=a.attn_low_bits, low_fraction=a.attn_low_fraction)
 
 
 def model_from_config(config: TrainConfig, widths: Mapping[str, int] | None = None):
@@ -129,32 +120,32 @@ def model_from_config(config: TrainConfig, widths: Mapping[str, int] | None = No
     method = method_from_config(config)
     rules = quantization_rules(method) if widths is None else \
         precision_allocate.rules_from_allocation(widths, method)
-    return quantize_model(Llama(model_config(config), attention=attention_from_config(config)),
+    return quantize_model(Llama(config.model, attention=attention_from_config(config)),
                           rules)
 
 
 def build_model(config: TrainConfig, widths: Mapping[str, int] | None = None):
     """The model of :func:`model_from_config` and its initial params."""
     model = model_from_config(config, widths)
-    sample = jnp.zeros((1, config.seq_len), jnp.int32)
-    return model, model.init(jax.random.key(config.seed), sample)["params"]
+    sample = jnp.zeros((1, config.model.max_seq_len), jnp.int32)
+    return model, model.init(jax.random.key(config.optim.seed), sample)["params"]
 
 
 def schedules(config: TrainConfig, n_params: int) -> tuple[optax.Schedule, optim.QATSchedule]:
-    """The learning-rate schedule and QAT switch of ``config.schedule``; ``n_params`` is N for
+    """The learning-rate schedule and QAT switch of ``config.optim.schedule``; ``n_params`` is N for
     ``qat_fraction="optimal"`` (the model's non-embedding parameters: the ones the blocks
     quantize, :func:`qjax.models.llama.non_embedding_params`)."""
-    if config.schedule == "cosine":
-        return optim.warmup_cosine(config.lr, config.steps, config.warmup_fraction), \
-            optim.QATSchedule(config.qat_start if config.qat_start <= 1.0
-                              else int(config.qat_start), config.steps)
-    fraction = config.qat_fraction
+    o = config.optim
+    if o.schedule == "cosine":
+        return optim.warmup_cosine(o.lr, o.steps, o.warmup_fraction), \
+            optim.QATSchedule(o.qat_start if o.qat_start <= 1.0 else int(o.qat_start), o.steps)
+    fraction = o.qat_fraction
     if fraction == "optimal":
         fraction = compute_optimal.optimal_qat_fraction(
-            config.steps * config.batch_size * config.seq_len, n_params, config.weight_bits)
-    make = (compute_optimal.fused_cooldown if config.schedule == "wsd_fused"
+            o.steps * o.batch_size * config.model.max_seq_len, n_params, config.quant.weight_bits)
+    make = (compute_optimal.fused_cooldown if o.schedule == "wsd_fused"
             else compute_optimal.classical_qat)
-    return make(config.steps, config.lr, fraction, config.warmup_fraction)
+    return make(o.steps, o.lr, fraction, o.warmup_fraction)
 
 
 def optimizer(config: TrainConfig, params):
@@ -162,11 +153,12 @@ def optimizer(config: TrainConfig, params):
     ``method="zeroqat"``, whose zeroth-order step (:func:`qjax.methods.zeroqat.zo_step`) is
     built by the training loop around its loss."""
     schedule, qat = schedules(config, non_embedding_params(params))
-    if config.method == "zeroqat":
+    if config.quant.method == "zeroqat":
         return schedule, qat, None
-    tx = optim.qat_adamw(schedule, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
-                         quantizer_lr_multiplier=config.quantizer_lr_multiplier)
-    if config.method == "ofq":
+    o = config.optim
+    tx = optim.qat_adamw(schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                         quantizer_lr_multiplier=o.quantizer_lr_multiplier)
+    if config.quant.method == "ofq":
         tx = optax.chain(tx, *ofq_transforms(config))
     return schedule, qat, tx
 
@@ -183,11 +175,11 @@ def ofq_transforms(config: TrainConfig) -> list[optax.GradientTransformation]:
     StatsQ codes (read by :func:`qjax.methods.oscillation.oscillation_ratio`), then, with
     ``cga_boundary_range``, confidence-guided annealing from step ``round(cga_start * steps)``
     (last, so that frozen weights stay bit for bit)."""
-    out = [ofq.track_oscillations(config.weight_bits, mask=block_kernel_mask)]
-    if config.cga_boundary_range is not None:
+    out = [ofq.track_oscillations(config.quant.weight_bits, mask=block_kernel_mask)]
+    if config.methods.cga_boundary_range is not None:
         out.append(ofq.confidence_guided_annealing(
-            config.cga_boundary_range, config.weight_bits, mask=block_kernel_mask,
-            start_step=round(config.cga_start * config.steps)))
+            config.methods.cga_boundary_range, config.quant.weight_bits, mask=block_kernel_mask,
+            start_step=round(config.methods.cga_start * config.optim.steps)))
     return out
 
 
@@ -213,7 +205,7 @@ def _ckpt_run_dir(path: str) -> str:
 
 def _float_config(config: TrainConfig) -> TrainConfig:
     """The config of the float run ``config.init_from`` holds (same model sizes)."""
-    return dataclasses.replace(config, method=None, init_from=None, schedule="cosine",
+    return config_keys.replace(config, method=None, init_from=None, schedule="cosine",
                                qat_fraction=None, qat_start=0.0, mesh=None, distill=0.0)
 
 
@@ -224,14 +216,14 @@ def _from_pretrained(config: TrainConfig, model):
     methods only the adapters and scales are trained, the rest of the params and the frozen
     tensors are fixed (rebuilt from the checkpoint on resume, never saved)."""
     base = load_params(_float_config(config), _ckpt_run_dir(config.init_from))
-    sample = jnp.zeros((1, config.seq_len), jnp.int32)
-    variables = model.init(jax.random.key(config.seed), sample)
-    if config.method is None:
+    sample = jnp.zeros((1, config.model.max_seq_len), jnp.int32)
+    variables = model.init(jax.random.key(config.optim.seed), sample)
+    if config.quant.method is None:
         if jax.tree.structure(base) != jax.tree.structure(variables["params"]):
             raise ValueError(f"init_from={config.init_from!r} does not match the model")
         return base, None
     variables = init_from_float(model, variables, base)
-    if config.method not in LOW_RANK_METHODS:
+    if config.quant.method not in LOW_RANK_METHODS:
         return variables["params"], None
     flat = traverse_util.flatten_dict(variables["params"])
     adapter = {k: v for k, v in flat.items() if k[-1] in ("lora_down", "lora_up",
@@ -246,11 +238,11 @@ def teacher(config: TrainConfig):
     """(float model, params) of the ``init_from`` float checkpoint when the loss reads a teacher
     (``distill > 0``, or ``edgeqat_attention > 0`` with ``init_from``), else None; a step
     argument, rebuilt from the checkpoint on resume."""
-    if config.method is None or not (config.distill
-                                     or (config.edgeqat_attention and config.init_from)):
+    if config.quant.method is None or not (config.methods.distill
+                                     or (config.methods.edgeqat_attention and config.init_from)):
         return None
     float_config = _float_config(config)
-    return (Llama(model_config(config)),
+    return (Llama(config.model),
             load_params(float_config, _ckpt_run_dir(config.init_from)))
 
 
@@ -283,24 +275,26 @@ def load_params(config: TrainConfig, run_dir: str):
         step = store.latest_intact_step(move_aside=False)
         if step is None:
             raise RunDirError(f"no intact checkpoint in {ckpt} (steps {store.steps()})")
-        return store.restore(step, initial_state(params, tx, config.seed))["params"]
+        return store.restore(step, initial_state(params, tx, config.optim.seed))["params"]
     finally:
         store.close()
 
 
 class Placement:
-    """Where arrays live: one device, or a mesh from ``config.mesh`` (:mod:`qjax.sharding`)."""
+    """Where arrays live: one device, or a mesh from ``config.parallel.mesh``
+    (:mod:`qjax.sharding`)."""
 
     def __init__(self, config: TrainConfig, params, tx):
         self.mesh = None
-        if config.mesh is None:
+        if config.parallel.mesh is None:
             return
-        self.mesh = sharding.make_mesh(config.mesh, axis_types=config.mesh_axis_types)
-        sharding.check_batch(config.batch_size, self.mesh)
+        self.mesh = sharding.make_mesh(config.parallel.mesh,
+                                       axis_types=config.parallel.mesh_axis_types)
+        sharding.check_batch(config.optim.batch_size, self.mesh)
         self.param_specs = sharding.param_specs(params, self.mesh, PARTITION_RULES)
         method = method_from_config(config)
         if method is not None:
-            lq = resolve(method, dense_layout((config.d_model, config.d_model)))
+            lq = resolve(method, dense_layout((config.model.d_model, config.model.d_model)))
             block = lq.rotation[0] if lq.rotation else getattr(lq.weight, "hadamard_block", None)
             if block:
                 sharding.check_hadamard_blocks(params, self.param_specs, self.mesh, block,
@@ -343,7 +337,7 @@ ALLOCATION_FILE = "allocation.json"
 
 def recorded_widths(config: TrainConfig, run_dir: str) -> dict[str, int] | None:
     """The widths a ``mixed_precision_budget`` run recorded in ``run_dir/allocation.json``."""
-    if config.mixed_precision_budget is None:
+    if config.methods.mixed_precision_budget is None:
         return None
     path = os.path.join(run_dir, ALLOCATION_FILE)
     if not os.path.exists(path):
@@ -353,7 +347,8 @@ def recorded_widths(config: TrainConfig, run_dir: str) -> dict[str, int] | None:
 
 
 def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict:
-    """HAWQ-V2 widths for ``config.mixed_precision_budget`` on the float model ``float_params``.
+    """HAWQ-V2 widths for ``config.methods.mixed_precision_budget`` on the float model
+    ``float_params``.
 
     Hessian traces of the float model's mean cross-entropy over 2 training batches drawn at
     steps ``10**6 + k`` (never a training step), Hutchinson with Rademacher probes (10 to 50,
@@ -369,9 +364,10 @@ def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict
       Dong et al., 2020. HAWQ-V2: Hessian Aware trace-Weighted Quantization of Neural
       Networks. NeurIPS.
     """
-    model = Llama(model_config(config))
+    model = Llama(config.model)
     batches = [tuple(jnp.asarray(a) for a in D.get_batch(
-        corpus.train, 10**6 + k, config.batch_size, config.seq_len, config.seed))
+        corpus.train, 10**6 + k, config.optim.batch_size, config.model.max_seq_len,
+        config.optim.seed))
         for k in range(2)]
 
     def loss_fn(p, batch):
@@ -380,12 +376,13 @@ def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict
 
     kernel = re.compile(BLOCK_LINEARS + "/kernel")
     traces = precision_hessian.hessian_traces(
-        loss_fn, float_params, batches, jax.random.key(config.seed + 3),
+        loss_fn, float_params, batches, jax.random.key(config.optim.seed + 3),
         layers=lambda path: kernel.fullmatch(path) is not None, tol=1e-2, min_probes=10,
         max_probes=50)
-    table = precision_hessian.sensitivity(float_params, traces, bits=config.mixed_precision_bits)
+    table = precision_hessian.sensitivity(float_params, traces,
+                                          bits=config.methods.mixed_precision_bits)
     total = sum(table.size_map.values())
-    budget = config.mixed_precision_budget * total / 8
+    budget = config.methods.mixed_precision_budget * total / 8
     alloc = precision_allocate.allocate(table, budget_bytes=budget)
     widths = {k: int(v) for k, v in alloc.bits.items()}
     return {"widths": widths, "traces": {t.path: t.trace for t in traces.layers},

@@ -30,7 +30,7 @@ Schedules (``optax.Schedule`` functions of the 0-based step, traceable under jit
 
 Both return ``(lr_schedule, qat_schedule)``; ``qat_schedule`` is a
 :class:`qjax.optim.QATSchedule` (``enabled(step)`` is True from ``t_switch`` on), as
-``qjax.train`` consumes it (``TrainConfig(schedule="wsd_fused", qat_fraction=...)``).
+``qjax.train`` consumes it (``OptimConfig(schedule="wsd_fused", qat_fraction=...)``).
 
 References:
   Dremov et al., 2025. Compute-Optimal Quantization-Aware Training. arXiv 2509.22935.
