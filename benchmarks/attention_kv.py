@@ -84,7 +84,7 @@ def _config(row: str, seed: int, quick: bool, runs_dir: str):
     slug = SLUGS[list(ROWS).index(row)]
     fields = {**ROWS[row], "seed": seed, "baseline": False, **(QUICK if quick else {})}
     return replace(get_config(), name=slug, **fields,
-                               out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+                   out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
 def quality(seeds: list[int], quick: bool) -> list[dict]:
@@ -106,13 +106,13 @@ def finetune_quality(seeds: list[int], quick: bool) -> list[dict]:
         losses = []
         for seed in seeds:
             float_cfg = replace(get_config(), name="float_base", method=None,
-                                            seed=seed, baseline=False, **short,
-                                            out_dir=base[seed])
+                                seed=seed, baseline=False, **short,
+                                out_dir=base[seed])
             cfg = replace(get_config(), name=f"finetune{i}", seed=seed,
-                                      baseline=False, init_from=base[seed],
-                                      **{**FINETUNE, **short, **fields},
-                                      out_dir=os.path.join(runs_dir, f"finetune{i}",
-                                                           f"seed{seed}"))
+                          baseline=False, init_from=base[seed],
+                          **{**FINETUNE, **short, **fields},
+                          out_dir=os.path.join(runs_dir, f"finetune{i}",
+                                               f"seed{seed}"))
             if corpus is None:
                 corpus = train.load_corpus(cfg)
             train.train_one(float_cfg, corpus, float_cfg.run_dir)  # cached after the first row
@@ -139,7 +139,7 @@ def decode_speed(cfg: LlamaConfig, batches: tuple[int, ...], repeats: int) -> di
     prompt_len, steps = 16, cfg.max_seq_len - 16
     out = {}
     for b in batches:
-        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.model.vocab_size)
+        prompt = jax.random.randint(jax.random.key(b), (b, prompt_len), 0, cfg.vocab_size)
         fns = {}
         for name, attention in CACHES.items():
             model = Llama(cfg, attention=attention)

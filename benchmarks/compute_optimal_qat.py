@@ -27,12 +27,12 @@ References:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
 
 from qjax import train
+from qjax.config import replace
 from qjax.methods import compute_optimal
 from qjax.models.llama import non_embedding_params
 
@@ -52,10 +52,10 @@ QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
 
 def _config(schedule: str, fraction, seed: int, quick: bool, runs_dir: str):
     slug = f"{schedule}_{fraction if fraction == 'optimal' else int(100 * fraction)}"
-    return dataclasses.replace(
-        get_config(), name=slug, schedule=schedule, qat_fraction=fraction, seed=seed,
-        baseline=False, **(QUICK if quick else {}),
-        out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+    return replace(
+                   get_config(), name=slug, schedule=schedule, qat_fraction=fraction, seed=seed,
+                   baseline=False, **(QUICK if quick else {}),
+                   out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
 def f_star(config) -> tuple[float, float]:

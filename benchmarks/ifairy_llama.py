@@ -137,7 +137,7 @@ def main(seeds: list[int], quick: bool) -> None:
         for seed in seeds:
             slug = "float" if fields["method"] is None else "quest_w2"
             cfg = replace(base, name=slug, seed=seed, **fields,
-                                      out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+                          out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
             print(f"== {row}, seed {seed}", flush=True)
             rows[row].append(train.train_one(cfg, corpus, cfg.run_dir)["val_loss"])
     for row, qat in (("complex-paired, float", False), ("complex-paired, iFairy W2", True)):

@@ -119,12 +119,12 @@ def _ce(logits, targets):
 def base_config(size: dict, runs: str) -> TrainConfig:
     """The float base's training-program config (cosine lr 3e-3, the QuEST recipe's AdamW)."""
     return replace(TrainConfig(),
-        name="llm_finetune_base", d_model=size["d_model"], n_layers=size["n_layers"],
-        n_heads=size["n_heads"], seq_len=size["seq_len"], batch_size=size["base_batch"],
-        steps=size["base_steps"], method=None, baseline=False,
-        eval_every=size["base_steps"], checkpoint_every=max(1, size["base_steps"] // 4),
-        eval_batches=size["eval_batches"], max_corpus_bytes=size["max_corpus_bytes"],
-        out_dir=os.path.join(runs, "base"))
+                   name="llm_finetune_base", d_model=size["d_model"], n_layers=size["n_layers"],
+                   n_heads=size["n_heads"], seq_len=size["seq_len"], batch_size=size["base_batch"],
+                   steps=size["base_steps"], method=None, baseline=False,
+                   eval_every=size["base_steps"], checkpoint_every=max(1, size["base_steps"] // 4),
+                   eval_batches=size["eval_batches"], max_corpus_bytes=size["max_corpus_bytes"],
+                   out_dir=os.path.join(runs, "base"))
 
 
 def _full_target(wspec, aspec):

@@ -17,9 +17,13 @@ alike is the reference. Only the block linears ``blocks_<i>/attn/{q,k,v,o}``,
    how often the allocation survives redrawing the traces within their standard errors.
 2. **Double Rounding vs four separate widths.** One ``DoubleRounding(bits=(8, 6, 4, 2))`` model,
    fine-tuned with :func:`~qjax.nn.double_rounding.joint_loss`, evaluated at each width, against
-   four ``Method("ste", b, None)`` models. Accounting: every model runs the same steps on the same
-   batches (same tokens per model); the DR model's 4 forward/backward passes per step equal the
-   four separate models' passes in total. Checkpoint bytes: one int8 DR checkpoint
+   four ``Method("ste", b, None)`` models; and DR models whose joint loss weights the widths
+   (``DR_SWEEP``: the 2-bit loss weighted 0.2, left out, only the 8-bit loss). The joint loss
+   is the weighted mean of the widths' losses, as in the training program
+   (:func:`qjax._src.train_setup.double_rounding_weights`). Accounting: every model runs the
+   same steps on the same batches (same tokens per model); the equal-weight DR model's 4
+   forward/backward passes per step equal the four separate models' passes in total (a width
+   weighted 0 is not run). Checkpoint bytes: one int8 DR checkpoint
    (:func:`qjax.convert.convert`, :func:`qjax.convert.save`) vs the four; and the int8 checkpoint
    lowered to 4 and 2 bits (:func:`~qjax.nn.double_rounding.lower_precision`) is served and
    compared with QAT's logits.
@@ -71,6 +75,11 @@ QUICK = dict(FULL, d_model=64, seq_len=64, batch_size=8, float_steps=60, ft_step
              corpus_bytes=2 * 2**20, bootstrap=20)
 BITS = (2, 3, 4, 8)        # HAWQ candidate widths
 DR_BITS = (8, 6, 4, 2)     # Double Rounding precisions
+# Double Rounding models whose joint loss weights the widths' losses (8/6/4/2 bits) unequally:
+# the first weights the lowest width's loss down (the equal-weight model's 2-bit loss pulls the
+# shared weights off the other widths' optimum), the others locate the pull.
+DR_SWEEP = ((1.0, 1.0, 1.0, 0.2), (1.0, 1.0, 1.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+DR_WEIGHTS = DR_SWEEP[0]
 UNIFORM = 3                # the size HAWQ must match
 N_RANDOM = 3
 FT_SEED = 1                # fine-tuning batches (the float model trained on seed 0)
@@ -94,12 +103,12 @@ class Bench:
         self.cfg = LlamaConfig(d_model=c["d_model"], n_layers=c["n_layers"],
                                n_heads=c["n_heads"], max_seq_len=c["seq_len"])
         tc = replace(TrainConfig(), name="mixed_precision_float", method=None, baseline=False,
-                         d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
-                         seq_len=c["seq_len"], batch_size=c["batch_size"],
-                         steps=c["float_steps"], lr=c["float_lr"],
-                         max_corpus_bytes=c["corpus_bytes"], eval_every=c["float_steps"],
-                         eval_batches=c["eval_batches"], checkpoint_every=c["float_steps"],
-                         log_every=50, out_dir=os.path.join(runs_dir, "float"))
+                     d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
+                     seq_len=c["seq_len"], batch_size=c["batch_size"],
+                     steps=c["float_steps"], lr=c["float_lr"],
+                     max_corpus_bytes=c["corpus_bytes"], eval_every=c["float_steps"],
+                     eval_batches=c["eval_batches"], checkpoint_every=c["float_steps"],
+                     log_every=50, out_dir=os.path.join(runs_dir, "float"))
         self.float_run = train.train_one(tc, self.corpus, tc.run_dir)
         self.float_params = train.load_params(tc, tc.run_dir)
         self.model = Llama(self.cfg)
@@ -312,13 +321,16 @@ def part2(bench: Bench) -> dict:
     recipe = DR.DoubleRounding(bits=DR_BITS)
     ckpt_dir = os.path.join(bench.runs_dir, "checkpoints")
 
-    def run_dr():
+    def run_dr(weights=None):
         qmodel, p0 = bench.quantized({BLOCK_LINEARS: recipe})
         before = {b: bench.evaluate(qmodel, p0, bits=b) for b in recipe.bits}
 
+        w = (1.0,) * len(recipe.bits) if weights is None else weights
+        mean = tuple(x / sum(w) for x in w)  # the training program's weighted mean
+
         def loss(p, i, t):
             return DR.joint_loss(lambda b: _ce(qmodel.apply({"params": p}, i, bits=b), t),
-                                 recipe.bits)
+                                 recipe.bits, mean)
 
         p, train_loss, secs = bench.finetune(loss, p0)
         int8 = QC.convert(p, qmodel)
@@ -331,12 +343,13 @@ def part2(bench: Bench) -> dict:
             served = QC.serve(qmodel, low, x)
             check[str(b)] = float(jnp.max(jnp.abs(served - qmodel.apply({"params": p}, x,
                                                                          bits=b))))
+        name = "dr_int8" if weights is None else "dr_int8_w" + _weights_name(w).replace("/", "_")
         return {"val_loss": {str(b): bench.evaluate(qmodel, p, bits=b) for b in recipe.bits},
                 "val_loss_before": {str(b): v for b, v in before.items()},
                 "train_joint_loss": train_loss, "seconds": secs, "quantized_bytes":
-                _qbytes(int8), "checkpoint_bytes": QC.save(os.path.join(ckpt_dir, "dr_int8"),
-                                                           int8, overwrite=True),
-                "served_minus_qat_max_abs_logit": check}
+                _qbytes(int8), "checkpoint_bytes": QC.save(os.path.join(ckpt_dir, name), int8,
+                                                           overwrite=True),
+                "served_minus_qat_max_abs_logit": check, "loss_weights": weights}
 
     def run_sep(b):
         def run():
@@ -353,19 +366,32 @@ def part2(bench: Bench) -> dict:
 
     print("== part 2: Double Rounding", flush=True)
     dr = bench.cached("dr", run_dr)
+    sweep = {}
+    for weights in DR_SWEEP:
+        print(f"== part 2: Double Rounding, loss weights {weights}", flush=True)
+        sweep[_weights_name(weights)] = bench.cached(
+            "dr_w" + _weights_name(weights).replace("/", "_"), lambda w=weights: run_dr(w))
     sep = {}
     for b in recipe.bits:
         print(f"== part 2: separate STE W{b}", flush=True)
         sep[str(b)] = bench.cached(f"ste_w{b}", run_sep(b))
-    return {"double_rounding": dr, "separate": sep}
+    return {"double_rounding": dr, "double_rounding_weighted": sweep[_weights_name(DR_WEIGHTS)],
+            "double_rounding_sweep": sweep, "separate": sep}
+
+
+def _weights_name(weights) -> str:
+    return "/".join(f"{w:g}" for w in weights)
 
 
 def _goals(p1: dict, p2: dict) -> dict:
     by = {r["allocation"]: r for r in p1["rows"]}
     rand = [r["val_loss"] for r in p1["rows"] if r["allocation"].startswith("random")]
     h = by["HAWQ-V2"]["val_loss"]
-    dr, sep = p2["double_rounding"]["val_loss"], p2["separate"]
-    gap = {b: dr[b] / sep[b]["val_loss"] - 1 for b in dr}
+    sep = p2["separate"]
+    gap = {b: v / sep[b]["val_loss"] - 1 for b, v in p2["double_rounding"]["val_loss"].items()}
+    gap_w = {b: v / sep[b]["val_loss"] - 1
+             for b, v in p2["double_rounding_weighted"]["val_loss"].items()}
+    weights = _weights_name(DR_WEIGHTS)
     return {
         f"HAWQ-V2 < uniform {UNIFORM}-bit at equal size (after QAT)":
             bool(h < by[f"uniform {UNIFORM}-bit"]["val_loss"]),
@@ -374,6 +400,8 @@ def _goals(p1: dict, p2: dict) -> dict:
         "HAWQ-V2 < every random allocation of that size (after QAT)": bool(h < min(rand)),
         "Double Rounding within 1% of the separate model at 8 bits": bool(gap["8"] <= 0.01),
         "Double Rounding within 1% of the separate model at 4 bits": bool(gap["4"] <= 0.01),
+        f"Double Rounding, loss weights {weights}, within 1% at 8 bits": bool(gap_w["8"] <= 0.01),
+        f"Double Rounding, loss weights {weights}, within 1% at 4 bits": bool(gap_w["4"] <= 0.01),
     }
 
 
@@ -432,17 +460,30 @@ def _markdown(bench: Bench, p1: dict, p2: dict, goals: dict, quick: bool) -> str
         md.append(f"| {kind} | {r['avg_bits']:.2f} | {r['bytes'] / 1024:.1f} | "
                   f"{r['val_loss']:.4f} |")
     dr, sep = p2["double_rounding"], p2["separate"]
+    drw = p2["double_rounding_weighted"]["val_loss"]
+    weights = _weights_name(DR_WEIGHTS)
     md += ["", "## 2. Double Rounding (one model, 8/6/4/2 bits) vs four separate STE models", "",
-           f"DR: {c['ft_steps']} steps, each batch at the 4 precisions (joint loss); separate: "
-           f"{c['ft_steps']} steps each on the same batches. Same tokens per model, same total "
-           f"forward/backward passes ({4 * c['ft_steps']} on each side).", "",
-           "| bits | DR step 0 | DR after | separate step 0 | separate after | DR vs separate |",
-           "|---|---|---|---|---|---|"]
+           f"DR: {c['ft_steps']} steps, each batch at the 4 precisions (joint loss, the widths' "
+           f"losses summed); DR w: the same with the losses weighted {weights} (8/6/4/2 bits). "
+           f"Separate: {c['ft_steps']} steps each on the same batches. Same tokens per model, "
+           f"same total forward/backward passes ({4 * c['ft_steps']} on each side).", "",
+           "| bits | DR step 0 | DR after | vs separate | DR w after | vs separate | "
+           "separate step 0 | separate after |", "|---|---|---|---|---|---|---|---|"]
     for b in map(str, DR_BITS):
         s = sep[b]
         md.append(f"| {b} | {dr['val_loss_before'][b]:.4f} | **{dr['val_loss'][b]:.4f}** | "
-                  f"{s['val_loss_before']:.4f} | **{s['val_loss']:.4f}** | "
-                  f"{100 * (dr['val_loss'][b] / s['val_loss'] - 1):+.2f}% |")
+                  f"{100 * (dr['val_loss'][b] / s['val_loss'] - 1):+.2f}% | "
+                  f"**{drw[b]:.4f}** | {100 * (drw[b] / s['val_loss'] - 1):+.2f}% | "
+                  f"{s['val_loss_before']:.4f} | **{s['val_loss']:.4f}** |")
+    md += ["", "Loss weights (8/6/4/2 bits) and the widths' losses after fine-tuning, vs the "
+           "separate models (the weights were picked on these validation batches; there is no "
+           "held-out split):", "", "| loss weights | " + " | ".join(
+               f"{b} bits" for b in DR_BITS) + " |", "|---|" + "---|" * len(DR_BITS)]
+    rows = {"1/1/1/1": dr, **p2["double_rounding_sweep"]}
+    for name, r in rows.items():
+        md.append(f"| {name} | " + " | ".join(
+            f"{r['val_loss'][b]:.4f} ({100 * (r['val_loss'][b] / sep[b]['val_loss'] - 1):+.2f}%)"
+            for b in map(str, DR_BITS)) + " |")
     sep_q = sum(s["quantized_bytes"] for s in sep.values())
     sep_c = sum(s["checkpoint_bytes"] for s in sep.values())
     md += ["", "| checkpoints | quantized kernels (codes + scales) | on disk (qjax.convert.save, "
@@ -489,6 +530,9 @@ def _plot(p1: dict, p2: dict, float_loss: float, path: str) -> bool:
     dr, sep = p2["double_rounding"]["val_loss"], p2["separate"]
     xs = [kib(n * b / 8) for b in DR_BITS]
     a2.plot(xs, [dr[str(b)] for b in DR_BITS], "o-", label="Double Rounding (one model)")
+    drw = p2["double_rounding_weighted"]["val_loss"]
+    a2.plot(xs, [drw[str(b)] for b in DR_BITS], "^-",
+            label=f"Double Rounding, weights {_weights_name(DR_WEIGHTS)}")
     a2.plot(xs, [sep[str(b)]["val_loss"] for b in DR_BITS], "s--", label="separate STE models")
     for ax, title in ((a1, "HAWQ-V2 vs uniform / random"), (a2, "Double Rounding vs separate")):
         ax.axhline(float_loss, color="k", ls=":", label="float, fine-tuned")

@@ -46,7 +46,7 @@ def _config(bits: int, variant: str, seed: int, quick: bool, runs_dir: str):
     fields = dict(method="ofq", weight_bits=bits, act_bits=bits, seed=seed, baseline=False,
                   log_every=10, **VARIANTS[variant], **(QUICK if quick else {}))
     return replace(get_config(), name=slug, **fields,
-                               out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+                   out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
 def _osc_curve(run_dir: str) -> list[tuple[int, float]]:

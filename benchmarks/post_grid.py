@@ -41,7 +41,7 @@ def _config(bits: int, grid: str, seed: int, quick: bool, runs_dir: str):
     fields = dict(method="lsq", grid=grid, weight_bits=bits, act_bits=bits, seed=seed,
                   baseline=False, **(QUICK if quick else {}))
     return replace(get_config(), name=slug, **fields,
-                               out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+                   out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
 def main(seeds: list[int], quick: bool) -> None:

@@ -49,7 +49,7 @@ def _config(row: str, backward: str, seed: int, steps: int, quick: bool, runs_di
     cfg = replace(get_config(), **fields)
     slug = row.split(",")[0].split(" ")[0].lower()
     return replace(cfg, name=f"{slug}_{backward}",
-                               out_dir=os.path.join(runs_dir, slug, backward, f"seed{seed}"))
+                   out_dir=os.path.join(runs_dir, slug, backward, f"seed{seed}"))
 
 
 def _paired(float_losses: list[float], int8_losses: list[float]) -> dict:
@@ -77,7 +77,7 @@ def main(seeds: list[int], steps: int, quick: bool) -> None:
         rows.append({"row": row, "seeds": seeds, "val_loss": losses,
                      **_paired(losses["float"], losses["int8"])})
     payload = {"steps": steps, "seeds": seeds, "quick": quick,
-               "tokens": steps * probe.batch_size * probe.seq_len, "rows": rows,
+               "tokens": steps * probe.optim.batch_size * probe.model.max_seq_len, "rows": rows,
                "machine": machine()}
     lines = ["# Quantized backward: validation loss against the float backward", "",
              f"Tiny byte-level Llama (configs/quest_w4a4_tiny.py sizes), {steps} steps "

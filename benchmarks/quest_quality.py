@@ -97,7 +97,7 @@ def _gradient_quality(corpus: D.Corpus, weights: dict[int, tuple[str, object]]) 
                                       src.model.max_seq_len, src.optim.seed)
         for est in ("ste", "clipped_ste", "trust"):
             cfg = replace(src, method="quest", weight_bits=bits, act_bits=bits,
-                                      estimator=est)
+                          estimator=est)
             model, _ = train.build_model(cfg)
 
             def loss(p, i, t, qat, model=model):
@@ -242,9 +242,7 @@ def main() -> None:
                      f"{args.sweep!r}")
 
     first = _config(names[0], 0, args.quick, runs_dir)
-    corpus = D.load_corpus(D.CorpusConfig(paths=first.data.paths,
-                                          max_bytes=first.data.max_bytes,
-                                          val_fraction=first.data.val_fraction))
+    corpus = D.load_corpus(first.data)
     print(corpus.info.describe(), flush=True)
     entropy = D.unigram_entropy(corpus.val)
     if args.sweep:
@@ -304,9 +302,10 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     cfg0 = _config(names[0], 0, args.quick, runs_dir)
     mach = machine()
+    m, o = cfg0.model, cfg0.optim
     md = [f"# QuEST study{' (quick smoke run)' if args.quick else ''}", "",
-          f"Byte-level Llama d={cfg0.d_model}, {cfg0.n_layers} layers, seq {cfg0.seq_len}, batch "
-          f"{cfg0.batch_size}, {cfg0.steps} steps ({cfg0.steps * cfg0.batch_size * cfg0.seq_len:,}"
+          f"Byte-level Llama d={m.d_model}, {m.n_layers} layers, seq {m.max_seq_len}, batch "
+          f"{o.batch_size}, {o.steps} steps ({o.steps * o.batch_size * m.max_seq_len:,}"
           f" tokens) of {corpus.info.describe().split(' files')[0]}; AdamW, lr per row (the "
           f"lr column; see quest_quality_lr_sweep.md); {mach['processor']}, {mach['cpus']} CPUs, "
           f"JAX {mach['jax']}.", "",

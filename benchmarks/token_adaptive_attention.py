@@ -52,7 +52,7 @@ def _config(row: str, seed: int, quick: bool, runs_dir: str):
     fields = dict(**ROWS[row], attn_prob_bits=8, seed=seed, baseline=False,
                   **(QUICK if quick else {}))
     return replace(get_config(), name=slug, **fields,
-                               out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
+                   out_dir=os.path.join(runs_dir, slug, f"seed{seed}"))
 
 
 def main(seeds: list[int], quick: bool) -> None:

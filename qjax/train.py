@@ -30,7 +30,8 @@ the checkpoint on resume, and the checkpoints hold the trained params only. ``di
 ``method=zeroqat`` fine-tunes an lsq model from ``init_from`` with zeroth-order steps
 (:mod:`qjax.methods.zeroqat`; ``zo_eps``, ``zo_probes``, no backward pass, no weight decay);
 ``method=double_rounding`` (``double_rounding_bits=8,4``, ``weight_bits`` the highest) trains
-one model at every width (losses averaged) and reports each width from the one checkpoint.
+one model at every width (the losses' mean, weighted by ``double_rounding_weights``) and reports
+each width from the one checkpoint.
 ``backward=int8`` (with ``integer_forward=true``) runs the gradient matmuls of the integer-forward
 layers in int8 (:mod:`qjax._src.quantized_backward`), the stochastic rounding keyed by the seed and
 the step (the same losses on every run and resume of the config). ``method=ofq`` trains StatsQ

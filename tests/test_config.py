@@ -46,6 +46,9 @@ def test_schedule_and_qat_fraction():
         "qat_fraction must be float or 'optimal'": ["qat_fraction=most"],
         "needs qat_fraction": ["schedule=wsd_fused"],
         "needs weight_bits": ["schedule=wsd_fused", "qat_fraction=optimal", "weight_bits=none"],
+        # a float run's schedule reads weight_bits too
+        "qat_fraction='optimal' needs weight_bits": [
+            "method=none", "schedule=wsd_fused", "qat_fraction=optimal", "weight_bits=none"],
         "schedule='cosine' starts QAT at qat_start": ["qat_fraction=0.2"],
         "qat_start is for schedule='cosine'": ["schedule=wsd_fused", "qat_fraction=0.2",
                                               "qat_start=0.5"],
@@ -58,7 +61,7 @@ def test_schedule_and_qat_fraction():
 def test_low_rank_fields():
     c = apply_overrides(TrainConfig(), ["method=lr_qat", "init_from=runs/x/float", "rank=16",
                                         "phi_dtype=int8", "act_bits=none"])
-    assert (c.quant.method, c.init_from, c.methods.rank, c.methods.phi_dtype) == (
+    assert (c.quant.method, c.init_from, c.method_options.rank, c.method_options.phi_dtype) == (
         "lr_qat", "runs/x/float", 16, "int8")
     assert apply_overrides(TrainConfig(), ["init_from=none"]).init_from is None
     bad = {
@@ -125,3 +128,16 @@ def test_sections_nest_the_model_corpus_and_recipe():
         TrainConfig(model={"d_model": 64})
     with pytest.raises(ValueError, match="vocab_size must be 256"):
         train_config(vocab_size=512)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(seq_len=True), "max_seq_len must be a positive int"),
+    (dict(hidden_multiple=0), "hidden_multiple must be a positive int"),
+    (dict(hidden=-5), "hidden must be a positive int"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),
+    (dict(init_std=float("inf")), "init_std must be a finite number > 0"),
+    (dict(norm_eps=-1.0), "norm_eps must be a finite number > 0"),
+], ids=["bool_seq", "hidden_multiple", "hidden", "rope_nan", "init_inf", "eps_negative"])
+def test_the_model_section_checks_its_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        train_config(**fields)

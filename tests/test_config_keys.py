@@ -112,3 +112,21 @@ def test_a_run_recorded_before_the_nesting_resumes(tmp_path):
     changed = run_identity(replace(config, rope_theta=500.0))
     with pytest.raises(RunDirError, match="rope_theta: '<unset>' -> 500.0"):
         check_run_dir(str(tmp_path), {"config": changed, "corpus": corpus}, write=False, **kw)
+
+
+def test_errors_name_the_key_the_user_gave():
+    with pytest.raises(ValueError, match=r"did you mean 'max_corpus_bytes' \(data.max_bytes\)"):
+        apply_overrides(TrainConfig(), ["max_bytes=10"])
+    with pytest.raises(ValueError, match=r"did you mean 'seq_len' \(model.max_seq_len\)"):
+        apply_overrides(TrainConfig(), ["max_seq_len=10"])
+    with pytest.raises(ValueError, match=r"max_seq_len must be a positive int, got 0 "
+                                         r"\(setting seq_len\)"):
+        apply_overrides(TrainConfig(), ["seq_len=0"])
+
+
+def test_a_flat_config_file_is_told_about_the_sections(tmp_path):
+    path = tmp_path / "flat.py"
+    path.write_text("from qjax.config import TrainConfig\n"
+                    "def get_config():\n    return TrainConfig(steps=3)\n")
+    with pytest.raises(TypeError, match=r"nests its fields in sections .* qjax.config.replace"):
+        load_config(str(path))

@@ -125,3 +125,16 @@ def test_bad_input():
         qm.apply(v, X, bits=3)
     with pytest.raises(ValueError, match="one of this recipe's"):
         QC.convert(v["params"], qm, bits=5)
+
+
+def test_joint_loss_weights_each_precision():
+    losses = {8: 1.0, 4: 2.0, 2: 5.0}
+    assert DR.joint_loss(losses.__getitem__, (8, 4, 2)) == 8.0
+    assert DR.joint_loss(losses.__getitem__, (8, 4, 2), (1.0, 0.5, 0.2)) == pytest.approx(3.0)
+    # numpy scalars are weights too; a precision weighted 0 is not run
+    assert DR.joint_loss(losses.__getitem__, (8, 4, 2), (np.float32(1.0), 0.0, 0.0)) == 1.0
+    assert DR.joint_loss(lambda b: {8: 1.0}[b], (8, 4, 2), (1.0, 0.0, 0.0)) == 1.0
+    for bad in ((1.0, 1.0), (1.0, -0.5, 1.0), (1.0, float("nan"), 1.0),
+                (1.0, float("inf"), 1.0), (1.0, True, 1.0), (0.0, 0.0, 0.0)):
+        with pytest.raises(ValueError, match="weights must"):
+            DR.joint_loss(losses.__getitem__, (8, 4, 2), bad)

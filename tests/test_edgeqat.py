@@ -28,14 +28,16 @@ def test_qk_entropy_is_the_mean_log_variance_of_rows():
 def test_entropy_loss_equals_the_released_sum_form_up_to_a_constant():
     """The released code: -1/2 log(sum over layers, rows, Q and K of log(1 + var)); with equal
     row counts it is entropy_loss + (-1/2 log N)."""
-    qs = [RNG.normal(size=(2, 4, 3, 8)).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
-    ks = [RNG.normal(size=(2, 4, 3, 8)).astype(np.float32) * s for s in (2.0, 0.3, 1.0)]
+    rng = np.random.default_rng(3)  # its own draws: the result must not depend on test order
+    qs = [rng.normal(size=(2, 4, 3, 8)).astype(np.float32) * s for s in (0.5, 1.0, 3.0)]
+    ks = [rng.normal(size=(2, 4, 3, 8)).astype(np.float32) * s for s in (2.0, 0.3, 1.0)]
     terms = [E.qk_entropy(jnp.asarray(a)) for a in qs + ks]
     total = sum(np.log1p(np.var(a.astype(np.float64), -1, ddof=1)).sum() for a in qs + ks)
     n_rows = 6 * 2 * 4 * 3
     released = -0.5 * np.log(total)
+    # float32 variances and logs against a float64 reference: a few ulps of the sum
     assert float(E.entropy_loss(terms)) == pytest.approx(released + 0.5 * np.log(n_rows),
-                                                         rel=1e-6)
+                                                         rel=1e-5)
 
 
 def test_entropy_loss_falls_as_the_quantized_rows_spread():
@@ -179,8 +181,8 @@ def test_training_program_adds_the_edgeqat_terms(tmp_path):
                  hadamard_block=32, max_corpus_bytes=1_000_000, eval_every=2, eval_batches=1,
                  log_every=1, checkpoint_every=2)
     config = train_config(name="eq", out_dir=str(tmp_path), baseline=False, method="lsq",
-                         attn_bits=8, attn_prob_bits=8, edgeqat_entropy=0.5,
-                         edgeqat_attention=1.0, **small)
+                          attn_bits=8, attn_prob_bits=8, edgeqat_entropy=0.5,
+                          edgeqat_attention=1.0, **small)
     (result,) = train.run(config)
     assert result["label"] == "lsq+edgeqat0.5/1 W4A4 QKV8 P8" and 0 < result["val_loss"] < 6
     first = _first_loss(tmp_path / "qat" / "metrics.jsonl")
@@ -222,8 +224,8 @@ def test_training_program_edgeqat_with_a_float_teacher_and_distillation(tmp_path
                  log_every=1, checkpoint_every=2)
     train.run(train_config(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
     config = train_config(name="eq", out_dir=str(tmp_path / "eq"), baseline=False, method="lsq",
-                         init_from=str(tmp_path / "base" / "float"), distill=0.5,
-                         attn_bits=8, edgeqat_attention=2.0, **small)
+                          init_from=str(tmp_path / "base" / "float"), distill=0.5,
+                          attn_bits=8, edgeqat_attention=2.0, **small)
     train.run(config)
     first = _first_loss(tmp_path / "eq" / "qat" / "metrics.jsonl")
     model, params, _ = train_setup.initial_params(config)

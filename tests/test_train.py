@@ -49,7 +49,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_table(uninterrupted, capsys):
 def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
     full_out, _ = uninterrupted
     config = train_config(name="tiny", out_dir=str(tmp_path), stop_after=3, baseline=False,
-                         **TINY)
+                          **TINY)
     assert train.run(config) == []  # stopped after the step-3 checkpoint
     # a half-written step-4 metrics line, as a kill right after logging would leave
     with open(tmp_path / "qat" / "metrics.jsonl", "a") as f:
@@ -59,7 +59,7 @@ def test_killed_run_resumes_with_identical_losses(uninterrupted, tmp_path):
                           (dict(d_model=128, hadamard_block=None), "d_model: 64 -> 128")):
         with pytest.raises(RunDirError, match=field):
             train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False,
-                                  **{**TINY, **change}))
+                                   **{**TINY, **change}))
     resumed = train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False, **TINY))
     def strip(rows):  # wall-clock throughput differs between runs; everything else must not
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
@@ -75,7 +75,7 @@ def test_cli_errors(tmp_path, capsys):
         train.main(["--override", "stepz=3"])
     assert e.value.code == 2 and "unknown config key 'stepz'" in capsys.readouterr().err
     config = train_config(name="x", out_dir=str(tmp_path), corpus_paths=(str(tmp_path / "no"),),
-                         **{k: v for k, v in TINY.items() if k != "max_corpus_bytes"})
+                          **{k: v for k, v in TINY.items() if k != "max_corpus_bytes"})
     with pytest.raises(FileNotFoundError, match="no"):
         train.run(config)
 
@@ -115,7 +115,7 @@ def test_sigkill_mid_run_then_resume_matches(uninterrupted, tmp_path):
 
 def test_float_phase_then_qat(tmp_path):
     config = train_config(name="phase", out_dir=str(tmp_path), baseline=False, qat_start=0.5,
-                         **{**TINY, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
+                          **{**TINY, "steps": 4, "checkpoint_every": 4, "eval_every": 4})
     train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
     assert [r["qat"] for r in rows] == [False, False, True, True]
@@ -129,7 +129,7 @@ def test_int8_backward_run_is_deterministic_and_resumes_exactly(tmp_path):
 
     def config(out, **changes):
         return train_config(name="bwd", out_dir=str(tmp_path / out), baseline=False, method="ste",
-                           integer_forward=True, backward="int8", **{**small, **changes})
+                            integer_forward=True, backward="int8", **{**small, **changes})
 
     (result,) = train.run(config("full"))
     assert result["label"] == "ste W4A4" and 0 < result["val_loss"] < 6
@@ -150,7 +150,7 @@ def test_quantized_attention_run_learns_and_its_params_decode(tmp_path):
 
     small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
     config = train_config(name="attn", out_dir=str(tmp_path), baseline=False, method="quest",
-                         attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=8, **small)
+                          attn_bits=8, attn_prob_bits=8, kv_bits=4, kv_group=8, **small)
     (result,) = train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] and 0 < result["val_loss"] < 6
@@ -178,8 +178,8 @@ def test_low_rank_qat_from_a_float_run(tmp_path):
     small = {**TINY, "steps": 2, "checkpoint_every": 2, "eval_every": 2}
     train.run(train_config(name="base", out_dir=str(tmp_path / "base"), method=None, **small))
     config = train_config(name="lr", out_dir=str(tmp_path / "lr"), baseline=False,
-                         method="lr_qat", act_bits=None, rank=4,
-                         init_from=str(tmp_path / "base" / "float"), **small)
+                          method="lr_qat", act_bits=None, rank=4,
+                          init_from=str(tmp_path / "base" / "float"), **small)
     (result,) = train.run(config)
     assert result["label"] == "lr_qat r4 W4" and 0 < result["val_loss"] < 6
     params = train.load_params(config, str(tmp_path / "lr" / "qat"))
@@ -207,7 +207,7 @@ def test_flipped_bit_in_the_latest_checkpoint_resumes_from_the_intact_one(
     full_out, _ = uninterrupted
     tiny = {**TINY, "checkpoint_every": 2}
     train.run(train_config(name="tiny", out_dir=str(tmp_path), baseline=False, stop_after=4,
-                          **tiny))
+                           **tiny))
     step4 = tmp_path / "qat" / "ckpt" / "4"
     files = [os.path.join(r, n) for r, _, ns in os.walk(step4) for n in ns if n != MANIFEST]
     big = max(files, key=os.path.getsize)
@@ -265,8 +265,8 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
 
     small, base = float_base
     config = train_config(name="kd", out_dir=str(tmp_path), baseline=False, method="lsq",
-                         init_from=base, distill=0.25, distill_temperature=2.0,
-                         **{**small, "log_every": 1})
+                          init_from=base, distill=0.25, distill_temperature=2.0,
+                          **{**small, "log_every": 1})
     (result,) = train.run(config)
     assert result["label"] == "lsq+kd0.25 W4A4"
     first = _rows(tmp_path / "qat" / "metrics.jsonl")[0]
@@ -289,7 +289,7 @@ def test_distill_loss_is_the_mix_of_cross_entropy_and_teacher_kl(float_base, tmp
 def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     small, base = float_base
     zo = train_config(name="zo", out_dir=str(tmp_path / "zo"), baseline=False, method="zeroqat",
-                     init_from=base, act_bits=8, zo_probes=2, **{**small, "lr": 1e-5})
+                      init_from=base, act_bits=8, zo_probes=2, **{**small, "lr": 1e-5})
     (r,) = train.run(zo)
     assert r["label"] == "zeroqat W4A8" and 0 < r["val_loss"] < 6
     trained = train.load_params(zo, str(tmp_path / "zo" / "qat"))
@@ -299,13 +299,14 @@ def test_zeroqat_and_double_rounding_from_the_program(float_base, tmp_path):
     moved = jax_tree_max_abs_diff(trained, start)
     assert moved > 0  # the zeroth-order steps changed the weights and learned steps
     dr = train_config(name="dr", out_dir=str(tmp_path / "dr"), baseline=False,
-                     method="double_rounding", weight_bits=8, double_rounding_bits=(8, 4),
-                     act_bits=None, **small)
+                      method="double_rounding", weight_bits=8, double_rounding_bits=(8, 4),
+                      double_rounding_weights=(1.0, 0.5), act_bits=None, **small)
     (r,) = train.run(dr)
     assert list(r["val_loss_at_bits"]) == ["8", "4"]
     assert r["val_loss_at_bits"]["8"] == r["val_loss"]
     table = (tmp_path / "dr" / "results.md").read_text()
-    assert "double_rounding W8 (of W8)" in table and "double_rounding W4 (of W8)" in table
+    assert "double_rounding w1/0.5 W8 (of W8)" in table
+    assert "double_rounding w1/0.5 W4 (of W8)" in table
 
 
 def jax_tree_max_abs_diff(a, b) -> float:
@@ -318,7 +319,7 @@ def jax_tree_max_abs_diff(a, b) -> float:
 
 @pytest.mark.parametrize("fields, message", [
     (dict(method="zeroqat"), "set init_from"),
-    (dict(method="lsq", distill=0.5), "set method and init_from"),
+    (dict(method="lsq", distill=0.5), "distill > 0 .* set init_from"),
     (dict(method="lsq", distill=1.5, init_from="x"), "distill must be a weight in"),
     (dict(method="double_rounding", weight_bits=4, double_rounding_bits=(8, 4)),
      "stores weight_bits = the highest"),
@@ -338,8 +339,8 @@ def test_method_options_are_checked(fields, message):
 def test_mixed_precision_budget_allocates_records_and_trains(float_base, tmp_path):
     small, base = float_base
     config = train_config(name="mp", out_dir=str(tmp_path), baseline=False, method="lsq",
-                         act_bits=None, init_from=base, mixed_precision_budget=3.0,
-                         mixed_precision_bits=(2, 4, 8), **small)
+                          act_bits=None, init_from=base, mixed_precision_budget=3.0,
+                          mixed_precision_bits=(2, 4, 8), **small)
     (r,) = train.run(config)
     assert r["label"] == "lsq+hawq W3"
     alloc = json.loads((tmp_path / "qat" / "allocation.json").read_text())
@@ -403,7 +404,7 @@ def test_token_adaptive_attention_run_learns(tmp_path):
     """attn_low_bits: EdgeQAT's token-adaptive Q/K/V widths in the training program."""
     small = {**TINY, "steps": 3, "checkpoint_every": 3, "eval_every": 3}
     config = train_config(name="adaptive", out_dir=str(tmp_path), baseline=False, method="quest",
-                         attn_bits=8, attn_prob_bits=8, attn_low_bits=4, **small)
+                          attn_bits=8, attn_prob_bits=8, attn_low_bits=4, **small)
     (result,) = train.run(config)
     rows = [r for r in _rows(tmp_path / "qat" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] and 0 < result["val_loss"] < 6

@@ -20,6 +20,10 @@ from qjax._src.train_report import label, read_metrics, results_table
     (dict(kv_bits=8, attn_low_bits=4), "quest W4A4 KV8/4"),
     (dict(attn_bits=8, attn_prob_bits=4, kv_bits=4, attn_low_bits=2),
      "quest W4A4 QKV8/2 P4 KV4"),
+    (dict(method="double_rounding", weight_bits=8, act_bits=None, double_rounding_bits=(8, 4)),
+     "double_rounding W8/4"),
+    (dict(method="double_rounding", weight_bits=8, act_bits=None, double_rounding_bits=(8, 4),
+          double_rounding_weights=(1, 0.25)), "double_rounding w1/0.25 W8/4"),
 ])
 def test_label_names_everything_that_changes_the_results(overrides, expected):
     assert label(train_config(**overrides)) == expected

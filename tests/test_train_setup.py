@@ -42,7 +42,7 @@ def test_method_from_config():
 
 def test_method_from_config_passes_the_backward():
     config = train_config(method="ste", integer_forward=True, backward="int8", d_model=64,
-                         hadamard_block=64)
+                          hadamard_block=64)
     assert S.method_from_config(config).backward == "int8"
     S.validate(config)
     assert S.method_from_config(TrainConfig()).backward == "float"
@@ -72,3 +72,22 @@ def test_token_adaptive_attention_from_config():
                              "low_fraction")):
         with pytest.raises(ValueError, match=message):
             train_config(**fields)
+
+
+def test_double_rounding_weights_follow_the_widths_and_sum_to_one():
+    base = dict(method="double_rounding", weight_bits=8, act_bits=None)
+    equal = S.double_rounding_weights(train_config(**base, double_rounding_bits=(8, 6, 4, 2)))
+    assert equal == (0.25, 0.25, 0.25, 0.25)
+    # given in the order of double_rounding_bits, returned in the recipe's (highest first)
+    config = train_config(**base, double_rounding_bits=(4, 8, 2),
+                          double_rounding_weights=(1, 2, 0.5))
+    assert S.method_from_config(config).bits == (8, 4, 2)
+    assert S.double_rounding_weights(config) == pytest.approx((2 / 3.5, 1 / 3.5, 0.5 / 3.5))
+
+
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, -1.0), (0.0, 0.0), (1.0, float("nan")),
+                                     "1,1"])
+def test_double_rounding_weights_are_checked(weights):
+    with pytest.raises(ValueError, match="double_rounding_weights must be one finite weight"):
+        train_config(method="double_rounding", weight_bits=8, double_rounding_bits=(8, 4),
+                     double_rounding_weights=weights)

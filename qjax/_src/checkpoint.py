@@ -97,14 +97,14 @@ def check_run_dir(run_dir: str, identity: Mapping, *, write: bool = True,
                   defaults: Mapping | None = None, renamed: Mapping | None = None) -> None:
     """Refuses ``run_dir`` if it holds a run of another identity; records ``identity`` otherwise.
 
-    ``identity`` is a JSON-able mapping (e.g. :func:`qjax._src.config.run_identity` plus the corpus
-    fingerprint). A directory without ``run.json`` but with checkpoints or results was written by
-    an older qjax or by hand: refused too, since what it is a run of is unknown. ``defaults``
-    (shaped like ``identity``) holds the default of each field: a field that a recorded identity
-    lacks (it was added to qjax after the run) and that ``identity`` sets to its default is no
-    difference, so runs of an older release resume. ``renamed`` (shaped like ``identity``, with
-    ``{old name: new name}`` where names changed) reads a recorded identity's old names as the
-    new ones.
+    ``identity`` is a JSON-able mapping (e.g. :func:`qjax._src.config_keys.run_identity` plus
+    the corpus fingerprint). A directory without ``run.json`` but with checkpoints or results
+    was written by an older qjax or by hand: refused too, since what it is a run of is unknown.
+    ``defaults`` (shaped like ``identity``) holds the default of each field: a field that a
+    recorded identity lacks (it was added to qjax after the run) and that ``identity`` sets to
+    its default is no difference, so runs of an older release resume. ``renamed`` (shaped like
+    ``identity``, with ``{old name: new name}`` where names changed) reads a recorded identity's
+    old names as the new ones.
 
     Raises:
       RunDirError: naming every differing field (``field: recorded -> wanted``).

@@ -97,15 +97,13 @@ class OptimConfig:
                 isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0):
             raise ValueError(f"qat_fraction must be a fraction in [0, 1], 'optimal' or None, "
                              f"got {f!r}")
-        if self.schedule == "cosine":
-            if f is not None:
-                raise ValueError("qat_fraction is for schedule='wsd_fused' or 'wsd_classical'; "
-                                 "schedule='cosine' starts QAT at qat_start")
-            return
-        if f is None:
+        if self.schedule == "cosine" and f is not None:
+            raise ValueError("qat_fraction is for schedule='wsd_fused' or 'wsd_classical'; "
+                             "schedule='cosine' starts QAT at qat_start")
+        if self.schedule != "cosine" and f is None:
             raise ValueError(f"schedule={self.schedule!r} needs qat_fraction: a fraction in "
                              f"[0, 1] or 'optimal'")
-        if self.qat_start != 0.0:
+        if self.schedule != "cosine" and self.qat_start != 0.0:
             raise ValueError(f"qat_start is for schedule='cosine'; schedule={self.schedule!r} "
                              f"starts QAT at round(steps * (1 - qat_fraction))")
 
@@ -219,7 +217,11 @@ class MethodOptions:
       zeroed (None: no CGA). The program logs ``osc_ratio`` of every ofq run.
     * ``zo_eps``, ``zo_probes``: ``method="zeroqat"``, MeZO-style SGD (two forwards per probe).
     * ``double_rounding_bits``: ``method="double_rounding"``, the weight widths trained jointly
-      and served from one ``weight_bits`` (= the highest) checkpoint.
+      and served from one ``weight_bits`` (= the highest) checkpoint; ``double_rounding_weights``
+      (one ``>= 0`` per width, in the order of ``double_rounding_bits``; None: equal) weight
+      their losses in the joint objective, normalized to sum 1. The lowest width's loss is the
+      largest and pulls the shared weights off the others' optimum (docs/design.md Section 8):
+      a small weight on it trades some of its accuracy for theirs.
     * ``mixed_precision_budget``, ``mixed_precision_bits``: HAWQ-V2 (:mod:`qjax.precision`)
       per-layer weight widths from ``mixed_precision_bits`` chosen on the float model (the
       baseline run, or ``init_from``) for an average of ``mixed_precision_budget`` bits per
@@ -237,6 +239,7 @@ class MethodOptions:
     zo_eps: float = 1e-3
     zo_probes: int = 1
     double_rounding_bits: tuple[int, ...] = (8, 4)
+    double_rounding_weights: tuple[float, ...] | None = None
     mixed_precision_budget: float | None = None
     mixed_precision_bits: tuple[int, ...] = (2, 3, 4, 8)
 
@@ -268,6 +271,15 @@ class MethodOptions:
                     isinstance(b, bool) or not isinstance(b, int) for b in bits):
                 raise ValueError(f"{name} must be a tuple of ints, got {bits!r}")
             object.__setattr__(self, name, tuple(bits))
+        w = self.double_rounding_weights
+        if w is not None:
+            if isinstance(w, (str, int, float)) or len(w) != len(self.double_rounding_bits) \
+                    or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                           or not math.isfinite(v) or v < 0 for v in w) or not sum(w) > 0:
+                raise ValueError(f"double_rounding_weights must be one finite weight >= 0 per "
+                                 f"width of double_rounding_bits "
+                                 f"{tuple(self.double_rounding_bits)} (not all 0), got {w!r}")
+            object.__setattr__(self, "double_rounding_weights", tuple(float(v) for v in w))
         if any(not 2 <= b <= 8 for b in self.mixed_precision_bits):
             raise ValueError(f"mixed_precision_bits must be ints in [2, 8], "
                              f"got {self.mixed_precision_bits!r}")
@@ -315,7 +327,7 @@ class ParallelConfig:
 # The nested sections of a TrainConfig, by field name.
 SECTIONS: dict[str, type] = {"model": LlamaConfig, "data": CorpusConfig, "optim": OptimConfig,
                              "quant": QuantConfig, "attention": AttentionConfig,
-                             "methods": MethodOptions, "parallel": ParallelConfig}
+                             "method_options": MethodOptions, "parallel": ParallelConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +355,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     quant: QuantConfig = QuantConfig()
     attention: AttentionConfig = AttentionConfig()
-    methods: MethodOptions = MethodOptions()
+    method_options: MethodOptions = MethodOptions()
     parallel: ParallelConfig = ParallelConfig()
     init_from: str | None = None
     baseline: bool = True
@@ -372,22 +384,25 @@ class TrainConfig:
         self._check_method()
 
     def _check_method(self) -> None:
-        q, m = self.quant, self.methods
-        if q.method is None:  # a float run (also the baseline of a QAT run) reads no option
-            return
+        q, m = self.quant, self.method_options
+        # Also a float run's: its wsd schedule's decay starts where QAT would.
         if self.optim.qat_fraction == "optimal" and q.weight_bits is None:
             raise ValueError("qat_fraction='optimal' needs weight_bits: f* is a function of "
                              "S = tokens / (params * weight_bits / 8)")
+        if q.method is None:  # a float run (also the baseline of a QAT run) reads no option
+            return
         if m.distill > 0 and self.init_from is None:
             raise ValueError("distill > 0 distills the init_from float model into a quantized "
-                             "one: set method and init_from")
+                             "one: set init_from")
         if m.edgeqat_entropy and self.attention.attn_bits is None:
             raise ValueError("edgeqat_entropy > 0 maximizes the entropy of the quantized queries "
                              "and keys: set attn_bits")
         pretrained = (*LOW_RANK_METHODS, "zeroqat")
-        if q.method in pretrained and (self.init_from is None or q.weight_bits is None):
+        if q.method in pretrained and self.init_from is None:
             raise ValueError(f"method={q.method!r} fine-tunes a pretrained model: set init_from "
-                             f"(a float run directory) and weight_bits")
+                             f"(a float run directory)")
+        if q.method in pretrained and q.weight_bits is None:
+            raise ValueError(f"method={q.method!r} needs weight_bits")
         if q.method in pretrained and self.parallel.mesh is not None:
             raise ValueError(f"method={q.method!r} runs on one device: mesh must be None")
         if q.method == "zeroqat" and m.distill > 0:

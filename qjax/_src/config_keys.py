@@ -61,7 +61,7 @@ def field_paths() -> dict[str, tuple[str, ...]]:
 # the quantized attention, the methods' options, and the optimizer's QAT knobs.
 QUANT_FIELDS = tuple(
     short for short, path in field_paths().items()
-    if (path[0] in ("quant", "attention", "methods") and short != "method")
+    if (path[0] in ("quant", "attention", "method_options") and short != "method")
     or short in ("qat_start", "quantizer_lr_multiplier"))
 
 
@@ -77,18 +77,21 @@ def flat_fields(config: TrainConfig) -> dict[str, object]:
     return {short: _get(config, path) for short, path in field_paths().items()}
 
 
-def _resolve(key: str) -> tuple[str, ...]:
+def _resolve(key: str, value: str = "...") -> tuple[str, ...]:
     paths = field_paths()
     key = key.strip()
     if key in RENAMED_FIELDS:
         raise ValueError(f"config key {key!r} is now {RENAMED_FIELDS[key]!r}; use "
-                         f"{RENAMED_FIELDS[key]}=...")
+                         f"{RENAMED_FIELDS[key]}={value}")
     if key in paths:
         return paths[key]
     dotted = tuple(key.split("."))
     if dotted in paths.values():
         return dotted
-    raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(sorted(paths))} "
+    # A section's own field name whose short name differs (max_seq_len, max_bytes, paths, ...)
+    hint = "".join(f"; did you mean {_SHORT_NAMES[path]!r} ({'.'.join(path)})?"
+                   for path in _SHORT_NAMES if path[1] == key)
+    raise ValueError(f"unknown config key {key!r}{hint} Known keys: {', '.join(sorted(paths))} "
                      f"(or their dotted paths, e.g. optim.lr)")
 
 
@@ -113,8 +116,16 @@ def replace(config: TrainConfig, **changes) -> TrainConfig:
             nested.setdefault(path[0], {})[path[1]] = value
     for section, fields in nested.items():
         base = top.get(section, getattr(config, section))
-        top[section] = dataclasses.replace(base, **fields)
+        try:
+            top[section] = dataclasses.replace(base, **fields)
+        except (ValueError, TypeError) as e:  # name the fields as the caller did
+            given = ", ".join(_short_name((section, f)) for f in fields)
+            raise type(e)(f"{e} (setting {given})") from None
     return dataclasses.replace(config, **top)
+
+
+def _short_name(path: tuple[str, ...]) -> str:
+    return next(short for short, p in field_paths().items() if p == path)
 
 
 def _hint(path: tuple[str, ...]):
@@ -175,11 +186,8 @@ def apply_overrides(config: TrainConfig, overrides: Sequence[str]) -> TrainConfi
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        if key.strip() in RENAMED_FIELDS:
-            new = RENAMED_FIELDS[key.strip()]
-            raise ValueError(f"config key {key.strip()!r} is now {new!r}; use {new}={value}")
-        path = _resolve(key)
-        short = next(s for s, p in field_paths().items() if p == path)
+        path = _resolve(key, value)
+        short = _short_name(path)
         changes[short] = _convert(short, value, _hint(path))
     return replace(config, **changes)
 
@@ -202,7 +210,15 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
             sys.path.remove(folder)
         if not hasattr(module, "get_config"):
             raise ValueError(f"config file {path!r} must define get_config()")
-        config = module.get_config()
+        try:
+            config = module.get_config()
+        except TypeError as e:
+            if "TrainConfig.__init__() got an unexpected keyword" not in str(e):
+                raise
+            raise TypeError(f"{e} in {path!r}: a TrainConfig nests its fields in sections "
+                            f"(model=LlamaConfig(...), optim=OptimConfig(...), ...); with the "
+                            f"short names use qjax.config.replace(TrainConfig(), "
+                            f"steps=..., ...)") from None
         if not isinstance(config, TrainConfig):
             raise TypeError(f"get_config() in {path!r} must return a TrainConfig")
     return apply_overrides(config, overrides)

@@ -35,6 +35,7 @@ from qjax._src.train_setup import (
     Placement,
     allocate_widths,
     build_model,
+    double_rounding_weights,
     initial_params,
     initial_state,
     load_params,
@@ -171,13 +172,14 @@ class _Job:
     def loss(self, p, inputs, targets, qat_on, aux, key=None):
         """The training objective: cross-entropy, or with ``distill`` its mix with the KL to the
         float teacher; plus EdgeQAT's terms while QAT is on (:meth:`_edgeqat`); Double Rounding
-        averages it over its widths (one forward each). ``key`` keys a quantized backward
-        (:meth:`quant_key`)."""
-        c = self.config
-        guided = qat_on and bool(c.methods.edgeqat_entropy or c.methods.edgeqat_attention)
-        need_scores = guided and bool(c.methods.edgeqat_attention)
+        averages it over its widths (one forward each, weighted by
+        :func:`~qjax._src.train_setup.double_rounding_weights`). ``key`` keys a
+        quantized backward (:meth:`quant_key`)."""
+        c, o = self.config, self.config.method_options
+        guided = qat_on and bool(o.edgeqat_entropy or o.edgeqat_attention)
+        need_scores = guided and bool(o.edgeqat_attention)
         teacher_logits = teacher_scores = None
-        if aux["teacher"] is not None and (c.methods.distill or need_scores):
+        if aux["teacher"] is not None and (o.distill or need_scores):
             out = self.teacher_model.apply({"params": aux["teacher"]}, inputs,
                                            mutable=[edgeqat.COLLECTION] if need_scores else False)
             teacher_logits = jax.lax.stop_gradient(out[0] if need_scores else out)
@@ -189,28 +191,27 @@ class _Job:
         def at(bits):
             logits = self._logits(p, inputs, qat_on, aux, bits, key, collect=guided)
             logits, sown = logits if guided else (logits, None)
-            if c.methods.distill:
+            if o.distill:
                 value, _ = distill.distillation_loss(
-                    logits, teacher_logits, targets, ce_weight=1.0 - c.methods.distill,
-                    kl_weight=c.methods.distill, temperature=c.methods.distill_temperature)
+                    logits, teacher_logits, targets, ce_weight=1.0 - o.distill,
+                    kl_weight=o.distill, temperature=o.distill_temperature)
             else:
                 value = _cross_entropy(logits, targets)
             return value + self._edgeqat(sown, teacher_scores) if guided else value
 
         if isinstance(self.method, DR.DoubleRounding) and qat_on:
-            widths = self.method.bits
-            return DR.joint_loss(at, widths, (1.0 / len(widths),) * len(widths))
+            return DR.joint_loss(at, self.method.bits, double_rounding_weights(c))
         return at(None)
 
     def _edgeqat(self, sown: dict, teacher_scores: list | None) -> jax.Array:
         """``edgeqat_entropy * L_ent + edgeqat_attention * L_attn`` (:mod:`qjax.methods.edgeqat`)
         of the statistics the model sowed, the attention terms over the causal entries."""
         c, value = self.config, 0.0
-        if c.methods.edgeqat_entropy:
-            value = value + c.methods.edgeqat_entropy * edgeqat.entropy_loss(sown["entropy"])
-        if c.methods.edgeqat_attention:
+        if c.method_options.edgeqat_entropy:
+            value = value + c.method_options.edgeqat_entropy * edgeqat.entropy_loss(sown["entropy"])
+        if c.method_options.edgeqat_attention:
             t = sown["scores"][0].shape[-1]
-            value = value + c.methods.edgeqat_attention * edgeqat.attention_map_loss(
+            value = value + c.method_options.edgeqat_attention * edgeqat.attention_map_loss(
                 sown["scores"], teacher_scores, jnp.tril(jnp.ones((t, t), bool)))
         return value
 
@@ -221,8 +222,8 @@ class _Job:
         if self.tx is None:
             c = self.config
             zo = zeroqat.zo_step(lambda p, b: self.loss(p, *b[:2], qat_on, b[2]),
-                                 zeroqat.ZeroOrderConfig(self.schedule, eps=c.methods.zo_eps,
-                                                         num_probes=c.methods.zo_probes))
+                                 zeroqat.ZeroOrderConfig(self.schedule, eps=c.method_options.zo_eps,
+                                                         num_probes=c.method_options.zo_probes))
             key = jax.random.key(c.optim.seed + 2)  # directions from (key, step, probe)
 
             def zo_train(p, opt_state, inputs, targets, aux, step):
@@ -397,7 +398,7 @@ def run(config: TrainConfig) -> list[dict]:
     for sub, cfg in runs:
         run_dir = os.path.join(config.run_dir, sub)
         widths = None
-        if cfg.quant.method is not None and cfg.methods.mixed_precision_budget is not None:
+        if cfg.quant.method is not None and cfg.method_options.mixed_precision_budget is not None:
             widths = _widths(cfg, corpus, run_dir, os.path.join(config.run_dir, "float"))
         r = train_one(cfg, corpus, run_dir, widths)
         if "stopped" in r:

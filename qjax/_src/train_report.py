@@ -20,7 +20,7 @@ def label(config: TrainConfig) -> str:
     """The run's row name in the table, e.g. ``quest W4A4``, ``lr_qat r8 W4`` or ``quest W4A4
     QKV8/4 P8 KV4g32`` (quantized attention: Q/K/V widths, token-adaptive high/low, attention
     probabilities, KV cache width and group)."""
-    q, m = config.quant, config.methods
+    q, m = config.quant, config.method_options
     if q.method is None:
         return "float32"
     w = f"W{q.weight_bits}" if q.weight_bits else ""
@@ -32,6 +32,8 @@ def label(config: TrainConfig) -> str:
         name += "+" + q.scale_rule.split(":")[0]
     if q.method == "double_rounding":
         w = "W" + "/".join(map(str, m.double_rounding_bits))
+        if m.double_rounding_weights is not None:  # the loss weights, per width
+            name += " w" + "/".join(f"{v:g}" for v in m.double_rounding_weights)
     if m.mixed_precision_budget is not None:  # an average over the layers' widths
         name, w = name + "+hawq", f"W{m.mixed_precision_budget:g}"
     if m.distill:

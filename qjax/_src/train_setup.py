@@ -45,7 +45,8 @@ from qjax._src.precision import allocate as precision_allocate
 from qjax._src.precision import hessian as precision_hessian
 from qjax._src.spec import QuantSpec
 
-__all__ = ["method_from_config", "build_model", "schedules", "optimizer", "initial_state",
+__all__ = ["method_from_config", "double_rounding_weights",
+           "build_model", "schedules", "optimizer", "initial_state",
            "initial_params", "model_variables", "load_params", "Placement",
            "validate", "teacher", "allocate_widths", "recorded_widths", "ALLOCATION_FILE",
            "attention_from_config", "block_kernel_mask", "ofq_transforms"]
@@ -55,7 +56,7 @@ def method_from_config(config: TrainConfig
                        ) -> Method | lowrank.LowRankQAT | DR.DoubleRounding | None:
     """The layer recipe of ``config.quant`` (None for a float run); for ``zeroqat`` the lsq
     recipe of the model it trains."""
-    q, options = config.quant, config.methods
+    q, options = config.quant, config.method_options
     if q.method is None:
         return None
 
@@ -74,6 +75,17 @@ def method_from_config(config: TrainConfig
     # QuantConfig holds Method's fields under Method's names (the method's name aside).
     fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "method"}
     return Method(q.method, **fields)
+
+
+def double_rounding_weights(config: TrainConfig) -> tuple[float, ...]:
+    """Double Rounding's loss weight per width of the recipe's ``bits`` (highest first): the
+    config's ``double_rounding_weights`` (given in the order of ``double_rounding_bits``), else
+    equal; normalized to sum 1 (the joint objective is a weighted mean of the widths' losses)."""
+    o = config.method_options
+    given = o.double_rounding_weights or (1.0,) * len(o.double_rounding_bits)
+    by_bits = dict(zip(o.double_rounding_bits, given, strict=True))
+    total = sum(given)
+    return tuple(by_bits[b] / total for b in sorted(by_bits, reverse=True))
 
 
 def validate(config: TrainConfig) -> None:
@@ -176,10 +188,11 @@ def ofq_transforms(config: TrainConfig) -> list[optax.GradientTransformation]:
     ``cga_boundary_range``, confidence-guided annealing from step ``round(cga_start * steps)``
     (last, so that frozen weights stay bit for bit)."""
     out = [ofq.track_oscillations(config.quant.weight_bits, mask=block_kernel_mask)]
-    if config.methods.cga_boundary_range is not None:
+    o = config.method_options
+    if o.cga_boundary_range is not None:
         out.append(ofq.confidence_guided_annealing(
-            config.methods.cga_boundary_range, config.quant.weight_bits, mask=block_kernel_mask,
-            start_step=round(config.methods.cga_start * config.optim.steps)))
+            o.cga_boundary_range, config.quant.weight_bits, mask=block_kernel_mask,
+            start_step=round(o.cga_start * config.optim.steps)))
     return out
 
 
@@ -238,8 +251,8 @@ def teacher(config: TrainConfig):
     """(float model, params) of the ``init_from`` float checkpoint when the loss reads a teacher
     (``distill > 0``, or ``edgeqat_attention > 0`` with ``init_from``), else None; a step
     argument, rebuilt from the checkpoint on resume."""
-    if config.quant.method is None or not (config.methods.distill
-                                     or (config.methods.edgeqat_attention and config.init_from)):
+    o = config.method_options
+    if config.quant.method is None or not (o.distill or (o.edgeqat_attention and config.init_from)):
         return None
     float_config = _float_config(config)
     return (Llama(config.model),
@@ -337,7 +350,7 @@ ALLOCATION_FILE = "allocation.json"
 
 def recorded_widths(config: TrainConfig, run_dir: str) -> dict[str, int] | None:
     """The widths a ``mixed_precision_budget`` run recorded in ``run_dir/allocation.json``."""
-    if config.methods.mixed_precision_budget is None:
+    if config.method_options.mixed_precision_budget is None:
         return None
     path = os.path.join(run_dir, ALLOCATION_FILE)
     if not os.path.exists(path):
@@ -347,7 +360,7 @@ def recorded_widths(config: TrainConfig, run_dir: str) -> dict[str, int] | None:
 
 
 def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict:
-    """HAWQ-V2 widths for ``config.methods.mixed_precision_budget`` on the float model
+    """HAWQ-V2 widths for ``config.method_options.mixed_precision_budget`` on the float model
     ``float_params``.
 
     Hessian traces of the float model's mean cross-entropy over 2 training batches drawn at
@@ -380,9 +393,9 @@ def allocate_widths(config: TrainConfig, float_params, corpus: D.Corpus) -> dict
         layers=lambda path: kernel.fullmatch(path) is not None, tol=1e-2, min_probes=10,
         max_probes=50)
     table = precision_hessian.sensitivity(float_params, traces,
-                                          bits=config.methods.mixed_precision_bits)
+                                          bits=config.method_options.mixed_precision_bits)
     total = sum(table.size_map.values())
-    budget = config.methods.mixed_precision_budget * total / 8
+    budget = config.method_options.mixed_precision_budget * total / 8
     alloc = precision_allocate.allocate(table, budget_bytes=budget)
     widths = {k: int(v) for k, v in alloc.bits.items()}
     return {"widths": widths, "traces": {t.path: t.trace for t in traces.layers},
