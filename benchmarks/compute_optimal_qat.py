@@ -46,7 +46,8 @@ except ImportError:  # run as a script from the benchmarks folder
 
 FRACTIONS = ("optimal", 0.2, 0.5)
 SCHEDULES = ("wsd_fused", "wsd_classical")
-QUICK = dict(steps=60, eval_every=30, checkpoint_every=30, eval_batches=4,
+# The smoke run's budget: enough tokens for S = tokens / (N * 4 / 8) > 1 (f* is defined).
+QUICK = dict(steps=80, eval_every=40, checkpoint_every=40, eval_batches=4,
              max_corpus_bytes=4_000_000)
 
 

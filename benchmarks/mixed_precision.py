@@ -18,7 +18,8 @@ alike is the reference. Only the block linears ``blocks_<i>/attn/{q,k,v,o}``,
 2. **Double Rounding vs four separate widths.** One ``DoubleRounding(bits=(8, 6, 4, 2))`` model,
    fine-tuned with :func:`~qjax.nn.double_rounding.joint_loss`, evaluated at each width, against
    four ``Method("ste", b, None)`` models; and DR models whose joint loss weights the widths
-   (``DR_SWEEP``: the 2-bit loss weighted 0.2, left out, only the 8-bit loss). The joint loss
+   (``DR_SWEEP``: the 2-bit loss weighted 0.2 and the 4-bit one 2, the 2-bit loss weighted 0.2,
+   left out, only the 8-bit loss). The joint loss
    is the weighted mean of the widths' losses, as in the training program
    (:func:`qjax._src.train_setup.double_rounding_weights`). Accounting: every model runs the
    same steps on the same batches (same tokens per model); the equal-weight DR model's 4
@@ -77,8 +78,10 @@ BITS = (2, 3, 4, 8)        # HAWQ candidate widths
 DR_BITS = (8, 6, 4, 2)     # Double Rounding precisions
 # Double Rounding models whose joint loss weights the widths' losses (8/6/4/2 bits) unequally:
 # the first weights the lowest width's loss down (the equal-weight model's 2-bit loss pulls the
-# shared weights off the other widths' optimum), the others locate the pull.
-DR_SWEEP = ((1.0, 1.0, 1.0, 0.2), (1.0, 1.0, 1.0, 0.0), (1.0, 0.0, 0.0, 0.0))
+# shared weights off the other widths' optimum) and the 4-bit one up (the higher widths pull
+# it too), the others locate the pull.
+DR_SWEEP = ((1.0, 1.0, 2.0, 0.2), (1.0, 1.0, 1.0, 0.2), (1.0, 1.0, 1.0, 0.0),
+            (1.0, 0.0, 0.0, 0.0))
 DR_WEIGHTS = DR_SWEEP[0]
 UNIFORM = 3                # the size HAWQ must match
 N_RANDOM = 3
@@ -463,8 +466,9 @@ def _markdown(bench: Bench, p1: dict, p2: dict, goals: dict, quick: bool) -> str
     drw = p2["double_rounding_weighted"]["val_loss"]
     weights = _weights_name(DR_WEIGHTS)
     md += ["", "## 2. Double Rounding (one model, 8/6/4/2 bits) vs four separate STE models", "",
-           f"DR: {c['ft_steps']} steps, each batch at the 4 precisions (joint loss, the widths' "
-           f"losses summed); DR w: the same with the losses weighted {weights} (8/6/4/2 bits). "
+           f"DR: {c['ft_steps']} steps, each batch at the 4 precisions (joint loss, the mean of "
+           f"the widths' losses); DR w: the same with the losses weighted {weights} "
+           f"(8/6/4/2 bits). "
            f"Separate: {c['ft_steps']} steps each on the same batches. Same tokens per model, "
            f"same total forward/backward passes ({4 * c['ft_steps']} on each side).", "",
            "| bits | DR step 0 | DR after | vs separate | DR w after | vs separate | "

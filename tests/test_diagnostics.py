@@ -125,3 +125,22 @@ def test_clip_error_of_an_all_zero_input_is_zero():
     # Midrise quantizes zeros to +-half a step at the scale floor, not to 0: the relative error
     # would divide that by a zero norm.
     assert clip_error(jnp.zeros((8, 128)), quest.spec(4), (2.0, 3.0)) == {2.0: 0.0, 3.0: 0.0}
+
+
+def test_dense_inputs_keep_the_forward_value_over_an_earlier_trace():
+    """A model whose apply traces itself first (as a quantized model may, to find its layers)
+    must report the forward's concrete inputs, not the trace's tracers."""
+    model = nn.Dense(4)
+    x = jnp.ones((2, 3))
+    variables = model.init(jax.random.key(0), x)
+
+    class TracesFirst:
+        def apply(self, v, inputs):
+            jax.eval_shape(model.apply, v, inputs)
+            return model.apply(v, inputs)
+
+    acts = dense_inputs(TracesFirst(), variables, x)
+    assert not isinstance(acts[""], jax.core.Tracer)
+    np.testing.assert_array_equal(acts[""], x)
+    # under jit every call is traced: the traced input is kept (valid inside that trace)
+    assert jax.jit(lambda v, a: dense_inputs(model, v, a)[""] * 2)(variables, x).shape == (2, 3)

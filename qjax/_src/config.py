@@ -221,7 +221,8 @@ class MethodOptions:
       (one ``>= 0`` per width, in the order of ``double_rounding_bits``; None: equal) weight
       their losses in the joint objective, normalized to sum 1. The lowest width's loss is the
       largest and pulls the shared weights off the others' optimum (docs/design.md Section 8):
-      a small weight on it trades some of its accuracy for theirs.
+      a small weight on it trades some of its accuracy for theirs (e.g. ``1,1,2,0.2`` for
+      ``8,6,4,2``).
     * ``mixed_precision_budget``, ``mixed_precision_bits``: HAWQ-V2 (:mod:`qjax.precision`)
       per-layer weight widths from ``mixed_precision_bits`` chosen on the float model (the
       baseline run, or ``init_from``) for an average of ``mixed_precision_budget`` bits per

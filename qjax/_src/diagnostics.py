@@ -70,7 +70,12 @@ def dense_inputs(module, variables, *args, **kwargs) -> dict[str, jax.Array]:
 
     def record(next_fun, call_args, call_kwargs, context):
         if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            seen.setdefault("/".join(context.module.path), call_args[0])
+            path, x = "/".join(context.module.path), call_args[0]
+            # A quantized model may trace its layers once to find them before the forward runs:
+            # that tracer is not the forward's input, the concrete value that follows is.
+            if path not in seen or (isinstance(seen[path], jax.core.Tracer)
+                                    and not isinstance(x, jax.core.Tracer)):
+                seen[path] = x
         return next_fun(*call_args, **call_kwargs)
 
     with nn.intercept_methods(record):
