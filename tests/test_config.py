@@ -134,9 +134,9 @@ def test_sections_nest_the_model_corpus_and_recipe():
     (dict(seq_len=True), "max_seq_len must be a positive int"),
     (dict(hidden_multiple=0), "hidden_multiple must be a positive int"),
     (dict(hidden=-5), "hidden must be a positive int"),
-    (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),
-    (dict(init_std=float("inf")), "init_std must be a finite number > 0"),
-    (dict(norm_eps=-1.0), "norm_eps must be a finite number > 0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be positive and finite"),
+    (dict(init_std=float("inf")), "init_std must be positive and finite"),
+    (dict(norm_eps=-1.0), "norm_eps must be positive and finite"),
 ], ids=["bool_seq", "hidden_multiple", "hidden", "rope_nan", "init_inf", "eps_negative"])
 def test_the_model_section_checks_its_fields(fields, match):
     with pytest.raises(ValueError, match=match):

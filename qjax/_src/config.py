@@ -18,6 +18,7 @@ import typing
 from qjax._src import quantized_backward as QB
 from qjax._src.data import VOCAB_SIZE, CorpusConfig
 from qjax._src.models.llama import LlamaConfig
+from qjax._src.nn import double_rounding as DR
 from qjax._src.nn.recipe import METHODS as RECIPE_METHODS
 from qjax._src.scales import as_scale_rule
 from qjax._src.sharding import MESH_AXES
@@ -272,15 +273,10 @@ class MethodOptions:
                     isinstance(b, bool) or not isinstance(b, int) for b in bits):
                 raise ValueError(f"{name} must be a tuple of ints, got {bits!r}")
             object.__setattr__(self, name, tuple(bits))
-        w = self.double_rounding_weights
-        if w is not None:
-            if isinstance(w, (str, int, float)) or len(w) != len(self.double_rounding_bits) \
-                    or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                           or not math.isfinite(v) or v < 0 for v in w) or not sum(w) > 0:
-                raise ValueError(f"double_rounding_weights must be one finite weight >= 0 per "
-                                 f"width of double_rounding_bits "
-                                 f"{tuple(self.double_rounding_bits)} (not all 0), got {w!r}")
-            object.__setattr__(self, "double_rounding_weights", tuple(float(v) for v in w))
+        if self.double_rounding_weights is not None:
+            object.__setattr__(self, "double_rounding_weights", DR.check_loss_weights(
+                self.double_rounding_weights, self.double_rounding_bits,
+                "double_rounding_weights"))
         if any(not 2 <= b <= 8 for b in self.mixed_precision_bits):
             raise ValueError(f"mixed_precision_bits must be ints in [2, 8], "
                              f"got {self.mixed_precision_bits!r}")

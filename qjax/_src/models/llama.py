@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qjax._src import typed_sharding
-from qjax._src._checks import check_int
+from qjax._src._checks import check_finite_positive, check_int
 from qjax._src.attention import (
     AttentionQuant,
     KVCache,
@@ -73,10 +73,7 @@ class LlamaConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("rope_theta", "norm_eps", "init_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            check_finite_positive(name, getattr(self, name))
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even "

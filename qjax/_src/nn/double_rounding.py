@@ -21,7 +21,7 @@ from qjax._src.nn.recipe import LayerQuant, resolve
 from qjax._src.qarray import QArray, codes_to_storage
 
 __all__ = ["DoubleRounding", "init_scale", "double_round", "codes", "lower_precision",
-           "joint_loss"]
+           "joint_loss", "check_loss_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +142,22 @@ def joint_loss(loss_at: Callable[[int], jax.Array], bits: Sequence[int],
     Raises:
       ValueError: ``weights`` without one finite entry ``>= 0`` per bit width, or all 0.
     """
-    weights = (1.0,) * len(bits) if weights is None else tuple(weights)
-    if len(weights) != len(bits):
-        raise ValueError(f"weights must have one entry per bit width ({len(bits)}), got "
-                         f"{len(weights)}")
-    if any(isinstance(w, (bool, np.bool_)) or not isinstance(w, (numbers.Real, np.number))
-           or not math.isfinite(w) or w < 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError(f"weights must be finite numbers >= 0, not all 0, got {weights}")
+    weights = (1.0,) * len(bits) if weights is None else check_loss_weights(weights, bits)
     return sum(w * loss_at(b) for w, b in zip(weights, bits, strict=True) if w)
+
+
+def check_loss_weights(weights: object, bits: Sequence[int], name: str = "weights"
+                       ) -> tuple[float, ...]:
+    """``weights`` as floats, one finite ``>= 0`` per entry of ``bits``, not all 0.
+
+    Raises:
+      ValueError: naming ``name`` and ``bits``.
+    """
+    ok = isinstance(weights, Sequence) and not isinstance(weights, str) \
+        and len(weights) == len(bits) and all(
+            not isinstance(w, (bool, np.bool_)) and isinstance(w, (numbers.Real, np.number))
+            and math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0
+    if not ok:
+        raise ValueError(f"{name} must be one finite weight >= 0 per bit width of "
+                         f"{tuple(bits)} (not all 0), got {weights!r}")
+    return tuple(float(w) for w in weights)
